@@ -1,0 +1,25 @@
+"""lrlightning: train CNNs to be exactly low-rank with a Lightning callback, then factorize them."""
+
+from .counting import count_macs, count_params
+from .export import factorize, load_factorized, save_factorized
+from .options import LowRankOptions
+from .plan import LayerPlan, plan_layers
+from .projection import LayerStats, NonFiniteWeightError, project_
+from .schemes import SCHEME_NAMES
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LayerPlan",
+    "LayerStats",
+    "LowRankOptions",
+    "NonFiniteWeightError",
+    "SCHEME_NAMES",
+    "count_macs",
+    "count_params",
+    "factorize",
+    "load_factorized",
+    "plan_layers",
+    "project_",
+    "save_factorized",
+]

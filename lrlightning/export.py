@@ -1,0 +1,94 @@
+"""``factorize``: a new model with every selected layer replaced by its exact factorized module; save and load
+factorized models as plain tensors plus a structure spec (no pickled classes)."""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from .layers import LAYER_TYPES, factorized_layer, layer_from_spec
+from .options import LowRankOptions
+from .plan import plan_layers
+
+FORMAT = "lrlightning.factorized/1"
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def factorize(model: nn.Module, scheme: str = "svd", rank=None, **options) -> nn.Module:
+    """A copy of ``model`` whose selected layers are replaced by factorized modules; ``model`` is untouched.
+
+    Options and rank rules are those of ``LowRankOptions`` (shared with ``LowRankProjection``). Each replaced
+    layer computes exactly what the dense layer computes with its weight projected at that rank, so a model
+    trained with the callback gives the same outputs (float32: max abs logit difference ~1e-5). Layers that
+    would not shrink stay dense, with a warning naming them.
+    """
+    opts = LowRankOptions(scheme=scheme, rank=rank, **options)
+    plans, _ = plan_layers(model, opts)
+    result = copy.deepcopy(model)
+    for plan in plans:
+        dense = result.get_submodule(plan.name)
+        set_submodule(result, plan.name, factorized_layer(dense, plan.scheme, plan.rank, opts.tile_shape, opts.hooi_iters))
+    return result
+
+
+def structure_spec(model: nn.Module) -> dict[str, dict]:
+    """``{module name: layer spec}`` for every factorized module of ``model``."""
+    specs, inside = {}, ()
+    for name, module in model.named_modules():
+        if inside and any(name.startswith(prefix + ".") for prefix in inside):
+            continue
+        if type(module).__name__ in LAYER_TYPES and isinstance(module, tuple(LAYER_TYPES.values())):
+            specs[name] = module.spec()
+            inside = (*inside, name)
+    return specs
+
+
+def save_factorized(model: nn.Module, path: str | os.PathLike, backbone: dict[str, Any] | None = None,
+                    metadata: dict[str, Any] | None = None) -> None:
+    """Write ``{"format", "layers", "backbone", "metadata", "state_dict"}`` to ``path`` (``torch.save``).
+
+    Everything is tensors and primitives, so ``torch.load(path, weights_only=True)`` reads it. ``backbone``
+    (e.g. ``{"name": "resnet20", "num_classes": 10, "in_channels": 1}``) lets ``load_factorized`` rebuild the
+    dense skeleton from the package's registry; without it, pass the dense model to ``load_factorized``.
+    """
+    payload = {
+        "format": FORMAT,
+        "layers": structure_spec(model),
+        "backbone": dict(backbone) if backbone else None,
+        "metadata": dict(metadata or {}),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    tmp = f"{os.fspath(path)}.tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_factorized(path: str | os.PathLike, model: nn.Module | None = None, map_location="cpu") -> nn.Module:
+    """Rebuild a factorized model saved by ``save_factorized``.
+
+    ``model``: a dense model of the same architecture (copied, not modified); when None, the saved ``backbone``
+    entry is built with ``lrlightning.backbones.build_backbone``.
+    """
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{os.fspath(path)!r} is not a factorized model saved by lrlightning (format {FORMAT!r})")
+    if model is None:
+        if not payload["backbone"]:
+            raise ValueError(f"{os.fspath(path)!r} records no `backbone`; pass the dense `model` to load_factorized")
+        from .backbones import build_backbone
+
+        info = dict(payload["backbone"])
+        model = build_backbone(info.pop("name"), **info)
+    else:
+        model = copy.deepcopy(model)
+    for name, spec in payload["layers"].items():
+        set_submodule(model, name, layer_from_spec(spec))
+    model.load_state_dict(payload["state_dict"], strict=True)
+    return model

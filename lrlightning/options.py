@@ -1,0 +1,123 @@
+"""Validated options shared by ``factorize``, ``project_`` and ``LowRankProjection`` (same names everywhere)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from .schemes import SCHEME_NAMES, SVD_DRIVERS, Scheme, make_scheme
+
+RankSpec = int | float | tuple[int, int] | Mapping[str, Any] | None
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_layer_rank(argument: str, value: Any, allow_pair: bool) -> int | tuple[int, int]:
+    """A positive int, or (tucker2) a pair of positive ints; returns it normalized."""
+    if is_int(value) and value >= 1:
+        return int(value)
+    if allow_pair and isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
+        if all(is_int(v) and v >= 1 for v in value):
+            return (int(value[0]), int(value[1]))
+    allowed = "an int >= 1 or a pair (R_in, R_out) of ints >= 1" if allow_pair else "an int >= 1"
+    raise ValueError(f"`{argument}` must be {allowed}, got {value!r}")
+
+
+def check_rank(rank: Any, scheme: str) -> RankSpec:
+    """Validate the ``rank`` rule; returns it normalized (lists to tuples, mappings to dicts)."""
+    pair = scheme == "tucker2"
+    if rank is None:
+        return None
+    if isinstance(rank, float) and not isinstance(rank, bool):
+        if 0.0 < rank <= 1.0:
+            return rank
+        raise ValueError(f"`rank` as a float is a fraction of the layer's full rank and must be in (0, 1], got {rank!r}")
+    if isinstance(rank, Mapping):
+        return {str(name): check_layer_rank(f"rank[{name!r}]", value, pair) for name, value in rank.items()}
+    if is_int(rank) and rank < 1:
+        raise ValueError(f"`rank` must be an int >= 1, a float in (0, 1], a pair (tucker2) or a mapping, got {rank!r}")
+    if is_int(rank) or (pair and isinstance(rank, Sequence) and not isinstance(rank, str)):
+        return check_layer_rank("rank", rank, pair)
+    allowed = "an int >= 1, a float in (0, 1]" + (", a pair (R_in, R_out)" if pair else "")
+    raise ValueError(f"`rank` must be {allowed}, or a mapping of layer names to ranks; got {rank!r}")
+
+
+def check_patterns(argument: str, value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ValueError(f"`{argument}` must be a glob pattern or a list of glob patterns on module names, got {value!r}")
+
+
+@dataclass(frozen=True)
+class LowRankOptions:
+    """What to project and how; every argument is checked here, once.
+
+    Exactly one rank rule applies:
+      ``rank``: int >= 1 (absolute; tucker2: both modes), float in (0, 1] (fraction of the layer's full rank,
+        floored, at least 1; tucker2: of each channel dimension), a pair (R_in, R_out) for tucker2, or a mapping
+        ``{layer name: rank}`` (ranks fixed elsewhere, e.g. by a budget allocator or a previous plan);
+      ``energy``: float in (0, 1], the smallest rank keeping that fraction of squared singular-value energy,
+        resolved once from the weights when the plan is made;
+      ``compression``: float > 1, the largest rank whose factorized layer is at least that many times smaller
+        (dense params / factorized params, per layer).
+    ``tile_shape`` (rows, cols) is required by ``tiled_svd`` only. Layer selection: every Conv2d with groups == 1
+    and a kernel larger than 1×1 except the first conv (``skip_first_conv``), plus every Linear when ``linear``
+    (Linear layers always use ``svd``); ``include``/``exclude`` are glob patterns on module names.
+    """
+
+    scheme: str = "svd"
+    rank: RankSpec = None
+    energy: float | None = None
+    compression: float | None = None
+    tile_shape: tuple[int, int] | None = None
+    include: tuple[str, ...] = field(default=())
+    exclude: tuple[str, ...] = field(default=())
+    linear: bool = False
+    skip_first_conv: bool = True
+    hooi_iters: int = 0
+    svd_driver: str = "exact"
+
+    def __post_init__(self):
+        if self.scheme not in SCHEME_NAMES:
+            raise ValueError(f"`scheme` must be one of {SCHEME_NAMES}, got {self.scheme!r}")
+        given = [name for name in ("rank", "energy", "compression") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one rank rule of `rank`, `energy`, `compression`; got {given or 'none'}")
+        object.__setattr__(self, "rank", check_rank(self.rank, self.scheme))
+        if self.energy is not None and not (is_number(self.energy) and 0.0 < self.energy <= 1.0):
+            raise ValueError(f"`energy` must be a float in (0, 1], got {self.energy!r}")
+        if self.compression is not None and not (is_number(self.compression) and self.compression > 1.0):
+            raise ValueError(f"`compression` must be a number > 1 (dense / factorized params), got {self.compression!r}")
+        if self.scheme == "tiled_svd":
+            shape = self.tile_shape
+            if not (isinstance(shape, Sequence) and len(shape) == 2 and all(is_int(v) and v >= 1 for v in shape)):
+                raise ValueError(f"`tile_shape` must be a pair (rows, cols) of ints >= 1 for scheme 'tiled_svd', "
+                                 f"got {shape!r}")
+            object.__setattr__(self, "tile_shape", (int(shape[0]), int(shape[1])))
+        elif self.tile_shape is not None:
+            raise ValueError(f"`tile_shape` applies to scheme 'tiled_svd' only, got {self.tile_shape!r} "
+                             f"with scheme {self.scheme!r}")
+        object.__setattr__(self, "include", check_patterns("include", self.include))
+        object.__setattr__(self, "exclude", check_patterns("exclude", self.exclude))
+        if not (is_int(self.hooi_iters) and self.hooi_iters >= 0):
+            raise ValueError(f"`hooi_iters` must be an int >= 0, got {self.hooi_iters!r}")
+        if self.svd_driver not in SVD_DRIVERS:
+            raise ValueError(f"`svd_driver` must be one of {SVD_DRIVERS}, got {self.svd_driver!r}")
+
+    def conv_scheme(self) -> Scheme:
+        return make_scheme(self.scheme, self.tile_shape, self.hooi_iters)
+
+    def replace_rank(self, rank: RankSpec) -> "LowRankOptions":
+        """The same options with another rank rule (energy and compression cleared)."""
+        values = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        values.update(rank=rank, energy=None, compression=None)
+        return LowRankOptions(**values)

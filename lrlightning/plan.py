@@ -1,0 +1,136 @@
+"""Which layers get which rank: layer selection, rank rules, the break-even guard. Pure torch."""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+import torch
+from torch import nn
+
+from .options import LowRankOptions
+from .schemes import LoweredSVD, Rank, Scheme
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One selected layer: its name in the model, scheme, weight shape, resolved rank, parameter counts.
+
+    ``params_dense`` and ``params_factorized`` count weights only (the bias is the same either way).
+    """
+
+    name: str
+    scheme: str
+    shape: tuple[int, ...]
+    rank: Rank
+    params_dense: int
+    params_factorized: int
+
+    @property
+    def compression(self) -> float:
+        return self.params_dense / self.params_factorized
+
+
+@dataclass(frozen=True)
+class SkippedLayer:
+    name: str
+    reason: str
+
+
+def is_candidate(module: nn.Module, linear: bool) -> bool:
+    if isinstance(module, nn.Conv2d):
+        return module.groups == 1 and math.prod(module.kernel_size) > 1
+    return linear and isinstance(module, nn.Linear)
+
+
+def layer_scheme(module: nn.Module, options: LowRankOptions) -> Scheme:
+    return LoweredSVD() if isinstance(module, nn.Linear) else options.conv_scheme()
+
+
+def candidate_layers(model: nn.Module, options: LowRankOptions) -> tuple[list[tuple[str, nn.Module]], list[SkippedLayer]]:
+    """Layers eligible under the options, and the ones left out for a reason worth telling."""
+    chosen, skipped = [], []
+    first_conv = next((name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            continue
+        if options.include and not any(fnmatchcase(name, p) for p in options.include):
+            continue
+        if any(fnmatchcase(name, p) for p in options.exclude):
+            skipped.append(SkippedLayer(name, "excluded by `exclude`"))
+        elif isinstance(module, nn.Conv2d) and module.groups != 1:
+            skipped.append(SkippedLayer(name, f"grouped conv (groups={module.groups})"))
+        elif isinstance(module, nn.Conv2d) and math.prod(module.kernel_size) == 1:
+            skipped.append(SkippedLayer(name, "1x1 conv"))
+        elif isinstance(module, nn.Linear) and not options.linear:
+            continue
+        elif name == first_conv and options.skip_first_conv and not options.include:
+            skipped.append(SkippedLayer(name, "first conv (`skip_first_conv=True`)"))
+        else:
+            chosen.append((name, module))
+    return chosen, skipped
+
+
+def resolve_rank(name: str, module: nn.Module, scheme: Scheme, options: LowRankOptions) -> Rank:
+    """The rank of one layer under the options' rule, clamped to what the layer allows (with a warning)."""
+    shape = tuple(module.weight.shape)
+    rank = options.rank
+    if isinstance(rank, dict):
+        if name not in rank:
+            raise ValueError(f"`rank` mapping has no entry for selected layer {name!r}; given: {sorted(rank)}")
+        rank = rank[name]
+    if isinstance(rank, float):
+        return scheme.rank_from_fraction(shape, rank)
+    if rank is not None:
+        if isinstance(scheme, LoweredSVD) and isinstance(rank, tuple):
+            rank = min(rank)
+        clamped = scheme.clamp(shape, rank)
+        wanted = (rank, rank) if scheme.pair_rank and isinstance(rank, int) else rank
+        if clamped != wanted:
+            warnings.warn(f"rank {rank} of layer {name!r} exceeds its full rank {scheme.full_rank(shape)} "
+                          f"under scheme {scheme.name!r}; clamped to {clamped}", stacklevel=3)
+        return clamped
+    if options.energy is not None:
+        with torch.no_grad():
+            return scheme.energy_rank(module.weight.detach().float(), options.energy)
+    dense = math.prod(shape)
+    candidates = list(scheme.rank_candidates(shape))
+    for candidate in candidates:
+        if dense >= options.compression * scheme.factorized_params(shape, candidate):
+            return candidate
+    warnings.warn(f"layer {name!r} cannot reach `compression`={options.compression} under scheme "
+                  f"{scheme.name!r}; using its smallest rank {candidates[-1]}", stacklevel=3)
+    return candidates[-1]
+
+
+def plan_layers(model: nn.Module, options: LowRankOptions, warn: bool = True) -> tuple[list[LayerPlan], list[SkippedLayer]]:
+    """Resolve every selected layer's rank; layers that would not shrink stay dense (break-even guard).
+
+    Raises ValueError when nothing is selected, listing the candidate names.
+    """
+    chosen, skipped = candidate_layers(model, options)
+    plans = []
+    for name, module in chosen:
+        scheme = layer_scheme(module, options)
+        shape = tuple(module.weight.shape)
+        rank = resolve_rank(name, module, scheme, options)
+        dense, factorized = math.prod(shape), scheme.factorized_params(shape, rank)
+        if factorized >= dense:
+            reason = f"break-even: rank {rank} gives {factorized} >= {dense} dense params"
+            skipped.append(SkippedLayer(name, reason))
+            if warn:
+                warnings.warn(f"layer {name!r} stays dense ({reason})", stacklevel=2)
+            continue
+        plans.append(LayerPlan(name, scheme.name, shape, rank, dense, factorized))
+    if not plans:
+        candidates = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        raise ValueError(f"no layer selected for low-rank (include={list(options.include)}, "
+                         f"exclude={list(options.exclude)}, linear={options.linear}); skipped: "
+                         f"{[(s.name, s.reason) for s in skipped]}. HINT: candidate layers are {candidates}")
+    return plans, skipped
+
+
+def frozen_ranks(plans: list[LayerPlan]) -> dict[str, Rank]:
+    """``{layer name: rank}`` of a plan, usable as ``rank=`` to reproduce it exactly (e.g. at export)."""
+    return {p.name: p.rank for p in plans}

@@ -1,0 +1,74 @@
+"""In-place projection of a model's selected weights onto their low-rank sets. Pure torch."""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .options import LowRankOptions
+from .plan import LayerPlan, layer_scheme, plan_layers
+
+
+class NonFiniteWeightError(FloatingPointError):
+    """A selected weight holds NaN or Inf; ``layer`` names it."""
+
+    def __init__(self, layer: str, message: str | None = None):
+        super().__init__(message or f"weight of layer {layer!r} holds NaN or Inf values; it cannot be projected")
+        self.layer = layer
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """Result of projecting one layer: rank kept, ``rel_error`` = ||W - W'||_F / ||W||_F and
+    ``energy`` = ||W'||_F² / ||W||_F² (both 0..1; the projection is orthogonal, so they add up in squares)."""
+
+    name: str
+    rank: int | tuple[int, int]
+    rel_error: float
+    energy: float
+
+
+def project_planned_(model: nn.Module, plans: list[LayerPlan], options: LowRankOptions) -> list[LayerStats]:
+    """Overwrite each planned layer's weight by its low-rank projection, in place, under ``torch.no_grad``.
+
+    Layers of equal shape, dtype and device share one batched SVD. The SVD runs in float32 whatever the weight's
+    dtype (bf16/fp16 are cast back); parameters keep their identity, dtype and device.
+    Raises ``NonFiniteWeightError`` naming the first layer holding NaN/Inf, before anything is written.
+    """
+    modules = dict(model.named_modules())
+    groups: dict[tuple, list[LayerPlan]] = defaultdict(list)
+    for plan in plans:
+        weight = modules[plan.name].weight
+        groups[(plan.scheme, plan.shape, weight.dtype, weight.device)].append(plan)
+    stats = {}
+    with torch.no_grad():
+        batches = []
+        for group in groups.values():
+            weights = [modules[p.name].weight for p in group]
+            stacked = torch.stack([w.detach().float() for w in weights])
+            finite = torch.isfinite(stacked.flatten(1)).all(1)
+            if not bool(finite.all()):
+                raise NonFiniteWeightError(group[int((~finite).nonzero()[0, 0])].name)
+            batches.append((group, weights, stacked))
+        for group, weights, stacked in batches:
+            scheme = layer_scheme(modules[group[0].name], options)
+            approx = scheme.project(stacked, [p.rank for p in group], options.svd_driver)
+            norms = stacked.flatten(1).norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+            errors = (stacked - approx).flatten(1).norm(dim=1) / norms
+            energies = (approx.flatten(1).norm(dim=1) / norms).pow(2)
+            for plan, weight, new, error, energy in zip(group, weights, approx, errors.tolist(), energies.tolist()):
+                weight.copy_(new.to(weight.dtype))
+                stats[plan.name] = LayerStats(plan.name, plan.rank, error, min(energy, 1.0))
+    return [stats[p.name] for p in plans]
+
+
+def project_(model: nn.Module, scheme: str = "svd", rank=None, **options) -> list[LayerStats]:
+    """Project the selected layers of ``model`` in place (see ``LowRankOptions`` for every option).
+
+    Returns one ``LayerStats`` per projected layer, in model order.
+    """
+    opts = LowRankOptions(scheme=scheme, rank=rank, **options)
+    plans, _ = plan_layers(model, opts)
+    return project_planned_(model, plans, opts)
