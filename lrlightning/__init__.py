@@ -1,5 +1,6 @@
 """lrlightning: train CNNs to be exactly low-rank with a Lightning callback, then factorize them."""
 
+from .callback import LowRankProjection, NonFiniteTrainingError
 from .counting import count_macs, count_params
 from .export import factorize, load_factorized, save_factorized
 from .options import LowRankOptions
@@ -13,6 +14,8 @@ __all__ = [
     "LayerPlan",
     "LayerStats",
     "LowRankOptions",
+    "LowRankProjection",
+    "NonFiniteTrainingError",
     "NonFiniteWeightError",
     "SCHEME_NAMES",
     "count_macs",

@@ -44,8 +44,9 @@ def is_candidate(module: nn.Module, linear: bool) -> bool:
     return linear and isinstance(module, nn.Linear)
 
 
-def layer_scheme(module: nn.Module, options: LowRankOptions) -> Scheme:
-    return LoweredSVD() if isinstance(module, nn.Linear) else options.conv_scheme()
+def scheme_for(shape: tuple[int, ...], options: LowRankOptions) -> Scheme:
+    """The scheme a weight of ``shape`` uses: Linear weights (2-D) always ``svd``, conv kernels the chosen one."""
+    return LoweredSVD() if len(shape) == 2 else options.conv_scheme()
 
 
 def candidate_layers(model: nn.Module, options: LowRankOptions) -> tuple[list[tuple[str, nn.Module]], list[SkippedLayer]]:
@@ -112,8 +113,8 @@ def plan_layers(model: nn.Module, options: LowRankOptions, warn: bool = True) ->
     chosen, skipped = candidate_layers(model, options)
     plans = []
     for name, module in chosen:
-        scheme = layer_scheme(module, options)
         shape = tuple(module.weight.shape)
+        scheme = scheme_for(shape, options)
         rank = resolve_rank(name, module, scheme, options)
         dense, factorized = math.prod(shape), scheme.factorized_params(shape, rank)
         if factorized >= dense:

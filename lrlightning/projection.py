@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .options import LowRankOptions
-from .plan import LayerPlan, layer_scheme, plan_layers
+from .plan import LayerPlan, plan_layers, scheme_for
 
 
 class NonFiniteWeightError(FloatingPointError):
@@ -53,7 +53,7 @@ def project_planned_(model: nn.Module, plans: list[LayerPlan], options: LowRankO
                 raise NonFiniteWeightError(group[int((~finite).nonzero()[0, 0])].name)
             batches.append((group, weights, stacked))
         for group, weights, stacked in batches:
-            scheme = layer_scheme(modules[group[0].name], options)
+            scheme = scheme_for(group[0].shape, options)
             approx = scheme.project(stacked, [p.rank for p in group], options.svd_driver)
             norms = stacked.flatten(1).norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
             errors = (stacked - approx).flatten(1).norm(dim=1) / norms

@@ -1,0 +1,207 @@
+"""``LowRankProjection``: the Lightning callback that projects selected weights every S_D optimizer steps."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import replace
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+
+from .options import LowRankOptions, is_int
+from .plan import LayerPlan, SkippedLayer, frozen_ranks, plan_layers, scheme_for
+from .projection import LayerStats, NonFiniteWeightError, project_planned_
+from .summary import plan_table
+
+SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+DIVERGENCE_HINT = ("HINT: lower the learning rate, set the Trainer's `gradient_clip_val`, use a larger `rank` or "
+                   "`every_n_train_steps`, or anneal the rank with `rank_warmup`.")
+
+
+class NonFiniteTrainingError(FloatingPointError):
+    """Training diverged: the loss or a selected weight became NaN/Inf."""
+
+
+class LowRankProjection(Callback):
+    r"""Overwrite selected conv (and optionally Linear) weights by their low-rank projection, in place, after
+    every ``every_n_train_steps``-th optimizer step (the paper's S_D), so training ends on exactly low-rank
+    weights that ``factorize`` turns into small layers with identical outputs.
+
+    Args:
+        scheme: ``"svd"``, ``"tiled_svd"``, ``"tucker2"`` or ``"spatial_svd"``.
+        rank: the rank rule (int, float fraction in (0, 1], tucker2 pair, or ``{layer name: rank}``); or give
+            ``energy`` or ``compression`` instead (see ``LowRankOptions``). Ranks are resolved once, when fit
+            starts, and kept in the callback's state (``ranks``) so that export and resume use the same ones.
+        every_n_train_steps: S_D, in optimizer steps (gradient accumulation does not change the schedule).
+        start_step: projections happen after optimizer steps ``k = start_step + j * every_n_train_steps > 0``.
+        stop_step: no periodic projection after this optimizer step (None: never stop).
+        final_projection: project once more when training ends, so the final weights are exactly low-rank.
+        validate_projected: during fit, validation sees the projected weights (the exportable model), then
+            training resumes from the unprojected ones. Outside fit, weights are used as they are.
+        rank_warmup: the first ``rank_warmup`` projections use ranks annealed from full rank down to the target
+            (cubic schedule, as in gradual pruning); 0 projects at the target rank from the start.
+        check_finite: stop with ``NonFiniteTrainingError`` (step, layer, hints) when the loss or a selected
+            weight becomes NaN/Inf.
+        **options: layer selection and scheme options shared with ``factorize``: ``tile_shape``, ``include``,
+            ``exclude``, ``linear``, ``skip_first_conv``, ``hooi_iters``, ``svd_driver``, ``energy``,
+            ``compression``.
+
+    Logged at each projection (``lowrank/``): ``rel_error`` and ``energy`` (means over layers), ``compression``
+    (dense / factorized params over the projected layers) and ``seconds`` spent projecting.
+    """
+
+    def __init__(self, scheme: str = "svd", rank: Any = None, every_n_train_steps: int = 200, *,
+                 start_step: int = 0, stop_step: int | None = None, final_projection: bool = True,
+                 validate_projected: bool = True, rank_warmup: int = 0, check_finite: bool = True, **options: Any):
+        super().__init__()
+        if not (is_int(every_n_train_steps) and every_n_train_steps >= 1):
+            raise ValueError(f"`every_n_train_steps` must be an int >= 1, got {every_n_train_steps!r}")
+        if not (is_int(start_step) and start_step >= 0):
+            raise ValueError(f"`start_step` must be an int >= 0, got {start_step!r}")
+        if stop_step is not None and not (is_int(stop_step) and stop_step >= start_step):
+            raise ValueError(f"`stop_step` must be None or an int >= `start_step` ({start_step}), got {stop_step!r}")
+        if not (is_int(rank_warmup) and rank_warmup >= 0):
+            raise ValueError(f"`rank_warmup` must be an int >= 0, got {rank_warmup!r}")
+        self.options = LowRankOptions(scheme=scheme, rank=rank, **options)
+        self.every_n_train_steps = every_n_train_steps
+        self.start_step = start_step
+        self.stop_step = stop_step
+        self.final_projection = final_projection
+        self.validate_projected = validate_projected
+        self.rank_warmup = rank_warmup
+        self.check_finite = check_finite
+        self.plans: list[LayerPlan] = []
+        self.skipped: list[SkippedLayer] = []
+        self.last_stats: list[LayerStats] = []
+        self._last_step = 0
+        self._projections = 0
+        self._restored_ranks: dict | None = None
+        self._backup: dict[str, torch.Tensor] = {}
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(scheme=self.options.scheme, rank=self.options.rank,
+                                        include=self.options.include, exclude=self.options.exclude)
+
+    @property
+    def ranks(self) -> dict[str, Any]:
+        """``{layer name: rank}`` resolved at fit start; pass as ``factorize(..., rank=callback.ranks)``."""
+        return frozen_ranks(self.plans)
+
+    @property
+    def num_projections(self) -> int:
+        return self._projections
+
+    def should_project(self, step: int) -> bool:
+        """Whether to project after optimizer step ``step`` (override for another schedule)."""
+        if step <= 0 or step < self.start_step or (self.stop_step is not None and step > self.stop_step):
+            return False
+        return (step - self.start_step) % self.every_n_train_steps == 0
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        name = type(trainer.strategy).__name__
+        if stage == "fit" and name in SHARDED_STRATEGIES:
+            raise NotImplementedError(f"LowRankProjection does not support the sharded strategy {name}: each rank "
+                                      "holds only a shard of every weight. Use DDP, or project after training.")
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.make_plan(pl_module)
+        if trainer.is_global_zero:
+            rank_zero_info(plan_table(self.plans, self.skipped, self.options.scheme))
+
+    def make_plan(self, pl_module: LightningModule) -> None:
+        """Resolve the selected layers and their ranks (restored ranks win, so resume keeps them)."""
+        options = self.options
+        if self._restored_ranks:
+            options = options.replace_rank(self._restored_ranks)
+        self.plans, self.skipped = plan_layers(pl_module, options)
+
+    def plans_for(self, projection_index: int) -> list[LayerPlan]:
+        """Plans of the ``projection_index``-th projection (0-based): annealed ranks during ``rank_warmup``."""
+        if projection_index >= self.rank_warmup:
+            return self.plans
+        remaining = (1.0 - (projection_index + 1) / (self.rank_warmup + 1)) ** 3
+        annealed = []
+        for plan in self.plans:
+            scheme = scheme_for(plan.shape, self.options)
+            full, target = scheme.full_rank(plan.shape), plan.rank
+            if isinstance(target, tuple):
+                rank = tuple(t + math.floor((f - t) * remaining) for t, f in zip(target, full))
+            else:
+                rank = target + math.floor((full - target) * remaining)
+            annealed.append(replace(plan, rank=rank, params_factorized=scheme.factorized_params(plan.shape, rank)))
+        return annealed
+
+    def project(self, pl_module: LightningModule, step: int, plans: list[LayerPlan] | None = None) -> list[LayerStats]:
+        try:
+            return project_planned_(pl_module, plans or self.plans, self.options)
+        except NonFiniteWeightError as error:
+            raise NonFiniteTrainingError(
+                f"weight of layer {error.layer!r} became NaN/Inf before the projection after optimizer step {step}. "
+                + DIVERGENCE_HINT) from error
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.check_finite:
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+            if isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss).all()):
+                raise NonFiniteTrainingError(f"training loss became {loss.item()} at optimizer step {step}. "
+                                             + DIVERGENCE_HINT)
+        if step <= self._last_step:
+            return
+        self._last_step = step
+        if not self.should_project(step):
+            return
+        start = time.perf_counter()
+        self.last_stats = self.project(pl_module, step, self.plans_for(self._projections))
+        seconds = time.perf_counter() - start
+        self._projections += 1
+        if self.last_stats:
+            pl_module.log_dict(self.projection_metrics(seconds), on_step=True, on_epoch=False, sync_dist=False)
+
+    def projection_metrics(self, seconds: float) -> dict[str, float]:
+        stats = self.last_stats
+        plans = self.plans_for(self._projections - 1)
+        dense = sum(p.params_dense for p in plans)
+        factorized = sum(p.params_factorized for p in plans)
+        return {
+            "lowrank/rel_error": sum(s.rel_error for s in stats) / len(stats),
+            "lowrank/energy": sum(s.energy for s in stats) / len(stats),
+            "lowrank/compression": dense / factorized,
+            "lowrank/seconds": seconds,
+        }
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.final_projection and self.plans:
+            self.last_stats = self.project(pl_module, trainer.global_step)
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not (self.validate_projected and self.plans and trainer.state.fn == "fit"):
+            return
+        modules = dict(pl_module.named_modules())
+        self._backup = {p.name: modules[p.name].weight.detach().clone() for p in self.plans}
+        self.project(pl_module, trainer.global_step)
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._backup:
+            return
+        modules = dict(pl_module.named_modules())
+        with torch.no_grad():
+            for name, weight in self._backup.items():
+                modules[name].weight.copy_(weight)
+        self._backup = {}
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self.on_validation_epoch_end(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_step": self._last_step, "projections": self._projections, "ranks": self.ranks}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_step = state_dict.get("last_step", 0)
+        self._projections = state_dict.get("projections", 0)
+        self._restored_ranks = state_dict.get("ranks") or None
+

@@ -1,0 +1,338 @@
+import copy
+import math
+import pickle
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lrlightning import LowRankProjection, NonFiniteTrainingError, factorize
+from lrlightning.callback import SHARDED_STRATEGIES
+
+
+class TinyCNN(L.LightningModule):
+    """Three 3×3 convs on 3×8×8 inputs; the first is left dense by default, so conv2 and conv3 are projected."""
+
+    def __init__(self, lr: float = 0.05):
+        super().__init__()
+        self.lr = lr
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(8, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(),
+            nn.Conv2d(12, 12, 3, stride=2, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 4),
+        )
+        self.val_acc = []
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        acc = (self(x).argmax(1) == y).float().mean()
+        self.log("val_acc", acc)
+        self.val_acc.append(acc.item())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+def loader(n=64, batch_size=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    data = TensorDataset(torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 4, (n,), generator=g))
+    return DataLoader(data, batch_size=batch_size, shuffle=False)
+
+
+def fast_trainer(tmp_path, callbacks, **kwargs):
+    args = dict(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                enable_checkpointing=False, max_epochs=2, limit_val_batches=0, accelerator="cpu", devices=1)
+    args.update(kwargs)
+    return L.Trainer(callbacks=callbacks, **args)
+
+
+class CountingProjection(LowRankProjection):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.steps = []
+
+    def project(self, pl_module, step, plans=None):
+        self.steps.append(step)
+        return super().project(pl_module, step, plans)
+
+
+def test_schedule_counts_optimizer_steps_not_batches(tmp_path):
+    callback = CountingProjection("svd", 0.5, every_n_train_steps=3, final_projection=False)
+    trainer = fast_trainer(tmp_path, [callback], accumulate_grad_batches=2)
+    trainer.fit(TinyCNN(), loader())
+    assert trainer.global_step == 8
+    assert callback.steps == [3, 6]
+    assert callback.num_projections == 2
+
+
+def test_start_and_stop_steps(tmp_path):
+    callback = CountingProjection("svd", 0.5, every_n_train_steps=2, start_step=3, stop_step=11)
+    trainer = fast_trainer(tmp_path, [callback])
+    trainer.fit(TinyCNN(), loader())
+    assert trainer.global_step == 16
+    assert callback.steps == [3, 5, 7, 9, 11, 16]
+
+
+@pytest.mark.parametrize("scheme, rank, options", [
+    ("svd", 3, {}),
+    ("tucker2", (3, 4), {}),
+    ("spatial_svd", 4, {}),
+    ("tiled_svd", 2, {"tile_shape": (6, 27)}),
+])
+def test_weights_end_exactly_low_rank(tmp_path, scheme, rank, options):
+    model = TinyCNN()
+    callback = LowRankProjection(scheme, rank, every_n_train_steps=5, **options)
+    fast_trainer(tmp_path, [callback]).fit(model, loader())
+    assert [p.name for p in callback.plans] == ["net.2", "net.5"]
+    for plan in callback.plans:
+        w = model.get_submodule(plan.name).weight.detach()
+        if scheme == "svd":
+            assert torch.linalg.matrix_rank(w.flatten(1)).item() == rank
+        elif scheme == "tucker2":
+            assert torch.linalg.matrix_rank(w.transpose(0, 1).flatten(1)).item() == rank[0]
+            assert torch.linalg.matrix_rank(w.flatten(1)).item() == rank[1]
+        elif scheme == "spatial_svd":
+            t, s, kh, kw = w.shape
+            assert torch.linalg.matrix_rank(w.permute(1, 2, 0, 3).reshape(s * kh, t * kw)).item() == rank
+        else:
+            matrix = w.flatten(1)
+            tiles = [matrix[i:i + 6, j:j + 27] for i in range(0, matrix.shape[0], 6) for j in range(0, matrix.shape[1], 27)]
+            assert max(torch.linalg.matrix_rank(t).item() for t in tiles) == rank
+    untouched = model.get_submodule("net.0").weight.detach().flatten(1)
+    assert torch.linalg.matrix_rank(untouched).item() == 8
+
+
+def test_structure_and_parameters_unchanged(tmp_path):
+    model = TinyCNN()
+    keys = list(model.state_dict())
+    ids = [id(p) for p in model.parameters()]
+    fast_trainer(tmp_path, [LowRankProjection("tucker2", 0.5, every_n_train_steps=2)]).fit(model, loader())
+    assert list(model.state_dict()) == keys
+    assert [id(p) for p in model.parameters()] == ids
+
+
+def test_validation_reports_the_factorized_model(tmp_path):
+    model = TinyCNN()
+    callback = LowRankProjection("svd", 2, every_n_train_steps=3, final_projection=False)
+    trainer = fast_trainer(tmp_path, [callback], max_epochs=1, limit_train_batches=7, limit_val_batches=4,
+                           num_sanity_val_steps=0)
+    trainer.fit(model, loader(), loader(32, seed=1))
+    reported = trainer.callback_metrics["val_acc"].item()
+    weights_after_fit = model.net[2].weight.detach().clone()
+    assert torch.linalg.matrix_rank(weights_after_fit.flatten(1)).item() > 2, "training weights stay unprojected"
+
+    small = factorize(model, "svd", rank=callback.ranks).eval()
+    x, y = next(iter(loader(32, batch_size=32, seed=1)))
+    with torch.no_grad():
+        factorized_acc = (small(x).argmax(1) == y).float().mean().item()
+    assert factorized_acc == pytest.approx(reported, abs=1e-6)
+    assert torch.equal(model.net[2].weight, weights_after_fit)
+
+
+def test_resume_between_projections_matches_uninterrupted_run(tmp_path):
+    def make():
+        torch.manual_seed(0)
+        return TinyCNN()
+
+    def run(model, root, **kwargs):
+        checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1)
+        callback = LowRankProjection("svd", 0.5, every_n_train_steps=3)
+        trainer = fast_trainer(root, [callback, checkpoint], max_epochs=3, enable_checkpointing=True, **kwargs)
+        return trainer, callback
+
+    full_model = make()
+    trainer, _ = run(full_model, tmp_path / "full")
+    trainer.fit(full_model, loader())
+
+    class Crash(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.current_epoch == 1 and batch_idx == 5:
+                raise RuntimeError("simulated crash")
+
+    crashed_model = make()
+    trainer, _ = run(crashed_model, tmp_path / "crash")
+    trainer.callbacks.append(Crash())
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer.fit(crashed_model, loader())
+    checkpoint = next((tmp_path / "crash").glob("epoch=0*.ckpt"))
+    state = torch.load(checkpoint, weights_only=False)["callbacks"]
+    saved = next(v for k, v in state.items() if k.startswith("LowRankProjection"))
+    assert saved["last_step"] == 8 and saved["projections"] == 2  # epoch end at step 8: between projections 6 and 9
+
+    resumed_model = make()
+    trainer, callback = run(resumed_model, tmp_path / "resume")
+    trainer.fit(resumed_model, loader(), ckpt_path=checkpoint)
+    assert callback.num_projections == 8
+    for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), name
+
+
+def test_rank_warmup_anneals_down_to_target():
+    callback = LowRankProjection("tucker2", 0.25, every_n_train_steps=1, rank_warmup=3)
+    callback.make_plan(TinyCNN())
+    schedule = [[p.rank for p in callback.plans_for(i)] for i in range(5)]
+    assert schedule[3] == schedule[4] == [p.rank for p in callback.plans]
+    for layer in range(2):
+        out_ranks = [ranks[layer][1] for ranks in schedule]
+        assert out_ranks == sorted(out_ranks, reverse=True)
+        assert out_ranks[0] > out_ranks[3]
+
+
+def test_logs_projection_metrics(tmp_path):
+    logger = L.pytorch.loggers.CSVLogger(tmp_path)
+    callback = LowRankProjection("svd", 2, every_n_train_steps=4)
+    fast_trainer(tmp_path, [callback], logger=logger, log_every_n_steps=1).fit(TinyCNN(), loader())
+    header = (tmp_path / "lightning_logs/version_0/metrics.csv").read_text().splitlines()[0].split(",")
+    for metric in ("lowrank/rel_error", "lowrank/energy", "lowrank/compression", "lowrank/seconds"):
+        assert metric in header
+    assert 0 < callback.last_stats[0].rel_error < 1
+
+
+def test_plan_table_printed_at_fit_start(tmp_path, caplog):
+    with caplog.at_level("INFO"):
+        fast_trainer(tmp_path, [LowRankProjection("svd", 2, every_n_train_steps=4)], max_epochs=1).fit(TinyCNN(), loader())
+    text = caplog.text
+    assert "net.2" in text and "net.5" in text and "first conv" in text and "total" in text
+
+
+def test_non_finite_loss_stops_with_step(tmp_path):
+    class Diverging(TinyCNN):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * float("nan") if self.global_step >= 2 else loss
+
+    with pytest.raises(NonFiniteTrainingError, match=r"nan at optimizer step 3\..*HINT"):
+        fast_trainer(tmp_path, [LowRankProjection("svd", 2, every_n_train_steps=4)]).fit(Diverging(), loader())
+
+
+def test_non_finite_weight_names_layer_and_step(tmp_path):
+    class Poison(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 4:
+                with torch.no_grad():
+                    pl_module.net[5].weight[0, 0, 0, 0] = float("inf")
+
+    callback = LowRankProjection("svd", 2, every_n_train_steps=4)
+    with pytest.raises(NonFiniteTrainingError, match=r"'net\.5'.*optimizer step 4"):
+        fast_trainer(tmp_path, [Poison(), callback]).fit(TinyCNN(), loader())
+
+
+def test_bf16_true_precision_keeps_dtype(tmp_path):
+    model = TinyCNN()
+    callback = LowRankProjection("svd", 2, every_n_train_steps=2)
+    fast_trainer(tmp_path, [callback], precision="bf16-true", max_epochs=1).fit(model, loader())
+    weight = model.net[2].weight
+    assert weight.dtype == torch.bfloat16
+    singular_values = torch.linalg.svdvals(weight.detach().float().flatten(1))
+    assert singular_values[2] < 1e-2 * singular_values[0], "rank 2 up to bf16 rounding"
+
+
+def test_two_instances_coexist_and_pickle(tmp_path):
+    first = LowRankProjection("svd", 2, every_n_train_steps=2, include="net.2")
+    second = LowRankProjection("tucker2", 0.5, every_n_train_steps=3, include="net.5")
+    assert first.state_key != second.state_key
+    model = TinyCNN()
+    trainer = fast_trainer(tmp_path, [first, second], max_epochs=1)
+    trainer.fit(model, loader())
+    assert [p.name for p in first.plans] == ["net.2"] and [p.name for p in second.plans] == ["net.5"]
+    assert torch.linalg.matrix_rank(model.net[2].weight.detach().flatten(1)).item() == 2
+    clone = pickle.loads(pickle.dumps(first))
+    assert clone.ranks == first.ranks and clone.state_dict() == first.state_dict()
+
+
+def test_restored_ranks_win_over_rule():
+    callback = LowRankProjection("svd", energy=0.5, every_n_train_steps=2)
+    callback.load_state_dict({"last_step": 4, "projections": 2, "ranks": {"net.2": 3, "net.5": 5}})
+    callback.make_plan(TinyCNN())
+    assert callback.ranks == {"net.2": 3, "net.5": 5}
+    fresh = LowRankProjection("svd", 2, every_n_train_steps=2)
+    fresh.load_state_dict({})
+    assert fresh.state_dict()["last_step"] == 0
+
+
+def test_sharded_strategy_rejected():
+    fake_trainer = type("FakeTrainer", (), {"strategy": type(SHARDED_STRATEGIES[0], (), {})()})()
+    with pytest.raises(NotImplementedError, match="FSDPStrategy"):
+        LowRankProjection("svd", 2).setup(fake_trainer, TinyCNN(), "fit")
+
+
+def test_no_layer_selected_lists_candidates(tmp_path):
+    callback = LowRankProjection("svd", 2, include="backbone.*")
+    with pytest.raises(ValueError, match=r"no layer selected.*net\.0"):
+        fast_trainer(tmp_path, [callback], max_epochs=1).fit(TinyCNN(), loader())
+
+
+def test_rank_above_full_rank_is_clamped_with_warning(tmp_path):
+    callback = LowRankProjection("tucker2", (100, 3), every_n_train_steps=2, include="net.5")
+    with pytest.warns(UserWarning, match=r"rank \(100, 3\) of layer 'net\.5'.*clamped to \(12, 3\)"):
+        callback.make_plan(TinyCNN())
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"scheme": "cp", "rank": 2}, r"`scheme` must be one of .* got 'cp'"),
+    ({"rank": 0}, r"`rank` must be .* got 0"),
+    ({"rank": 1.5}, r"`rank` .* \(0, 1\], got 1.5"),
+    ({"rank": 2, "every_n_train_steps": 0}, r"`every_n_train_steps` must be an int >= 1, got 0"),
+    ({"rank": 2, "every_n_train_steps": 2.5}, r"`every_n_train_steps` must be an int >= 1, got 2.5"),
+    ({"rank": 2, "start_step": -1}, r"`start_step` must be an int >= 0, got -1"),
+    ({"rank": 2, "start_step": 5, "stop_step": 2}, r"`stop_step` must be None or an int >= `start_step` \(5\), got 2"),
+    ({"rank": 2, "rank_warmup": -2}, r"`rank_warmup` must be an int >= 0, got -2"),
+    ({"scheme": "tiled_svd", "rank": 2}, r"`tile_shape` must be a pair .* got None"),
+    ({"scheme": "tiled_svd", "rank": 2, "tile_shape": (0, 4)}, r"`tile_shape` .* got \(0, 4\)"),
+])
+def test_constructor_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LowRankProjection(**kwargs)
+
+
+def test_ddp_two_processes_hold_identical_weights(tmp_path):
+    model = TinyCNN()
+    callback = LowRankProjection("svd", 2, every_n_train_steps=2, final_projection=False)
+    trainer = fast_trainer(tmp_path, [callback, SameWeightsCheck(str(tmp_path / "spread.txt"))],
+                           strategy="ddp_spawn", devices=2, max_epochs=1, limit_train_batches=4)
+    trainer.fit(model, loader())
+    spreads = [float(v) for v in (tmp_path / "spread.txt").read_text().split()]
+    assert len(spreads) == 2
+    assert max(spreads) == 0.0
+
+
+class SameWeightsCheck(L.Callback):
+    """After the projection at step 2 and at the end, the spread of conv weights across ranks (rank 0 writes)."""
+
+    def __init__(self, path):
+        self.path = path
+        self.spreads = []
+
+    def record(self, trainer, pl_module):
+        vector = torch.cat([pl_module.net[i].weight.detach().flatten() for i in (2, 5)])
+        gathered = trainer.strategy.all_gather(vector)
+        self.spreads.append((gathered.max(0).values - gathered.min(0).values).abs().max().item())
+        assert math.isfinite(self.spreads[-1])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 2:
+            self.record(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        self.record(trainer, pl_module)
+        if trainer.is_global_zero:
+            with open(self.path, "w") as handle:
+                handle.write(" ".join(map(str, self.spreads)))
+
+
+def test_callback_copy_is_independent():
+    callback = LowRankProjection("svd", 2)
+    callback.make_plan(TinyCNN())
+    clone = copy.deepcopy(callback)
+    clone.plans = []
+    assert callback.plans
