@@ -4,11 +4,15 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import replace
-from typing import Any
+from itertools import islice
+from typing import Any, Iterator
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader
+
+from .batchnorm import batchnorm_buffers, batchnorm_layers, recalibrate_batchnorm_
 
 from .options import LowRankOptions, is_int
 from .plan import LayerPlan, SkippedLayer, frozen_ranks, plan_layers, scheme_for
@@ -42,6 +46,10 @@ class LowRankProjection(Callback):
             training resumes from the unprojected ones. Outside fit, weights are used as they are.
         rank_warmup: the first ``rank_warmup`` projections use ranks annealed from full rank down to the target
             (cubic schedule, as in gradual pruning); 0 projects at the target rank from the start.
+        bn_recalibration_batches: after each projection whose weights are evaluated (validation during fit and
+            the final projection), re-estimate BatchNorm running statistics over this many training batches
+            (drawn from an independent shuffle of the training set; 0 keeps the statistics accumulated on the
+            unprojected weights).
         check_finite: stop with ``NonFiniteTrainingError`` (step, layer, hints) when the loss or a selected
             weight becomes NaN/Inf.
         **options: layer selection and scheme options shared with ``factorize``: ``tile_shape``, ``include``,
@@ -54,7 +62,8 @@ class LowRankProjection(Callback):
 
     def __init__(self, scheme: str = "svd", rank: Any = None, every_n_train_steps: int = 200, *,
                  start_step: int = 0, stop_step: int | None = None, final_projection: bool = True,
-                 validate_projected: bool = True, rank_warmup: int = 0, check_finite: bool = True, **options: Any):
+                 validate_projected: bool = True, rank_warmup: int = 0, bn_recalibration_batches: int = 0,
+                 check_finite: bool = True, **options: Any):
         super().__init__()
         if not (is_int(every_n_train_steps) and every_n_train_steps >= 1):
             raise ValueError(f"`every_n_train_steps` must be an int >= 1, got {every_n_train_steps!r}")
@@ -64,6 +73,8 @@ class LowRankProjection(Callback):
             raise ValueError(f"`stop_step` must be None or an int >= `start_step` ({start_step}), got {stop_step!r}")
         if not (is_int(rank_warmup) and rank_warmup >= 0):
             raise ValueError(f"`rank_warmup` must be an int >= 0, got {rank_warmup!r}")
+        if not (is_int(bn_recalibration_batches) and bn_recalibration_batches >= 0):
+            raise ValueError(f"`bn_recalibration_batches` must be an int >= 0, got {bn_recalibration_batches!r}")
         self.options = LowRankOptions(scheme=scheme, rank=rank, **options)
         self.every_n_train_steps = every_n_train_steps
         self.start_step = start_step
@@ -71,6 +82,7 @@ class LowRankProjection(Callback):
         self.final_projection = final_projection
         self.validate_projected = validate_projected
         self.rank_warmup = rank_warmup
+        self.bn_recalibration_batches = bn_recalibration_batches
         self.check_finite = check_finite
         self.plans: list[LayerPlan] = []
         self.skipped: list[SkippedLayer] = []
@@ -177,21 +189,58 @@ class LowRankProjection(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.final_projection and self.plans:
             self.last_stats = self.project(pl_module, trainer.global_step)
+            self.recalibrate(trainer, pl_module)
+
+    def recalibration_input(self, batch: Any) -> Any:
+        """What the module's forward takes from a training batch (default: the first item of a tuple/list)."""
+        return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+    def recalibration_inputs(self, trainer: Trainer) -> Iterator[Any]:
+        loader = trainer.train_dataloader
+        if not isinstance(loader, DataLoader):
+            rank_zero_warn("BatchNorm recalibration needs a single training DataLoader; statistics left as they are")
+            return
+        if loader.batch_size is not None:
+            generator = torch.Generator().manual_seed(trainer.global_step)
+            loader = DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=True, generator=generator,
+                                collate_fn=loader.collate_fn)
+        for batch in islice(loader, self.bn_recalibration_batches):
+            yield self.recalibration_input(trainer.strategy.batch_to_device(batch))
+
+    def recalibrate(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Re-estimate BatchNorm statistics for the projected weights; averaged over ranks under DDP."""
+        if not self.bn_recalibration_batches or not batchnorm_layers(pl_module):
+            return
+
+        def forward(module, x):
+            with trainer.precision_plugin.forward_context():
+                module(x)
+
+        with torch.random.fork_rng(devices=[]):
+            used = recalibrate_batchnorm_(pl_module, self.recalibration_inputs(trainer), forward)
+        if used and trainer.world_size > 1:
+            with torch.no_grad():
+                for layer in batchnorm_layers(pl_module):
+                    for buffer in (layer.running_mean, layer.running_var):
+                        buffer.copy_(trainer.strategy.reduce(buffer, reduce_op="mean"))
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not (self.validate_projected and self.plans and trainer.state.fn == "fit"):
             return
-        modules = dict(pl_module.named_modules())
-        self._backup = {p.name: modules[p.name].weight.detach().clone() for p in self.plans}
+        tensors = {f"{p.name}.weight": pl_module.get_submodule(p.name).weight for p in self.plans}
+        if self.bn_recalibration_batches:
+            tensors.update(batchnorm_buffers(pl_module))
+        self._backup = {name: tensor.detach().clone() for name, tensor in tensors.items()}
         self.project(pl_module, trainer.global_step)
+        self.recalibrate(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self._backup:
             return
-        modules = dict(pl_module.named_modules())
+        current = dict(pl_module.named_parameters()) | dict(pl_module.named_buffers())
         with torch.no_grad():
-            for name, weight in self._backup.items():
-                modules[name].weight.copy_(weight)
+            for name, saved in self._backup.items():
+                current[name].copy_(saved)
         self._backup = {}
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:

@@ -336,3 +336,42 @@ def test_callback_copy_is_independent():
     clone = copy.deepcopy(callback)
     clone.plans = []
     assert callback.plans
+
+
+def test_final_projection_recalibrates_batchnorm_on_projected_weights(tmp_path):
+    model = TinyCNN()
+    data = loader()
+    callback = LowRankProjection("svd", 2, every_n_train_steps=5, bn_recalibration_batches=3)
+    trainer = fast_trainer(tmp_path, [callback])
+    trainer.fit(model, data)
+
+    expected = copy.deepcopy(model)
+    expected.net[3].reset_running_stats()
+    expected.net[3].momentum = None
+    generator = torch.Generator().manual_seed(trainer.global_step)
+    replay = DataLoader(data.dataset, batch_size=8, shuffle=True, generator=generator)
+    expected.train()
+    with torch.no_grad():
+        for x, _ in list(replay)[:3]:
+            expected(x)
+    assert torch.allclose(model.net[3].running_mean, expected.net[3].running_mean, atol=1e-6)
+    assert torch.allclose(model.net[3].running_var, expected.net[3].running_var, atol=1e-6)
+    assert model.net[3].momentum == 0.1
+
+
+def test_projected_validation_restores_weights_and_batchnorm(tmp_path):
+    class Snapshot(L.Callback):
+        def on_validation_epoch_start(self, trainer, pl_module):
+            self.before = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+    class After(L.Callback):
+        def on_validation_epoch_end(self, trainer, pl_module):
+            self.after = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+    snapshot, after = Snapshot(), After()
+    callback = LowRankProjection("svd", 2, every_n_train_steps=3, bn_recalibration_batches=2)
+    trainer = fast_trainer(tmp_path, [snapshot, callback, after], max_epochs=1, limit_train_batches=4,
+                           limit_val_batches=2, num_sanity_val_steps=0)
+    trainer.fit(TinyCNN(), loader(), loader(16, seed=2))
+    for name, value in snapshot.before.items():
+        assert torch.equal(value, after.after[name]), name

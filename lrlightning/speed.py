@@ -1,0 +1,75 @@
+"""Inference speed: BatchNorm folding, CPU latency, and a measured guard that keeps slower layers dense."""
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import torch
+from torch import nn
+from torch.fx.experimental.optimization import fuse
+
+from .export import set_submodule
+from .layers import LAYER_TYPES
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model`` with every BatchNorm that follows a conv folded into that conv
+    (``torch.fx`` tracing; factorized modules fold into their last conv). ``model`` is untouched."""
+    return fuse(copy.deepcopy(model).eval(), inplace=True)
+
+
+def latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 20, warmup: int = 3) -> float:
+    """Median wall time of one forward pass on ``example`` in milliseconds (eval mode, no grad)."""
+    model.eval()
+    times = []
+    with torch.inference_mode():
+        for index in range(warmup + repeats):
+            start = time.perf_counter()
+            model(example)
+            if index >= warmup:
+                times.append(time.perf_counter() - start)
+    return 1000.0 * statistics.median(times)
+
+
+def layer_inputs(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The input each named module receives when ``model`` runs on ``example``."""
+    captured, hooks = {}, []
+
+    def capture(name: str):
+        def hook(module, args, output):
+            captured.setdefault(name, args[0])
+        return hook
+
+    for name in names:
+        hooks.append(model.get_submodule(name).register_forward_hook(capture(name)))
+    try:
+        with torch.inference_mode():
+            model.eval()(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return captured
+
+
+def keep_faster_layers(dense: nn.Module, factorized: nn.Module, example: torch.Tensor, repeats: int = 20,
+                       margin: float = 1.0) -> tuple[nn.Module, list[dict]]:
+    """A copy of ``factorized`` in which each factorized layer that runs slower than ``margin`` × its dense
+    counterpart (timed side by side on its real input) is replaced by the dense layer of ``dense``.
+
+    ``dense`` must hold the projected weights (as after training with the callback), so outputs are unchanged.
+    Returns the model and one row per factorized layer: name, dense and factorized ms, and whether it was kept.
+    """
+    result = copy.deepcopy(factorized).eval()
+    names = [name for name, m in factorized.named_modules() if type(m).__name__ in LAYER_TYPES]
+    inputs = layer_inputs(dense, names, example)
+    report = []
+    for name in names:
+        dense_layer = dense.get_submodule(name)
+        dense_ms = latency_ms(dense_layer, inputs[name], repeats)
+        factorized_ms = latency_ms(result.get_submodule(name), inputs[name], repeats)
+        kept = factorized_ms <= margin * dense_ms
+        if not kept:
+            set_submodule(result, name, copy.deepcopy(dense_layer))
+        report.append({"layer": name, "dense_ms": dense_ms, "factorized_ms": factorized_ms, "factorized": kept})
+    return result, report

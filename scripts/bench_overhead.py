@@ -1,0 +1,115 @@
+"""Training-time overhead of LowRankProjection: step time with and without the callback, side by side.
+
+For every backbone and S_D (every_n_train_steps), Lightning fits of ``--steps`` optimizer steps on synthetic
+CIFAR-size data run interleaved (dense, then each S_D, repeated ``--rounds`` times); the per-step time excludes
+the first ``--skip`` steps. Periods longer than the run are reported amortized: the projection time measured
+in the same run divided by S_D steps. Usage:
+
+    python scripts/bench_overhead.py                      # ResNet-32 and ResNet-56, S_D 1, 10, 200
+    python scripts/bench_overhead.py --backbones resnet20 --steps 12 --rounds 1 --out overhead.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lrlightning import LowRankProjection
+from lrlightning.module import LitClassifier
+from lrlightning.summary import format_table
+
+
+class StepTimer(L.Callback):
+    """Wall time of each training batch, from its start to the end of every callback's batch-end hook."""
+
+    def __init__(self):
+        self.times = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.times.append(time.perf_counter() - self.start)
+
+
+def step_seconds(backbone: str, loader: DataLoader, steps: int, skip: int, every: int | None, scheme: str) -> tuple[float, float]:
+    """(median step seconds, mean projection seconds) of one fit."""
+    torch.manual_seed(0)
+    model = LitClassifier(backbone, num_classes=10, in_channels=3, lr=0.05)
+    timer = StepTimer()
+    callbacks = [timer]
+    projection = None
+    if every is not None:
+        projection = LowRankProjection(scheme, 0.5, every_n_train_steps=every, final_projection=False,
+                                       validate_projected=False)
+        callbacks.insert(0, projection)
+    trainer = L.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, accelerator="cpu", devices=1, callbacks=callbacks)
+    projection_times = []
+    if projection is not None:
+        original = projection.project
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            result = original(*args, **kwargs)
+            projection_times.append(time.perf_counter() - start)
+            return result
+
+        projection.project = timed
+    trainer.fit(model, loader)
+    mean_projection = statistics.fmean(projection_times) if projection_times else 0.0
+    return statistics.median(timer.times[skip:]), mean_projection
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backbones", nargs="+", default=["resnet32", "resnet56"])
+    parser.add_argument("--periods", nargs="+", type=int, default=[1, 10, 200])
+    parser.add_argument("--scheme", default="tucker2")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=22)
+    parser.add_argument("--skip", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", default="bench_overhead.json")
+    args = parser.parse_args()
+
+    generator = torch.Generator().manual_seed(0)
+    n = args.batch_size * args.steps
+    data = TensorDataset(torch.randn(n, 3, 32, 32, generator=generator), torch.randint(0, 10, (n,), generator=generator))
+    loader = DataLoader(data, batch_size=args.batch_size)
+    rows, results = [], []
+    for backbone in args.backbones:
+        direct = [p for p in args.periods if p <= args.steps - args.skip]
+        samples = {p: [] for p in [None, *direct]}
+        projections = []
+        for _ in range(args.rounds):
+            for period in samples:
+                seconds, projection = step_seconds(backbone, loader, args.steps, args.skip, period, args.scheme)
+                samples[period].append(seconds)
+                if projection:
+                    projections.append(projection)
+        dense = statistics.median(samples[None])
+        projection = statistics.median(projections)
+        for period in args.periods:
+            if period in samples:
+                overhead, how = statistics.median(samples[period]) / dense - 1.0, "measured"
+            else:
+                overhead, how = projection / (period * dense), "amortized"
+            results.append({"backbone": backbone, "scheme": args.scheme, "every_n_train_steps": period,
+                            "dense_step_s": dense, "projection_s": projection, "overhead": overhead, "how": how})
+            rows.append([backbone, str(period), f"{dense * 1000:.0f}", f"{projection * 1000:.1f}",
+                         f"{overhead * 100:.2f}%", how])
+    print(format_table(["backbone", "S_D", "dense step ms", "projection ms", "overhead", "how"], rows))
+    print(f"({args.scheme}, rank 0.5, batch {args.batch_size}, CPU threads {torch.get_num_threads()}; "
+          "targets: < 25% at S_D=1, < 1% at S_D=200)")
+    with open(args.out, "w") as handle:
+        json.dump(results, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()

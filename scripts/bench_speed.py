@@ -1,0 +1,104 @@
+"""CPU speed of factorized models against the dense model, side by side in one run.
+
+For each scheme at each target compression (per layer, dense / factorized params), the dense model's weights are
+projected, the model is factorized, BatchNorm is folded into the convs of both models, and each inference mode
+is timed interleaved with the dense model in the same mode: latency at batch 1 and throughput at batch 64.
+Efficiency = measured speedup at batch 64 / MAC reduction. ``guard`` keeps dense every factorized layer that
+measured slower than its dense layer (``lrlightning.speed.keep_faster_layers``). Usage:
+
+    python scripts/bench_speed.py                                   # ResNet-32, 3×32×32, all schemes, 2× and 4×
+    python scripts/bench_speed.py --schemes svd tucker2 --ratios 4 --repeats 10 --out speed.json
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import warnings
+
+import torch
+
+from lrlightning import count_macs, factorize, project_
+from lrlightning.backbones import build_backbone
+from lrlightning.speed import fold_batchnorm, keep_faster_layers, latency_ms
+from lrlightning.summary import format_table
+
+SCHEME_OPTIONS = {"svd": {}, "tucker2": {}, "spatial_svd": {}, "tiled_svd": {"tile_shape": (16, 16)}}
+
+
+def prepare(mode: str, model: torch.nn.Module, example: torch.Tensor):
+    """(model, input) ready for timing in ``mode``: eager, channels_last or jit (trace + freeze)."""
+    if mode == "channels_last":
+        return model.to(memory_format=torch.channels_last), example.to(memory_format=torch.channels_last)
+    if mode == "jit":
+        with torch.no_grad():
+            traced = torch.jit.freeze(torch.jit.trace(model, example))
+        return traced, example
+    return model, example
+
+
+def timed_pair(dense, factorized, example, mode: str, repeats: int) -> tuple[float, float]:
+    """Median ms of dense and factorized, alternating so machine noise hits both alike."""
+    dense_model, dense_input = prepare(mode, dense, example)
+    fact_model, fact_input = prepare(mode, factorized, example)
+    dense_ms, fact_ms = [], []
+    for _ in range(3):
+        dense_ms.append(latency_ms(dense_model, dense_input, repeats))
+        fact_ms.append(latency_ms(fact_model, fact_input, repeats))
+    return min(dense_ms), min(fact_ms)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backbone", default="resnet32")
+    parser.add_argument("--schemes", nargs="+", default=list(SCHEME_OPTIONS))
+    parser.add_argument("--ratios", nargs="+", type=float, default=[2.0, 4.0])
+    parser.add_argument("--modes", nargs="+", default=["eager", "channels_last", "jit"])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", default="bench_speed.json")
+    args = parser.parse_args()
+    warnings.simplefilter("ignore", UserWarning)
+
+    torch.manual_seed(0)
+    base = build_backbone(args.backbone, num_classes=10, in_channels=3).eval()
+    shape = (3, 32, 32)
+    batch1, batch64 = torch.randn(1, *shape), torch.randn(64, *shape)
+    rows, results = [], []
+    for scheme in args.schemes:
+        for ratio in args.ratios:
+            dense = copy.deepcopy(base)
+            options = dict(rank=None, compression=ratio, **SCHEME_OPTIONS[scheme])
+            project_(dense, scheme, **options)
+            factorized = factorize(dense, scheme, **options).eval()
+            guarded, report = keep_faster_layers(dense, factorized, batch64, repeats=args.repeats)
+            variants = {"plain": factorized, "guard": guarded}
+            dense_folded = fold_batchnorm(dense)
+            for variant, model in variants.items():
+                folded = fold_batchnorm(model)
+                with torch.no_grad():
+                    diff = (folded(batch64) - dense(batch64)).abs().max().item()
+                mac_reduction = count_macs(dense, shape) / count_macs(model, shape)
+                for mode in args.modes:
+                    dense_1, fact_1 = timed_pair(dense_folded, folded, batch1, mode, args.repeats)
+                    dense_64, fact_64 = timed_pair(dense_folded, folded, batch64, mode, args.repeats)
+                    speedup = dense_64 / fact_64
+                    result = {"scheme": scheme, "ratio": ratio, "variant": variant, "mode": mode,
+                              "mac_reduction": mac_reduction, "latency_ms_dense_b1": dense_1,
+                              "latency_ms_factorized_b1": fact_1, "throughput_dense_b64": 64000 / dense_64,
+                              "throughput_factorized_b64": 64000 / fact_64, "speedup_b64": speedup,
+                              "efficiency_b64": speedup / mac_reduction, "max_abs_logit_diff": diff,
+                              "layers_kept_dense": sum(not r["factorized"] for r in report) if variant == "guard" else 0}
+                    results.append(result)
+                    rows.append([scheme, f"{ratio:g}x", variant, mode, f"{mac_reduction:.2f}x",
+                                 f"{dense_1:.2f}/{fact_1:.2f}", f"{64000 / dense_64:.0f}/{64000 / fact_64:.0f}",
+                                 f"{speedup:.2f}x", f"{speedup / mac_reduction:.2f}", str(result["layers_kept_dense"])])
+    print(format_table(["scheme", "target", "variant", "mode", "MACs", "b1 ms dense/fact", "b64 img/s dense/fact",
+                        "speedup b64", "efficiency", "kept dense"], rows))
+    print(f"({args.backbone}, BatchNorm folded in both, CPU threads {torch.get_num_threads()}, "
+          f"best of 3 interleaved medians of {args.repeats})")
+    with open(args.out, "w") as handle:
+        json.dump(results, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
