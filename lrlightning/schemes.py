@@ -226,30 +226,31 @@ class Tucker2(Scheme):
         return [(max(1, math.floor(r_out * s / t)), r_out) for r_out in range(t, 0, -1)]
 
     @staticmethod
-    def leading_vectors(matrices: Tensor, ranks: Sequence[int]) -> Tensor:
+    def leading_vectors(matrices: Tensor, ranks: Sequence[int], driver: str = "exact") -> Tensor:
         """Masked leading left singular vectors (B, m, max rank): columns past ``ranks[b]`` are zero."""
-        u, _, _ = truncated_svd(matrices, max(ranks))
+        u, _, _ = truncated_svd(matrices, max(ranks), driver)
         return u * rank_mask(ranks, u.shape[-1], u).unsqueeze(-2)
 
-    def factors(self, weights: Tensor, ranks: Sequence[tuple[int, int]]) -> tuple[Tensor, Tensor, Tensor]:
+    def factors(self, weights: Tensor, ranks: Sequence[tuple[int, int]],
+                driver: str = "exact") -> tuple[Tensor, Tensor, Tensor]:
         """(core (B, R_out, R_in, kh, kw), U_in (B, S, R_in), U_out (B, T, R_out)), masked to each rank."""
         b, t, s = weights.shape[:3]
         r_in = [r[0] for r in ranks]
         r_out = [r[1] for r in ranks]
         unfold_out = weights.reshape(b, t, -1)
         unfold_in = weights.transpose(1, 2).reshape(b, s, -1)
-        u_out = self.leading_vectors(unfold_out, r_out)
-        u_in = self.leading_vectors(unfold_in, r_in)
+        u_out = self.leading_vectors(unfold_out, r_out, driver)
+        u_in = self.leading_vectors(unfold_in, r_in, driver)
         for _ in range(self.hooi_iters):
             partial = torch.einsum("btsij,btr->brsij", weights, u_out)
-            u_in = self.leading_vectors(partial.transpose(1, 2).reshape(b, s, -1), r_in)
+            u_in = self.leading_vectors(partial.transpose(1, 2).reshape(b, s, -1), r_in, driver)
             partial = torch.einsum("btsij,bsq->btqij", weights, u_in)
-            u_out = self.leading_vectors(partial.reshape(b, t, -1), r_out)
+            u_out = self.leading_vectors(partial.reshape(b, t, -1), r_out, driver)
         core = torch.einsum("btsij,btr,bsq->brqij", weights, u_out, u_in)
         return core, u_in, u_out
 
     def project(self, weights, ranks, driver="exact"):
-        core, u_in, u_out = self.factors(weights, ranks)
+        core, u_in, u_out = self.factors(weights, ranks, driver)
         return torch.einsum("brqij,btr,bsq->btsij", core, u_out, u_in)
 
     def energy_rank(self, weight, energy):

@@ -1,0 +1,161 @@
+"""Cost of one low-rank projection of every selected conv versus one SGD training step, measured in one run.
+
+For each backbone (CIFAR-style, 3×32×32 inputs), one training step (forward, cross-entropy, backward, SGD with
+momentum) and one projection (``project_planned_``: every selected conv, each scheme and SVD driver) are timed
+interleaved, ``--repeats`` times after a warm-up; the table gives medians and the ratio projection / step.
+The plan (layer selection and ranks) is made once beforehand, as ``LowRankProjection`` does.
+
+Ranks: 0.5 of each layer's full rank; ``tiled_svd`` uses 16×16 tiles of rank 4; ``spatial_svd`` uses 0.45,
+because at 0.5 every square 3×3 conv (S = T) is exactly at break-even (r·6S = 9S² params) and would stay dense.
+On CPU both are timed with one intra-op thread unless ``--threads`` says otherwise: on a CPU shared with other jobs,
+OpenMP workers waiting on busy cores make the many small batched SVDs (and the step) slower by one to two orders
+of magnitude, which measures the neighbours rather than the method. Usage:
+
+    python scripts/bench_projection.py                    # ResNet-32 and ResNet-56, batch 128, 7 repeats
+    python scripts/bench_projection.py --quick --threads 2 --out /tmp/bench.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from lrlightning.backbones import build_backbone
+from lrlightning.options import LowRankOptions
+from lrlightning.plan import plan_layers
+from lrlightning.projection import project_planned_
+from lrlightning.summary import format_table
+
+SCHEMES = {
+    "svd": dict(scheme="svd", rank=0.5),
+    "tucker2": dict(scheme="tucker2", rank=0.5),
+    "spatial_svd": dict(scheme="spatial_svd", rank=0.45),
+    "tiled_svd": dict(scheme="tiled_svd", rank=4, tile_shape=(16, 16)),
+}
+DRIVERS = ("exact", "randomized")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(function, device: torch.device) -> float:
+    """Wall seconds of one call, with the device synchronized on both sides."""
+    synchronize(device)
+    start = time.perf_counter()
+    function()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor):
+    """A function running one SGD step (forward, loss, backward, optimizer step) on the fixed batch."""
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(images), labels)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def projection_cases(model: nn.Module) -> list[dict]:
+    """One case per scheme and driver: options, plan (made once) and a function projecting every planned conv."""
+    cases = []
+    for name, settings in SCHEMES.items():
+        for driver in DRIVERS:
+            options = LowRankOptions(**settings, svd_driver=driver)
+            start = time.perf_counter()
+            plans, skipped = plan_layers(model, options, warn=False)
+            plan_seconds = time.perf_counter() - start
+            cases.append({
+                "scheme": name, "driver": driver, "rank": settings["rank"], "layers": len(plans),
+                "left_dense": len(skipped), "plan_ms": 1000 * plan_seconds,
+                "run": lambda plans=plans, options=options: project_planned_(model, plans, options),
+                "times": [],
+            })
+    return cases
+
+
+def bench_backbone(name: str, batch_size: int, repeats: int, warmup: int, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    model = build_backbone(name, num_classes=10, in_channels=3).to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    images = torch.randn(batch_size, 3, 32, 32, device=device)
+    labels = torch.randint(0, 10, (batch_size,), device=device)
+    step = training_step(model, optimizer, images, labels)
+    cases = projection_cases(model)
+    step_times = []
+    for index in range(warmup + repeats):
+        measured = index >= warmup
+        seconds = timed(step, device)
+        if measured:
+            step_times.append(seconds)
+        order = cases if index % 2 == 0 else cases[::-1]
+        for case in order:
+            seconds = timed(case["run"], device)
+            if measured:
+                case["times"].append(seconds)
+    step_ms = 1000 * statistics.median(step_times)
+    rows = []
+    for case in cases:
+        projection_ms = 1000 * statistics.median(case["times"])
+        rows.append({
+            "backbone": name, "scheme": case["scheme"], "driver": case["driver"], "rank": case["rank"],
+            "layers": case["layers"], "left_dense": case["left_dense"], "plan_ms": case["plan_ms"],
+            "projection_ms": projection_ms, "projection_ms_all": [1000 * t for t in case["times"]],
+            "step_ms": step_ms, "ratio": projection_ms / step_ms,
+        })
+    return {"backbone": name, "step_ms": step_ms, "step_ms_all": [1000 * t for t in step_times], "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backbones", nargs="+", default=["resnet32", "resnet56"])
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=7, help="measured repeats (median reported)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="3 measured repeats")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: 1 on CPU)")
+    parser.add_argument("--out", default="bench_projection.json")
+    args = parser.parse_args()
+    repeats = 3 if args.quick else args.repeats
+    device = torch.device(args.device)
+    threads = args.threads if args.threads is not None else 1 if device.type == "cpu" else None
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+    results = [bench_backbone(name, args.batch_size, repeats, args.warmup, device) for name in args.backbones]
+    rows = [row for result in results for row in result["rows"]]
+    header = ["backbone", "scheme", "driver", "rank", "layers", "projection ms", "step ms", "projection/step"]
+    table = format_table(header, [[r["backbone"], r["scheme"], r["driver"], str(r["rank"]), str(r["layers"]),
+                                   f"{r['projection_ms']:.1f}", f"{r['step_ms']:.1f}", f"{r['ratio']:.3f}"]
+                                  for r in rows])
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"One projection of every selected conv vs one SGD step (batch {args.batch_size}, 3x32x32, {where}, "
+          f"median of {repeats})")
+    print(table)
+    worst = max(rows, key=lambda r: r["ratio"])
+    print(f"largest ratio: {worst['ratio']:.3f} ({worst['backbone']} {worst['scheme']} {worst['driver']})")
+    payload = {
+        "torch": torch.__version__, "python": platform.python_version(), "device": where,
+        "batch_size": args.batch_size, "repeats": repeats, "warmup": args.warmup,
+        "schemes": {name: {k: v for k, v in s.items()} for name, s in SCHEMES.items()},
+        "backbones": [{k: v for k, v in result.items() if k != "rows"} for result in results],
+        "results": rows,
+    }
+    with open(args.out, "w") as handle:
+        json.dump(payload, handle, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
