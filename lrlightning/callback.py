@@ -147,12 +147,17 @@ class LowRankProjection(Callback):
         return annealed
 
     def project(self, pl_module: LightningModule, step: int, plans: list[LayerPlan] | None = None) -> list[LayerStats]:
+        plans = plans or self.plans
         try:
-            return project_planned_(pl_module, plans or self.plans, self.options)
+            stats = project_planned_(pl_module, plans, self.options)
         except NonFiniteWeightError as error:
             raise NonFiniteTrainingError(
                 f"weight of layer {error.layer!r} became NaN/Inf before the projection after optimizer step {step}. "
                 + DIVERGENCE_HINT) from error
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for plan in plans:
+                torch.distributed.broadcast(pl_module.get_submodule(plan.name).weight.data, src=0)
+        return stats
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

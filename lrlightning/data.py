@@ -365,7 +365,7 @@ class _FileDataModule(ImageDataModule):
         return DataNotFoundError(
             f"{self.name} not found. Looked in: {', '.join(map(str, searched))}; {reason}.\n"
             f"Get it in one of three ways:\n"
-            f"  1. pass root=/path/to/folder (Hydra: data.root=...) for a folder holding {self._expected_files()};\n"
+            f"  1. pass root=/path/to/folder (lrl-train: +data.root=...) for a folder holding {self._expected_files()};\n"
             f"  2. {env_way};\n"
             f"  3. {third_way}run once online with download=True (fetches {self.source_url} into "
             f"{self.download_dir()})."

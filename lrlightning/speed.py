@@ -32,6 +32,16 @@ def latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 20, warmu
     return 1000.0 * statistics.median(times)
 
 
+def cpu_latency_ms(model: nn.Module, input_shape: tuple[int, ...], batch_size: int = 32, repeats: int = 20,
+                   warmup: int = 3) -> float:
+    """``latency_ms`` of a CPU copy of ``model`` on a random batch of ``batch_size`` inputs of ``input_shape``
+    (C, H, W), with torch's current thread count. ``model`` itself is not moved or switched to eval."""
+    for argument, value, minimum in (("batch_size", batch_size, 1), ("repeats", repeats, 1), ("warmup", warmup, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"`{argument}` must be an int >= {minimum}, got {value!r}")
+    return latency_ms(copy.deepcopy(model).cpu(), torch.randn(batch_size, *input_shape), repeats, warmup)
+
+
 def layer_inputs(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, torch.Tensor]:
     """The input each named module receives when ``model`` runs on ``example``."""
     captured, hooks = {}, []

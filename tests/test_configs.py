@@ -1,0 +1,203 @@
+"""Every config of conf/ composes (Hydra compose API) and instantiates; the paper experiments select what the
+paper describes; the SLURM preset fits the installed submitit plugin and Lightning's SLURM rules."""
+import dataclasses
+import itertools
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import ConfigCompositionException, InstantiationException, MissingConfigException
+from hydra.utils import instantiate
+from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.loggers import Logger
+from omegaconf import OmegaConf
+
+from lrlightning import LowRankProjection, plan_layers
+from lrlightning.cli import CONF_DIR
+from lrlightning.train import backbone_ranks, check_job, export_lowrank
+
+CONF = Path(CONF_DIR)
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+TARGET_PREFIXES = ("lrlightning.", "lightning.pytorch.")
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def compose_train(overrides=(), hydra=False):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=hydra)
+
+
+def instantiate_job(cfg, tmp_path):
+    """Instantiate every node of a composed train config as the job does (GPU presets on the CPU here)."""
+    data = instantiate(cfg.data)
+    model = instantiate(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels)
+    callback = instantiate(cfg.lowrank, _convert_="all") if cfg.lowrank is not None else None
+    logger = instantiate(cfg.logger, save_dir=str(tmp_path))
+    cpu = {} if torch.cuda.is_available() else {"accelerator": "cpu"}
+    trainer = instantiate(cfg.trainer, default_root_dir=str(tmp_path), logger=logger, **cpu)
+    return data, model, callback, trainer
+
+
+def test_default_job(tmp_path):
+    cfg = compose_train()
+    check_job(cfg)
+    assert cfg.model == {"_target_": "lrlightning.module.LitClassifier", "backbone": "resnet20"}
+    assert cfg.lowrank == {"_target_": "lrlightning.LowRankProjection", "scheme": "tucker2", "rank": 0.5,
+                           "every_n_train_steps": 100}
+    assert (cfg.seed, cfg.init_ckpt, cfg.ckpt_path, cfg.baseline) == (0, None, None, None)
+    data, model, callback, trainer = instantiate_job(cfg, tmp_path)
+    assert type(data).__name__ == "FashionMNISTDataModule" and (data.num_classes, data.in_channels) == (10, 1)
+    assert isinstance(model, LightningModule) and type(model.backbone).__name__ == "CifarResNet"
+    assert isinstance(callback, LowRankProjection) and callback.every_n_train_steps == 100
+    assert (trainer.max_epochs, trainer.limit_train_batches) == (3, 150)
+    assert type(trainer.accelerator).__name__ == "CPUAccelerator"
+
+
+@pytest.mark.parametrize("group", ["model", "data", "lowrank", "trainer", "logger"])
+def test_every_group_option_composes_and_instantiates(group, tmp_path):
+    for option in options(group):
+        cfg = compose_train([f"{group}={option}", "model=simple_cnn" if group != "model" else "data=synthetic"])
+        data, model, callback, trainer = instantiate_job(cfg, tmp_path)
+        assert isinstance(data, LightningDataModule) and isinstance(model, LightningModule)
+        assert isinstance(trainer, Trainer) and isinstance(trainer.logger, Logger)
+        if group == "model":
+            assert model.hparams.backbone == option
+        if group == "lowrank":
+            assert (callback is None) == (option == "none")
+            if callback is not None:
+                assert callback.options.scheme == option
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes_and_instantiates(name, tmp_path):
+    cfg = compose_train([f"experiment={name}", "init_ckpt=/dense/last.ckpt"], hydra=True)
+    check_job(cfg)
+    data, model, callback, trainer = instantiate_job(cfg, tmp_path)
+    dense = name.endswith("dense") or name.startswith("paper_dense")
+    assert (callback is None) == dense
+    assert type(data).__name__ == ("FashionMNISTDataModule" if name.startswith("fmnist") else "CIFAR10DataModule")
+    assert model.hparams.backbone == ("resnet20" if name.startswith("fmnist") else "resnet32")
+    assert trainer.limit_train_batches == 1.0
+    if not dense:
+        assert callback.every_n_train_steps == 200
+        assert cfg.hydra.mode.name == "MULTIRUN" and cfg.hydra.sweeper.params
+    assert cfg.baseline == ("decompose_finetune" if "decompose_finetune" in name else None)
+
+
+def test_experiments_that_start_from_a_dense_model_require_init_ckpt():
+    cfg = compose_train(["experiment=paper_tucker_resnet32"])
+    with pytest.raises(ValueError, match="`init_ckpt` is required"):
+        check_job(cfg)
+
+
+def sweep_points(cfg) -> list[tuple[str, ...]]:
+    """The override lists of a config sweep (``hydra.sweeper.params``), as the basic sweeper expands them."""
+    parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()])
+    return list(itertools.product(*([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
+                                    for o in parsed)))
+
+
+def compression_over_plans(model, callback) -> tuple[float, list]:
+    plans, _ = plan_layers(model, callback.options, warn=False)
+    return sum(p.params_dense for p in plans) / sum(p.params_factorized for p in plans), plans
+
+
+@pytest.mark.parametrize("name", ["paper_tucker_resnet32", "decompose_finetune"])
+def test_paper_tucker_sweep_reaches_the_five_ratios_of_fig3(name):
+    points = sweep_points(compose_train([f"experiment={name}", "init_ckpt=x"], hydra=True))
+    ranks = list(dict.fromkeys(o for point in points for o in point if o.startswith("lowrank.rank=")))
+    assert ranks == [f"lowrank.rank={p}" for p in ("0.7", "0.6", "0.5", "0.4", "0.3")]
+    assert len(points) == (10 if name == "decompose_finetune" else 5)
+    ratios = []
+    for rank in ranks:
+        cfg = compose_train([f"experiment={name}", "init_ckpt=x", rank])
+        model = instantiate(cfg.model, num_classes=10, in_channels=3)
+        ratio, plans = compression_over_plans(model, instantiate(cfg.lowrank, _convert_="all"))
+        assert len(plans) == 30
+        ratios.append(ratio)
+    paper = [1.57, 2.06, 2.80, 4.28, 6.71]
+    assert all(math.isclose(r, p, rel_tol=0.02) for r, p in zip(ratios, paper)), ratios
+
+
+def test_paper_tiled_sweep_gives_table1_ranks_on_the_nine_64x64_convs():
+    base = compose_train(["experiment=paper_tiled_svd_resnet32", "init_ckpt=x"], hydra=True)
+    points = sweep_points(base)
+    assert len(points) == 8
+    table1 = {(64, 2.0): 16, (64, 4.0): 8, (32, 2.0): 8, (32, 4.0): 4, (16, 2.0): 4, (16, 4.0): 2, (8, 2.0): 2,
+              (8, 4.0): 1}
+    for point in points:
+        cfg = compose_train(["experiment=paper_tiled_svd_resnet32", "init_ckpt=x", *point])
+        model = instantiate(cfg.model, num_classes=10, in_channels=3)
+        ratio, plans = compression_over_plans(model, instantiate(cfg.lowrank, _convert_="all"))
+        assert all(p.shape == (64, 64, 3, 3) for p in plans) and len(plans) == 9
+        tile, target = cfg.lowrank.tile_shape[0], cfg.lowrank.compression
+        assert {p.rank for p in plans} == {table1[(tile, target)]}
+        assert ratio == pytest.approx(target)
+
+
+def test_slurm_preset_follows_the_trainer_and_the_released_plugin():
+    cfg = compose_train(["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=8", "trainer.num_nodes=2"], hydra=True)
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert (launcher["tasks_per_node"], launcher["gpus_per_node"], launcher["nodes"]) == (8, 8, 2)
+    assert launcher["additional_parameters"] == {"signal": "USR1@120"}
+    assert set(launcher) <= {f.name for f in dataclasses.fields(SlurmQueueConf)}
+    assert launcher["_target_"].endswith("SlurmLauncher")
+    single = compose_train(["hydra/launcher=slurm"], hydra=True)
+    assert OmegaConf.to_container(single.hydra.launcher, resolve=True)["nodes"] == 1
+
+
+def test_local_launcher_preset():
+    cfg = compose_train(["hydra/launcher=local"], hydra=True)
+    assert cfg.hydra.launcher._target_.endswith("LocalLauncher") and cfg.hydra.launcher.timeout_min == 720
+
+
+def test_export_config_takes_settings_from_the_checkpoint_unless_chosen():
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("export", overrides=["ckpt=x.ckpt"])
+        chosen = compose("export", overrides=["ckpt=x.ckpt", "lowrank=svd", "lowrank.rank=0.25", "data=mnist"])
+    assert cfg.lowrank == {"rank": None} and "data" not in cfg
+    assert chosen.lowrank.rank == 0.25 and instantiate(chosen.lowrank).options.scheme == "svd"
+    assert instantiate(chosen.data).name == "MNIST"
+    saved = {"_target_": "lrlightning.LowRankProjection", "scheme": "tiled_svd", "rank": None, "compression": 2.0,
+             "tile_shape": [8, 8]}
+    assert export_lowrank({}, saved) == saved
+    other_rank = export_lowrank({"rank": 2}, saved)
+    assert other_rank == {"_target_": saved["_target_"], "scheme": "tiled_svd", "tile_shape": [8, 8], "rank": 2}
+    assert instantiate(other_rank).options.rank == 2
+    assert export_lowrank(dict(chosen.lowrank), saved) == dict(chosen.lowrank)
+
+
+def test_targets_stay_under_the_package_prefixes():
+    for path in CONF.rglob("*.yaml"):
+        text = path.read_text()
+        assert "pytorch_lightning" not in text, path
+        for line in text.splitlines():
+            if line.strip().startswith("_target_:"):
+                assert line.split(":", 1)[1].strip().startswith(TARGET_PREFIXES), (path, line)
+
+
+def test_bad_group_option_and_bad_values_fail_with_clear_messages():
+    with pytest.raises(MissingConfigException, match=r"(?s)lowrank/foo.*tucker2"):
+        compose_train(["lowrank=foo"])
+    with pytest.raises(ConfigCompositionException, match=r"\+trainer.gradient_clip_val"):
+        compose_train(["trainer.gradient_clip_val=1"])
+    cfg = compose_train(["lowrank.rank=abc"])
+    with pytest.raises(InstantiationException, match="`rank` must be"):
+        instantiate(cfg.lowrank)
+    with pytest.raises(ValueError, match="`seed` must be an int >= 0, got 'abc'"):
+        check_job(compose_train(["seed=abc"]))
+    with pytest.raises(ValueError, match="`baseline` must be one of"):
+        check_job(compose_train(["baseline=finetune"]))
+
+
+def test_backbone_ranks_strip_the_module_prefix():
+    assert backbone_ranks({"backbone.layer1.0.conv1": (4, 4)}) == {"layer1.0.conv1": (4, 4)}
+    with pytest.raises(ValueError, match="outside `backbone`"):
+        backbone_ranks({"head.conv": 3})
