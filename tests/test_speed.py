@@ -1,0 +1,63 @@
+import math
+
+import pytest
+import torch
+
+from lrlightning import factorize, project_
+from lrlightning.backbones import build_backbone
+from lrlightning.layers import LowRankConv2d
+from lrlightning.speed import cpu_latency_ms, fold_batchnorm, keep_faster_layers, latency_ms
+
+
+@pytest.fixture(scope="module")
+def projected_pair():
+    torch.manual_seed(0)
+    dense = build_backbone("resnet20", num_classes=10, in_channels=3, width=8)
+    with torch.no_grad():
+        for module in dense.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    project_(dense, "tucker2", 0.5)
+    return dense.eval(), factorize(dense, "tucker2", 0.5).eval()
+
+
+def test_fold_batchnorm_keeps_outputs_and_removes_batchnorm(projected_pair):
+    dense, small = projected_pair
+    x = torch.randn(4, 3, 16, 16)
+    for model in (dense, small):
+        folded = fold_batchnorm(model)
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+        with torch.no_grad():
+            assert (folded(x) - model(x)).abs().max().item() < 1e-4
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in dense.modules()), "input untouched"
+
+
+@pytest.mark.parametrize("margin, expect_factorized", [(math.inf, True), (0.0, False)])
+def test_keep_faster_layers_follows_the_measurement(projected_pair, margin, expect_factorized):
+    dense, small = projected_pair
+    x = torch.randn(2, 3, 16, 16)
+    guarded, report = keep_faster_layers(dense, small, x, repeats=1, margin=margin)
+    factorized_names = [n for n, m in small.named_modules() if isinstance(m, LowRankConv2d)]
+    assert [row["layer"] for row in report] == factorized_names
+    assert all(row["factorized"] is expect_factorized for row in report)
+    assert all(row["dense_ms"] > 0 and row["factorized_ms"] > 0 for row in report)
+    kept = [n for n, m in guarded.named_modules() if isinstance(m, LowRankConv2d)]
+    assert kept == (factorized_names if expect_factorized else [])
+    with torch.no_grad():
+        assert (guarded(x) - dense(x)).abs().max().item() < 1e-4
+
+
+def test_latency_is_positive_and_mode_restored(projected_pair):
+    dense, _ = projected_pair
+    dense.train()
+    assert cpu_latency_ms(dense, (3, 16, 16), batch_size=2, repeats=2, warmup=0) > 0
+    assert dense.training, "cpu_latency_ms works on a copy"
+    assert latency_ms(dense, torch.randn(1, 3, 16, 16), repeats=2) > 0
+    dense.eval()
+
+
+@pytest.mark.parametrize("argument, value", [("batch_size", 0), ("repeats", 0), ("warmup", -1), ("batch_size", 1.5)])
+def test_latency_validation(projected_pair, argument, value):
+    with pytest.raises(ValueError, match=f"`{argument}` must be an int"):
+        cpu_latency_ms(projected_pair[0], (3, 16, 16), **{argument: value})
