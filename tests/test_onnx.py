@@ -1,0 +1,29 @@
+import warnings
+
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx", reason="needs the `onnx` extra")
+pytest.importorskip("onnxscript", reason="needs the `onnx` extra")
+from onnx.reference import ReferenceEvaluator  # noqa: E402
+
+from lrlightning import factorize, project_  # noqa: E402
+from lrlightning.backbones import build_backbone  # noqa: E402
+
+
+@pytest.mark.parametrize("scheme, rank, options", [("tucker2", 0.5, {}), ("tiled_svd", 2, {"tile_shape": (8, 12)})])
+def test_factorized_model_exports_to_onnx_with_same_outputs(tmp_path, scheme, rank, options):
+    torch.manual_seed(0)
+    dense = build_backbone("resnet20", num_classes=10, in_channels=1, width=8).eval()
+    project_(dense, scheme, rank, **options)
+    small = factorize(dense, scheme, rank, **options).eval()
+    x = torch.randn(2, 1, 16, 16)
+    path = tmp_path / "small.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(small, (x,), str(path), dynamo=True, verbose=False)
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    (logits,) = ReferenceEvaluator(model).run(None, {model.graph.input[0].name: x.numpy()})
+    with torch.no_grad():
+        assert abs(torch.from_numpy(logits) - dense(x)).max().item() < 1e-4
