@@ -202,6 +202,8 @@ class LowRankProjection(Callback):
 
     def recalibration_inputs(self, trainer: Trainer) -> Iterator[Any]:
         loader = trainer.train_dataloader
+        if loader is None:
+            return
         if not isinstance(loader, DataLoader):
             rank_zero_warn("BatchNorm recalibration needs a single training DataLoader; statistics left as they are")
             return
