@@ -10,8 +10,8 @@ fine-tunes for the same number of optimizer steps and is tested as the *factoriz
 * ``decompose``: ``factorize`` the dense model, no fine-tuning (no lr grid).
 
 The lr of each (point, method) is the best of ``--lrs`` by mean *validation* accuracy; test accuracy is
-reported for that lr: mean ± std over seeds, and the count of diverged (non-finite loss) and collapsed
-(test accuracy below ``--collapse`` %) runs. Points are ``scheme:rank`` (rank a fraction of full rank, or
+reported for that lr: mean ± std over the seeds that finished (diverged runs, with a non-finite loss, are left
+out of the mean), and the count of diverged and collapsed (test accuracy below ``--collapse`` %) runs. Points are ``scheme:rank`` (rank a fraction of full rank, or
 ``Nx`` for a per-layer compression target). Usage:
 
     python scripts/study_lowrank.py --out study                    # ResNet-20, Fashion-MNIST, tucker2:0.3, svd:4x
@@ -90,8 +90,8 @@ def finetune(args, dense: LitClassifier, data, label: str, method: str, seed: in
     point = parse_point(label)
     L.seed_everything(seed, verbose=False)
     options = {k: v for k, v in point.items() if k != "scheme"}
-    model = LitClassifier(args.backbone, num_classes=data.num_classes, in_channels=data.in_channels, lr=lr,
-                          weight_decay=args.weight_decay, backbone_kwargs={"width": args.width})
+    model = LitClassifier(args.backbone, num_classes=data.num_classes, in_channels=data.in_channels,
+                          lr=lr or args.pretrain_lr, weight_decay=args.weight_decay, backbone_kwargs={"width": args.width})
     model.load_state_dict(dense.state_dict())
     status = "ok"
     if method.startswith("project"):
@@ -137,9 +137,9 @@ def summarize(rows: list[dict], dense_acc: float) -> tuple[list[list[str]], list
             for r in runs:
                 by_lr.setdefault(r["lr"], []).append(r)
             best_lr = max(by_lr, key=lambda lr: statistics.fmean(
-                r["val_acc"] if r["status"] == "ok" else 0.0 for r in by_lr[lr]))
+                r["val_acc"] if math.isfinite(r["val_acc"]) else 0.0 for r in by_lr[lr]))
             best = by_lr[best_lr]
-            tests = [r["test_acc"] if r["status"] == "ok" else 0.0 for r in best]
+            tests = [r["test_acc"] for r in best if math.isfinite(r["test_acc"])] or [float("nan")]
             spread = statistics.stdev(tests) if len(tests) > 1 else 0.0
             failed = sum(r["status"] != "ok" for r in by_lr[best_lr])
             failed_any = sum(r["status"] != "ok" for r in runs)
