@@ -78,8 +78,6 @@ def resolve_rank(name: str, module: nn.Module, scheme: Scheme, options: LowRankO
     shape = tuple(module.weight.shape)
     rank = options.rank
     if isinstance(rank, dict):
-        if name not in rank:
-            raise ValueError(f"`rank` mapping has no entry for selected layer {name!r}; given: {sorted(rank)}")
         rank = rank[name]
     if isinstance(rank, float):
         return scheme.rank_from_fraction(shape, rank)
@@ -108,9 +106,16 @@ def resolve_rank(name: str, module: nn.Module, scheme: Scheme, options: LowRankO
 def plan_layers(model: nn.Module, options: LowRankOptions, warn: bool = True) -> tuple[list[LayerPlan], list[SkippedLayer]]:
     """Resolve every selected layer's rank; layers that would not shrink stay dense (break-even guard).
 
-    Raises ValueError when nothing is selected, listing the candidate names.
+    A ``rank`` mapping selects exactly the layers it names. Raises ValueError when nothing is selected, listing
+    the candidate names.
     """
     chosen, skipped = candidate_layers(model, options)
+    if isinstance(options.rank, dict):
+        unknown = sorted(set(options.rank) - {name for name, _ in chosen})
+        if unknown:
+            raise ValueError(f"`rank` mapping names layers that are not selectable: {unknown}; selectable: "
+                             f"{[name for name, _ in chosen]}")
+        chosen = [(name, module) for name, module in chosen if name in options.rank]
     plans = []
     for name, module in chosen:
         shape = tuple(module.weight.shape)

@@ -20,6 +20,7 @@ from lrlightning import (
 )
 from lrlightning.backbones import build_backbone
 from lrlightning.layers import LowRankConv2d, LowRankLinear, TiledSVDConv2d
+from lrlightning.plan import frozen_ranks
 
 IN_CHANNELS, OUT_CHANNELS = 8, 12
 
@@ -475,10 +476,24 @@ def test_project_and_factorize_validate_like_low_rank_options():
         factorize(model, "cp", rank=2)
 
 
-def test_rank_mapping_must_cover_every_selected_layer():
+def test_rank_mapping_selects_exactly_the_layers_it_names():
     model = named_blocks_model()
-    with pytest.raises(ValueError, match=r"no entry for selected layer 'layer1\.conv2'"):
-        plan_layers(model, LowRankOptions("svd", rank={"layer1.conv1": 2, "layer2.conv1": 2, "layer2.conv2": 2}))
+    plans, _ = plan_layers(model, LowRankOptions("svd", rank={"layer1.conv1": 2, "layer2.conv2": 3}))
+    assert [(p.name, p.rank) for p in plans] == [("layer1.conv1", 2), ("layer2.conv2", 3)]
+    with pytest.raises(ValueError, match=r"not selectable: \['layer9\.conv'\]"):
+        plan_layers(model, LowRankOptions("svd", rank={"layer1.conv1": 2, "layer9.conv": 2}))
+
+
+def test_frozen_ranks_reproduce_a_plan_with_break_even_layers():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.Conv2d(8, 16, (1, 3), padding=(0, 1)))
+    with pytest.warns(UserWarning, match=r"layer '2' stays dense \(break-even"):
+        plans, skipped = plan_layers(model, LowRankOptions("svd", rank=0.9))
+    assert [p.name for p in plans] == ["1"] and "2" in [s.name for s in skipped]
+    again, _ = plan_layers(model, LowRankOptions("svd", rank=frozen_ranks(plans)))
+    assert again == plans
+    small = factorize(model, "svd", rank=frozen_ranks(plans))
+    assert isinstance(small[1], LowRankConv2d) and isinstance(small[2], nn.Conv2d)
 
 
 def test_rank_above_full_rank_is_clamped_with_a_warning():
