@@ -172,16 +172,16 @@ class LowRankProjection(Callback):
         self._last_step = step
         if not self.should_project(step):
             return
+        plans = self.plans_for(self._projections)
         start = time.perf_counter()
-        self.last_stats = self.project(pl_module, step, self.plans_for(self._projections))
+        self.last_stats = self.project(pl_module, step, plans)
         seconds = time.perf_counter() - start
         self._projections += 1
         if self.last_stats:
-            pl_module.log_dict(self.projection_metrics(seconds), on_step=True, on_epoch=False, sync_dist=False)
+            pl_module.log_dict(self.projection_metrics(plans, seconds), on_step=True, on_epoch=False, sync_dist=False)
 
-    def projection_metrics(self, seconds: float) -> dict[str, float]:
+    def projection_metrics(self, plans: list[LayerPlan], seconds: float) -> dict[str, float]:
         stats = self.last_stats
-        plans = self.plans_for(self._projections - 1)
         dense = sum(p.params_dense for p in plans)
         factorized = sum(p.params_factorized for p in plans)
         return {
