@@ -23,6 +23,8 @@ SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrateg
 DIVERGENCE_HINT = ("HINT: lower the learning rate, set the Trainer's `gradient_clip_val`, use a larger `rank` or "
                    "`every_n_train_steps`, or anneal the rank with `rank_warmup`.")
 
+FIRST_MOMENT_KEYS = ("momentum_buffer", "exp_avg")
+
 
 class NonFiniteTrainingError(FloatingPointError):
     """Training diverged: the loss or a selected weight became NaN/Inf."""
@@ -46,10 +48,13 @@ class LowRankProjection(Callback):
             training resumes from the unprojected ones. Outside fit, weights are used as they are.
         rank_warmup: the first ``rank_warmup`` projections use ranks annealed from full rank down to the target
             (cubic schedule, as in gradual pruning); 0 projects at the target rank from the start.
+        reset_momentum: after each periodic projection, zero the optimizer's first-moment buffers of the projected
+            weights (SGD ``momentum_buffer``, Adam ``exp_avg``), so the steps that follow do not carry the
+            pre-projection velocity back off the low-rank set; second moments are kept (default False).
         bn_recalibration_batches: after each projection whose weights are evaluated (validation during fit and
             the final projection), re-estimate BatchNorm running statistics over this many training batches
-            (drawn from an independent shuffle of the training set; 0 keeps the statistics accumulated on the
-            unprojected weights).
+            (drawn from an independent shuffle of the training set; default 20; 0 keeps the statistics accumulated
+            on the unprojected weights).
         check_finite: stop with ``NonFiniteTrainingError`` (step, layer, hints) when the loss or a selected
             weight becomes NaN/Inf.
         **options: layer selection and scheme options shared with ``factorize``: ``tile_shape``, ``include``,
@@ -62,8 +67,8 @@ class LowRankProjection(Callback):
 
     def __init__(self, scheme: str = "svd", rank: Any = None, every_n_train_steps: int = 200, *,
                  start_step: int = 0, stop_step: int | None = None, final_projection: bool = True,
-                 validate_projected: bool = True, rank_warmup: int = 0, bn_recalibration_batches: int = 0,
-                 check_finite: bool = True, **options: Any):
+                 validate_projected: bool = True, rank_warmup: int = 0, reset_momentum: bool = False,
+                 bn_recalibration_batches: int = 20, check_finite: bool = True, **options: Any):
         super().__init__()
         if not (is_int(every_n_train_steps) and every_n_train_steps >= 1):
             raise ValueError(f"`every_n_train_steps` must be an int >= 1, got {every_n_train_steps!r}")
@@ -73,6 +78,8 @@ class LowRankProjection(Callback):
             raise ValueError(f"`stop_step` must be None or an int >= `start_step` ({start_step}), got {stop_step!r}")
         if not (is_int(rank_warmup) and rank_warmup >= 0):
             raise ValueError(f"`rank_warmup` must be an int >= 0, got {rank_warmup!r}")
+        if not isinstance(reset_momentum, bool):
+            raise ValueError(f"`reset_momentum` must be a bool, got {reset_momentum!r}")
         if not (is_int(bn_recalibration_batches) and bn_recalibration_batches >= 0):
             raise ValueError(f"`bn_recalibration_batches` must be an int >= 0, got {bn_recalibration_batches!r}")
         self.options = LowRankOptions(scheme=scheme, rank=rank, **options)
@@ -82,6 +89,7 @@ class LowRankProjection(Callback):
         self.final_projection = final_projection
         self.validate_projected = validate_projected
         self.rank_warmup = rank_warmup
+        self.reset_momentum = reset_momentum
         self.bn_recalibration_batches = bn_recalibration_batches
         self.check_finite = check_finite
         self.plans: list[LayerPlan] = []
@@ -177,8 +185,20 @@ class LowRankProjection(Callback):
         self.last_stats = self.project(pl_module, step, plans)
         seconds = time.perf_counter() - start
         self._projections += 1
+        if self.reset_momentum:
+            self.zero_first_moments(trainer, pl_module, plans)
         if self.last_stats:
             pl_module.log_dict(self.projection_metrics(plans, seconds), on_step=True, on_epoch=False, sync_dist=False)
+
+    def zero_first_moments(self, trainer: Trainer, pl_module: LightningModule, plans: list[LayerPlan]) -> None:
+        """Zero ``momentum_buffer``/``exp_avg`` of the projected weights in every optimizer of ``trainer``."""
+        weights = {pl_module.get_submodule(p.name).weight for p in plans}
+        for optimizer in trainer.optimizers:
+            for weight in weights & optimizer.state.keys():
+                for key in FIRST_MOMENT_KEYS:
+                    buffer = optimizer.state[weight].get(key)
+                    if isinstance(buffer, torch.Tensor):
+                        buffer.zero_()
 
     def projection_metrics(self, plans: list[LayerPlan], seconds: float) -> dict[str, float]:
         stats = self.last_stats
@@ -212,7 +232,8 @@ class LowRankProjection(Callback):
             loader = DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=True, generator=generator,
                                 collate_fn=loader.collate_fn)
         for batch in islice(loader, self.bn_recalibration_batches):
-            yield self.recalibration_input(trainer.strategy.batch_to_device(batch))
+            batch = trainer.strategy.batch_to_device(trainer.precision_plugin.convert_input(batch))
+            yield self.recalibration_input(batch)
 
     def recalibrate(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Re-estimate BatchNorm statistics for the projected weights; averaged over ranks under DDP."""

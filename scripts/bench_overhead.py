@@ -31,13 +31,22 @@ class StepTimer(L.Callback):
         self.times = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        synchronize(pl_module.device)
         self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        synchronize(pl_module.device)
         self.times.append(time.perf_counter() - self.start)
 
 
-def step_seconds(backbone: str, loader: DataLoader, steps: int, skip: int, every: int | None, scheme: str) -> tuple[float, float]:
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall times cover it (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_seconds(backbone: str, loader: DataLoader, steps: int, skip: int, every: int | None, scheme: str,
+                 accelerator: str = "cpu") -> tuple[float, float]:
     """(median step seconds, mean projection seconds) of one fit."""
     torch.manual_seed(0)
     model = LitClassifier(backbone, num_classes=10, in_channels=3, lr=0.05)
@@ -49,14 +58,16 @@ def step_seconds(backbone: str, loader: DataLoader, steps: int, skip: int, every
                                        validate_projected=False)
         callbacks.insert(0, projection)
     trainer = L.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        enable_checkpointing=False, accelerator="cpu", devices=1, callbacks=callbacks)
+                        enable_checkpointing=False, accelerator=accelerator, devices=1, callbacks=callbacks)
     projection_times = []
     if projection is not None:
         original = projection.project
 
-        def timed(*args, **kwargs):
+        def timed(pl_module, *args, **kwargs):
+            synchronize(pl_module.device)
             start = time.perf_counter()
-            result = original(*args, **kwargs)
+            result = original(pl_module, *args, **kwargs)
+            synchronize(pl_module.device)
             projection_times.append(time.perf_counter() - start)
             return result
 
@@ -75,6 +86,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=22)
     parser.add_argument("--skip", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--out", default="bench_overhead.json")
     args = parser.parse_args()
 
@@ -89,7 +101,8 @@ def main() -> None:
         projections = []
         for _ in range(args.rounds):
             for period in samples:
-                seconds, projection = step_seconds(backbone, loader, args.steps, args.skip, period, args.scheme)
+                seconds, projection = step_seconds(backbone, loader, args.steps, args.skip, period, args.scheme,
+                                                           args.accelerator)
                 samples[period].append(seconds)
                 if projection:
                     projections.append(projection)
@@ -105,7 +118,8 @@ def main() -> None:
             rows.append([backbone, str(period), f"{dense * 1000:.0f}", f"{projection * 1000:.1f}",
                          f"{overhead * 100:.2f}%", how])
     print(format_table(["backbone", "S_D", "dense step ms", "projection ms", "overhead", "how"], rows))
-    print(f"({args.scheme}, rank 0.5, batch {args.batch_size}, CPU threads {torch.get_num_threads()}; "
+    where = torch.cuda.get_device_name() if args.accelerator == "gpu" else f"CPU threads {torch.get_num_threads()}"
+    print(f"({args.scheme}, rank 0.5, batch {args.batch_size}, {where}; "
           "targets: < 25% at S_D=1, < 1% at S_D=200)")
     with open(args.out, "w") as handle:
         json.dump(results, handle, indent=2)

@@ -1,4 +1,4 @@
-"""CPU speed of factorized models against the dense model, side by side in one run.
+"""Speed of factorized models against the dense model, side by side in one run.
 
 For each scheme at each target compression (per layer, dense / factorized params), the dense model's weights are
 projected, the model is factorized, BatchNorm is folded into the convs of both models, and each inference mode
@@ -8,6 +8,7 @@ measured slower than its dense layer (``lrlightning.speed.keep_faster_layers``).
 
     python scripts/bench_speed.py                                   # ResNet-32, 3×32×32, all schemes, 2× and 4×
     python scripts/bench_speed.py --schemes svd tucker2 --ratios 4 --repeats 10 --out speed.json
+    python scripts/bench_speed.py --device cuda --modes eager channels_last    # GPU (jit modes are CPU-oriented)
 """
 from __future__ import annotations
 
@@ -27,9 +28,13 @@ SCHEME_OPTIONS = {"svd": {}, "tucker2": {}, "spatial_svd": {}, "tiled_svd": {"ti
 
 
 def prepare(mode: str, model: torch.nn.Module, example: torch.Tensor):
-    """(model, input) ready for timing in ``mode``: eager, channels_last or jit (trace + freeze)."""
-    if mode == "channels_last":
-        return model.to(memory_format=torch.channels_last), example.to(memory_format=torch.channels_last)
+    """(model, input) ready for timing in ``mode``: eager, channels_last, jit (trace + freeze), or compile
+    (``torch.compile`` of the channels_last model; needs a C++ compiler on CPU)."""
+    if mode in ("channels_last", "compile"):
+        model, example = model.to(memory_format=torch.channels_last), example.to(memory_format=torch.channels_last)
+        if mode == "compile":
+            model = torch.compile(model, dynamic=False)
+        return model, example
     if mode == "jit":
         with torch.no_grad():
             traced = torch.jit.freeze(torch.jit.trace(model, example))
@@ -55,21 +60,25 @@ def main() -> None:
     parser.add_argument("--ratios", nargs="+", type=float, default=[2.0, 4.0])
     parser.add_argument("--modes", nargs="+", default=["eager", "channels_last", "jit"])
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--batch-size", type=int, default=64, help="batch of the throughput measurement")
     parser.add_argument("--out", default="bench_speed.json")
     args = parser.parse_args()
     warnings.simplefilter("ignore", UserWarning)
 
     torch.manual_seed(0)
-    base = build_backbone(args.backbone, num_classes=10, in_channels=3).eval()
+    device = torch.device(args.device)
+    base = build_backbone(args.backbone, num_classes=10, in_channels=3).eval().to(device)
     shape = (3, 32, 32)
-    batch1, batch64 = torch.randn(1, *shape), torch.randn(64, *shape)
+    batch1, batch64 = torch.randn(1, *shape, device=device), torch.randn(args.batch_size, *shape, device=device)
+    big = args.batch_size
     rows, results = [], []
     for scheme in args.schemes:
         for ratio in args.ratios:
             dense = copy.deepcopy(base)
             options = dict(rank=None, compression=ratio, **SCHEME_OPTIONS[scheme])
             project_(dense, scheme, **options)
-            factorized = factorize(dense, scheme, **options).eval()
+            factorized = factorize(dense, scheme, **options).eval().to(device)
             guarded, report = keep_faster_layers(dense, factorized, batch64, repeats=args.repeats)
             variants = {"plain": factorized, "guard": guarded}
             dense_folded = fold_batchnorm(dense)
@@ -84,17 +93,19 @@ def main() -> None:
                     speedup = dense_64 / fact_64
                     result = {"scheme": scheme, "ratio": ratio, "variant": variant, "mode": mode,
                               "mac_reduction": mac_reduction, "latency_ms_dense_b1": dense_1,
-                              "latency_ms_factorized_b1": fact_1, "throughput_dense_b64": 64000 / dense_64,
-                              "throughput_factorized_b64": 64000 / fact_64, "speedup_b64": speedup,
+                              "latency_ms_factorized_b1": fact_1, "batch": big, "device": str(device),
+                              "throughput_dense_b64": 1000 * big / dense_64,
+                              "throughput_factorized_b64": 1000 * big / fact_64, "speedup_b64": speedup,
                               "efficiency_b64": speedup / mac_reduction, "max_abs_logit_diff": diff,
                               "layers_kept_dense": sum(not r["factorized"] for r in report) if variant == "guard" else 0}
                     results.append(result)
                     rows.append([scheme, f"{ratio:g}x", variant, mode, f"{mac_reduction:.2f}x",
-                                 f"{dense_1:.2f}/{fact_1:.2f}", f"{64000 / dense_64:.0f}/{64000 / fact_64:.0f}",
+                                 f"{dense_1:.2f}/{fact_1:.2f}", f"{1000 * big / dense_64:.0f}/{1000 * big / fact_64:.0f}",
                                  f"{speedup:.2f}x", f"{speedup / mac_reduction:.2f}", str(result["layers_kept_dense"])])
-    print(format_table(["scheme", "target", "variant", "mode", "MACs", "b1 ms dense/fact", "b64 img/s dense/fact",
-                        "speedup b64", "efficiency", "kept dense"], rows))
-    print(f"({args.backbone}, BatchNorm folded in both, CPU threads {torch.get_num_threads()}, "
+    print(format_table(["scheme", "target", "variant", "mode", "MACs", "b1 ms dense/fact", f"b{big} img/s dense/fact",
+                        f"speedup b{big}", "efficiency", "kept dense"], rows))
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU threads {torch.get_num_threads()}"
+    print(f"({args.backbone}, BatchNorm folded in both, {where}, "
           f"best of 3 interleaved medians of {args.repeats})")
     with open(args.out, "w") as handle:
         json.dump(results, handle, indent=2)

@@ -123,7 +123,7 @@ def test_structure_and_parameters_unchanged(tmp_path):
 
 def test_validation_reports_the_factorized_model(tmp_path):
     model = TinyCNN()
-    callback = LowRankProjection("svd", 2, every_n_train_steps=3, final_projection=False)
+    callback = LowRankProjection("svd", 2, every_n_train_steps=3, final_projection=False, bn_recalibration_batches=0)
     trainer = fast_trainer(tmp_path, [callback], max_epochs=1, limit_train_batches=7, limit_val_batches=4,
                            num_sanity_val_steps=0)
     trainer.fit(model, loader(), loader(32, seed=1))
@@ -186,6 +186,29 @@ def test_rank_warmup_anneals_down_to_target():
         out_ranks = [ranks[layer][1] for ranks in schedule]
         assert out_ranks == sorted(out_ranks, reverse=True)
         assert out_ranks[0] > out_ranks[3]
+
+
+class MomentumProbe(L.Callback):
+    """Records the SGD momentum buffers of conv2/conv3 (projected) and the head (not) after each optimizer step."""
+
+    def __init__(self):
+        self.norms = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        state = trainer.optimizers[0].state
+        layers = (pl_module.net[2], pl_module.net[5], pl_module.net[9])
+        self.norms.append([state[layer.weight]["momentum_buffer"].norm().item() for layer in layers])
+
+
+@pytest.mark.parametrize("reset", [False, True])
+def test_reset_momentum_zeroes_only_projected_weights_at_projections(tmp_path, reset):
+    callback = LowRankProjection("svd", 2, every_n_train_steps=3, reset_momentum=reset)
+    probe = MomentumProbe()
+    fast_trainer(tmp_path, [callback, probe]).fit(TinyCNN(), loader())
+    for step, (conv2, conv3, head) in enumerate(probe.norms, start=1):
+        assert head > 0
+        zeroed = reset and step % 3 == 0
+        assert (conv2 == 0 and conv3 == 0) == zeroed, (step, conv2, conv3)
 
 
 def test_logs_projection_metrics(tmp_path):
@@ -287,6 +310,7 @@ def test_rank_above_full_rank_is_clamped_with_warning(tmp_path):
     ({"rank": 2, "start_step": -1}, r"`start_step` must be an int >= 0, got -1"),
     ({"rank": 2, "start_step": 5, "stop_step": 2}, r"`stop_step` must be None or an int >= `start_step` \(5\), got 2"),
     ({"rank": 2, "rank_warmup": -2}, r"`rank_warmup` must be an int >= 0, got -2"),
+    ({"rank": 2, "reset_momentum": "yes"}, r"`reset_momentum` must be a bool, got 'yes'"),
     ({"scheme": "tiled_svd", "rank": 2}, r"`tile_shape` must be a pair .* got None"),
     ({"scheme": "tiled_svd", "rank": 2, "tile_shape": (0, 4)}, r"`tile_shape` .* got \(0, 4\)"),
 ])
@@ -375,3 +399,21 @@ def test_projected_validation_restores_weights_and_batchnorm(tmp_path):
     trainer.fit(TinyCNN(), loader(), loader(16, seed=2))
     for name, value in snapshot.before.items():
         assert torch.equal(value, after.after[name]), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_fit_ends_low_rank_and_factorizes_exactly(tmp_path):
+    model = TinyCNN()
+    callback = LowRankProjection("tucker2", (3, 4), every_n_train_steps=3, reset_momentum=True,
+                                 bn_recalibration_batches=2)
+    fast_trainer(tmp_path, [callback], accelerator="gpu").fit(model, loader())
+    model = model.cuda().eval()
+    for plan in callback.plans:
+        w = model.get_submodule(plan.name).weight.detach()
+        assert w.is_cuda
+        assert torch.linalg.matrix_rank(w.flatten(1)).item() == 4
+    ranks = {name.removeprefix("net."): rank for name, rank in callback.ranks.items()}
+    small = factorize(model.net, "tucker2", rank=ranks).eval()
+    x = torch.randn(16, 3, 8, 8, device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), atol=1e-4, rtol=1e-4)

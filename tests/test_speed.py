@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -61,3 +62,15 @@ def test_latency_is_positive_and_mode_restored(projected_pair):
 def test_latency_validation(projected_pair, argument, value):
     with pytest.raises(ValueError, match=f"`{argument}` must be an int"):
         cpu_latency_ms(projected_pair[0], (3, 16, 16), **{argument: value})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_latency_on_gpu_waits_for_the_kernels(projected_pair):
+    dense, small = (copy.deepcopy(m).cuda() for m in projected_pair)
+    model = fold_batchnorm(small)
+    x = torch.randn(64, 3, 16, 16, device="cuda")
+    assert latency_ms(model, x, repeats=3) > 0
+    guarded, report = keep_faster_layers(dense, small, x, repeats=3)
+    with torch.no_grad():
+        torch.testing.assert_close(guarded(x), dense(x), atol=1e-4, rtol=1e-4)
+    assert all(row["dense_ms"] > 0 and row["factorized_ms"] > 0 for row in report)

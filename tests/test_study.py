@@ -1,0 +1,65 @@
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "study_lowrank.py"
+
+
+@pytest.fixture(scope="module")
+def study_module():
+    spec = importlib.util.spec_from_file_location("study_lowrank", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def study(tmp_path, *extra):
+    command = [sys.executable, str(SCRIPT), "--data", "synthetic", "--backbone", "resnet20", "--width", "4",
+               "--pretrain-steps", "3", "--finetune-steps", "4", "--batch-size", "64", "--accelerator", "cpu",
+               "--seeds", "0", "--lrs", "0.01", "--out", str(tmp_path), *extra]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def test_study_runs_every_method_kind_and_resumes(tmp_path):
+    methods = ["project+bn+reset+sd2", "decompose_finetune", "decompose"]
+    first = study(tmp_path, "--points", "svd:0.5", "--methods", *methods)
+    assert first.returncode == 0, first.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in rows] == methods
+    project = rows[0]
+    assert project["period"] == 2 and project["steps"] == 4 and project["device"] == "cpu"
+    assert all(0.0 <= r["test_acc"] <= 100.0 and r["model_compression"] > 1.0 for r in rows)
+    summary = (tmp_path / "summary.csv").read_text().splitlines()
+    assert len(summary) == 1 + len(methods)
+
+    again = study(tmp_path, "--points", "svd:0.5", "--methods", *methods)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "0 runs to do, 3 done" in again.stdout
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 3
+
+
+def test_method_modifiers_set_callback_options(study_module):
+    settings = study_module.parse_method("project+bn+warmup+reset+sd75", period=200)
+    assert settings == {"base": "project", "period": 75, "bn": 20, "warmup": 3, "reset": True}
+    assert study_module.parse_method("project", period=200)["period"] == 200
+
+
+@pytest.mark.parametrize("method, message", [
+    ("project+fast", "unknown modifier 'fast'"),
+    ("project+sd0", "unknown modifier 'sd0'"),
+    ("decompose+bn", "modifiers only after 'project'"),
+    ("finetune", "must be one of"),
+])
+def test_unknown_methods_are_rejected(study_module, method, message):
+    with pytest.raises(ValueError, match=message):
+        study_module.parse_method(method, period=200)
+
+
+def test_command_line_names_the_bad_method(tmp_path):
+    result = study(tmp_path, "--methods", "project+fast")
+    assert result.returncode == 2
+    assert "unknown modifier 'fast'" in result.stderr
