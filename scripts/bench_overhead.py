@@ -102,7 +102,7 @@ def main() -> None:
         for _ in range(args.rounds):
             for period in samples:
                 seconds, projection = step_seconds(backbone, loader, args.steps, args.skip, period, args.scheme,
-                                                           args.accelerator)
+                                                   args.accelerator)
                 samples[period].append(seconds)
                 if projection:
                     projections.append(projection)
