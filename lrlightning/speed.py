@@ -19,18 +19,23 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return fuse(copy.deepcopy(model).eval(), inplace=True)
 
 
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the work queued on a CUDA ``device``, so wall-clock times cover it (no-op on CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 20, warmup: int = 3) -> float:
     """Median wall time of one forward pass on ``example`` in milliseconds (eval mode, no grad; on a CUDA
     ``example`` the device is synchronized around each pass)."""
     model.eval()
     times = []
-    sync = torch.cuda.synchronize if example.is_cuda else (lambda: None)
     with torch.inference_mode():
         for index in range(warmup + repeats):
-            sync()
+            synchronize(example.device)
             start = time.perf_counter()
             model(example)
-            sync()
+            synchronize(example.device)
             if index >= warmup:
                 times.append(time.perf_counter() - start)
     return 1000.0 * statistics.median(times)

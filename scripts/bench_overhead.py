@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lrlightning import LowRankProjection
 from lrlightning.module import LitClassifier
+from lrlightning.speed import synchronize
 from lrlightning.summary import format_table
 
 
@@ -37,12 +38,6 @@ class StepTimer(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         synchronize(pl_module.device)
         self.times.append(time.perf_counter() - self.start)
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work, so wall times cover it (no-op on CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def step_seconds(backbone: str, loader: DataLoader, steps: int, skip: int, every: int | None, scheme: str,

@@ -29,6 +29,7 @@ from lrlightning.backbones import build_backbone
 from lrlightning.options import LowRankOptions
 from lrlightning.plan import plan_layers
 from lrlightning.projection import project_planned_
+from lrlightning.speed import synchronize
 from lrlightning.summary import format_table
 
 SCHEMES = {
@@ -38,11 +39,6 @@ SCHEMES = {
     "tiled_svd": dict(scheme="tiled_svd", rank=4, tile_shape=(16, 16)),
 }
 DRIVERS = ("exact", "randomized")
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(function, device: torch.device) -> float:

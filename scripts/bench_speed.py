@@ -70,8 +70,8 @@ def main() -> None:
     device = torch.device(args.device)
     base = build_backbone(args.backbone, num_classes=10, in_channels=3).eval().to(device)
     shape = (3, 32, 32)
-    batch1, batch64 = torch.randn(1, *shape, device=device), torch.randn(args.batch_size, *shape, device=device)
     big = args.batch_size
+    batch1, batch_big = torch.randn(1, *shape, device=device), torch.randn(big, *shape, device=device)
     rows, results = [], []
     for scheme in args.schemes:
         for ratio in args.ratios:
@@ -79,17 +79,17 @@ def main() -> None:
             options = dict(rank=None, compression=ratio, **SCHEME_OPTIONS[scheme])
             project_(dense, scheme, **options)
             factorized = factorize(dense, scheme, **options).eval().to(device)
-            guarded, report = keep_faster_layers(dense, factorized, batch64, repeats=args.repeats)
+            guarded, report = keep_faster_layers(dense, factorized, batch_big, repeats=args.repeats)
             variants = {"plain": factorized, "guard": guarded}
             dense_folded = fold_batchnorm(dense)
             for variant, model in variants.items():
                 folded = fold_batchnorm(model)
                 with torch.no_grad():
-                    diff = (folded(batch64) - dense(batch64)).abs().max().item()
+                    diff = (folded(batch_big) - dense(batch_big)).abs().max().item()
                 mac_reduction = count_macs(dense, shape) / count_macs(model, shape)
                 for mode in args.modes:
                     dense_1, fact_1 = timed_pair(dense_folded, folded, batch1, mode, args.repeats)
-                    dense_64, fact_64 = timed_pair(dense_folded, folded, batch64, mode, args.repeats)
+                    dense_64, fact_64 = timed_pair(dense_folded, folded, batch_big, mode, args.repeats)
                     speedup = dense_64 / fact_64
                     result = {"scheme": scheme, "ratio": ratio, "variant": variant, "mode": mode,
                               "mac_reduction": mac_reduction, "latency_ms_dense_b1": dense_1,

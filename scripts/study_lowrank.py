@@ -106,7 +106,7 @@ def trainer(args, steps: int, root: Path, callbacks=()) -> L.Trainer:
 
 
 def device_of(args) -> torch.device:
-    gpu = args.accelerator in ("gpu", "cuda") or (args.accelerator == "auto" and torch.cuda.is_available())
+    gpu = args.accelerator == "gpu" or (args.accelerator == "auto" and torch.cuda.is_available())
     return torch.device("cuda" if gpu else "cpu")
 
 
