@@ -72,6 +72,8 @@ class LowRankOptions:
     ``tile_shape`` (rows, cols) is required by ``tiled_svd`` only. Layer selection: every Conv2d with groups == 1
     and a kernel larger than 1×1 except the first conv (``skip_first_conv``), plus every Linear when ``linear``
     (Linear layers always use ``svd``); ``include``/``exclude`` are glob patterns on module names.
+    ``svd_driver`` picks how projections decompose: ``"exact"`` (``torch.linalg.svd``), ``"randomized"``
+    (``torch.svd_lowrank``) or ``"gram"`` (``eigh`` of the float64 Gram matrix of each matrix's shorter side).
     """
 
     scheme: str = "svd"

@@ -15,17 +15,44 @@ from torch import Tensor
 Rank = int | tuple[int, int]
 
 
+def gram_basis(matrices: Tensor, max_rank: int, left: bool | None = None) -> tuple[Tensor, Tensor, bool]:
+    """Leading singular vectors of one side of a batch (B, m, n), from ``eigh`` of its Gram matrix in float64.
+
+    ``left``: True for the column space (eigh of A·Aᵀ, m × m), False for the row space (Aᵀ·A, n × n), None for
+    the shorter side. Returns the orthonormal vectors (B, m or n, k) in float64, the singular values (B, k) in
+    float64 and the side taken; k = min(max_rank, m, n).
+    """
+    k = min(max_rank, *matrices.shape[-2:])
+    a = matrices.double()
+    left = a.shape[-2] <= a.shape[-1] if left is None else left
+    values, vectors = torch.linalg.eigh(a @ a.mT if left else a.mT @ a)
+    values = values.flip(-1)[..., :k].clamp_min(0).sqrt()
+    return vectors.flip(-1)[..., :k], values, left
+
+
 def truncated_svd(matrices: Tensor, max_rank: int, driver: str = "exact") -> tuple[Tensor, Tensor, Tensor]:
     """Leading ``max_rank`` singular triplets of a batch (B, m, n): returns U (B, m, k), s (B, k), Vh (B, k, n).
 
     ``driver="randomized"`` uses ``torch.svd_lowrank`` (oversampling 8, 2 power iterations): faster for large
     matrices and small ranks, exact when the matrix rank is at most ``max_rank + 8``.
+    ``driver="gram"`` takes the shorter side's vectors from ``gram_basis`` and the other side's by one product;
+    those are zero where a singular value is numerically zero (below ``max(m, n) · eps(float32) · s_max``).
     """
     k = min(max_rank, *matrices.shape[-2:])
     if driver == "randomized":
         q = min(k + 8, *matrices.shape[-2:])
         u, s, v = torch.svd_lowrank(matrices, q=q, niter=2)
         return u[..., :k], s[..., :k], v[..., :k].mT
+    if driver == "gram":
+        vectors, s, left = gram_basis(matrices, k)
+        tolerance = s[..., :1] * max(matrices.shape[-2:]) * torch.finfo(torch.float32).eps
+        inverse = torch.where(s > tolerance, 1.0 / s.clamp_min(torch.finfo(s.dtype).tiny), torch.zeros_like(s))
+        a = matrices.double()
+        if left:
+            u, vh = vectors, (vectors.mT @ a) * inverse.unsqueeze(-1)
+        else:
+            u, vh = (a @ vectors) * inverse.unsqueeze(-2), vectors.mT
+        return u.to(matrices.dtype), s.to(matrices.dtype), vh.to(matrices.dtype)
     u, s, vh = torch.linalg.svd(matrices, full_matrices=False)
     return u[..., :k], s[..., :k], vh[..., :k, :]
 
@@ -38,6 +65,12 @@ def rank_mask(ranks: Sequence[int], width: int, like: Tensor) -> Tensor:
 
 def low_rank_matrices(matrices: Tensor, ranks: Sequence[int], driver: str = "exact") -> Tensor:
     """Best rank-``ranks[b]`` approximation (Eckart–Young) of each matrix of a batch (B, m, n)."""
+    if driver == "gram":
+        vectors, _, left = gram_basis(matrices, max(ranks))
+        vectors = vectors * rank_mask(ranks, vectors.shape[-1], vectors).unsqueeze(-2)
+        a = matrices.double()
+        approx = vectors @ (vectors.mT @ a) if left else (a @ vectors) @ vectors.mT
+        return approx.to(matrices.dtype)
     u, s, vh = truncated_svd(matrices, max(ranks), driver)
     s = s * rank_mask(ranks, s.shape[-1], s)
     return (u * s.unsqueeze(-2)) @ vh
@@ -228,7 +261,10 @@ class Tucker2(Scheme):
     @staticmethod
     def leading_vectors(matrices: Tensor, ranks: Sequence[int], driver: str = "exact") -> Tensor:
         """Masked leading left singular vectors (B, m, max rank): columns past ``ranks[b]`` are zero."""
-        u, _, _ = truncated_svd(matrices, max(ranks), driver)
+        if driver == "gram":
+            u = gram_basis(matrices, max(ranks), left=True)[0].to(matrices.dtype)
+        else:
+            u, _, _ = truncated_svd(matrices, max(ranks), driver)
         return u * rank_mask(ranks, u.shape[-1], u).unsqueeze(-2)
 
     def factors(self, weights: Tensor, ranks: Sequence[tuple[int, int]],
@@ -261,7 +297,7 @@ class Tucker2(Scheme):
 
 
 SCHEME_NAMES = ("svd", "tiled_svd", "tucker2", "spatial_svd")
-SVD_DRIVERS = ("exact", "randomized")
+SVD_DRIVERS = ("exact", "randomized", "gram")
 
 
 def make_scheme(name: str, tile_shape: tuple[int, int] | None = None, hooi_iters: int = 0) -> Scheme:

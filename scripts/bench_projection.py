@@ -38,7 +38,7 @@ SCHEMES = {
     "spatial_svd": dict(scheme="spatial_svd", rank=0.45),
     "tiled_svd": dict(scheme="tiled_svd", rank=4, tile_shape=(16, 16)),
 }
-DRIVERS = ("exact", "randomized")
+DRIVERS = ("exact", "randomized", "gram")
 
 
 def timed(function, device: torch.device) -> float:

@@ -247,14 +247,15 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("driver", ["exact", "gram"])
 @pytest.mark.parametrize("scheme, rank, tile_shape", [("svd", 3, None), ("tucker2", (2, 3), None),
                                                       ("tiled_svd", 2, (4, 9)), ("spatial_svd", 3, None)])
-def test_projection_keeps_parameter_identity_and_device(device, scheme, rank, tile_shape):
+def test_projection_keeps_parameter_identity_and_device(device, driver, scheme, rank, tile_shape):
     model = single_conv_model().to(device)
     weight = model.body.weight
     pointer = weight.data_ptr()
     expected = make_scheme(scheme, tile_shape).project(weight.detach().float().unsqueeze(0).cpu(), [rank])[0]
-    project_(model, scheme, rank=rank, tile_shape=tile_shape)
+    project_(model, scheme, rank=rank, tile_shape=tile_shape, svd_driver=driver)
     assert model.body.weight is weight and weight.data_ptr() == pointer
     assert weight.device.type == device
     torch.testing.assert_close(weight.detach().cpu(), expected, atol=1e-5, rtol=1e-4)
@@ -290,3 +291,62 @@ def test_truncated_svd_randomized_returns_the_requested_shapes():
     assert u.shape == (3, 30, 5) and s.shape == (3, 5) and vh.shape == (3, 5, 12)
     exact = torch.linalg.svdvals(matrices)[:, :5]
     assert bool((s <= exact * (1 + 1e-4)).all())
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMES))
+def test_gram_driver_matches_the_exact_projection(name):
+    scheme, rank = SCHEMES[name]
+    weights = random_weights(3, 10, 6, 3, 3, seed=50)
+    ranks = [rank, rank, (2, 2) if isinstance(rank, tuple) else 1]
+    exact = scheme.project(weights, ranks, "exact")
+    gram = scheme.project(weights, ranks, "gram")
+    torch.testing.assert_close(gram, exact, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(scheme.project(gram, ranks, "gram"), gram, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(12, 40), (40, 12), (16, 16)])
+def test_gram_projection_error_is_the_singular_value_tail(shape):
+    matrices = random_weights(2, *shape, seed=60)
+    approx = LoweredSVD().project(matrices.reshape(2, shape[0], shape[1], 1, 1), [5, 5], "gram").reshape(2, *shape)
+    tail = torch.linalg.svdvals(matrices.double())[:, 5:].pow(2).sum(1)
+    errors = (matrices - approx).double().flatten(1).pow(2).sum(1)
+    torch.testing.assert_close(errors, tail, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(12, 40), (40, 12)])
+def test_truncated_svd_gram_gives_orthonormal_triplets(shape):
+    matrices = random_weights(2, *shape, seed=70)
+    u, s, vh = truncated_svd(matrices, 6, "gram")
+    assert u.shape == (2, shape[0], 6) and s.shape == (2, 6) and vh.shape == (2, 6, shape[1])
+    eye = torch.eye(6).expand(2, 6, 6)
+    torch.testing.assert_close(u.mT @ u, eye, atol=1e-5, rtol=0)
+    torch.testing.assert_close(vh @ vh.mT, eye, atol=1e-5, rtol=0)
+    torch.testing.assert_close(s, torch.linalg.svdvals(matrices)[:, :6], atol=1e-4, rtol=1e-5)
+    _, _, vh_exact = truncated_svd(matrices, 6, "exact")
+    torch.testing.assert_close((vh @ vh_exact.mT).abs(), eye, atol=1e-4, rtol=0)
+
+
+def test_gram_driver_on_a_rank_deficient_matrix_is_finite_and_exact():
+    matrices = torch.stack([low_rank_matrix(20, 72, 3, seed=80), torch.zeros(20, 72)])
+    u, s, vh = truncated_svd(matrices, 5, "gram")
+    assert bool(torch.isfinite(u).all() and torch.isfinite(vh).all())
+    torch.testing.assert_close((u * s.unsqueeze(-2)) @ vh, matrices, atol=1e-4, rtol=1e-4)
+    projected = LoweredSVD().project(matrices.reshape(2, 20, 8, 3, 3), [5, 5], "gram")
+    torch.testing.assert_close(projected, matrices.reshape(2, 20, 8, 3, 3), atol=1e-4, rtol=1e-4)
+
+
+def test_gram_driver_through_project_():
+    model = single_conv_model(out_channels=20, in_channels=8)
+    expected = Tucker2().project(model.body.weight.detach().unsqueeze(0), [(3, 5)])[0]
+    (stats,) = project_(model, "tucker2", rank=(3, 5), svd_driver="gram")
+    torch.testing.assert_close(model.body.weight.detach(), expected, atol=1e-5, rtol=1e-4)
+    assert stats.rank == (3, 5) and 0 < stats.rel_error < 1
+
+
+def test_gram_tucker2_keeps_a_lower_rank_weight_whatever_the_unfolding_shape():
+    weights = random_weights(2, 30, 2, 3, 3, seed=90)  # mode-out unfolding 30 x 18 is tall
+    lower = Tucker2().project(weights, [(1, 4), (1, 4)])
+    again = Tucker2().project(lower, [(2, 20), (2, 20)], "gram")
+    torch.testing.assert_close(again, lower, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(Tucker2().project(weights, [(2, 12)] * 2, "gram"),
+                               Tucker2().project(weights, [(2, 12)] * 2, "exact"), atol=1e-4, rtol=1e-4)
