@@ -177,6 +177,11 @@ def finetune(args, dense: LitClassifier, data, label: str, method: str, seed: in
             "steps": args.finetune_steps, "seconds": round(time.perf_counter() - start, 1), "device": device.type}
 
 
+def requested(rows: list[dict], seeds: list[int], lrs: list[float]) -> list[dict]:
+    """The runs of ``--seeds`` at ``--lrs`` (``decompose`` has no lr), so that a table states what it summarizes."""
+    return [r for r in rows if r["seed"] in seeds and (r["method"] == "decompose" or r["lr"] in lrs)]
+
+
 def summarize(rows: list[dict], dense_acc: float, points: list[str], methods: list[str]) -> tuple[list[list[str]], list[dict]]:
     table, chosen = [], []
     for point in points:
@@ -205,14 +210,19 @@ def summarize(rows: list[dict], dense_acc: float, points: list[str], methods: li
 
 
 def verdicts(chosen: list[dict]) -> list[str]:
-    """Per point: the best ``project*`` method against decompose-then-fine-tune, in points of test accuracy."""
+    """Per point: the best ``project*`` method against decompose-then-fine-tune, in points of test accuracy.
+
+    Only methods with at least as many seeds as the baseline compete for best, unless none has them.
+    """
     lines = []
     for point in dict.fromkeys(c["point"] for c in chosen):
         rows = {c["method"]: c for c in chosen if c["point"] == point}
         projected = [c for m, c in rows.items() if m.startswith("project")]
         if not projected or "decompose_finetune" not in rows:
             continue
-        best, baseline = max(projected, key=lambda c: c["test_mean"]), rows["decompose_finetune"]
+        baseline = rows["decompose_finetune"]
+        candidates = [c for c in projected if c["seeds"] >= baseline["seeds"]] or projected
+        best = max(candidates, key=lambda c: c["test_mean"])
         gap = best["test_mean"] - baseline["test_mean"]
         if min(best["seeds"], baseline["seeds"]) < 2:
             word = "compared on one seed (no spread to judge by) with"
@@ -324,7 +334,8 @@ def main() -> None:
                 if row is not None:
                     record(row)
     methods = list(dict.fromkeys(args.methods))
-    table, chosen = summarize(done, dense_acc, list(dict.fromkeys(args.points)), methods)
+    points = list(dict.fromkeys(args.points))
+    table, chosen = summarize(requested(done, args.seeds, args.lrs), dense_acc, points, methods)
     text = format_table(["point", "model ratio", "method", "lr", "test acc %", "vs dense", "failed", "failed (all lrs)"],
                         table)
     text += "".join(f"\n{line}" for line in verdicts(chosen))

@@ -63,3 +63,22 @@ def test_command_line_names_the_bad_method(tmp_path):
     result = study(tmp_path, "--methods", "project+fast")
     assert result.returncode == 2
     assert "unknown modifier 'fast'" in result.stderr
+
+
+def test_tables_summarize_only_the_requested_seeds_and_lrs(study_module):
+    rows = [{"method": "project", "seed": 0, "lr": 0.03}, {"method": "project", "seed": 3, "lr": 0.03},
+            {"method": "project", "seed": 0, "lr": 0.1}, {"method": "decompose", "seed": 0, "lr": 0.0},
+            {"method": "decompose", "seed": 1, "lr": 0.0}]
+    kept = study_module.requested(rows, seeds=[0, 1, 2], lrs=[0.01, 0.03])
+    assert kept == [rows[0], rows[3], rows[4]]
+
+
+def test_verdict_prefers_methods_with_the_baselines_seed_count(study_module):
+    def chosen(method, mean, std, seeds):
+        return {"point": "svd:4x", "method": method, "test_mean": mean, "test_std": std, "seeds": seeds}
+    rows = [chosen("project+sd10", 92.30, 0.0, 1), chosen("project+sd50", 92.22, 0.10, 3),
+            chosen("decompose_finetune", 92.18, 0.25, 3)]
+    [line] = study_module.verdicts(rows)
+    assert line == "svd:4x: best project+sd50 92.22 is level (within one std) with decompose_finetune 92.18 (+0.04 pt)"
+    [line] = study_module.verdicts([chosen("project+sd10", 92.90, 0.0, 1), chosen("decompose_finetune", 92.18, 0.25, 3)])
+    assert line.startswith("svd:4x: best project+sd10 92.90 is compared on one seed")
