@@ -13,8 +13,10 @@ optimizer steps (default 1290, 3 epochs; cosine lr, SGD momentum 0.9) and is tes
 
 The lr of each (point, method) is the best of ``--lrs`` by mean *validation* accuracy; test accuracy is
 reported for that lr: mean ± std over the seeds that finished (diverged runs, with a non-finite loss, are left
-out of the mean), and the count of diverged and collapsed (test accuracy below ``--collapse`` %) runs. Points are ``scheme:rank`` (rank a fraction of full rank, or
-``Nx`` for a per-layer compression target). Usage:
+out of the mean), and the count of diverged and collapsed (test accuracy below ``--collapse`` %) runs. With
+several ``--lrs``, a second table gives the test accuracy at every lr. Tables cover only the runs of ``--seeds``
+at ``--lrs``. Points are ``scheme:rank`` (rank a fraction of full rank, or ``Nx`` for a per-layer compression
+target). Usage:
 
     python scripts/study_lowrank.py --workers 12 --out study   # tucker2:0.3, svd:4x, every method, 3 seeds (GPU)
     python scripts/study_lowrank.py --points tucker2:0.7 tucker2:0.5 tucker2:0.4 svd:2x tiled_svd:2x \
@@ -209,6 +211,22 @@ def summarize(rows: list[dict], dense_acc: float, points: list[str], methods: li
     return table, chosen
 
 
+def lr_table(rows: list[dict], points: list[str], methods: list[str], lrs: list[float]) -> list[list[str]]:
+    """Test accuracy % of every fine-tuned (point, method) at each lr: mean ± std / finished seeds, "-" if not run."""
+    table = []
+    for point in points:
+        for method in methods:
+            cells = []
+            for lr in lrs:
+                tests = [r["test_acc"] for r in rows if (r["point"], r["method"], r["lr"]) == (point, method, lr)
+                         and math.isfinite(r["test_acc"])]
+                spread = statistics.stdev(tests) if len(tests) > 1 else 0.0
+                cells.append(f"{statistics.fmean(tests):.2f} ± {spread:.2f} /{len(tests)}" if tests else "-")
+            if method != "decompose" and any(cell != "-" for cell in cells):
+                table.append([point, method, *cells])
+    return table
+
+
 def verdicts(chosen: list[dict]) -> list[str]:
     """Per point: the best ``project*`` method against decompose-then-fine-tune, in points of test accuracy.
 
@@ -303,6 +321,8 @@ def main() -> None:
     deadline = started + 60 * args.deadline_minutes if args.deadline_minutes else math.inf
 
     out = Path(args.out)
+    if args.summarize_only and not (out / "dense.ckpt").exists():
+        parser.error(f"--summarize-only needs a finished study in --out, but {out / 'dense.ckpt'} does not exist")
     out.mkdir(parents=True, exist_ok=True)
     data = load_data(args)
     dense = pretrain(args, data, out)
@@ -335,13 +355,18 @@ def main() -> None:
                     record(row)
     methods = list(dict.fromkeys(args.methods))
     points = list(dict.fromkeys(args.points))
-    table, chosen = summarize(requested(done, args.seeds, args.lrs), dense_acc, points, methods)
+    rows = requested(done, args.seeds, args.lrs)
+    table, chosen = summarize(rows, dense_acc, points, methods)
     text = format_table(["point", "model ratio", "method", "lr", "test acc %", "vs dense", "failed", "failed (all lrs)"],
                         table)
     text += "".join(f"\n{line}" for line in verdicts(chosen))
     text += (f"\n(dense {args.backbone} width {args.width}: {dense_acc:.2f} %; {args.finetune_steps} fine-tuning steps, "
              f"S_D={args.period} unless the method says sdN, batch {args.batch_size}, seeds {args.seeds}, "
              f"lr chosen on validation from {args.lrs})")
+    if len(args.lrs) > 1:
+        headers = ["point", "method", *(f"lr {lr:g}" for lr in args.lrs)]
+        text += "\n\ntest acc % at each lr (mean ± std / seeds):\n"
+        text += format_table(headers, lr_table(rows, points, methods, args.lrs))
     print(text)
     (out / "summary.txt").write_text(text + "\n")
     if chosen:

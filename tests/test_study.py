@@ -82,3 +82,20 @@ def test_verdict_prefers_methods_with_the_baselines_seed_count(study_module):
     assert line == "svd:4x: best project+sd50 92.22 is level (within one std) with decompose_finetune 92.18 (+0.04 pt)"
     [line] = study_module.verdicts([chosen("project+sd10", 92.90, 0.0, 1), chosen("decompose_finetune", 92.18, 0.25, 3)])
     assert line.startswith("svd:4x: best project+sd10 92.90 is compared on one seed")
+
+
+def test_summarize_only_refuses_a_folder_without_a_study(tmp_path):
+    result = study(tmp_path / "empty", "--summarize-only")
+    assert result.returncode == 2
+    assert "--summarize-only needs a finished study in --out" in result.stderr and "dense.ckpt" in result.stderr
+    assert not (tmp_path / "empty").exists()
+
+
+def test_lr_table_shows_every_lr_of_every_fine_tuned_method(study_module):
+    def run(method, lr, test):
+        return {"point": "svd:4x", "method": method, "lr": lr, "test_acc": test}
+    rows = [run("project", 0.03, 92.0), run("project", 0.03, 92.2), run("project", 0.1, float("nan")),
+            run("decompose_finetune", 0.1, 91.0), run("decompose", 0.0, 14.0)]
+    table = study_module.lr_table(rows, ["svd:4x"], ["project", "decompose_finetune", "decompose"], [0.03, 0.1])
+    assert table == [["svd:4x", "project", "92.10 ± 0.14 /2", "-"],
+                     ["svd:4x", "decompose_finetune", "-", "91.00 ± 0.00 /1"]]
