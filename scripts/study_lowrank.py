@@ -216,13 +216,15 @@ def lr_table(rows: list[dict], points: list[str], methods: list[str], lrs: list[
     table = []
     for point in points:
         for method in methods:
+            if method == "decompose":
+                continue
             cells = []
             for lr in lrs:
                 tests = [r["test_acc"] for r in rows if (r["point"], r["method"], r["lr"]) == (point, method, lr)
                          and math.isfinite(r["test_acc"])]
                 spread = statistics.stdev(tests) if len(tests) > 1 else 0.0
                 cells.append(f"{statistics.fmean(tests):.2f} ± {spread:.2f} /{len(tests)}" if tests else "-")
-            if method != "decompose" and any(cell != "-" for cell in cells):
+            if any(cell != "-" for cell in cells):
                 table.append([point, method, *cells])
     return table
 
