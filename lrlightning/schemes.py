@@ -44,10 +44,10 @@ def truncated_svd(matrices: Tensor, max_rank: int, driver: str = "exact") -> tup
         u, s, v = torch.svd_lowrank(matrices, q=q, niter=2)
         return u[..., :k], s[..., :k], v[..., :k].mT
     if driver == "gram":
-        vectors, s, left = gram_basis(matrices, k)
+        a = matrices.double()
+        vectors, s, left = gram_basis(a, k)
         tolerance = s[..., :1] * max(matrices.shape[-2:]) * torch.finfo(torch.float32).eps
         inverse = torch.where(s > tolerance, 1.0 / s.clamp_min(torch.finfo(s.dtype).tiny), torch.zeros_like(s))
-        a = matrices.double()
         if left:
             u, vh = vectors, (vectors.mT @ a) * inverse.unsqueeze(-1)
         else:
@@ -66,9 +66,9 @@ def rank_mask(ranks: Sequence[int], width: int, like: Tensor) -> Tensor:
 def low_rank_matrices(matrices: Tensor, ranks: Sequence[int], driver: str = "exact") -> Tensor:
     """Best rank-``ranks[b]`` approximation (Eckart–Young) of each matrix of a batch (B, m, n)."""
     if driver == "gram":
-        vectors, _, left = gram_basis(matrices, max(ranks))
-        vectors = vectors * rank_mask(ranks, vectors.shape[-1], vectors).unsqueeze(-2)
         a = matrices.double()
+        vectors, _, left = gram_basis(a, max(ranks))
+        vectors = vectors * rank_mask(ranks, vectors.shape[-1], vectors).unsqueeze(-2)
         approx = vectors @ (vectors.mT @ a) if left else (a @ vectors) @ vectors.mT
         return approx.to(matrices.dtype)
     u, s, vh = truncated_svd(matrices, max(ranks), driver)
