@@ -4,7 +4,7 @@ from .callback import LowRankProjection, NonFiniteTrainingError
 from .counting import count_macs, count_params
 from .export import factorize, load_factorized, save_factorized
 from .options import LowRankOptions
-from .plan import LayerPlan, plan_layers
+from .plan import LayerPlan, plan_layers, relative_ranks
 from .projection import LayerStats, NonFiniteWeightError, project_
 from .schemes import SCHEME_NAMES
 
@@ -24,5 +24,6 @@ __all__ = [
     "load_factorized",
     "plan_layers",
     "project_",
+    "relative_ranks",
     "save_factorized",
 ]

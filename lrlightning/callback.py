@@ -1,29 +1,34 @@
 """``LowRankProjection``: the Lightning callback that projects selected weights every S_D optimizer steps."""
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import replace
-from itertools import islice
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader
+from lightning.pytorch.utilities import rank_zero_info
 
 from .batchnorm import batchnorm_buffers, batchnorm_layers, recalibrate_batchnorm_
-
+from .names import get_module
 from .options import LowRankOptions, is_int
 from .plan import LayerPlan, SkippedLayer, frozen_ranks, plan_layers, scheme_for
 from .projection import LayerStats, NonFiniteWeightError, project_planned_
+from .recalibration import defines_forward, eager, silenced_logging, training_batches
 from .summary import plan_table
 
 SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 DIVERGENCE_HINT = ("HINT: lower the learning rate, set the Trainer's `gradient_clip_val`, use a larger `rank` or "
                    "`every_n_train_steps`, or anneal the rank with `rank_warmup`.")
 
+RECALIBRATION_HINT = ("HINT: pass `recalibration_step=` (a function (module, batch) running the forward pass), "
+                      "override `LowRankProjection.recalibration_input`, or set `bn_recalibration_batches=0` to keep "
+                      "the running statistics accumulated on the unprojected weights.")
+
 FIRST_MOMENT_KEYS = ("momentum_buffer", "exp_avg")
+RankRule = int | float | tuple[int, int] | dict[str, int | tuple[int, int]] | None
 
 
 class NonFiniteTrainingError(FloatingPointError):
@@ -54,21 +59,35 @@ class LowRankProjection(Callback):
         bn_recalibration_batches: after each projection whose weights are evaluated (validation during fit and
             the final projection), re-estimate BatchNorm running statistics over this many training batches
             (drawn from an independent shuffle of the training set; default 20; 0 keeps the statistics accumulated
-            on the unprojected weights).
+            on the unprojected weights). Each batch runs, with no grad and nothing logged:
+            ``recalibration_step(module, batch)`` when given; else ``module(recalibration_input(batch))`` when the
+            module defines ``forward`` and the input is a tensor (the first item of a tuple/list batch); else the
+            module's own ``training_step(batch, index)`` (automatic optimization). One batch is tried when training
+            starts, so a module it cannot run on is refused then, not at the end of training.
+        recalibration_step: ``(module, batch) -> Any``, a forward pass of the module on a training batch (as
+            placed on the device by Lightning), for modules whose batches or forward the defaults do not fit.
         check_finite: stop with ``NonFiniteTrainingError`` (step, layer, hints) when the loss or a selected
             weight becomes NaN/Inf.
-        **options: layer selection and scheme options shared with ``factorize``: ``tile_shape``, ``include``,
-            ``exclude``, ``linear``, ``skip_first_conv``, ``hooi_iters``, ``svd_driver``, ``energy``,
-            ``compression``.
+        energy, compression, tile_shape, include, exclude, linear, skip_first_conv, hooi_iters, svd_driver: the
+            rank rules, layer selection and scheme options shared with ``factorize`` (see ``LowRankOptions``).
 
-    Logged at each projection (``lowrank/``): ``rel_error`` and ``energy`` (means over layers), ``compression``
-    (dense / factorized params over the projected layers) and ``seconds`` spent projecting.
+    Layer names (``plans``, ``ranks``) are those of the uncompiled module: a ``torch.compile``d submodule's layers
+    are named without ``_orig_mod``. With manual optimization, every optimizer step counts (two optimizers stepping
+    per batch make two steps); the projection runs at the end of a batch in which a scheduled step was taken.
+
+    Logged to the Trainer's loggers at each periodic projection, at its optimizer step (``lowrank/``): ``rel_error``
+    and ``energy`` (means over layers), ``compression`` (dense / factorized params over the projected layers) and
+    ``seconds`` spent projecting (on global rank zero).
     """
 
-    def __init__(self, scheme: str = "svd", rank: Any = None, every_n_train_steps: int = 200, *,
+    def __init__(self, scheme: str = "svd", rank: RankRule = None, every_n_train_steps: int = 200, *,
                  start_step: int = 0, stop_step: int | None = None, final_projection: bool = True,
                  validate_projected: bool = True, rank_warmup: int = 0, reset_momentum: bool = False,
-                 bn_recalibration_batches: int = 20, check_finite: bool = True, **options: Any):
+                 bn_recalibration_batches: int = 20, recalibration_step: Callable[[LightningModule, Any], Any] | None = None,
+                 check_finite: bool = True, energy: float | None = None, compression: float | None = None,
+                 tile_shape: tuple[int, int] | None = None, include: str | list[str] | None = None,
+                 exclude: str | list[str] | None = None, linear: bool = False, skip_first_conv: bool = True,
+                 hooi_iters: int = 0, svd_driver: str = "exact"):
         super().__init__()
         if not (is_int(every_n_train_steps) and every_n_train_steps >= 1):
             raise ValueError(f"`every_n_train_steps` must be an int >= 1, got {every_n_train_steps!r}")
@@ -82,7 +101,11 @@ class LowRankProjection(Callback):
             raise ValueError(f"`reset_momentum` must be a bool, got {reset_momentum!r}")
         if not (is_int(bn_recalibration_batches) and bn_recalibration_batches >= 0):
             raise ValueError(f"`bn_recalibration_batches` must be an int >= 0, got {bn_recalibration_batches!r}")
-        self.options = LowRankOptions(scheme=scheme, rank=rank, **options)
+        if recalibration_step is not None and not callable(recalibration_step):
+            raise ValueError(f"`recalibration_step` must be None or a callable (module, batch), got {recalibration_step!r}")
+        self.options = LowRankOptions(scheme=scheme, rank=rank, energy=energy, compression=compression,
+                                      tile_shape=tile_shape, include=include, exclude=exclude, linear=linear,
+                                      skip_first_conv=skip_first_conv, hooi_iters=hooi_iters, svd_driver=svd_driver)
         self.every_n_train_steps = every_n_train_steps
         self.start_step = start_step
         self.stop_step = stop_step
@@ -91,6 +114,7 @@ class LowRankProjection(Callback):
         self.rank_warmup = rank_warmup
         self.reset_momentum = reset_momentum
         self.bn_recalibration_batches = bn_recalibration_batches
+        self.recalibration_step = recalibration_step
         self.check_finite = check_finite
         self.plans: list[LayerPlan] = []
         self.skipped: list[SkippedLayer] = []
@@ -98,7 +122,7 @@ class LowRankProjection(Callback):
         self._last_step = 0
         self._projections = 0
         self._restored_ranks: dict | None = None
-        self._backup: dict[str, torch.Tensor] = {}
+        self._backup: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     @property
     def state_key(self) -> str:
@@ -164,7 +188,7 @@ class LowRankProjection(Callback):
                 + DIVERGENCE_HINT) from error
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             for plan in plans:
-                torch.distributed.broadcast(pl_module.get_submodule(plan.name).weight.data, src=0)
+                torch.distributed.broadcast(get_module(pl_module, plan.name).weight.data, src=0)
         return stats
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
@@ -177,8 +201,9 @@ class LowRankProjection(Callback):
                                              + DIVERGENCE_HINT)
         if step <= self._last_step:
             return
+        due = any(self.should_project(taken) for taken in range(self._last_step + 1, step + 1))
         self._last_step = step
-        if not self.should_project(step):
+        if not due:
             return
         plans = self.plans_for(self._projections)
         start = time.perf_counter()
@@ -187,12 +212,13 @@ class LowRankProjection(Callback):
         self._projections += 1
         if self.reset_momentum:
             self.zero_first_moments(trainer, pl_module, plans)
-        if self.last_stats:
-            pl_module.log_dict(self.projection_metrics(plans, seconds), on_step=True, on_epoch=False, sync_dist=False)
+        if self.last_stats and trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(self.projection_metrics(plans, seconds), step=step)
 
     def zero_first_moments(self, trainer: Trainer, pl_module: LightningModule, plans: list[LayerPlan]) -> None:
         """Zero ``momentum_buffer``/``exp_avg`` of the projected weights in every optimizer of ``trainer``."""
-        weights = {pl_module.get_submodule(p.name).weight for p in plans}
+        weights = {get_module(pl_module, p.name).weight for p in plans}
         for optimizer in trainer.optimizers:
             for weight in weights & optimizer.state.keys():
                 for key in FIRST_MOMENT_KEYS:
@@ -211,41 +237,71 @@ class LowRankProjection(Callback):
             "lowrank/seconds": seconds,
         }
 
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.recalibrates(pl_module) and (self.final_projection or self.validate_projected):
+            self.check_recalibration(trainer, pl_module)
+
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.final_projection and self.plans:
             self.last_stats = self.project(pl_module, trainer.global_step)
             self.recalibrate(trainer, pl_module)
 
+    def recalibrates(self, pl_module: LightningModule) -> bool:
+        return bool(self.bn_recalibration_batches and batchnorm_layers(pl_module))
+
     def recalibration_input(self, batch: Any) -> Any:
         """What the module's forward takes from a training batch (default: the first item of a tuple/list)."""
-        return batch[0] if isinstance(batch, (tuple, list)) else batch
+        return batch[0] if isinstance(batch, (tuple, list)) and batch else batch
 
-    def recalibration_inputs(self, trainer: Trainer) -> Iterator[Any]:
-        loader = trainer.train_dataloader
-        if loader is None:
+    def recalibration_forward(self, pl_module: LightningModule, batch: Any, index: int) -> None:
+        """One forward pass of ``pl_module`` on a training batch (see ``bn_recalibration_batches``)."""
+        if self.recalibration_step is not None:
+            self.recalibration_step(pl_module, batch)
             return
-        if not isinstance(loader, DataLoader):
-            rank_zero_warn("BatchNorm recalibration needs a single training DataLoader; statistics left as they are")
-            return
-        if loader.batch_size is not None:
-            generator = torch.Generator().manual_seed(trainer.global_step)
-            loader = DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=True, generator=generator,
-                                collate_fn=loader.collate_fn)
-        for batch in islice(loader, self.bn_recalibration_batches):
-            batch = trainer.strategy.batch_to_device(trainer.precision_plugin.convert_input(batch))
-            yield self.recalibration_input(batch)
+        overridden = type(self).recalibration_input is not LowRankProjection.recalibration_input
+        if defines_forward(pl_module):
+            inputs = self.recalibration_input(batch)
+            if overridden or isinstance(inputs, torch.Tensor):
+                pl_module(inputs)
+                return
+        if not pl_module.automatic_optimization:
+            kind = "a tensor input" if defines_forward(pl_module) else "`forward`"
+            raise TypeError(f"{type(pl_module).__name__} uses manual optimization and has no {kind} for its "
+                            f"batches of type {type(batch).__name__}, so BatchNorm re-estimation cannot run it")
+        pl_module.training_step(batch, index)
+
+    @contextlib.contextmanager
+    def forward_context(self, trainer: Trainer, pl_module: LightningModule) -> Iterator[None]:
+        """Where re-estimation passes run: the precision plugin's context, nothing logged, compiled code eager."""
+        with silenced_logging(pl_module), eager(), trainer.precision_plugin.forward_context():
+            yield
+
+    def check_recalibration(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Run one re-estimation pass in eval mode (running statistics untouched); raise a ``RuntimeError``
+        naming the options to set when it fails."""
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.random.fork_rng(devices=[]), torch.no_grad(), self.forward_context(trainer, pl_module):
+                for index, batch in enumerate(training_batches(trainer, 1, seed=trainer.global_step)):
+                    self.recalibration_forward(pl_module, batch, index)
+        except Exception as error:
+            raise RuntimeError(f"BatchNorm re-estimation cannot run on {type(pl_module).__name__}'s training "
+                               f"batches ({type(error).__name__}: {error}). {RECALIBRATION_HINT}") from error
+        finally:
+            pl_module.train(was_training)
 
     def recalibrate(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Re-estimate BatchNorm statistics for the projected weights; averaged over ranks under DDP."""
-        if not self.bn_recalibration_batches or not batchnorm_layers(pl_module):
+        if not self.recalibrates(pl_module):
             return
+        batches = enumerate(training_batches(trainer, self.bn_recalibration_batches, seed=trainer.global_step))
 
-        def forward(module, x):
-            with trainer.precision_plugin.forward_context():
-                module(x)
+        def forward(module: LightningModule, item: tuple[int, Any]) -> None:
+            self.recalibration_forward(module, item[1], item[0])
 
-        with torch.random.fork_rng(devices=[]):
-            used = recalibrate_batchnorm_(pl_module, self.recalibration_inputs(trainer), forward)
+        with torch.random.fork_rng(devices=[]), self.forward_context(trainer, pl_module):
+            used = recalibrate_batchnorm_(pl_module, batches, forward)
         if used and trainer.world_size > 1:
             with torch.no_grad():
                 for layer in batchnorm_layers(pl_module):
@@ -255,21 +311,18 @@ class LowRankProjection(Callback):
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not (self.validate_projected and self.plans and trainer.state.fn == "fit"):
             return
-        tensors = {f"{p.name}.weight": pl_module.get_submodule(p.name).weight for p in self.plans}
+        tensors = [get_module(pl_module, p.name).weight for p in self.plans]
         if self.bn_recalibration_batches:
-            tensors.update(batchnorm_buffers(pl_module))
-        self._backup = {name: tensor.detach().clone() for name, tensor in tensors.items()}
+            tensors += list(batchnorm_buffers(pl_module).values())
+        self._backup = [(tensor, tensor.detach().clone()) for tensor in tensors]
         self.project(pl_module, trainer.global_step)
         self.recalibrate(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self._backup:
-            return
-        current = dict(pl_module.named_parameters()) | dict(pl_module.named_buffers())
         with torch.no_grad():
-            for name, saved in self._backup.items():
-                current[name].copy_(saved)
-        self._backup = {}
+            for tensor, saved in self._backup:
+                tensor.copy_(saved)
+        self._backup = []
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self.on_validation_epoch_end(trainer, pl_module)

@@ -10,15 +10,12 @@ import torch
 from torch import nn
 
 from .layers import LAYER_TYPES, factorized_layer, layer_from_spec
+from .names import canonical_name, canonical_state_dict, get_module, load_canonical_state_dict, set_module
 from .options import LowRankOptions
 from .plan import plan_layers
 
 FORMAT = "lrlightning.factorized/1"
-
-
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+set_submodule = set_module
 
 
 def factorize(model: nn.Module, scheme: str = "svd", rank=None, **options) -> nn.Module:
@@ -27,21 +24,23 @@ def factorize(model: nn.Module, scheme: str = "svd", rank=None, **options) -> nn
     Options and rank rules are those of ``LowRankOptions`` (shared with ``LowRankProjection``). Each replaced
     layer computes exactly what the dense layer computes with its weight projected at that rank, so a model
     trained with the callback gives the same outputs (float32: max abs logit difference ~1e-5). Layers that
-    would not shrink stay dense, with a warning naming them.
+    would not shrink stay dense, with a warning naming them. A ``torch.compile``d ``model`` gives a compiled copy;
+    layer names never contain ``_orig_mod`` (see ``lrlightning.names``).
     """
     opts = LowRankOptions(scheme=scheme, rank=rank, **options)
     plans, _ = plan_layers(model, opts)
     result = copy.deepcopy(model)
     for plan in plans:
-        dense = result.get_submodule(plan.name)
-        set_submodule(result, plan.name, factorized_layer(dense, plan.scheme, plan.rank, opts.tile_shape, opts.hooi_iters))
+        dense = get_module(result, plan.name)
+        set_module(result, plan.name, factorized_layer(dense, plan.scheme, plan.rank, opts.tile_shape, opts.hooi_iters))
     return result
 
 
 def structure_spec(model: nn.Module) -> dict[str, dict]:
-    """``{module name: layer spec}`` for every factorized module of ``model``."""
+    """``{canonical module name: layer spec}`` for every factorized module of ``model``."""
     specs, inside = {}, ()
     for name, module in model.named_modules():
+        name = canonical_name(name)
         if inside and any(name.startswith(prefix + ".") for prefix in inside):
             continue
         if type(module).__name__ in LAYER_TYPES and isinstance(module, tuple(LAYER_TYPES.values())):
@@ -63,7 +62,7 @@ def save_factorized(model: nn.Module, path: str | os.PathLike, backbone: dict[st
         "layers": structure_spec(model),
         "backbone": dict(backbone) if backbone else None,
         "metadata": dict(metadata or {}),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dict": {k: v.detach().cpu() for k, v in canonical_state_dict(model).items()},
     }
     tmp = f"{os.fspath(path)}.tmp"
     torch.save(payload, tmp)
@@ -73,8 +72,8 @@ def save_factorized(model: nn.Module, path: str | os.PathLike, backbone: dict[st
 def load_factorized(path: str | os.PathLike, model: nn.Module | None = None, map_location="cpu") -> nn.Module:
     """Rebuild a factorized model saved by ``save_factorized``.
 
-    ``model``: a dense model of the same architecture (copied, not modified); when None, the saved ``backbone``
-    entry is built with ``lrlightning.backbones.build_backbone``.
+    ``model``: a dense model of the same architecture, plain or ``torch.compile``d (copied, not modified); when
+    None, the saved ``backbone`` entry is built with ``lrlightning.backbones.build_backbone``.
     """
     payload = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -89,6 +88,6 @@ def load_factorized(path: str | os.PathLike, model: nn.Module | None = None, map
     else:
         model = copy.deepcopy(model)
     for name, spec in payload["layers"].items():
-        set_submodule(model, name, layer_from_spec(spec))
-    model.load_state_dict(payload["state_dict"], strict=True)
+        set_module(model, name, layer_from_spec(spec))
+    load_canonical_state_dict(model, payload["state_dict"])
     return model

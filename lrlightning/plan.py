@@ -9,6 +9,7 @@ from fnmatch import fnmatchcase
 import torch
 from torch import nn
 
+from .names import canonical_name, named_modules
 from .options import LowRankOptions
 from .schemes import LoweredSVD, Rank, Scheme
 
@@ -50,10 +51,12 @@ def scheme_for(shape: tuple[int, ...], options: LowRankOptions) -> Scheme:
 
 
 def candidate_layers(model: nn.Module, options: LowRankOptions) -> tuple[list[tuple[str, nn.Module]], list[SkippedLayer]]:
-    """Layers eligible under the options, and the ones left out for a reason worth telling."""
+    """Layers eligible under the options (canonical names, see ``lrlightning.names``), and the ones left out for a
+    reason worth telling."""
     chosen, skipped = [], []
-    first_conv = next((name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
-    for name, module in model.named_modules():
+    modules = named_modules(model)
+    first_conv = next((name for name, m in modules.items() if isinstance(m, nn.Conv2d)), None)
+    for name, module in modules.items():
         if not isinstance(module, (nn.Conv2d, nn.Linear)):
             continue
         if options.include and not any(fnmatchcase(name, p) for p in options.include):
@@ -111,10 +114,16 @@ def plan_layers(model: nn.Module, options: LowRankOptions, warn: bool = True) ->
     """
     chosen, skipped = candidate_layers(model, options)
     if isinstance(options.rank, dict):
-        unknown = sorted(set(options.rank) - {name for name, _ in chosen})
+        selectable = [name for name, _ in chosen]
+        unknown = sorted(set(options.rank) - set(selectable))
         if unknown:
+            prefix = unknown[0].split(".")[0]
+            hint = ""
+            if all(name.startswith(prefix + ".") and name[len(prefix) + 1:] in selectable for name in unknown):
+                hint = (f". HINT: these are named from a module holding this one as `{prefix}`: pass "
+                        f"`rank=relative_ranks(ranks, {prefix!r})`")
             raise ValueError(f"`rank` mapping names layers that are not selectable: {unknown}; selectable: "
-                             f"{[name for name, _ in chosen]}")
+                             f"{selectable}{hint}")
         chosen = [(name, module) for name, module in chosen if name in options.rank]
     plans = []
     for name, module in chosen:
@@ -130,11 +139,24 @@ def plan_layers(model: nn.Module, options: LowRankOptions, warn: bool = True) ->
             continue
         plans.append(LayerPlan(name, scheme.name, shape, rank, dense, factorized))
     if not plans:
-        candidates = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        candidates = [n for n, m in named_modules(model).items() if isinstance(m, (nn.Conv2d, nn.Linear))]
         raise ValueError(f"no layer selected for low-rank (include={list(options.include)}, "
                          f"exclude={list(options.exclude)}, linear={options.linear}); skipped: "
                          f"{[(s.name, s.reason) for s in skipped]}. HINT: candidate layers are {candidates}")
     return plans, skipped
+
+
+def relative_ranks(ranks: dict[str, Rank], prefix: str) -> dict[str, Rank]:
+    """``ranks`` of layers under the submodule ``prefix`` (e.g. ``"net"``), keyed relative to it, so that
+    ``factorize(model.net, rank=relative_ranks(callback.ranks, "net"))`` reproduces the callback's plan.
+    Raises ValueError naming the layers outside ``prefix``."""
+    if not (isinstance(prefix, str) and canonical_name(prefix).strip(".")):
+        raise ValueError(f"`prefix` must name a submodule, such as 'net', got {prefix!r}")
+    head = canonical_name(prefix).strip(".") + "."
+    outside = [name for name in ranks if not name.startswith(head)]
+    if outside:
+        raise ValueError(f"`ranks` name layers outside `{prefix}`: {outside}")
+    return {name[len(head):]: rank for name, rank in ranks.items()}
 
 
 def frozen_ranks(plans: list[LayerPlan]) -> dict[str, Rank]:

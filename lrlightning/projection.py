@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .names import named_modules
 from .options import LowRankOptions
 from .plan import LayerPlan, plan_layers, scheme_for
 
@@ -37,7 +38,7 @@ def project_planned_(model: nn.Module, plans: list[LayerPlan], options: LowRankO
     dtype (bf16/fp16 are cast back); parameters keep their identity, dtype and device.
     Raises ``NonFiniteWeightError`` naming the first layer holding NaN/Inf, before anything is written.
     """
-    modules = dict(model.named_modules())
+    modules = named_modules(model)
     groups: dict[tuple, list[LayerPlan]] = defaultdict(list)
     for plan in plans:
         weight = modules[plan.name].weight

@@ -1,4 +1,5 @@
 import copy
+import csv
 import math
 import pickle
 
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lrlightning import LowRankProjection, NonFiniteTrainingError, factorize
+from lrlightning import LowRankOptions, LowRankProjection, NonFiniteTrainingError, factorize
 from lrlightning.callback import SHARDED_STRATEGIES
 
 
@@ -75,6 +76,42 @@ def test_schedule_counts_optimizer_steps_not_batches(tmp_path):
     assert callback.num_projections == 2
 
 
+class ManualTinyCNN(TinyCNN):
+    """Manual optimization with two optimizers (convs, head), both stepping on every batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        for optimizer in self.optimizers():
+            optimizer.zero_grad()
+        self.manual_backward(loss)
+        for optimizer in self.optimizers():
+            optimizer.step()
+        return loss
+
+    def configure_optimizers(self):
+        return (torch.optim.SGD(self.net[:6].parameters(), lr=self.lr),
+                torch.optim.SGD(self.net[6:].parameters(), lr=self.lr))
+
+
+@pytest.mark.parametrize("every, start, expected", [
+    (3, 0, [4, 6, 10, 12, 16]),  # steps 3, 6, 9, 12, 15 fall in the batches ending at these steps
+    (2, 1, [2, 4, 6, 8, 10, 12, 14, 16]),
+])
+def test_manual_optimization_with_two_optimizers_honours_every_scheduled_step(tmp_path, every, start, expected):
+    model = ManualTinyCNN()
+    callback = CountingProjection("svd", 2, every_n_train_steps=every, start_step=start, final_projection=False)
+    trainer = fast_trainer(tmp_path, [callback], max_epochs=1)
+    trainer.fit(model, loader())
+    assert trainer.global_step == 16, "two optimizer steps per batch"
+    assert callback.steps == expected
+    assert torch.linalg.matrix_rank(model.net[2].weight.detach().flatten(1)).item() == 2
+
+
 def test_start_and_stop_steps(tmp_path):
     callback = CountingProjection("svd", 0.5, every_n_train_steps=2, start_step=3, stop_step=11)
     trainer = fast_trainer(tmp_path, [callback])
@@ -121,21 +158,25 @@ def test_structure_and_parameters_unchanged(tmp_path):
     assert [id(p) for p in model.parameters()] == ids
 
 
-def test_validation_reports_the_factorized_model(tmp_path):
-    model = TinyCNN()
-    callback = LowRankProjection("svd", 2, every_n_train_steps=3, final_projection=False, bn_recalibration_batches=0)
-    trainer = fast_trainer(tmp_path, [callback], max_epochs=1, limit_train_batches=7, limit_val_batches=4,
+def test_validation_sees_the_projected_weights(tmp_path):
+    class Recording(TinyCNN):
+        def validation_step(self, batch, batch_idx):
+            self.val_logits = self(batch[0]).detach().clone()
+
+    model = Recording()
+    callback = LowRankProjection("svd", 1, every_n_train_steps=3, final_projection=False, bn_recalibration_batches=0)
+    trainer = fast_trainer(tmp_path, [callback], max_epochs=1, limit_train_batches=7, limit_val_batches=1,
                            num_sanity_val_steps=0)
-    trainer.fit(model, loader(), loader(32, seed=1))
-    reported = trainer.callback_metrics["val_acc"].item()
+    trainer.fit(model, loader(), loader(32, batch_size=32, seed=1))
+    x, _ = next(iter(loader(32, batch_size=32, seed=1)))
     weights_after_fit = model.net[2].weight.detach().clone()
-    assert torch.linalg.matrix_rank(weights_after_fit.flatten(1)).item() > 2, "training weights stay unprojected"
+    assert torch.linalg.matrix_rank(weights_after_fit.flatten(1)).item() > 1, "training weights stay unprojected"
 
     small = factorize(model, "svd", rank=callback.ranks).eval()
-    x, y = next(iter(loader(32, batch_size=32, seed=1)))
     with torch.no_grad():
-        factorized_acc = (small(x).argmax(1) == y).float().mean().item()
-    assert factorized_acc == pytest.approx(reported, abs=1e-6)
+        factorized_logits, dense_logits = small(x), model.eval()(x)
+    assert (model.val_logits - factorized_logits).abs().max().item() < 1e-5
+    assert (model.val_logits - dense_logits).abs().max().item() > 1e-3, "projection changes the logits measurably"
     assert torch.equal(model.net[2].weight, weights_after_fit)
 
 
@@ -188,6 +229,24 @@ def test_rank_warmup_anneals_down_to_target():
         assert out_ranks[0] > out_ranks[3]
 
 
+def test_rank_warmup_trains_through_annealed_ranks(tmp_path):
+    class RankProbe(L.Callback):
+        def __init__(self):
+            self.ranks = []
+
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            if trainer.global_step % 2 == 0:
+                self.ranks.append([torch.linalg.matrix_rank(pl_module.net[i].weight.detach().flatten(1)).item()
+                                   for i in (2, 5)])
+
+    probe = RankProbe()
+    callback = LowRankProjection("svd", 2, every_n_train_steps=2, rank_warmup=3)
+    fast_trainer(tmp_path, [callback, probe], max_epochs=1).fit(TinyCNN(), loader())
+    # full rank 12, target 2: 2 + floor(10 * (1 - (i + 1) / 4) ** 3) for projections i = 0, 1, 2
+    assert probe.ranks == [[6, 6], [3, 3], [2, 2], [2, 2]]
+    assert callback.num_projections == 4
+
+
 class MomentumProbe(L.Callback):
     """Records the SGD momentum buffers of conv2/conv3 (projected) and the head (not) after each optimizer step."""
 
@@ -211,14 +270,32 @@ def test_reset_momentum_zeroes_only_projected_weights_at_projections(tmp_path, r
         assert (conv2 == 0 and conv3 == 0) == zeroed, (step, conv2, conv3)
 
 
-def test_logs_projection_metrics(tmp_path):
+def test_logged_projection_metrics_match_the_singular_values(tmp_path):
+    class BeforeProjection(L.Callback):
+        def __init__(self):
+            self.weights = []
+
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            if trainer.global_step % 4 == 0:
+                self.weights.append([pl_module.net[i].weight.detach().clone() for i in (2, 5)])
+
+    before = BeforeProjection()
     logger = L.pytorch.loggers.CSVLogger(tmp_path)
     callback = LowRankProjection("svd", 2, every_n_train_steps=4)
-    fast_trainer(tmp_path, [callback], logger=logger, log_every_n_steps=1).fit(TinyCNN(), loader())
-    header = (tmp_path / "lightning_logs/version_0/metrics.csv").read_text().splitlines()[0].split(",")
-    for metric in ("lowrank/rel_error", "lowrank/energy", "lowrank/compression", "lowrank/seconds"):
-        assert metric in header
-    assert 0 < callback.last_stats[0].rel_error < 1
+    fast_trainer(tmp_path, [before, callback], logger=logger, log_every_n_steps=1).fit(TinyCNN(), loader())
+    with (tmp_path / "lightning_logs/version_0/metrics.csv").open() as handle:
+        rows = [row for row in csv.DictReader(handle) if row["lowrank/rel_error"]]
+    assert [int(row["step"]) for row in rows] == [4, 8, 12, 16], "one row per projection, at its step"
+    assert len(before.weights) == 4
+    compression = (12 * 72 + 12 * 108) / (2 * (12 + 72) + 2 * (12 + 108))
+    for row, weights in zip(rows, before.weights):
+        squares = [torch.linalg.svdvals(w.flatten(1)).pow(2) for w in weights]
+        errors = [(s[2:].sum() / s.sum()).sqrt().item() for s in squares]
+        energies = [(s[:2].sum() / s.sum()).item() for s in squares]
+        assert float(row["lowrank/rel_error"]) == pytest.approx(sum(errors) / 2, rel=1e-4)
+        assert float(row["lowrank/energy"]) == pytest.approx(sum(energies) / 2, rel=1e-4)
+        assert float(row["lowrank/compression"]) == pytest.approx(compression, rel=1e-6)
+        assert 0 < float(row["lowrank/seconds"]) < 10
 
 
 def test_plan_table_printed_at_fit_start(tmp_path, caplog):
@@ -388,15 +465,23 @@ def test_projected_validation_restores_weights_and_batchnorm(tmp_path):
         def on_validation_epoch_start(self, trainer, pl_module):
             self.before = {k: v.clone() for k, v in pl_module.state_dict().items()}
 
+    class During(L.Callback):
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            self.rank = torch.linalg.matrix_rank(pl_module.net[2].weight.detach().flatten(1)).item()
+            self.running_mean = pl_module.net[3].running_mean.clone()
+
     class After(L.Callback):
         def on_validation_epoch_end(self, trainer, pl_module):
             self.after = {k: v.clone() for k, v in pl_module.state_dict().items()}
 
-    snapshot, after = Snapshot(), After()
+    snapshot, during, after = Snapshot(), During(), After()
     callback = LowRankProjection("svd", 2, every_n_train_steps=3, bn_recalibration_batches=2)
-    trainer = fast_trainer(tmp_path, [snapshot, callback, after], max_epochs=1, limit_train_batches=4,
+    trainer = fast_trainer(tmp_path, [snapshot, callback, during, after], max_epochs=1, limit_train_batches=4,
                            limit_val_batches=2, num_sanity_val_steps=0)
     trainer.fit(TinyCNN(), loader(), loader(16, seed=2))
+    assert torch.linalg.matrix_rank(snapshot.before["net.2.weight"].flatten(1)).item() > 2
+    assert during.rank == 2, "validation ran on projected weights"
+    assert not torch.allclose(during.running_mean, snapshot.before["net.3.running_mean"]), "statistics re-estimated"
     for name, value in snapshot.before.items():
         assert torch.equal(value, after.after[name]), name
 
@@ -417,3 +502,60 @@ def test_gpu_fit_ends_low_rank_and_factorizes_exactly(tmp_path):
     x = torch.randn(16, 3, 8, 8, device="cuda")
     with torch.no_grad():
         torch.testing.assert_close(small(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def first_item_forward(module, batch):
+    """A ``recalibration_step`` given to LightningCLI by its import path."""
+    module(batch[0])
+
+
+def test_lightning_cli_sets_every_option(tmp_path):
+    from lightning.pytorch.cli import LightningCLI
+
+    config = tmp_path / "config.yaml"
+    config.write_text(f"""
+trainer:
+  default_root_dir: {tmp_path}
+  logger: false
+  enable_progress_bar: false
+  enable_checkpointing: false
+  max_epochs: 1
+  callbacks:
+    - class_path: lrlightning.LowRankProjection
+      init_args:
+        scheme: tiled_svd
+        rank: {{net.2: 2, net.5: 3}}
+        tile_shape: [6, 27]
+        every_n_train_steps: 2
+        start_step: 1
+        stop_step: 5
+        final_projection: true
+        validate_projected: false
+        rank_warmup: 1
+        reset_momentum: true
+        bn_recalibration_batches: 2
+        recalibration_step: test_callback.first_item_forward
+        check_finite: false
+        exclude: [net.0]
+        linear: false
+        skip_first_conv: false
+        hooi_iters: 0
+        svd_driver: gram
+""")
+    cli = LightningCLI(TinyCNN, args=["--config", str(config)], run=False, save_config_callback=None)
+    callback = next(c for c in cli.trainer.callbacks if isinstance(c, LowRankProjection))
+    assert callback.options == LowRankOptions(scheme="tiled_svd", rank={"net.2": 2, "net.5": 3}, tile_shape=(6, 27),
+                                              exclude=("net.0",), skip_first_conv=False, svd_driver="gram")
+    assert (callback.every_n_train_steps, callback.start_step, callback.stop_step, callback.rank_warmup) == (2, 1, 5, 1)
+    assert callback.reset_momentum and not callback.validate_projected and not callback.check_finite
+    assert callback.recalibration_step is first_item_forward and callback.bn_recalibration_batches == 2
+    cli.trainer.fit(cli.model, loader())
+    assert callback.ranks == {"net.2": 2, "net.5": 3}
+
+    flags = LightningCLI(TinyCNN, run=False, save_config_callback=None, args=[
+        "--trainer.logger=false", "--trainer.callbacks+=lrlightning.LowRankProjection",
+        "--trainer.callbacks.scheme=tucker2", "--trainer.callbacks.energy=0.9", "--trainer.callbacks.include=[net.5]",
+        "--trainer.callbacks.hooi_iters=1", "--trainer.callbacks.linear=true"])
+    callback = next(c for c in flags.trainer.callbacks if isinstance(c, LowRankProjection))
+    assert callback.options == LowRankOptions(scheme="tucker2", energy=0.9, include=("net.5",), hooi_iters=1,
+                                              linear=True)

@@ -1,0 +1,54 @@
+"""What BatchNorm re-estimation needs from a Lightning fit: training batches drawn independently of the training
+order, and forward passes that leave no trace (no logging, no recompilation of ``torch.compile``d modules)."""
+from __future__ import annotations
+
+import contextlib
+from itertools import islice
+from typing import Any, Iterator
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+
+
+def defines_forward(module: nn.Module) -> bool:
+    """Whether ``module``'s class implements ``forward`` (a LightningModule need not: it may call ``self.net``)."""
+    return type(module).forward not in (LightningModule.forward, nn.Module.forward)
+
+
+@contextlib.contextmanager
+def silenced_logging(module: LightningModule) -> Iterator[None]:
+    """``module.log`` and ``module.log_dict`` do nothing inside the block (a ``training_step`` run for BatchNorm
+    statistics must not log, and may run in hooks where Lightning forbids logging)."""
+    module.log = module.log_dict = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        del module.log, module.log_dict
+
+
+def eager() -> contextlib.AbstractContextManager:
+    """``torch.compile``d code runs eagerly inside the block, so no-grad passes trigger no recompilation."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance else contextlib.nullcontext()
+
+
+def training_batches(trainer: Trainer, count: int, seed: int) -> Iterator[Any]:
+    """Up to ``count`` batches of the fit's training DataLoader, on the module's device and precision.
+
+    A map-style dataset is reshuffled with a generator seeded by ``seed`` (the training order is untouched);
+    an iterable dataset is read from its start. Yields nothing before the loader exists (sanity validation).
+    Raises ``TypeError`` when the fit has several training loaders.
+    """
+    loader = trainer.train_dataloader
+    if loader is None:
+        return
+    if not isinstance(loader, DataLoader):
+        raise TypeError(f"BatchNorm re-estimation needs a single training DataLoader, got {type(loader).__name__}")
+    if loader.batch_size is not None and not isinstance(loader.dataset, IterableDataset):
+        generator = torch.Generator().manual_seed(seed)
+        loader = DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=True, generator=generator,
+                            collate_fn=loader.collate_fn)
+    for batch in islice(loader, count):
+        yield trainer.strategy.batch_to_device(trainer.precision_plugin.convert_input(batch))

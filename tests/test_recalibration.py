@@ -1,0 +1,233 @@
+"""BatchNorm re-estimation inside anyone's LightningModule: modules without ``forward``, dict and custom batches,
+manual optimization, iterable datasets and ``torch.compile``d backbones; refused at train start when it cannot run."""
+import copy
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+from lrlightning import LowRankProjection, factorize, relative_ranks
+from lrlightning.batchnorm import recalibrate_batchnorm_
+
+
+def small_net():
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 4),
+    )
+
+
+class NoForward(L.LightningModule):
+    """Calls ``self.net`` in its steps and defines no ``forward``; logs its loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = small_net()
+        self.validated_ranks = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.net(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.validated_ranks.append(torch.linalg.matrix_rank(self.net[2].weight.detach().flatten(1)).item())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+class DictBatches(NoForward):
+    """Takes ``{"image", "label"}`` batches and does define ``forward``."""
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        loss = nn.functional.cross_entropy(self(batch["image"]), batch["label"])
+        self.log("train_loss", loss)
+        return loss
+
+
+class ManualTwoOptimizers(NoForward):
+    """Manual optimization: the convs and the head step with separate optimizers on every batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.net(x), y)
+        for optimizer in self.optimizers():
+            optimizer.zero_grad()
+        self.manual_backward(loss)
+        for optimizer in self.optimizers():
+            optimizer.step()
+        return loss
+
+    def configure_optimizers(self):
+        return (torch.optim.SGD(self.net[:5].parameters(), lr=0.05),
+                torch.optim.SGD(self.net[5:].parameters(), lr=0.05))
+
+
+class DictDataset(torch.utils.data.Dataset):
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, index):
+        x, y = self.data[index]
+        return {"image": x, "label": y}
+
+
+class Stream(IterableDataset):
+    def __init__(self, data):
+        self.data = data
+
+    def __iter__(self):
+        return iter(self.data)
+
+
+def tensors(n=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 4, (n,), generator=g))
+
+
+def fit(model, data, callback, **kwargs):
+    args = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                max_epochs=1, accelerator="cpu", devices=1)
+    trainer = L.Trainer(callbacks=[callback], **{**args, **kwargs})
+    trainer.fit(model, DataLoader(data, batch_size=8), DataLoader(data, batch_size=8))
+    return trainer
+
+
+def expected_statistics(net, batches):
+    """Running mean/var of the BatchNorm after re-estimation on ``batches`` of images, computed here."""
+    copy_ = copy.deepcopy(net)
+    recalibrate_batchnorm_(copy_, batches)
+    return copy_[3].running_mean, copy_[3].running_var
+
+
+def replayed_images(dataset, steps, key=None, count=3):
+    """The images of the first ``count`` batches of the callback's reshuffle seeded with ``steps``."""
+    loader = DataLoader(dataset, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(steps))
+    batches = [batch for _, batch in zip(range(count), loader)]
+    return [batch[key] if key else batch[0] for batch in batches]
+
+
+@pytest.mark.parametrize("style", ["no_forward", "dict_batches"])
+def test_recalibration_runs_the_modules_own_step(tmp_path, style):
+    model = NoForward() if style == "no_forward" else DictBatches()
+    data = tensors() if style == "no_forward" else DictDataset(tensors())
+    callback = LowRankProjection("svd", 2, every_n_train_steps=2, bn_recalibration_batches=3)
+    trainer = fit(model, data, callback, default_root_dir=tmp_path)
+    assert trainer.global_step == 6 and callback.num_projections == 3
+    assert model.validated_ranks == [2] * 8, "sanity check and validation ran on projected weights"
+    assert torch.linalg.matrix_rank(model.net[2].weight.detach().flatten(1)).item() == 2
+    images = replayed_images(data, trainer.global_step, key=None if style == "no_forward" else "image")
+    mean, var = expected_statistics(model.net, images)
+    assert torch.allclose(model.net[3].running_mean, mean, atol=1e-6)
+    assert torch.allclose(model.net[3].running_var, var, atol=1e-6)
+    small = factorize(model.net, "svd", rank=relative_ranks(callback.ranks, "net")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(small(images[0]), model.net.eval()(images[0]), atol=1e-5, rtol=1e-5)
+
+
+def test_recalibration_step_handles_custom_batches(tmp_path):
+    class Pair:
+        def __init__(self, image, label):
+            self.image, self.label = image, label
+
+    class CustomBatches(NoForward):
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self.net(batch.image), batch.label)
+
+    data = tensors()
+
+    def collate(items):
+        return Pair(torch.stack([x for x, _ in items]), torch.stack([y for _, y in items]))
+
+    seen = []
+
+    def step(module, batch):
+        seen.append(batch.image.shape)
+        module.net(batch.image)
+
+    model = CustomBatches()
+    callback = LowRankProjection("svd", 2, every_n_train_steps=2, bn_recalibration_batches=2, recalibration_step=step)
+    trainer = L.Trainer(callbacks=[callback], logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, max_epochs=1, default_root_dir=tmp_path)
+    trainer.fit(model, DataLoader(data, batch_size=8, collate_fn=collate))
+    assert seen == [(8, 3, 8, 8)] * 3, "one check at train start, then two batches after the final projection"
+
+
+def test_manual_optimization_without_forward_is_refused_at_train_start(tmp_path):
+    class Stop(L.Callback):
+        def on_train_batch_start(self, *args):
+            raise AssertionError("training started")
+
+    callback = LowRankProjection("svd", 2, every_n_train_steps=2)
+    trainer = L.Trainer(callbacks=[callback, Stop()], logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, max_epochs=1, default_root_dir=tmp_path)
+    with pytest.raises(RuntimeError, match=r"BatchNorm re-estimation cannot run on ManualTwoOptimizers.*manual "
+                                           r"optimization.*`recalibration_step=`.*`bn_recalibration_batches=0`"):
+        trainer.fit(ManualTwoOptimizers(), DataLoader(tensors(), batch_size=8))
+
+
+def test_manual_optimization_with_recalibration_step_trains_and_recalibrates(tmp_path):
+    model = ManualTwoOptimizers()
+    callback = LowRankProjection("svd", 2, every_n_train_steps=3, bn_recalibration_batches=3,
+                                 recalibration_step=recalibrate_with_net)
+    trainer = fit(model, tensors(), callback, default_root_dir=tmp_path)
+    assert trainer.global_step == 12
+    mean, var = expected_statistics(model.net, replayed_images(tensors(), trainer.global_step))
+    assert torch.allclose(model.net[3].running_var, var, atol=1e-6)
+
+
+def recalibrate_with_net(module, batch):
+    module.net(batch[0])
+
+
+def test_iterable_dataset_is_read_from_its_start(tmp_path):
+    model = NoForward()
+    callback = LowRankProjection("svd", 2, every_n_train_steps=2, bn_recalibration_batches=2)
+    fit(model, Stream(list(tensors())), callback, default_root_dir=tmp_path)
+    images = [torch.stack([x for x, _ in list(tensors())[i:i + 8]]) for i in (0, 8)]
+    mean, var = expected_statistics(model.net, images)
+    assert torch.allclose(model.net[3].running_mean, mean, atol=1e-6)
+
+
+def test_recalibration_of_a_compiled_backbone_does_not_recompile(tmp_path):
+    compilations = []
+
+    def backend(graph, example_inputs):
+        compilations.append(len(example_inputs))
+        return graph.forward
+
+    class Compiled(NoForward):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.compile(self.net, backend=backend)
+
+    class CountAtLastBatch(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            self.count = len(compilations)
+
+    model, counter = Compiled(), CountAtLastBatch()
+    callback = LowRankProjection("svd", 2, every_n_train_steps=2, bn_recalibration_batches=3)
+    trainer = L.Trainer(callbacks=[counter, callback], logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, max_epochs=1, default_root_dir=tmp_path)
+    trainer.fit(model, DataLoader(tensors(), batch_size=8))
+    assert counter.count >= 1
+    assert len(compilations) == counter.count, "re-estimation after the last batch compiled nothing"
+    assert [p.name for p in callback.plans] == ["net.2"]
+    images = replayed_images(tensors(), trainer.global_step)
+    mean, _ = expected_statistics(model.net._orig_mod, images)
+    assert torch.allclose(model.net._orig_mod[3].running_mean, mean, atol=1e-6)
