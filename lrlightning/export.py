@@ -9,9 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers import LAYER_TYPES, factorized_layer, layer_from_spec
+from .layers import FactorizedLayer
 from .options import LowRankOptions
-from .plan import plan_layers
+from .plan import plan_layers, scheme_for
+from .schemes import layer_from_spec
 
 FORMAT = "lrlightning.factorized/1"
 
@@ -34,7 +35,7 @@ def factorize(model: nn.Module, scheme: str = "svd", rank=None, **options) -> nn
     result = copy.deepcopy(model)
     for plan in plans:
         dense = result.get_submodule(plan.name)
-        set_submodule(result, plan.name, factorized_layer(dense, plan.scheme, plan.rank, opts.tile_shape, opts.hooi_iters))
+        set_submodule(result, plan.name, scheme_for(plan.shape, opts).factorized_layer(dense, plan.rank))
     return result
 
 
@@ -44,7 +45,7 @@ def structure_spec(model: nn.Module) -> dict[str, dict]:
     for name, module in model.named_modules():
         if inside and any(name.startswith(prefix + ".") for prefix in inside):
             continue
-        if type(module).__name__ in LAYER_TYPES and isinstance(module, tuple(LAYER_TYPES.values())):
+        if isinstance(module, FactorizedLayer):
             specs[name] = module.spec()
             inside = (*inside, name)
     return specs

@@ -19,8 +19,9 @@ from lrlightning import (
     save_factorized,
 )
 from lrlightning.backbones import build_backbone
-from lrlightning.layers import LowRankConv2d, LowRankLinear, TiledSVDConv2d
+from lrlightning.layers import LowRankConv2d, LowRankLinear
 from lrlightning.plan import frozen_ranks
+from lrlightning.schemes.tiled_svd import TiledSVDConv2d
 
 IN_CHANNELS, OUT_CHANNELS = 8, 12
 
@@ -426,6 +427,7 @@ def test_non_finite_weight_raises_naming_the_layer_and_writes_nothing():
     with pytest.raises(NonFiniteWeightError, match=r"'head'"):
         project_(model, "svd", rank=2)
     assert torch.equal(model.layer1.conv1.weight, before["layer1.conv1.weight"])
+
 
 
 INVALID_OPTIONS = [
