@@ -11,7 +11,8 @@ from torch import nn
 
 from .layers import FactorizedLayer
 from .options import LowRankOptions
-from .plan import plan_layers, scheme_for
+from .plan import candidate_layers, plan_layers, scheme_for
+from .projection import NonFiniteWeightError
 from .schemes import layer_from_spec
 
 FORMAT = "lrlightning.factorized/1"
@@ -28,9 +29,13 @@ def factorize(model: nn.Module, scheme: str = "svd", rank=None, **options) -> nn
     Options and rank rules are those of ``LowRankOptions`` (shared with ``LowRankProjection``). Each replaced
     layer computes exactly what the dense layer computes with its weight projected at that rank, so a model
     trained with the callback gives the same outputs (float32: max abs logit difference ~1e-5). Layers that
-    would not shrink stay dense, with a warning naming them.
+    would not shrink stay dense, with a warning naming them. Raises ``NonFiniteWeightError`` naming the first
+    selected layer whose weight holds NaN or Inf.
     """
     opts = LowRankOptions(scheme=scheme, rank=rank, **options)
+    for name, layer in candidate_layers(model, opts)[0]:
+        if not bool(torch.isfinite(layer.weight).all()) and (not isinstance(opts.rank, dict) or name in opts.rank):
+            raise NonFiniteWeightError(name)
     plans, _ = plan_layers(model, opts)
     result = copy.deepcopy(model)
     for plan in plans:
