@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from .layers import TiledSVDConv2d
+from .schemes.tiled_svd import TiledSVDConv2d
 
 
 def count_params(model: nn.Module) -> int:

@@ -9,10 +9,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers import LAYER_TYPES, factorized_layer, layer_from_spec
+from .layers import FactorizedLayer
 from .names import canonical_name, canonical_state_dict, get_module, load_canonical_state_dict, set_module
 from .options import LowRankOptions
-from .plan import plan_layers
+from .plan import plan_layers, scheme_for
+from .schemes import layer_from_spec
 
 FORMAT = "lrlightning.factorized/1"
 set_submodule = set_module
@@ -25,14 +26,15 @@ def factorize(model: nn.Module, scheme: str = "svd", rank=None, **options) -> nn
     layer computes exactly what the dense layer computes with its weight projected at that rank, so a model
     trained with the callback gives the same outputs (float32: max abs logit difference ~1e-5). Layers that
     would not shrink stay dense, with a warning naming them. A ``torch.compile``d ``model`` gives a compiled copy;
-    layer names never contain ``_orig_mod`` (see ``lrlightning.names``).
+    layer names never contain ``_orig_mod`` (see ``lrlightning.names``). Raises ``NonFiniteWeightError`` naming
+    the first selected layer whose weight holds NaN or Inf.
     """
     opts = LowRankOptions(scheme=scheme, rank=rank, **options)
     plans, _ = plan_layers(model, opts)
     result = copy.deepcopy(model)
     for plan in plans:
         dense = get_module(result, plan.name)
-        set_module(result, plan.name, factorized_layer(dense, plan.scheme, plan.rank, opts.tile_shape, opts.hooi_iters))
+        set_module(result, plan.name, scheme_for(plan.shape, opts).factorized_layer(dense, plan.rank))
     return result
 
 
@@ -43,7 +45,7 @@ def structure_spec(model: nn.Module) -> dict[str, dict]:
         name = canonical_name(name)
         if inside and any(name.startswith(prefix + ".") for prefix in inside):
             continue
-        if type(module).__name__ in LAYER_TYPES and isinstance(module, tuple(LAYER_TYPES.values())):
+        if isinstance(module, FactorizedLayer):
             specs[name] = module.spec()
             inside = (*inside, name)
     return specs

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from .schemes import SCHEME_NAMES, SVD_DRIVERS, Scheme, make_scheme
+from .schemes import SVD_DRIVERS, Scheme, scheme_class
 
 RankSpec = int | float | tuple[int, int] | Mapping[str, Any] | None
 
@@ -30,7 +30,7 @@ def check_layer_rank(argument: str, value: Any, allow_pair: bool) -> int | tuple
 
 def check_rank(rank: Any, scheme: str) -> RankSpec:
     """Validate the ``rank`` rule; returns it normalized (lists to tuples, mappings to dicts)."""
-    pair = scheme == "tucker2"
+    pair = scheme_class(scheme).pair_rank
     if rank is None:
         return None
     if isinstance(rank, float) and not isinstance(rank, bool):
@@ -89,8 +89,7 @@ class LowRankOptions:
     svd_driver: str = "exact"
 
     def __post_init__(self):
-        if self.scheme not in SCHEME_NAMES:
-            raise ValueError(f"`scheme` must be one of {SCHEME_NAMES}, got {self.scheme!r}")
+        scheme_class(self.scheme)
         given = [name for name in ("rank", "energy", "compression") if getattr(self, name) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one rank rule of `rank`, `energy`, `compression`; got {given or 'none'}")
@@ -116,7 +115,7 @@ class LowRankOptions:
             raise ValueError(f"`svd_driver` must be one of {SVD_DRIVERS}, got {self.svd_driver!r}")
 
     def conv_scheme(self) -> Scheme:
-        return make_scheme(self.scheme, self.tile_shape, self.hooi_iters)
+        return scheme_class(self.scheme).from_options(self)
 
     def replace_rank(self, rank: RankSpec) -> "LowRankOptions":
         """The same options with another rank rule (energy and compression cleared)."""

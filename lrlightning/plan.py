@@ -14,6 +14,14 @@ from .options import LowRankOptions
 from .schemes import LoweredSVD, Rank, Scheme
 
 
+class NonFiniteWeightError(FloatingPointError):
+    """A selected weight holds NaN or Inf; ``layer`` names it."""
+
+    def __init__(self, layer: str, message: str | None = None):
+        super().__init__(message or f"weight of layer {layer!r} holds NaN or Inf values; it cannot be projected")
+        self.layer = layer
+
+
 @dataclass(frozen=True)
 class LayerPlan:
     """One selected layer: its name in the model, scheme, weight shape, resolved rank, parameter counts.
@@ -109,8 +117,8 @@ def resolve_rank(name: str, module: nn.Module, scheme: Scheme, options: LowRankO
 def plan_layers(model: nn.Module, options: LowRankOptions, warn: bool = True) -> tuple[list[LayerPlan], list[SkippedLayer]]:
     """Resolve every selected layer's rank; layers that would not shrink stay dense (break-even guard).
 
-    A ``rank`` mapping selects exactly the layers it names. Raises ValueError when nothing is selected, listing
-    the candidate names.
+    A ``rank`` mapping selects exactly the layers it names. Raises ``NonFiniteWeightError`` naming the first
+    selected layer whose weight holds NaN or Inf, and ValueError when nothing is selected, listing the candidates.
     """
     chosen, skipped = candidate_layers(model, options)
     if isinstance(options.rank, dict):
@@ -125,6 +133,9 @@ def plan_layers(model: nn.Module, options: LowRankOptions, warn: bool = True) ->
             raise ValueError(f"`rank` mapping names layers that are not selectable: {unknown}; selectable: "
                              f"{selectable}{hint}")
         chosen = [(name, module) for name, module in chosen if name in options.rank]
+    for name, module in chosen:
+        if not bool(torch.isfinite(module.weight).all()):
+            raise NonFiniteWeightError(name)
     plans = []
     for name, module in chosen:
         shape = tuple(module.weight.shape)

@@ -9,15 +9,7 @@ from torch import nn
 
 from .names import named_modules
 from .options import LowRankOptions
-from .plan import LayerPlan, plan_layers, scheme_for
-
-
-class NonFiniteWeightError(FloatingPointError):
-    """A selected weight holds NaN or Inf; ``layer`` names it."""
-
-    def __init__(self, layer: str, message: str | None = None):
-        super().__init__(message or f"weight of layer {layer!r} holds NaN or Inf values; it cannot be projected")
-        self.layer = layer
+from .plan import LayerPlan, NonFiniteWeightError, plan_layers, scheme_for
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from torch import nn
 from torch.fx.experimental.optimization import fuse
 
 from .export import set_submodule
-from .layers import LAYER_TYPES
+from .layers import FactorizedLayer
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -80,7 +80,7 @@ def keep_faster_layers(dense: nn.Module, factorized: nn.Module, example: torch.T
     Returns the model and one row per factorized layer: name, dense and factorized ms, and whether it was kept.
     """
     result = copy.deepcopy(factorized).eval()
-    names = [name for name, m in factorized.named_modules() if type(m).__name__ in LAYER_TYPES]
+    names = [name for name, m in factorized.named_modules() if isinstance(m, FactorizedLayer)]
     inputs = layer_inputs(dense, names, example)
     report = []
     for name in names:

@@ -19,8 +19,9 @@ from lrlightning import (
     save_factorized,
 )
 from lrlightning.backbones import build_backbone
-from lrlightning.layers import LowRankConv2d, LowRankLinear, TiledSVDConv2d
+from lrlightning.layers import LowRankConv2d, LowRankLinear
 from lrlightning.plan import frozen_ranks
+from lrlightning.schemes.tiled_svd import TiledSVDConv2d
 
 IN_CHANNELS, OUT_CHANNELS = 8, 12
 
@@ -426,6 +427,21 @@ def test_non_finite_weight_raises_naming_the_layer_and_writes_nothing():
     with pytest.raises(NonFiniteWeightError, match=r"'head'"):
         project_(model, "svd", rank=2)
     assert torch.equal(model.layer1.conv1.weight, before["layer1.conv1.weight"])
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("rule", [dict(rank=2), dict(energy=0.9), dict(compression=2.0)])
+def test_factorize_of_a_non_finite_weight_raises_naming_the_layer(value, rule):
+    model = named_blocks_model()
+    with torch.no_grad():
+        model.layer2.conv1.weight[1, 2, 0, 1] = value
+    for function in (factorize, project_):
+        with pytest.raises(NonFiniteWeightError, match=r"'layer2\.conv1'") as raised:
+            function(model, "tucker2", **rule)
+        assert raised.value.layer == "layer2.conv1"
+    left_out = factorize(model, "svd", rank={"layer1.conv1": 2, "layer2.conv2": 2})
+    assert type(left_out.layer2.conv1) is nn.Conv2d and isinstance(left_out.layer2.conv2, LowRankConv2d)
+    assert isinstance(factorize(model, "svd", exclude="layer2.conv1", **rule).layer1.conv1, LowRankConv2d)
 
 
 INVALID_OPTIONS = [

@@ -1,0 +1,80 @@
+"""The low-rank schemes, by name: each one a ``Scheme`` class in its own module, owning its matrix view, its
+projection, its rank rules and its exact factorized module.
+
+A scheme is added with ``register(MyScheme)``; from then on its ``name`` is accepted wherever a scheme is
+(``LowRankOptions``, ``project_``, ``factorize``, ``LowRankProjection``) and ``load_factorized`` rebuilds its
+layers from their spec.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .base import MatrixScheme, Rank, Scheme
+from .linalg import (
+    SVD_DRIVERS,
+    gram_basis,
+    low_rank_matrices,
+    rank_mask,
+    smallest_rank_for_energy,
+    split_sqrt,
+    truncated_svd,
+)
+from .spatial_svd import SpatialSVD
+from .svd import LoweredSVD
+from .tiled_svd import TiledSVD
+from .tucker2 import Tucker2
+
+SCHEMES: dict[str, type[Scheme]] = {}
+
+
+def register(scheme: type[Scheme]) -> type[Scheme]:
+    """Make ``scheme`` available under its ``name``; returns it, so it also works as a class decorator."""
+    if not (isinstance(scheme, type) and issubclass(scheme, Scheme)):
+        raise TypeError(f"`scheme` must be a subclass of Scheme, got {scheme!r}")
+    if not (isinstance(scheme.name, str) and scheme.name):
+        raise ValueError(f"`scheme.name` must be a non-empty string, got {scheme.name!r} for {scheme.__name__}")
+    if scheme.name in SCHEMES:
+        raise ValueError(f"scheme {scheme.name!r} is already registered as {SCHEMES[scheme.name].__name__}")
+    SCHEMES[scheme.name] = scheme
+    return scheme
+
+
+def scheme_class(name: str) -> type[Scheme]:
+    """The registered scheme called ``name``; a ValueError naming the registered ones otherwise."""
+    if not isinstance(name, str) or name not in SCHEMES:
+        raise ValueError(f"`scheme` must be one of {tuple(SCHEMES)}, got {name!r}")
+    return SCHEMES[name]
+
+
+def layer_from_spec(spec: dict) -> nn.Module:
+    """Rebuild a factorized layer from the ``spec()`` it wrote, through the scheme its spec names."""
+    if spec.get("scheme") not in SCHEMES:
+        raise ValueError(f"factorized layer spec names scheme {spec.get('scheme')!r}, which is not registered; "
+                         f"registered: {tuple(SCHEMES)}")
+    return SCHEMES[spec["scheme"]].layer_from_spec(spec)
+
+
+SCHEME_NAMES = tuple(register(scheme).name for scheme in (LoweredSVD, TiledSVD, Tucker2, SpatialSVD))
+"""The built-in schemes; schemes registered later are in ``SCHEMES``."""
+
+__all__ = [
+    "SCHEMES",
+    "SCHEME_NAMES",
+    "SVD_DRIVERS",
+    "LoweredSVD",
+    "MatrixScheme",
+    "Rank",
+    "Scheme",
+    "SpatialSVD",
+    "TiledSVD",
+    "Tucker2",
+    "gram_basis",
+    "layer_from_spec",
+    "low_rank_matrices",
+    "rank_mask",
+    "register",
+    "scheme_class",
+    "smallest_rank_for_energy",
+    "split_sqrt",
+    "truncated_svd",
+]

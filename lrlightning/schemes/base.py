@@ -1,0 +1,109 @@
+"""What a scheme is: its rank rules, its projection and its exact factorized module. Pure torch.
+
+Notation: a conv kernel has shape (T, S, kh, kw) (out channels, in channels, kernel height, width); a Linear
+weight (T, S). Every ``project`` works on a batch of weights of one shape, in float32, with one rank per weight,
+and returns the reconstructed weights (the orthogonal projection onto the scheme's low-rank set).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..layers import FactorizedLayer, LowRankConv2d
+from .linalg import low_rank_matrices, smallest_rank_for_energy, split_sqrt, truncated_svd
+
+Rank = int | tuple[int, int]
+
+
+class Scheme:
+    """A low-rank scheme for weights of one kind, registered under ``name`` (``lrlightning.schemes.register``).
+
+    Subclasses define the rank set (``full_rank``, ``factorized_params``, ``project``, ``energy_rank``) and the
+    exact factorized module (``factorized_layer``; ``layer_types``: the modules it builds, rebuilt from a spec).
+    """
+
+    name = ""
+    pair_rank = False
+    layer_types: tuple[type[FactorizedLayer], ...] = (LowRankConv2d,)
+
+    @classmethod
+    def from_options(cls, options: Any) -> "Scheme":
+        """The scheme configured by validated ``LowRankOptions`` (a scheme reads only the options it takes)."""
+        return cls()
+
+    def full_rank(self, shape: tuple[int, ...]) -> Rank:
+        """The largest meaningful rank for a weight of ``shape``."""
+        raise NotImplementedError
+
+    def factorized_params(self, shape: tuple[int, ...], rank: Rank) -> int:
+        """Weight parameters of the factorized layer (bias excluded)."""
+        raise NotImplementedError
+
+    def project(self, weights: Tensor, ranks: Sequence[Rank], driver: str = "exact") -> Tensor:
+        """Project a batch (B, *shape) of float32 weights onto the rank set; same shape out."""
+        raise NotImplementedError
+
+    def energy_rank(self, weight: Tensor, energy: float) -> Rank:
+        """Smallest rank keeping at least ``energy`` of the squared singular-value energy."""
+        raise NotImplementedError
+
+    def factorized_layer(self, layer: nn.Module, rank: Rank) -> nn.Module:
+        """The ``FactorizedLayer`` computing what ``layer`` computes with its weight projected at ``rank`` (exactly
+        so when the weight already lies in the rank set), on the weight's device and dtype; ``layer`` is untouched."""
+        raise NotImplementedError
+
+    @classmethod
+    def layer_from_spec(cls, spec: dict) -> nn.Module:
+        """Rebuild one of ``layer_types`` from the ``spec()`` it wrote (its ``"type"`` names the module kind)."""
+        kinds = {layer_type.kind: layer_type for layer_type in cls.layer_types}
+        if spec.get("type") not in kinds:
+            raise ValueError(f"scheme {cls.name!r} has no factorized layer of type {spec.get('type')!r}; "
+                             f"its types: {sorted(kinds)}")
+        return kinds[spec["type"]].from_spec(spec)
+
+    def rank_candidates(self, shape: tuple[int, ...]) -> Iterable[Rank]:
+        """Ranks from largest to smallest, for the compression-target rule."""
+        full = self.full_rank(shape)
+        return range(full, 0, -1)
+
+    def rank_from_fraction(self, shape: tuple[int, ...], fraction: float) -> Rank:
+        return max(1, math.floor(fraction * self.full_rank(shape) + 1e-9))
+
+    def clamp(self, shape: tuple[int, ...], rank: Rank) -> Rank:
+        return min(int(rank), self.full_rank(shape))
+
+
+class MatrixScheme(Scheme):
+    """A scheme that truncates one matrix view (B, m, n) of a batch of weights (B, *shape)."""
+
+    def to_matrix(self, weights: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def from_matrix(self, matrices: Tensor, shape: tuple[int, ...]) -> Tensor:
+        raise NotImplementedError
+
+    def matrix_shape(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        return tuple(self.to_matrix(torch.empty((1, *shape), device="meta")).shape[1:])
+
+    def full_rank(self, shape):
+        return min(self.matrix_shape(shape))
+
+    def factorized_params(self, shape, rank):
+        return int(rank) * sum(self.matrix_shape(shape))
+
+    def project(self, weights, ranks, driver="exact"):
+        shape = tuple(weights.shape[1:])
+        return self.from_matrix(low_rank_matrices(self.to_matrix(weights), ranks, driver), shape)
+
+    def energy_rank(self, weight, energy):
+        s = torch.linalg.svdvals(self.to_matrix(weight.unsqueeze(0))[0])
+        return smallest_rank_for_energy(s, energy)
+
+    def matrix_factors(self, weight: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+        """Left (m, rank) and right (rank, n) float32 factors of one weight's matrix view truncated at ``rank``,
+        the singular values split evenly (``split_sqrt``): left @ right is the projected matrix."""
+        u, s, vh = truncated_svd(self.to_matrix(weight.detach().float().unsqueeze(0))[0], rank)
+        return split_sqrt(u, s, vh)

@@ -1,0 +1,44 @@
+"""``spatial_svd``: the (S·kh) × (T·kw) matrix of Jaderberg et al. (beyond the paper)."""
+from __future__ import annotations
+
+from torch import nn
+
+from ..layers import LowRankConv2d, new_conv
+from .base import MatrixScheme
+
+
+def split_geometry(conv: nn.Conv2d) -> tuple[dict, dict]:
+    """Stride/padding/dilation of a kh×kw conv split into its kh×1 and 1×kw parts (exact for every padding mode)."""
+    pad = conv.padding
+    vertical_pad = pad if isinstance(pad, str) else (pad[0], 0)
+    horizontal_pad = pad if isinstance(pad, str) else (0, pad[1])
+    vertical = dict(stride=(conv.stride[0], 1), padding=vertical_pad, dilation=(conv.dilation[0], 1),
+                    padding_mode=conv.padding_mode)
+    horizontal = dict(stride=(1, conv.stride[1]), padding=horizontal_pad, dilation=(1, conv.dilation[1]),
+                      padding_mode=conv.padding_mode)
+    return vertical, horizontal
+
+
+class SpatialSVD(MatrixScheme):
+    """``spatial_svd``: exports as a kh×1 conv S→r then a 1×kw conv r→T with the bias."""
+
+    name = "spatial_svd"
+
+    def to_matrix(self, weights):
+        b, t, s, kh, kw = weights.shape
+        return weights.permute(0, 2, 3, 1, 4).reshape(b, s * kh, t * kw)
+
+    def from_matrix(self, matrices, shape):
+        t, s, kh, kw = shape
+        return matrices.reshape(-1, s, kh, t, kw).permute(0, 3, 1, 2, 4)
+
+    def factorized_layer(self, layer, rank):
+        weight = layer.weight.detach()
+        t, s, kh, kw = weight.shape
+        left, right = self.matrix_factors(weight, rank)
+        vertical_args, horizontal_args = split_geometry(layer)
+        vertical = left.reshape(s, kh, rank).permute(2, 0, 1).unsqueeze(-1)
+        horizontal = right.reshape(rank, t, kw).permute(1, 0, 2).unsqueeze(2)
+        first = new_conv(vertical.to(weight.dtype), **vertical_args)
+        second = new_conv(horizontal.to(weight.dtype), layer.bias, **horizontal_args)
+        return LowRankConv2d(self.name, rank, [first, second])

@@ -1,0 +1,92 @@
+"""``tucker2``: Tucker-2 on the two channel modes of a conv kernel, ranks (R_in, R_out) (paper §3)."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ..layers import LowRankConv2d, geometry, new_conv
+from .base import Scheme
+from .linalg import gram_basis, rank_mask, smallest_rank_for_energy, truncated_svd
+
+
+class Tucker2(Scheme):
+    """``tucker2``: HOSVD, then ``hooi_iters`` rounds of higher-order orthogonal iteration (each never increases
+    the error). Exports as 1×1 conv S→R_in, kh×kw conv R_in→R_out (original geometry), 1×1 conv R_out→T with
+    the bias."""
+
+    name = "tucker2"
+    pair_rank = True
+
+    def __init__(self, hooi_iters: int = 0):
+        self.hooi_iters = int(hooi_iters)
+
+    @classmethod
+    def from_options(cls, options):
+        return cls(options.hooi_iters)
+
+    def full_rank(self, shape):
+        return (shape[1], shape[0])
+
+    def factorized_params(self, shape, rank):
+        t, s = shape[0], shape[1]
+        r_in, r_out = rank
+        return s * r_in + math.prod(shape[2:]) * r_in * r_out + r_out * t
+
+    def rank_from_fraction(self, shape, fraction):
+        return tuple(max(1, math.floor(fraction * n + 1e-9)) for n in self.full_rank(shape))
+
+    def clamp(self, shape, rank):
+        r_in, r_out = (rank, rank) if isinstance(rank, int) else rank
+        return (min(int(r_in), shape[1]), min(int(r_out), shape[0]))
+
+    def rank_candidates(self, shape):
+        t, s = shape[0], shape[1]
+        return [(max(1, math.floor(r_out * s / t)), r_out) for r_out in range(t, 0, -1)]
+
+    @staticmethod
+    def leading_vectors(matrices: Tensor, ranks: Sequence[int], driver: str = "exact") -> Tensor:
+        """Masked leading left singular vectors (B, m, max rank): columns past ``ranks[b]`` are zero."""
+        if driver == "gram":
+            u = gram_basis(matrices, max(ranks), left=True)[0].to(matrices.dtype)
+        else:
+            u, _, _ = truncated_svd(matrices, max(ranks), driver)
+        return u * rank_mask(ranks, u.shape[-1], u).unsqueeze(-2)
+
+    def factors(self, weights: Tensor, ranks: Sequence[tuple[int, int]],
+                driver: str = "exact") -> tuple[Tensor, Tensor, Tensor]:
+        """(core (B, R_out, R_in, kh, kw), U_in (B, S, R_in), U_out (B, T, R_out)), masked to each rank."""
+        b, t, s = weights.shape[:3]
+        r_in = [r[0] for r in ranks]
+        r_out = [r[1] for r in ranks]
+        unfold_out = weights.reshape(b, t, -1)
+        unfold_in = weights.transpose(1, 2).reshape(b, s, -1)
+        u_out = self.leading_vectors(unfold_out, r_out, driver)
+        u_in = self.leading_vectors(unfold_in, r_in, driver)
+        for _ in range(self.hooi_iters):
+            partial = torch.einsum("btsij,btr->brsij", weights, u_out)
+            u_in = self.leading_vectors(partial.transpose(1, 2).reshape(b, s, -1), r_in, driver)
+            partial = torch.einsum("btsij,bsq->btqij", weights, u_in)
+            u_out = self.leading_vectors(partial.reshape(b, t, -1), r_out, driver)
+        core = torch.einsum("btsij,btr,bsq->brqij", weights, u_out, u_in)
+        return core, u_in, u_out
+
+    def project(self, weights, ranks, driver="exact"):
+        core, u_in, u_out = self.factors(weights, ranks, driver)
+        return torch.einsum("brqij,btr,bsq->btsij", core, u_out, u_in)
+
+    def energy_rank(self, weight, energy):
+        t, s = weight.shape[:2]
+        r_out = smallest_rank_for_energy(torch.linalg.svdvals(weight.reshape(t, -1)), energy)
+        r_in = smallest_rank_for_energy(torch.linalg.svdvals(weight.transpose(0, 1).reshape(s, -1)), energy)
+        return (r_in, r_out)
+
+    def factorized_layer(self, layer, rank):
+        weight = layer.weight.detach()
+        core, u_in, u_out = self.factors(weight.float().unsqueeze(0), [tuple(rank)])
+        first = new_conv(u_in[0].T[:, :, None, None].contiguous().to(weight.dtype))
+        middle = new_conv(core[0].contiguous().to(weight.dtype), **geometry(layer))
+        last = new_conv(u_out[0][:, :, None, None].contiguous().to(weight.dtype), layer.bias)
+        return LowRankConv2d(self.name, tuple(rank), [first, middle, last])
