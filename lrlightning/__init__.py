@@ -2,9 +2,10 @@
 
 from .callback import LowRankProjection, NonFiniteTrainingError
 from .counting import count_macs, count_params
-from .export import factorize, load_factorized, save_factorized
+from .export import factorize, factorize_planned, load_factorized, save_factorized
+from .finish import finish, finish_
 from .options import LowRankOptions
-from .plan import LayerPlan, plan_layers, relative_ranks
+from .plan import LayerPlan, plan_layers, relative_plans, relative_ranks
 from .projection import LayerStats, NonFiniteWeightError, project_
 from .schemes import SCHEME_NAMES
 
@@ -21,9 +22,13 @@ __all__ = [
     "count_macs",
     "count_params",
     "factorize",
+    "factorize_planned",
+    "finish",
+    "finish_",
     "load_factorized",
     "plan_layers",
     "project_",
+    "relative_plans",
     "relative_ranks",
     "save_factorized",
 ]

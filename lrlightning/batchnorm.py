@@ -1,7 +1,7 @@
 """Re-estimate BatchNorm running statistics for the current weights (e.g. right after a projection). Pure torch."""
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -20,11 +20,13 @@ def batchnorm_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
             for key, buffer in module.named_buffers(recurse=False)}
 
 
-def recalibrate_batchnorm_(model: nn.Module, inputs: Iterable[torch.Tensor],
-                           forward: Callable[[nn.Module, torch.Tensor], object] | None = None) -> int:
+def recalibrate_batchnorm_(model: nn.Module, inputs: Iterable[Any],
+                           forward: Callable[[nn.Module, Any], object] | None = None, seed: int | None = None) -> int:
     """Reset every tracked BatchNorm's running mean/var and recompute them as the plain average over ``inputs``
-    (forward passes in train mode, no grad; momentum restored afterwards). Weights are untouched and the
-    model's train/eval mode is restored. Returns the number of batches used (0 leaves the statistics as they were).
+    (``forward(model, item)``, default ``model(item)``; train mode, no grad; momentum restored afterwards).
+    Weights are untouched and the model's train/eval mode is restored. With ``seed``, torch's CPU generator is
+    seeded for the passes (dropout, random transforms) and restored after, so the statistics are reproducible.
+    Returns the number of batches used (0 leaves the statistics as they were).
     """
     layers = batchnorm_layers(model)
     if not layers:
@@ -38,9 +40,11 @@ def recalibrate_batchnorm_(model: nn.Module, inputs: Iterable[torch.Tensor],
             m.reset_running_stats()
             m.momentum = None
         model.train()
-        with torch.no_grad():
-            for x in inputs:
-                (forward or (lambda module, batch: module(batch)))(model, x)
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.default_generator.manual_seed(seed)
+            for item in inputs:
+                (forward or (lambda module, batch: module(batch)))(model, item)
                 used += 1
     finally:
         for m, momentum, mean, var, count in saved:

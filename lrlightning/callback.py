@@ -5,13 +5,14 @@ import contextlib
 import math
 import time
 from dataclasses import replace
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from .batchnorm import batchnorm_buffers, batchnorm_layers, recalibrate_batchnorm_
+from .finish import finish_
 from .names import get_module
 from .options import LowRankOptions, is_int
 from .plan import LayerPlan, SkippedLayer, frozen_ranks, plan_layers, scheme_for
@@ -33,6 +34,24 @@ RankRule = int | float | tuple[int, int] | dict[str, int | tuple[int, int]] | No
 
 class NonFiniteTrainingError(FloatingPointError):
     """Training diverged: the loss or a selected weight became NaN/Inf."""
+
+
+@contextlib.contextmanager
+def divergence_named(step: int) -> Iterator[None]:
+    """Turn a ``NonFiniteWeightError`` into a ``NonFiniteTrainingError`` naming the optimizer step and hints."""
+    try:
+        yield
+    except NonFiniteWeightError as error:
+        raise NonFiniteTrainingError(
+            f"weight of layer {error.layer!r} became NaN/Inf before the projection after optimizer step {step}. "
+            + DIVERGENCE_HINT) from error
+
+
+def broadcast_weights(pl_module: LightningModule, plans: list[LayerPlan]) -> None:
+    """Under torch.distributed, every rank takes rank 0's projected weights (SVDs may differ in the last bits)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for plan in plans:
+            torch.distributed.broadcast(get_module(pl_module, plan.name).weight.data, src=0)
 
 
 class LowRankProjection(Callback):
@@ -180,15 +199,9 @@ class LowRankProjection(Callback):
 
     def project(self, pl_module: LightningModule, step: int, plans: list[LayerPlan] | None = None) -> list[LayerStats]:
         plans = plans or self.plans
-        try:
+        with divergence_named(step):
             stats = project_planned_(pl_module, plans, self.options)
-        except NonFiniteWeightError as error:
-            raise NonFiniteTrainingError(
-                f"weight of layer {error.layer!r} became NaN/Inf before the projection after optimizer step {step}. "
-                + DIVERGENCE_HINT) from error
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            for plan in plans:
-                torch.distributed.broadcast(get_module(pl_module, plan.name).weight.data, src=0)
+        broadcast_weights(pl_module, plans)
         return stats
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
@@ -242,9 +255,13 @@ class LowRankProjection(Callback):
             self.check_recalibration(trainer, pl_module)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.final_projection and self.plans:
-            self.last_stats = self.project(pl_module, trainer.global_step)
-            self.recalibrate(trainer, pl_module)
+        if not (self.final_projection and self.plans):
+            return
+        with divergence_named(trainer.global_step), self.forward_context(trainer, pl_module):
+            self.last_stats = finish_(pl_module, self.plans, self.options, self.recalibration_batches(trainer, pl_module),
+                                      self.forward_item, seed=trainer.global_step)
+        broadcast_weights(pl_module, self.plans)
+        self.average_batchnorm(trainer, pl_module)
 
     def recalibrates(self, pl_module: LightningModule) -> bool:
         return bool(self.bn_recalibration_batches and batchnorm_layers(pl_module))
@@ -291,22 +308,32 @@ class LowRankProjection(Callback):
         finally:
             pl_module.train(was_training)
 
+    def recalibration_batches(self, trainer: Trainer, pl_module: LightningModule) -> Iterable[tuple[int, Any]]:
+        """``(index, batch)`` pairs for re-estimation, drawn with a seed of the current optimizer step."""
+        if not self.recalibrates(pl_module):
+            return ()
+        return enumerate(training_batches(trainer, self.bn_recalibration_batches, seed=trainer.global_step))
+
+    def forward_item(self, pl_module: LightningModule, item: tuple[int, Any]) -> None:
+        self.recalibration_forward(pl_module, item[1], item[0])
+
     def recalibrate(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Re-estimate BatchNorm statistics for the projected weights; averaged over ranks under DDP."""
         if not self.recalibrates(pl_module):
             return
-        batches = enumerate(training_batches(trainer, self.bn_recalibration_batches, seed=trainer.global_step))
+        with self.forward_context(trainer, pl_module):
+            recalibrate_batchnorm_(pl_module, self.recalibration_batches(trainer, pl_module), self.forward_item,
+                                   seed=trainer.global_step)
+        self.average_batchnorm(trainer, pl_module)
 
-        def forward(module: LightningModule, item: tuple[int, Any]) -> None:
-            self.recalibration_forward(module, item[1], item[0])
-
-        with torch.random.fork_rng(devices=[]), self.forward_context(trainer, pl_module):
-            used = recalibrate_batchnorm_(pl_module, batches, forward)
-        if used and trainer.world_size > 1:
-            with torch.no_grad():
-                for layer in batchnorm_layers(pl_module):
-                    for buffer in (layer.running_mean, layer.running_var):
-                        buffer.copy_(trainer.strategy.reduce(buffer, reduce_op="mean"))
+    def average_batchnorm(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Average re-estimated running statistics over DDP ranks (no-op on one process or without re-estimation)."""
+        if trainer.world_size == 1 or not self.recalibrates(pl_module):
+            return
+        with torch.no_grad():
+            for layer in batchnorm_layers(pl_module):
+                for buffer in (layer.running_mean, layer.running_var):
+                    buffer.copy_(trainer.strategy.reduce(buffer, reduce_op="mean"))
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not (self.validate_projected and self.plans and trainer.state.fn == "fit"):

@@ -12,7 +12,7 @@ from torch import nn
 from .layers import FactorizedLayer
 from .names import canonical_name, canonical_state_dict, get_module, load_canonical_state_dict, set_module
 from .options import LowRankOptions
-from .plan import plan_layers, scheme_for
+from .plan import LayerPlan, plan_layers, scheme_for
 from .schemes import layer_from_spec
 
 FORMAT = "lrlightning.factorized/1"
@@ -30,11 +30,16 @@ def factorize(model: nn.Module, scheme: str = "svd", rank=None, **options) -> nn
     the first selected layer whose weight holds NaN or Inf.
     """
     opts = LowRankOptions(scheme=scheme, rank=rank, **options)
-    plans, _ = plan_layers(model, opts)
+    return factorize_planned(model, plan_layers(model, opts)[0], opts)
+
+
+def factorize_planned(model: nn.Module, plans: list[LayerPlan], options: LowRankOptions) -> nn.Module:
+    """``factorize`` at given plans (names relative to ``model``, e.g. a callback's ``plans`` made relative with
+    ``relative_plans``), without planning again; ``model`` is untouched."""
     result = copy.deepcopy(model)
     for plan in plans:
         dense = get_module(result, plan.name)
-        set_module(result, plan.name, scheme_for(plan.shape, opts).factorized_layer(dense, plan.rank))
+        set_module(result, plan.name, scheme_for(plan.shape, options).factorized_layer(dense, plan.rank))
     return result
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 
 import torch
@@ -157,17 +157,28 @@ def plan_layers(model: nn.Module, options: LowRankOptions, warn: bool = True) ->
     return plans, skipped
 
 
-def relative_ranks(ranks: dict[str, Rank], prefix: str) -> dict[str, Rank]:
-    """``ranks`` of layers under the submodule ``prefix`` (e.g. ``"net"``), keyed relative to it, so that
-    ``factorize(model.net, rank=relative_ranks(callback.ranks, "net"))`` reproduces the callback's plan.
-    Raises ValueError naming the layers outside ``prefix``."""
+def relative_names(names: list[str], prefix: str, argument: str = "ranks") -> list[str]:
+    """``names`` of layers under the submodule ``prefix`` (e.g. ``"net"``) made relative to it; raises ValueError
+    naming the layers outside ``prefix``."""
     if not (isinstance(prefix, str) and canonical_name(prefix).strip(".")):
         raise ValueError(f"`prefix` must name a submodule, such as 'net', got {prefix!r}")
     head = canonical_name(prefix).strip(".") + "."
-    outside = [name for name in ranks if not name.startswith(head)]
+    outside = [name for name in names if not name.startswith(head)]
     if outside:
-        raise ValueError(f"`ranks` name layers outside `{prefix}`: {outside}")
-    return {name[len(head):]: rank for name, rank in ranks.items()}
+        raise ValueError(f"`{argument}` name layers outside `{prefix}`: {outside}")
+    return [name[len(head):] for name in names]
+
+
+def relative_ranks(ranks: dict[str, Rank], prefix: str) -> dict[str, Rank]:
+    """``ranks`` keyed relative to the submodule ``prefix``, so that
+    ``factorize(model.net, rank=relative_ranks(callback.ranks, "net"))`` reproduces the callback's plan."""
+    return dict(zip(relative_names(list(ranks), prefix), ranks.values()))
+
+
+def relative_plans(plans: list[LayerPlan], prefix: str) -> list[LayerPlan]:
+    """``plans`` named relative to the submodule ``prefix`` (for ``factorize_planned`` and ``finish`` on it)."""
+    names = relative_names([p.name for p in plans], prefix, "plans")
+    return [replace(plan, name=name) for plan, name in zip(plans, names)]
 
 
 def frozen_ranks(plans: list[LayerPlan]) -> dict[str, Rank]:

@@ -34,21 +34,23 @@ def eager() -> contextlib.AbstractContextManager:
     return set_stance("force_eager") if set_stance else contextlib.nullcontext()
 
 
-def training_batches(trainer: Trainer, count: int, seed: int) -> Iterator[Any]:
-    """Up to ``count`` batches of the fit's training DataLoader, on the module's device and precision.
+def reshuffled(loader: DataLoader, count: int, seed: int) -> Iterator[Any]:
+    """Up to ``count`` batches of ``loader``'s dataset (same batch size and collate) in an order drawn by a generator
+    seeded with ``seed``, so the loader's own order is untouched; an iterable dataset is read from its start."""
+    if loader.batch_size is not None and not isinstance(loader.dataset, IterableDataset):
+        generator = torch.Generator().manual_seed(seed)
+        loader = DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=True, generator=generator,
+                            collate_fn=loader.collate_fn)
+    return islice(loader, count)
 
-    A map-style dataset is reshuffled with a generator seeded by ``seed`` (the training order is untouched);
-    an iterable dataset is read from its start. Yields nothing before the loader exists (sanity validation).
-    Raises ``TypeError`` when the fit has several training loaders.
-    """
+
+def training_batches(trainer: Trainer, count: int, seed: int) -> Iterator[Any]:
+    """``reshuffled`` batches of the fit's training DataLoader, on the module's device and precision. Yields
+    nothing before the loader exists (sanity validation); raises ``TypeError`` for several training loaders."""
     loader = trainer.train_dataloader
     if loader is None:
         return
     if not isinstance(loader, DataLoader):
         raise TypeError(f"BatchNorm re-estimation needs a single training DataLoader, got {type(loader).__name__}")
-    if loader.batch_size is not None and not isinstance(loader.dataset, IterableDataset):
-        generator = torch.Generator().manual_seed(seed)
-        loader = DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=True, generator=generator,
-                            collate_fn=loader.collate_fn)
-    for batch in islice(loader, count):
+    for batch in reshuffled(loader, count, seed):
         yield trainer.strategy.batch_to_device(trainer.precision_plugin.convert_input(batch))

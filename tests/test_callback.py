@@ -58,6 +58,8 @@ def fast_trainer(tmp_path, callbacks, **kwargs):
 
 
 class CountingProjection(LowRankProjection):
+    """Records the optimizer step of every projection, periodic and final."""
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.steps = []
@@ -65,6 +67,12 @@ class CountingProjection(LowRankProjection):
     def project(self, pl_module, step, plans=None):
         self.steps.append(step)
         return super().project(pl_module, step, plans)
+
+    def on_train_end(self, trainer, pl_module):
+        before = self.last_stats
+        super().on_train_end(trainer, pl_module)
+        if self.last_stats is not before:
+            self.steps.append(trainer.global_step)
 
 
 def test_schedule_counts_optimizer_steps_not_batches(tmp_path):

@@ -1,0 +1,31 @@
+"""The end of low-rank training, one path for the callback, export and the decompose-then-fine-tune baseline:
+project the planned weights, re-estimate BatchNorm statistics for them, factorize a copy. Pure torch."""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+from torch import nn
+
+from .batchnorm import recalibrate_batchnorm_
+from .export import factorize_planned
+from .options import LowRankOptions
+from .plan import LayerPlan
+from .projection import LayerStats, project_planned_
+
+
+def finish_(model: nn.Module, plans: list[LayerPlan], options: LowRankOptions, batches: Iterable[Any] = (),
+            forward: Callable[[nn.Module, Any], Any] | None = None, seed: int = 0) -> list[LayerStats]:
+    """Project ``model``'s planned weights in place, then re-estimate its BatchNorm statistics over ``batches``
+    (``forward(model, batch)``, default ``model(batch)``; torch's CPU generator seeded with ``seed``; no batches:
+    statistics kept). Returns the projection's ``LayerStats``."""
+    stats = project_planned_(model, plans, options)
+    recalibrate_batchnorm_(model, batches, forward, seed=seed)
+    return stats
+
+
+def finish(model: nn.Module, plans: list[LayerPlan], options: LowRankOptions, batches: Iterable[Any] = (),
+           forward: Callable[[nn.Module, Any], Any] | None = None, seed: int = 0) -> nn.Module:
+    """``finish_`` (in place), then the factorized copy of ``model`` at ``plans``: its outputs are the projected
+    model's, BatchNorm statistics included."""
+    finish_(model, plans, options, batches, forward, seed)
+    return factorize_planned(model, plans, options)
