@@ -1,12 +1,16 @@
 """Where and when a result was made: the date, the git commit of the code, and the machine. Every result file
-(``summary.json``, the benchmark JSON under ``results/``) carries these three fields."""
+(``summary.json``, the benchmark JSON under ``results/``) carries these three fields; ``write_result`` writes a
+benchmark's table file."""
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
+import shlex
 import socket
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +60,23 @@ def provenance() -> dict[str, Any]:
 
 def describe_machine(value: dict[str, Any] | str | None) -> str:
     """One line for a ``machine`` field: a recorded string as is, a ``machine()`` dict as
-    ``host: CPU, N cores, T threads[, GPU]``."""
+    ``host: CPU, N cores, torch threads T[, GPU]``."""
     if not isinstance(value, dict):
         return str(value or "unknown")
-    text = f"{value.get('hostname')}: {value.get('cpu')}, {value.get('cpu_count')} cores, {value.get('threads')} threads"
+    text = f"{value.get('hostname')}: {value.get('cpu')}, {value.get('cpu_count')} cores, torch threads {value.get('threads')}"
     return text + (f", {value['gpu']}" if value.get("gpu") else "")
+
+
+def write_result(path: str | Path, title: str, section: str, tables: list[dict[str, Any]],
+                 data: Any = None, notes: list[str] | None = None) -> Path:
+    """A table file for ``results/`` (see ``lrlightning.results_doc``): ``title``, ``section``, date, commit, machine,
+    the command that ran (``sys.argv``, the script relative to the checkout), ``tables`` (each ``columns``, ``rows`` of strings, optional ``caption`` and
+    ``lines``), ``notes`` and the raw ``data``. Creates the parent folders; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    script = Path(sys.argv[0]).resolve()
+    argv = [str(script.relative_to(CHECKOUT)) if script.is_relative_to(CHECKOUT) else sys.argv[0], *sys.argv[1:]]
+    record = {"title": title, "section": section, **provenance(), "command": "python " + shlex.join(argv),
+              "tables": tables, "notes": notes or [], "data": data}
+    path.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    return path
