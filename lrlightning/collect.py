@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from lrlightning.aggregate import (COLLAPSED, DIVERGED, METHOD_ALIASES, OK, aggregate, describe_run, label,
                                    label_variants, report, summary_point)
@@ -45,7 +46,7 @@ def config_of(run_dir: Path, summary: dict[str, Any] | None) -> dict[str, Any]:
     config = OmegaConf.load(path)
     try:
         return OmegaConf.to_container(config, resolve=True)
-    except Exception:  # interpolations into the hydra node, which a job config does not hold
+    except OmegaConfBaseException:  # an interpolation into the hydra node, which a job config does not hold
         return OmegaConf.to_container(config, resolve=False)
 
 

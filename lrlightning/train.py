@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -83,8 +83,11 @@ def run_test(trainer: Trainer, datamodule, **backbones: nn.Module) -> dict[str, 
     return {key.removeprefix("test/"): float(value) for key, value in results[0].items()}
 
 
-def val_accuracy(trainer: Trainer, datamodule, backbone: nn.Module) -> float:
-    """Accuracy of ``backbone`` on the datamodule's validation split (what a sweep chooses its lr by)."""
+def val_accuracy(trainer: Trainer, datamodule, backbone: nn.Module) -> float | None:
+    """Accuracy of ``backbone`` on the datamodule's validation split (what a sweep chooses its lr by); None for a
+    datamodule without ``val_dataloader``."""
+    if type(datamodule).val_dataloader is LightningDataModule.val_dataloader:
+        return None
     datamodule.setup("fit")
     results = trainer.test(Evaluation(datamodule.num_classes, model=backbone), dataloaders=datamodule.val_dataloader(),
                            verbose=False)

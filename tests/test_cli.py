@@ -144,3 +144,12 @@ def test_export_and_collect_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         collect_main([str(tmp_path)])
     assert exit_info.value.code == 2 and "no summary.json under" in capsys.readouterr().err
+
+
+def test_a_datamodule_without_validation_split_records_no_validation_accuracy():
+    from lightning.pytorch import LightningDataModule, Trainer
+
+    from lrlightning.train import val_accuracy
+
+    trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    assert val_accuracy(trainer, LightningDataModule(), torch.nn.Identity()) is None
