@@ -1,7 +1,7 @@
 """The jobs behind ``lrl-train`` and ``lrl-export``: train with the low-rank projection callback (or the
 decompose-then-fine-tune baseline, or decompose alone), test the projected dense and the factorized model, and
-write the factorized model and ``summary.json`` (with date, commit and machine) into the run dir. ``summary.json`` is written last and atomically: a run dir without it
-holds no result."""
+write the factorized model and ``summary.json`` (with date, commit and machine) into the run dir. ``summary.json``
+is written last and atomically: a run dir without it holds no result."""
 from __future__ import annotations
 
 import json
@@ -329,9 +329,9 @@ def decompose_finetune(cfg: DictConfig, run_dir: Path, datamodule, model: Lightn
     metrics.pop("max_abs_logit_diff", None)
     finetune = instantiate(cfg.model, num_classes=datamodule.num_classes, in_channels=datamodule.in_channels,
                            _partial_=True)(backbone=small)
-    tuned = cfg.baseline == "decompose_finetune"
-    seconds = fit(trainer, finetune, datamodule, resume_path(cfg.ckpt_path, run_dir)) if tuned else 0.0
+    tuned, seconds = cfg.baseline == "decompose_finetune", 0.0
     if tuned:
+        seconds = fit(trainer, finetune, datamodule, resume_path(cfg.ckpt_path, run_dir))
         metrics.update(run_test(trainer, datamodule, factorized=small))
     else:
         metrics["acc_factorized"] = metrics["acc_decomposed"]
