@@ -106,7 +106,8 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def plot(rows: list[dict[str, Any]], path: Path, x_key: str = "compression_ratio") -> None:
-    """Test accuracy of the factorized model against compression, one marker per method/scheme, Pareto front."""
+    """Test accuracy of the factorized model against compression, one marker per method (variant) and scheme,
+    and the Pareto front."""
     import matplotlib
 
     matplotlib.use("Agg")
