@@ -1,20 +1,32 @@
-"""``lrl-collect SWEEP_DIR``: every run's ``summary.json`` into ``results.csv`` and an accuracy-vs-compression
-Pareto plot (``pareto.png``). Run dirs of the sweep without a summary (failed, diverged or still running) are
-listed in the CSV with their status and left out of the plot."""
+"""``lrl-collect SWEEP_DIR``: every run's ``summary.json`` into ``results.csv`` (one row per run), the runs
+aggregated over seeds into ``aggregate.csv`` and ``aggregate.md`` (lr chosen on validation, failed runs counted,
+each method against decompose_finetune; see ``aggregate``), and an accuracy-vs-compression Pareto plot
+(``pareto.png``). Run dirs without a summary (failed or still running) count as failed runs and are left out of
+the plot. ``lrl-collect --report results/ --out docs/results.md`` writes the results document (``results_doc``)."""
 from __future__ import annotations
 
 import argparse
 import csv
 import json
+import math
+import re
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-COLUMNS = ["run", "status", "overrides", "method", "scheme", "rank", "compression_ratio", "model_compression_ratio",
-           "mac_reduction", "params_dense", "params_factorized", "macs_dense", "macs_factorized", "test_acc_projected",
-           "test_acc_factorized", "max_abs_logit_diff", "latency_ms_dense", "latency_ms_factorized",
-           "latency_batch_size", "every_n_train_steps", "epochs", "global_step", "diverged"]
+from lrlightning.aggregate import (COLLAPSED, DIVERGED, METHOD_ALIASES, OK, aggregate, describe_run, label,
+                                   label_variants, report, summary_point)
+
+NO_SUMMARY = "no summary.json (failed or running)"
+COLUMNS = ["run", "status", "overrides", "method", "point", "variant", "seed", "lr", "scheme", "rank",
+           "compression_ratio", "model_compression_ratio", "mac_reduction", "params_dense", "params_factorized",
+           "macs_dense", "macs_factorized", "val_acc_factorized", "test_acc_projected", "test_acc_factorized",
+           "max_abs_logit_diff", "latency_ms_dense", "latency_ms_factorized", "latency_batch_size",
+           "every_n_train_steps", "epochs", "global_step", "diverged", "date", "commit"]
+AGGREGATE_COLUMNS = ["point", "model_compression_ratio", "method", "variant", "lr", "chosen", "runs", "seeds",
+                     "failed", "failed_all_lrs", "val_mean", "test_mean", "test_std"]
 AXES = ("compression_ratio", "model_compression_ratio", "mac_reduction")
 
 
@@ -24,25 +36,59 @@ def overrides_of(run_dir: Path) -> str:
     return " ".join(OmegaConf.load(path)) if path.is_file() else ""
 
 
-def collect_rows(sweep_dir: Path) -> list[dict[str, Any]]:
-    """One row per run dir (a dir holding ``summary.json`` or ``.hydra/``), sorted by run path."""
+def config_of(run_dir: Path, summary: dict[str, Any] | None) -> dict[str, Any]:
+    """The run's resolved config: from its summary, else from ``.hydra/config.yaml`` (a run that wrote none)."""
+    if summary is not None:
+        return summary.get("config") or {}
+    path = run_dir / ".hydra" / "config.yaml"
+    if not path.is_file():
+        return {}
+    config = OmegaConf.load(path)
+    try:
+        return OmegaConf.to_container(config, resolve=True)
+    except OmegaConfBaseException:  # an interpolation into the hydra node, which a job config does not hold
+        return OmegaConf.to_container(config, resolve=False)
+
+
+def status_of(summary: dict[str, Any], collapse: float | None) -> str:
+    """``diverged`` (non-finite training loss or accuracy), ``collapsed`` (test accuracy below ``collapse`` %) or
+    ``ok``."""
+    accuracy = summary.get("test_acc_factorized")
+    if summary.get("diverged") or accuracy is None or not math.isfinite(accuracy):
+        return DIVERGED
+    return COLLAPSED if collapse is not None and 100 * accuracy < collapse else OK
+
+
+def natural_key(path: Path) -> list:
+    """Sort key that puts run 2 before run 10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
+
+
+def collect_rows(sweep_dir: Path, collapse: float | None = None) -> list[dict[str, Any]]:
+    """One row per run dir (a dir holding ``summary.json`` or ``.hydra/``), in natural order of run path, with
+    ``method``, ``point``, ``variant``, ``seed``, ``lr`` and ``settings`` (see ``aggregate``)."""
     runs = {p.parent for p in sweep_dir.rglob("summary.json")} | {p.parent for p in sweep_dir.rglob(".hydra")}
     rows = []
-    for run_dir in sorted(runs):
+    for run_dir in sorted(runs, key=natural_key):
         row: dict[str, Any] = {"run": str(run_dir.relative_to(sweep_dir)) or ".", "overrides": overrides_of(run_dir)}
         summary_path = run_dir / "summary.json"
-        if summary_path.is_file():
-            summary = json.loads(summary_path.read_text())
-            row.update({key: summary.get(key) for key in COLUMNS if key in summary}, status="ok")
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+        row.update(describe_run(config_of(run_dir, summary)))
+        if summary is not None:
+            row.update({key: summary.get(key) for key in COLUMNS if key in summary}, status=status_of(summary, collapse))
+            row["method"] = METHOD_ALIASES.get(row["method"], row["method"])
+            row["point"] = row["point"] or summary_point(summary)
+            row["machine"] = summary.get("machine")
         else:
-            row["status"] = "no summary.json (failed or running)"
+            row["status"] = NO_SUMMARY
         rows.append(row)
+    label_variants(rows)
     return rows
 
 
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+def write_csv(rows: list[dict[str, Any]], path: Path, columns: list[str] = COLUMNS) -> None:
     with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
             writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()})
@@ -60,21 +106,23 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def plot(rows: list[dict[str, Any]], path: Path, x_key: str = "compression_ratio") -> None:
-    """Test accuracy of the factorized model against compression, one marker per method/scheme, Pareto front."""
+    """Test accuracy of the factorized model against compression, one marker per method (variant) and scheme,
+    and the Pareto front."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    done = [r for r in rows if r["status"] == "ok" and r.get("test_acc_factorized") is not None]
+    done = [r for r in rows if r["status"] == OK and r.get("test_acc_factorized") is not None]
     points = [(float(r[x_key]), 100 * float(r["test_acc_factorized"])) for r in done]
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for group in sorted({(r["method"], r["scheme"]) for r in done}, key=str):
-        chosen = [p for p, r in zip(points, done) if (r["method"], r["scheme"]) == group]
+    for group in sorted({(label(r), r["scheme"]) for r in done}, key=str):
+        chosen = [p for p, r in zip(points, done) if (label(r), r["scheme"]) == group]
         ax.scatter(*zip(*chosen), label=f"{group[0]} / {group[1]}", alpha=0.8)
     for (x, y), row in zip(points, done):
-        ax.annotate(str(row.get("rank")), (x, y), textcoords="offset points", xytext=(4, 4), fontsize="x-small")
+        if row.get("rank") is not None:
+            ax.annotate(str(row["rank"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize="x-small")
     front = [points[i] for i in pareto_front(points)]
     ax.plot(*zip(*front), color="black", linewidth=1, marker="o", markerfacecolor="none", markersize=9,
             label="Pareto front")
@@ -90,21 +138,48 @@ def plot(rows: list[dict[str, Any]], path: Path, x_key: str = "compression_ratio
     plt.close(fig)
 
 
+def write_sweep(rows: list[dict[str, Any]], out: Path, x_key: str = AXES[0]) -> str:
+    """``results.csv``, ``aggregate.csv``, ``aggregate.md`` and ``pareto.png`` into ``out``; returns the Markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out / "results.csv")
+    cells = aggregate(rows)
+    write_csv(cells, out / "aggregate.csv", AGGREGATE_COLUMNS)
+    text = report(cells)
+    (out / "aggregate.md").write_text(text)
+    plot(rows, out / "pareto.png", x_key)
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lrl-collect", description=__doc__.split("\n\n")[0])
-    parser.add_argument("sweep_dir", type=Path, help="a multirun dir (or any dir holding run dirs)")
-    parser.add_argument("--out", type=Path, help="where results.csv and pareto.png go (default: SWEEP_DIR)")
+    parser.add_argument("sweep_dir", type=Path, nargs="?", help="a multirun dir (or any dir holding run dirs)")
+    parser.add_argument("--out", type=Path, help="where the CSVs, aggregate.md and pareto.png go (default: "
+                        "SWEEP_DIR); with --report, the document to write")
     parser.add_argument("--x", choices=AXES, default=AXES[0], help="plot axis (default: %(default)s)")
+    parser.add_argument("--collapse", type=float, metavar="PCT",
+                        help="count a run whose test accuracy is below PCT %% as failed (collapsed)")
+    parser.add_argument("--report", type=Path, metavar="RESULTS_DIR",
+                        help="write the results document (Markdown, PNG plots beside it) from RESULTS_DIR to --out")
     args = parser.parse_args(argv)
-    if not args.sweep_dir.is_dir():
+    if args.report is not None:
+        if args.sweep_dir is not None or args.out is None:
+            parser.error("--report RESULTS_DIR takes no SWEEP_DIR and needs --out, e.g. --out docs/results.md")
+        from lrlightning.results_doc import write_document
+
+        try:
+            write_document(args.report, args.out)
+        except ValueError as error:
+            parser.error(str(error))
+        print(f"{args.report} -> {args.out}")
+        return 0
+    if args.sweep_dir is None or not args.sweep_dir.is_dir():
         parser.error(f"SWEEP_DIR must be a directory, got {str(args.sweep_dir)!r}")
-    rows = collect_rows(args.sweep_dir)
-    if not any(r["status"] == "ok" for r in rows):
+    rows = collect_rows(args.sweep_dir, args.collapse)
+    if all(r["status"] == NO_SUMMARY for r in rows):
         parser.error(f"no summary.json under {str(args.sweep_dir)!r} ({len(rows)} run dirs without one); "
                      "runs write it when they finish")
     out = args.out or args.sweep_dir
-    out.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, out / "results.csv")
-    plot(rows, out / "pareto.png", args.x)
-    print(f"{sum(r['status'] == 'ok' for r in rows)} of {len(rows)} runs -> {out / 'results.csv'}, {out / 'pareto.png'}")
+    print(write_sweep(rows, out, args.x))
+    print(f"{sum(r['status'] != NO_SUMMARY for r in rows)} of {len(rows)} runs -> {out / 'results.csv'}, "
+          f"{out / 'aggregate.md'}, {out / 'pareto.png'}")
     return 0

@@ -1,7 +1,7 @@
 """The jobs behind ``lrl-train`` and ``lrl-export``: train with the low-rank projection callback (or the
-decompose-then-fine-tune baseline), test the projected dense and the factorized model, and write the factorized
-model and ``summary.json`` into the run dir. ``summary.json`` is written last and atomically: a run dir without it
-holds no result."""
+decompose-then-fine-tune baseline, or decompose alone), test the projected dense and the factorized model, and
+write the factorized model and ``summary.json`` (with date, commit and machine) into the run dir. ``summary.json``
+is written last and atomically: a run dir without it holds no result."""
 from __future__ import annotations
 
 import json
@@ -14,12 +14,14 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy
+
+from lrlightning.provenance import provenance
 
 from .callback import LowRankProjection
 from .counting import count_macs, count_params
@@ -38,7 +40,8 @@ FACTORIZED = "factorized.pt"
 CHECKPOINTS = "checkpoints"
 CONFIG_KEY = "lrlightning_config"
 PREFIX = "backbone."
-BASELINES = (None, "decompose_finetune")
+METHOD = "lowrank_projection"  # the method's name in summaries
+BASELINES = (None, "decompose_finetune", "decompose")
 RANK_RULES = {"rank", "energy", "compression"}
 REQUIRED = "required"  # value of `init_ckpt` in experiments that start from a dense checkpoint
 
@@ -78,6 +81,17 @@ def run_test(trainer: Trainer, datamodule, **backbones: nn.Module) -> dict[str, 
     """Test the named backbones on the datamodule's test set; ``{"acc_<name>": ..., "max_abs_logit_diff": ...}``."""
     results = trainer.test(Evaluation(datamodule.num_classes, **backbones), datamodule=datamodule, verbose=False)
     return {key.removeprefix("test/"): float(value) for key, value in results[0].items()}
+
+
+def val_accuracy(trainer: Trainer, datamodule, backbone: nn.Module) -> float | None:
+    """Accuracy of ``backbone`` on the datamodule's validation split (what a sweep chooses its lr by); None for a
+    datamodule without ``val_dataloader``."""
+    if type(datamodule).val_dataloader is LightningDataModule.val_dataloader:
+        return None
+    datamodule.setup("fit")
+    results = trainer.test(Evaluation(datamodule.num_classes, model=backbone), dataloaders=datamodule.val_dataloader(),
+                           verbose=False)
+    return float(results[0]["test/acc_model"])
 
 
 def check_job(cfg: DictConfig) -> None:
@@ -195,6 +209,7 @@ def summarize(method: str, options: LowRankOptions | None, ranks: dict, dense: n
         "compression_ratio": weights_dense / weights_factorized if plans else 1.0,
         "model_compression_ratio": params_dense / params_factorized,
         "mac_reduction": macs_dense / macs_factorized,
+        "val_acc_factorized": metrics.get("val_acc_factorized"),
         "test_acc_projected": metrics.get("acc_projected"),
         "test_acc_factorized": metrics.get("acc_factorized"),
         "max_abs_logit_diff": metrics.get("max_abs_logit_diff"),
@@ -204,6 +219,7 @@ def summarize(method: str, options: LowRankOptions | None, ranks: dict, dense: n
         "latency_batch_size": latency_batch_size,
         "latency_threads": torch.get_num_threads(),
         "ranks": {name: list(r) if isinstance(r, tuple) else r for name, r in ranks.items()},
+        **provenance(),
         **extra,
     }
 
@@ -260,6 +276,7 @@ def evaluate_and_export(trainer: Trainer, datamodule, model: LightningModule, op
     else:
         metrics = run_test(trainer, datamodule, projected=model.backbone)
         metrics.update(acc_factorized=metrics["acc_projected"], max_abs_logit_diff=0.0)
+    metrics["val_acc_factorized"] = val_accuracy(trainer, datamodule, small)
     if not trainer.is_global_zero:
         return None
     shape = (datamodule.in_channels, datamodule.image_size, datamodule.image_size)
@@ -278,7 +295,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict | None:
     model = build_model(cfg.model, datamodule)
     if cfg.init_ckpt:
         load_weights(model, cfg.init_ckpt)
-    if cfg.baseline == "decompose_finetune":
+    if cfg.baseline:
         return decompose_finetune(cfg, run_dir, datamodule, model, config)
     trainer = make_trainer(cfg, run_dir, callbacks, config)
     seconds = fit(trainer, model, datamodule, resume_path(cfg.ckpt_path, run_dir))
@@ -289,15 +306,16 @@ def train(cfg: DictConfig, run_dir: Path) -> dict | None:
              "num_projections": projection.num_projections if projection else 0,
              **training_facts(trainer, seconds), "init_ckpt": cfg.init_ckpt,
              "checkpoint": f"{CHECKPOINTS}/last.ckpt", "config": config}
-    method = "deeptwist" if projection else "dense"
+    method = METHOD if projection else "dense"
     return evaluate_and_export(trainer, datamodule, model, options, ranks, run_dir, method, cfg.latency_batch_size, extra)
 
 
 def decompose_finetune(cfg: DictConfig, run_dir: Path, datamodule, model: LightningModule, config: dict) -> dict | None:
     """The paper's baseline: factorize the dense model (``init_ckpt``, else trained first with the same Trainer
-    settings under ``dense/``), then fine-tune the factorized structure and test it."""
+    settings under ``dense/``), then fine-tune the factorized structure (not for ``baseline=decompose``) and test
+    it."""
     if cfg.get("lowrank") is None:
-        raise ValueError("`baseline`='decompose_finetune' needs a low-rank preset (lowrank=tucker2, svd, ...), "
+        raise ValueError(f"`baseline`={cfg.baseline!r} needs a low-rank preset (lowrank=tucker2, svd, ...), "
                          "got lowrank=none")
     options = instantiate(cfg.lowrank, _convert_="all").options
     if not cfg.init_ckpt:
@@ -311,15 +329,20 @@ def decompose_finetune(cfg: DictConfig, run_dir: Path, datamodule, model: Lightn
     metrics.pop("max_abs_logit_diff", None)
     finetune = instantiate(cfg.model, num_classes=datamodule.num_classes, in_channels=datamodule.in_channels,
                            _partial_=True)(backbone=small)
-    seconds = fit(trainer, finetune, datamodule, resume_path(cfg.ckpt_path, run_dir))
-    metrics.update(run_test(trainer, datamodule, factorized=small))
+    tuned, seconds = cfg.baseline == "decompose_finetune", 0.0
+    if tuned:
+        seconds = fit(trainer, finetune, datamodule, resume_path(cfg.ckpt_path, run_dir))
+        metrics.update(run_test(trainer, datamodule, factorized=small))
+    else:
+        metrics["acc_factorized"] = metrics["acc_decomposed"]
+    metrics["val_acc_factorized"] = val_accuracy(trainer, datamodule, small)
     if not trainer.is_global_zero:
         return None
     shape = (datamodule.in_channels, datamodule.image_size, datamodule.image_size)
     extra = {"every_n_train_steps": None, "num_projections": 0, **training_facts(trainer, seconds),
-             "init_ckpt": cfg.init_ckpt, "checkpoint": f"{CHECKPOINTS}/last.ckpt", "config": config}
-    summary = summarize("decompose_finetune", options, ranks, dense, small, shape, cfg.latency_batch_size, metrics,
-                        extra)
+             "init_ckpt": cfg.init_ckpt, "checkpoint": f"{CHECKPOINTS}/last.ckpt" if tuned else None,
+             "config": config}
+    summary = summarize(cfg.baseline, options, ranks, dense, small, shape, cfg.latency_batch_size, metrics, extra)
     return write_outputs(run_dir, small, backbone_spec(model), summary)
 
 
@@ -374,7 +397,7 @@ def export(cfg: DictConfig, run_dir: Path) -> dict | None:
     projection = instantiate(lowrank_cfg, _convert_="all")
     options = projection.options
     state = projection_state(checkpoint) if not chosen else {}
-    method = "deeptwist" if state else "decompose"
+    method = METHOD if state else "decompose"
     ranks = backbone_ranks(state.get("ranks") or frozen_ranks(plan_layers(model, options)[0]))
     trainer = instantiate(cfg.trainer, default_root_dir=str(run_dir), logger=False, enable_checkpointing=False)
     extra = {"every_n_train_steps": projection.every_n_train_steps if state else None,

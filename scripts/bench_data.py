@@ -17,8 +17,6 @@ Variants:
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 
@@ -28,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lrlightning.backbones import build_backbone
 from lrlightning.data import DATAMODULES, ImageDataModule, normalize, random_crop, random_horizontal_flip
+from lrlightning.provenance import write_result
 
 
 class PerImageDataset(Dataset):
@@ -70,7 +69,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--out", default="bench_data.json")
+    parser.add_argument("--out", default="results/data/bench_data.json", help="result file (see docs/results.md)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -122,10 +121,9 @@ def main() -> None:
         )
 
     header = f"{'variant':<22}{'data ms':>10}{'(median)':>10}{'step ms':>10}{'data share':>12}"
-    print(
-        f"{args.backbone} on {datamodule.name}, batch {args.batch_size}, {args.steps} steps per variant, "
-        f"{args.threads} threads; setup (read + split) {setup_s:.2f} s"
-    )
+    caption = (f"{args.backbone} on {datamodule.name}, batch {args.batch_size}, {args.steps} steps per variant, "
+               f"{args.threads} threads; setup (read + split) {setup_s:.2f} s")
+    print(caption)
     print(header)
     print("-" * len(header))
     for row in rows:
@@ -142,12 +140,12 @@ def main() -> None:
         "warmup": args.warmup,
         "threads": args.threads,
         "setup_s": round(setup_s, 3),
-        "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
         "rows": rows,
     }
-    with open(args.out, "w") as handle:
-        json.dump(result, handle, indent=2)
+    table = {"caption": caption, "columns": ["variant", "data ms", "(median)", "step ms", "data share"],
+             "rows": [[r["variant"], f"{r['data_ms']:.2f}", f"{r['data_ms_median']:.2f}", f"{r['step_ms']:.1f}",
+                       f"{100 * r['data_share']:.2f}%"] for r in rows]}
+    write_result(args.out, f"Data loading of {args.backbone} on {datamodule.name}", "data", [table], data=result)
     print(f"wrote {args.out}")
 
 

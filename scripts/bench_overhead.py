@@ -11,7 +11,6 @@ in the same run divided by S_D steps. Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
@@ -21,6 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lrlightning import LowRankProjection
 from lrlightning.module import LitClassifier
+from lrlightning.provenance import write_result
 from lrlightning.speed import synchronize
 from lrlightning.summary import format_table
 
@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
-    parser.add_argument("--out", default="bench_overhead.json")
+    parser.add_argument("--out", default="results/overhead/bench_overhead.json", help="result file (see docs/results.md)")
     args = parser.parse_args()
 
     generator = torch.Generator().manual_seed(0)
@@ -112,12 +112,13 @@ def main() -> None:
                             "dense_step_s": dense, "projection_s": projection, "overhead": overhead, "how": how})
             rows.append([backbone, str(period), f"{dense * 1000:.0f}", f"{projection * 1000:.1f}",
                          f"{overhead * 100:.2f}%", how])
-    print(format_table(["backbone", "S_D", "dense step ms", "projection ms", "overhead", "how"], rows))
+    columns = ["backbone", "S_D", "dense step ms", "projection ms", "overhead", "how"]
     where = torch.cuda.get_device_name() if args.accelerator == "gpu" else f"CPU threads {torch.get_num_threads()}"
-    print(f"({args.scheme}, rank 0.5, batch {args.batch_size}, {where}; "
-          "targets: < 25% at S_D=1, < 1% at S_D=200)")
-    with open(args.out, "w") as handle:
-        json.dump(results, handle, indent=2)
+    footnote = f"({args.scheme}, rank 0.5, batch {args.batch_size}, {where}; targets: < 25% at S_D=1, < 1% at S_D=200)"
+    print(format_table(columns, rows))
+    print(footnote)
+    write_result(args.out, f"Training overhead of the callback ({where})", "overhead",
+                 [{"columns": columns, "rows": rows, "lines": [footnote]}], data=results)
 
 
 if __name__ == "__main__":

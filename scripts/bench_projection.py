@@ -17,8 +17,6 @@ of magnitude, which measures the neighbours rather than the method. Usage:
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 
@@ -29,6 +27,7 @@ from lrlightning.backbones import build_backbone
 from lrlightning.options import LowRankOptions
 from lrlightning.plan import plan_layers
 from lrlightning.projection import project_planned_
+from lrlightning.provenance import write_result
 from lrlightning.speed import synchronize
 from lrlightning.summary import format_table
 
@@ -121,7 +120,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 measured repeats")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: 1 on CPU)")
-    parser.add_argument("--out", default="bench_projection.json")
+    parser.add_argument("--out", default="results/projection/bench_projection.json",
+                        help="result file (see docs/results.md)")
     args = parser.parse_args()
     repeats = 3 if args.quick else args.repeats
     device = torch.device(args.device)
@@ -132,24 +132,24 @@ def main() -> None:
     results = [bench_backbone(name, args.batch_size, repeats, args.warmup, device) for name in args.backbones]
     rows = [row for result in results for row in result["rows"]]
     header = ["backbone", "scheme", "driver", "rank", "layers", "projection ms", "step ms", "projection/step"]
-    table = format_table(header, [[r["backbone"], r["scheme"], r["driver"], str(r["rank"]), str(r["layers"]),
-                                   f"{r['projection_ms']:.1f}", f"{r['step_ms']:.1f}", f"{r['ratio']:.3f}"]
-                                  for r in rows])
+    cells = [[r["backbone"], r["scheme"], r["driver"], str(r["rank"]), str(r["layers"]), f"{r['projection_ms']:.1f}",
+              f"{r['step_ms']:.1f}", f"{r['ratio']:.3f}"] for r in rows]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"One projection of every selected conv vs one SGD step (batch {args.batch_size}, 3x32x32, {where}, "
-          f"median of {repeats})")
-    print(table)
+    caption = (f"One projection of every selected conv vs one SGD step (batch {args.batch_size}, 3x32x32, {where}, "
+               f"median of {repeats})")
     worst = max(rows, key=lambda r: r["ratio"])
-    print(f"largest ratio: {worst['ratio']:.3f} ({worst['backbone']} {worst['scheme']} {worst['driver']})")
+    largest = f"largest ratio: {worst['ratio']:.3f} ({worst['backbone']} {worst['scheme']} {worst['driver']})"
+    print(caption)
+    print(format_table(header, cells))
+    print(largest)
     payload = {
-        "torch": torch.__version__, "python": platform.python_version(), "device": where,
-        "batch_size": args.batch_size, "repeats": repeats, "warmup": args.warmup,
+        "device": where, "batch_size": args.batch_size, "repeats": repeats, "warmup": args.warmup,
         "schemes": {name: {k: v for k, v in s.items()} for name, s in SCHEMES.items()},
         "backbones": [{k: v for k, v in result.items() if k != "rows"} for result in results],
         "results": rows,
     }
-    with open(args.out, "w") as handle:
-        json.dump(payload, handle, indent=2)
+    write_result(args.out, f"One projection of every selected conv against one training step ({where})", "projection",
+                 [{"caption": caption, "columns": header, "rows": cells, "lines": [largest]}], data=payload)
     print(f"wrote {args.out}")
 
 

@@ -7,20 +7,20 @@ Efficiency = measured speedup at batch 64 / MAC reduction. ``guard`` keeps dense
 measured slower than its dense layer (``lrlightning.speed.keep_faster_layers``). Usage:
 
     python scripts/bench_speed.py                                   # ResNet-32, 3×32×32, all schemes, 2× and 4×
-    python scripts/bench_speed.py --schemes svd tucker2 --ratios 4 --repeats 10 --out speed.json
+    python scripts/bench_speed.py --schemes svd tucker2 --ratios 4 --repeats 10 --out /tmp/speed.json
     python scripts/bench_speed.py --device cuda --modes eager channels_last    # GPU (jit modes are CPU-oriented)
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import warnings
 
 import torch
 
 from lrlightning import count_macs, factorize, project_
 from lrlightning.backbones import build_backbone
+from lrlightning.provenance import write_result
 from lrlightning.speed import fold_batchnorm, keep_faster_layers, latency_ms
 from lrlightning.summary import format_table
 
@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--batch-size", type=int, default=64, help="batch of the throughput measurement")
-    parser.add_argument("--out", default="bench_speed.json")
+    parser.add_argument("--out", default="results/speed/bench_speed.json", help="result file (see docs/results.md)")
     args = parser.parse_args()
     warnings.simplefilter("ignore", UserWarning)
 
@@ -103,13 +103,14 @@ def main() -> None:
                     rows.append([scheme, f"{ratio:g}x", variant, mode, f"{mac_reduction:.2f}x",
                                  f"{dense_1:.2f}/{fact_1:.2f}", f"{throughput_dense:.0f}/{throughput_fact:.0f}",
                                  f"{speedup:.2f}x", f"{speedup / mac_reduction:.2f}", str(result["layers_kept_dense"])])
-    print(format_table(["scheme", "target", "variant", "mode", "MACs", "b1 ms dense/fact", f"b{big} img/s dense/fact",
-                        f"speedup b{big}", "efficiency", "kept dense"], rows))
+    columns = ["scheme", "target", "variant", "mode", "MACs", "b1 ms dense/fact", f"b{big} img/s dense/fact",
+               f"speedup b{big}", "efficiency", "kept dense"]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU threads {torch.get_num_threads()}"
-    print(f"({args.backbone}, BatchNorm folded in both, {where}, "
-          f"best of 3 interleaved medians of {args.repeats})")
-    with open(args.out, "w") as handle:
-        json.dump(results, handle, indent=2)
+    footnote = f"({args.backbone}, BatchNorm folded in both, {where}, best of 3 interleaved medians of {args.repeats})"
+    print(format_table(columns, rows))
+    print(footnote)
+    write_result(args.out, f"Speed of the factorized {args.backbone} ({where})", "speed",
+                 [{"columns": columns, "rows": rows, "lines": [footnote]}], data=results)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def test_train_on_fashion_mnist_then_export_the_checkpoint(tmp_path):
     out = run("lrl-train", *small, f"hydra.run.dir={train_dir}")
     s = summary(train_dir)
     assert REQUIRED <= s.keys()
-    assert (s["method"], s["scheme"], s["rank"], s["layers_compressed"]) == ("deeptwist", "tucker2", 0.5, 18)
+    assert (s["method"], s["scheme"], s["rank"], s["layers_compressed"]) == ("lowrank_projection", "tucker2", 0.5, 18)
     assert (s["global_step"], s["num_projections"]) == (4, 2)
     assert s["compression_ratio"] == pytest.approx(2.75, abs=0.01)
     assert s["params_factorized"] < s["params_dense"] and s["macs_factorized"] < s["macs_dense"]
@@ -64,7 +64,7 @@ def test_train_on_fashion_mnist_then_export_the_checkpoint(tmp_path):
     run("lrl-export", f"ckpt={train_dir / 'checkpoints' / 'last.ckpt'}", "+trainer.limit_test_batches=3",
         f"hydra.run.dir={export_dir}")
     e = summary(export_dir)
-    assert REQUIRED <= e.keys() and e["method"] == "deeptwist" and e["ranks"] == s["ranks"]
+    assert REQUIRED <= e.keys() and e["method"] == "lowrank_projection" and e["ranks"] == s["ranks"]
     for key in ("params_factorized", "macs_factorized", "compression_ratio", "test_acc_factorized", "num_projections"):
         assert e[key] == s[key], key
     assert e["max_abs_logit_diff"] < 1e-3
@@ -88,15 +88,21 @@ def test_resume_baseline_and_basic_multirun(tmp_path):
 
     sweep = tmp_path / "sweep"
     ckpt = first / "checkpoints" / "last.ckpt"
-    run("lrl-train", "-m", *TINY, f"init_ckpt={ckpt}", "baseline=null,decompose_finetune",
+    run("lrl-train", "-m", *TINY, f"init_ckpt={ckpt}", "method=lowrank_projection,decompose_finetune,decompose",
         f"hydra.sweep.dir={sweep}")
-    deeptwist, baseline = summary(sweep / "0"), summary(sweep / "1")
-    assert deeptwist["method"] == "deeptwist" and deeptwist["init_ckpt"] == str(ckpt)
+    projected, baseline, decomposed = summary(sweep / "0"), summary(sweep / "1"), summary(sweep / "2")
+    assert projected["method"] == "lowrank_projection" and projected["init_ckpt"] == str(ckpt)
     assert baseline["method"] == "decompose_finetune" and baseline["init_ckpt"] == str(ckpt)
     assert baseline["test_acc_projected"] is None and baseline["max_abs_logit_diff"] is None
     assert 0 <= baseline["test_acc_decomposed"] <= 1 and 0 <= baseline["test_acc_dense"] <= 1
-    assert baseline["params_factorized"] == deeptwist["params_factorized"]
+    assert baseline["params_factorized"] == projected["params_factorized"]
     assert not (sweep / "1" / "dense").exists()
+    assert decomposed["method"] == "decompose" and decomposed["global_step"] == 0
+    assert decomposed["test_acc_factorized"] == decomposed["test_acc_decomposed"] == baseline["test_acc_decomposed"]
+    assert decomposed["checkpoint"] is None and not (sweep / "2" / "checkpoints").exists()
+    for s in (projected, baseline, decomposed):
+        assert 0 <= s["val_acc_factorized"] <= 1 and s["date"].endswith("+00:00")
+        assert s["machine"]["cpu_count"] >= 1 and (s["commit"] is None or len(s["commit"]) >= 40)
     assert count_params(load_factorized(sweep / "1" / "factorized.pt")) == baseline["params_factorized"]
 
 
@@ -138,3 +144,12 @@ def test_export_and_collect_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         collect_main([str(tmp_path)])
     assert exit_info.value.code == 2 and "no summary.json under" in capsys.readouterr().err
+
+
+def test_a_datamodule_without_validation_split_records_no_validation_accuracy():
+    from lightning.pytorch import LightningDataModule, Trainer
+
+    from lrlightning.train import val_accuracy
+
+    trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    assert val_accuracy(trainer, LightningDataModule(), torch.nn.Identity()) is None

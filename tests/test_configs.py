@@ -91,6 +91,38 @@ def test_every_experiment_composes_and_instantiates(name, tmp_path):
     assert cfg.baseline == ("decompose_finetune" if "decompose_finetune" in name else None)
 
 
+METHODS = {"lowrank_projection": (None, 200, False), "lowrank_projection_sd50": (None, 50, False),
+           "lowrank_projection_reset": (None, 200, True), "decompose_finetune": ("decompose_finetune", 200, False),
+           "decompose": ("decompose", 200, False)}
+
+
+def test_study_sweeps_points_methods_lrs_and_seeds_from_one_checkpoint():
+    cfg = compose_train(["experiment=fmnist_study", "init_ckpt=/dense/last.ckpt"], hydra=True)
+    points = sweep_points(cfg)
+    assert len(points) == 2 * 5 * 2 * 3 and len(set(points)) == len(points)
+    assert {o for p in points for o in p if o.startswith("method=")} == {f"method={m}" for m in METHODS}
+    assert options("method") == sorted(METHODS)
+    for method, (baseline, period, reset) in METHODS.items():
+        cfg = compose_train(["experiment=fmnist_study", "init_ckpt=/dense/last.ckpt", f"method={method}",
+                             "point=svd_4x", "model.lr=0.01", "seed=2"])
+        check_job(cfg)
+        callback = instantiate(cfg.lowrank, _convert_="all")
+        assert (cfg.baseline, callback.every_n_train_steps, callback.reset_momentum) == (baseline, period, reset)
+        assert (callback.options.scheme, callback.options.compression, cfg.model.lr, cfg.seed) == ("svd", 4.0, 0.01, 2)
+        assert cfg.init_ckpt == "/dense/last.ckpt" and cfg.trainer.max_epochs == 3
+
+
+@pytest.mark.parametrize("point", options("point"))
+def test_every_point_selects_its_scheme_and_rank_rule(point):
+    callback = instantiate(compose_train([f"point={point}"]).lowrank, _convert_="all")
+    scheme, rule = point.rsplit("_", 1)
+    assert callback.options.scheme == scheme
+    if rule.endswith("x"):
+        assert callback.options.rank is None and callback.options.compression == float(rule[:-1])
+    else:
+        assert callback.options.rank == float(rule)
+
+
 def test_experiments_that_start_from_a_dense_model_require_init_ckpt():
     cfg = compose_train(["experiment=paper_tucker_resnet32"])
     with pytest.raises(ValueError, match="`init_ckpt` is required"):
