@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lrlightning import LowRankProjection
-from lrlightning.module import LitClassifier
+from lrlightning.app.module import LitClassifier
 from lrlightning.speed import synchronize
 from lrlightning.summary import format_table
 

@@ -45,8 +45,8 @@ import lightning as L
 import torch
 
 from lrlightning import LowRankProjection, NonFiniteTrainingError, count_params, factorize
-from lrlightning.data import DATAMODULES
-from lrlightning.module import LitClassifier
+from lrlightning.app.data import DATAMODULES
+from lrlightning.app.module import LitClassifier
 from lrlightning.summary import format_table
 
 METHODS = ("project+sd200", "project+bn+sd200", "project+reset+sd200", "project+sd50", "project+bn+sd50",

@@ -21,15 +21,15 @@ from torch import nn
 from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from .callback import LowRankProjection
-from .counting import count_macs, count_params
-from .export import factorize, save_factorized
-from .speed import cpu_latency_ms
+from ..callback import LowRankProjection
+from ..counting import count_macs, count_params
+from ..export import factorize, save_factorized
+from ..speed import cpu_latency_ms
 from .module import LitClassifier
-from .options import LowRankOptions, is_int
-from .plan import frozen_ranks, plan_layers
-from .projection import project_
-from .summary import format_table
+from ..options import LowRankOptions, is_int
+from ..plan import frozen_ranks, plan_layers
+from ..projection import project_
+from ..summary import format_table
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
-from lrlightning.readers import read_cifar, read_idx
+from .readers import read_cifar, read_idx
 
 __all__ = [
     "DATAMODULES",

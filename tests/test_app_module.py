@@ -7,8 +7,8 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lrlightning.backbones import SimpleCNN
-from lrlightning.data import SyntheticDataModule
-from lrlightning.module import LitClassifier, lr_factor
+from lrlightning.app.data import SyntheticDataModule
+from lrlightning.app.module import LitClassifier, lr_factor
 
 
 def make_datamodule(num_classes: int = 10) -> SyntheticDataModule:

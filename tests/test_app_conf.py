@@ -17,8 +17,8 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import OmegaConf
 
 from lrlightning import LowRankProjection, plan_layers
-from lrlightning.cli import CONF_DIR
-from lrlightning.train import backbone_ranks, check_job, export_lowrank
+from lrlightning.app.cli import CONF_DIR
+from lrlightning.app.train import backbone_ranks, check_job, export_lowrank
 
 CONF = Path(CONF_DIR)
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -48,7 +48,7 @@ def instantiate_job(cfg, tmp_path):
 def test_default_job(tmp_path):
     cfg = compose_train()
     check_job(cfg)
-    assert cfg.model == {"_target_": "lrlightning.module.LitClassifier", "backbone": "resnet20"}
+    assert cfg.model == {"_target_": "lrlightning.app.module.LitClassifier", "backbone": "resnet20"}
     assert cfg.lowrank == {"_target_": "lrlightning.LowRankProjection", "scheme": "tucker2", "rank": 0.5,
                            "every_n_train_steps": 100}
     assert (cfg.seed, cfg.init_ckpt, cfg.ckpt_path, cfg.baseline) == (0, None, None, None)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-import lrlightning.data as data_module
-from lrlightning.data import (
+import lrlightning.app.data.datamodules as data_module
+from lrlightning.app.data import (
     DATAMODULES,
     BatchTransform,
     CIFAR10DataModule,
@@ -26,7 +26,7 @@ from lrlightning.data import (
     random_crop,
     random_horizontal_flip,
 )
-from lrlightning.readers import read_cifar, read_idx
+from lrlightning.app.data.readers import read_cifar, read_idx
 
 def idx_bytes(array: torch.Tensor) -> bytes:
     header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
@@ -400,7 +400,7 @@ def test_synthetic_datamodule_is_reproducible_and_sized(tmp_path):
 
 def test_digits_datamodule_keeps_a_fixed_test_set():
     pytest.importorskip("sklearn", reason="DigitsDataModule needs the `digits` extra (scikit-learn)")
-    from lrlightning.data import DigitsDataModule
+    from lrlightning.app.data import DigitsDataModule
 
     first, other = DigitsDataModule(seed=0), DigitsDataModule(seed=1)
     first.setup(None), other.setup(None)

@@ -12,10 +12,9 @@ import pytest
 import torch
 
 from lrlightning import count_params, load_factorized
-from lrlightning.collect import main as collect_main
-from lrlightning.data import DEBIAN_FASHION_MNIST
+from lrlightning.app.collect import main as collect_main
+from lrlightning.app.data import DEBIAN_FASHION_MNIST
 
-BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent
 REQUIRED = {"scheme", "rank", "params_dense", "params_factorized", "macs_dense", "macs_factorized",
             "compression_ratio", "model_compression_ratio", "test_acc_projected", "test_acc_factorized",
@@ -26,8 +25,10 @@ TINY = ["model=simple_cnn", "data=synthetic", "+data.num_samples=192", "+data.ba
 
 
 def run(command: str, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
+    """Run ``lrl-train`` or ``lrl-export`` through its wrapper in ``scripts/`` (the same entry point)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
-    result = subprocess.run([str(BIN / command), *map(str, args)], capture_output=True, text=True, env=env,
+    script = REPO / "scripts" / f"{command.removeprefix('lrl-')}.py"
+    result = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True, env=env,
                             cwd=REPO, timeout=300)
     assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-3000:]
     return result
