@@ -18,7 +18,9 @@ from omegaconf import OmegaConf
 
 from lrlightning import LowRankProjection, plan_layers
 from lrlightning.app.cli import CONF_DIR
-from lrlightning.app.train import backbone_ranks, check_job, export_lowrank
+from lrlightning.app.export import export_lowrank
+from lrlightning.app.ranks import backbone_ranks
+from lrlightning.app.train import check_job
 
 CONF = Path(CONF_DIR)
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))

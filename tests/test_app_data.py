@@ -5,13 +5,14 @@ import pickle
 import struct
 import tarfile
 import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-import lrlightning.app.data.datamodules as data_module
+import lrlightning.app.data.mnist as mnist_module
 from lrlightning.app.data import (
     DATAMODULES,
     BatchTransform,
@@ -98,7 +99,7 @@ def no_default_data(tmp_path, monkeypatch):
     """Point every default search location at empty or missing folders."""
     monkeypatch.setenv("LRL_FASHION_MNIST", str(tmp_path / "env_empty"))
     monkeypatch.setenv("LRL_DATA_ROOT", str(tmp_path / "data_root_empty"))
-    monkeypatch.setattr(data_module, "DEBIAN_FASHION_MNIST", tmp_path / "no_debian_package")
+    monkeypatch.setattr(mnist_module, "DEBIAN_FASHION_MNIST", tmp_path / "no_debian_package")
 
 
 # IDX reader
@@ -231,7 +232,7 @@ def test_failed_download_gives_the_same_error_and_leaves_no_files(tmp_path, no_d
     def offline(url, timeout):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(data_module.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
     root = tmp_path / "root"
     expected = r"(?s)download from http://fashion-mnist.*failed: .*no network.*three ways"
     with pytest.raises(DataNotFoundError, match=expected):
@@ -241,7 +242,7 @@ def test_failed_download_gives_the_same_error_and_leaves_no_files(tmp_path, no_d
 
 def test_search_order_root_then_env_then_system_folder(tmp_path, no_default_data, monkeypatch):
     debian = write_mnist_folder(tmp_path / "debian", train=30)
-    monkeypatch.setattr(data_module, "DEBIAN_FASHION_MNIST", debian)
+    monkeypatch.setattr(mnist_module, "DEBIAN_FASHION_MNIST", debian)
     assert FashionMNISTDataModule(root=str(tmp_path / "empty"), download=False).load(train=True)[0].shape[0] == 30
 
     env = write_mnist_folder(tmp_path / "env", train=20, suffix="")
@@ -275,7 +276,7 @@ def test_download_writes_atomically_and_checks_md5(tmp_path, monkeypatch):
                 raise ConnectionResetError("connection dropped")
             return super().read(10)
 
-    monkeypatch.setattr(data_module.urllib.request, "urlopen", lambda url, timeout: DropsMidway(b"x" * 100))
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: DropsMidway(b"x" * 100))
     with pytest.raises(ConnectionResetError):
         download("http://example.invalid/f", tmp_path / "out" / "dropped.bin")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["file.bin"]
@@ -413,7 +414,7 @@ def test_digits_datamodule_keeps_a_fixed_test_set():
 
 
 @pytest.mark.skipif(
-    not data_module.DEBIAN_FASHION_MNIST.is_dir(), reason="Debian's dataset-fashion-mnist is not installed"
+    not mnist_module.DEBIAN_FASHION_MNIST.is_dir(), reason="Debian's dataset-fashion-mnist is not installed"
 )
 def test_real_fashion_mnist_from_the_debian_package():
     datamodule = FashionMNISTDataModule(download=False)

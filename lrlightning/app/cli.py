@@ -23,7 +23,7 @@ def train(cfg: DictConfig) -> dict | None:
 @hydra.main(config_path=CONF_DIR, config_name="export", version_base="1.3")
 def export(cfg: DictConfig) -> dict | None:
     """Factorize a checkpoint and write the same artefacts: ``lrl-export ckpt=PATH [lowrank=... data=...]``."""
-    from .train import export as run
+    from .export import export as run
 
     return run(cfg, Path(HydraConfig.get().runtime.output_dir))
 
