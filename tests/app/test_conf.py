@@ -18,8 +18,6 @@ from omegaconf import OmegaConf
 
 from lrlightning import LowRankProjection, plan_layers
 from lrlightning.app.cli import CONF_DIR
-from lrlightning.app.export import export_lowrank
-from lrlightning.app.ranks import backbone_ranks
 from lrlightning.app.train import check_job
 
 CONF = Path(CONF_DIR)
@@ -167,13 +165,6 @@ def test_export_config_takes_settings_from_the_checkpoint_unless_chosen():
     assert cfg.lowrank == {"rank": None} and "data" not in cfg
     assert chosen.lowrank.rank == 0.25 and instantiate(chosen.lowrank).options.scheme == "svd"
     assert instantiate(chosen.data).name == "MNIST"
-    saved = {"_target_": "lrlightning.LowRankProjection", "scheme": "tiled_svd", "rank": None, "compression": 2.0,
-             "tile_shape": [8, 8]}
-    assert export_lowrank({}, saved) == saved
-    other_rank = export_lowrank({"rank": 2}, saved)
-    assert other_rank == {"_target_": saved["_target_"], "scheme": "tiled_svd", "tile_shape": [8, 8], "rank": 2}
-    assert instantiate(other_rank).options.rank == 2
-    assert export_lowrank(dict(chosen.lowrank), saved) == dict(chosen.lowrank)
 
 
 def test_targets_stay_under_the_package_prefixes():
@@ -195,11 +186,3 @@ def test_bad_group_option_and_bad_values_fail_with_clear_messages():
         instantiate(cfg.lowrank)
     with pytest.raises(ValueError, match="`seed` must be an int >= 0, got 'abc'"):
         check_job(compose_train(["seed=abc"]))
-    with pytest.raises(ValueError, match="`baseline` must be one of"):
-        check_job(compose_train(["baseline=finetune"]))
-
-
-def test_backbone_ranks_strip_the_module_prefix():
-    assert backbone_ranks({"backbone.layer1.0.conv1": (4, 4)}) == {"layer1.0.conv1": (4, 4)}
-    with pytest.raises(ValueError, match="outside `backbone`"):
-        backbone_ranks({"head.conv": 3})

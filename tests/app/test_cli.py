@@ -1,6 +1,7 @@
-"""The console scripts end to end, as subprocesses: lrl-train on real Fashion-MNIST then lrl-export on its
-checkpoint, resume, the decompose-then-fine-tune baseline, multiruns with the basic and the submitit local
-launchers, lrl-collect, and bad input."""
+"""The entry points end to end, as subprocesses through their wrappers in scripts/ (test_packaging runs the
+installed lrl-train): lrl-train on real Fashion-MNIST then lrl-export on its checkpoint, resume, the
+decompose-then-fine-tune baseline, multiruns with the basic and the submitit local launchers, lrl-collect, and bad
+input."""
 import csv
 import json
 import os
@@ -15,13 +16,10 @@ from lrlightning import count_params, load_factorized
 from lrlightning.app.collect import main as collect_main
 from lrlightning.app.data import DEBIAN_FASHION_MNIST
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 REQUIRED = {"scheme", "rank", "params_dense", "params_factorized", "macs_dense", "macs_factorized",
             "compression_ratio", "model_compression_ratio", "test_acc_projected", "test_acc_factorized",
             "max_abs_logit_diff", "latency_ms_dense", "latency_ms_factorized", "latency_batch_size", "config"}
-TINY = ["model=simple_cnn", "data=synthetic", "+data.num_samples=192", "+data.batch_size=32", "+data.val_size=64",
-        "trainer.max_epochs=1", "trainer.limit_train_batches=2", "lowrank.every_n_train_steps=1",
-        "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false", "latency_batch_size=4"]
 
 
 def run(command: str, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
@@ -79,17 +77,17 @@ def test_train_on_fashion_mnist_then_export_the_checkpoint(tmp_path):
     assert o["compression_ratio"] > s["compression_ratio"]
 
 
-def test_resume_baseline_and_basic_multirun(tmp_path):
+def test_resume_baseline_and_basic_multirun(tmp_path, tiny_train):
     first = tmp_path / "first"
-    run("lrl-train", *TINY, f"hydra.run.dir={first}")
+    run("lrl-train", *tiny_train, f"hydra.run.dir={first}")
     assert (summary(first)["global_step"], summary(first)["num_projections"]) == (2, 2)
-    run("lrl-train", *TINY, "trainer.max_epochs=2", f"hydra.run.dir={first}")
+    run("lrl-train", *tiny_train, "trainer.max_epochs=2", f"hydra.run.dir={first}")
     resumed = summary(first)
     assert (resumed["epochs"], resumed["global_step"], resumed["num_projections"]) == (2, 4, 4)
 
     sweep = tmp_path / "sweep"
     ckpt = first / "checkpoints" / "last.ckpt"
-    run("lrl-train", "-m", *TINY, f"init_ckpt={ckpt}", "baseline=null,decompose_finetune",
+    run("lrl-train", "-m", *tiny_train, f"init_ckpt={ckpt}", "baseline=null,decompose_finetune",
         f"hydra.sweep.dir={sweep}")
     deeptwist, baseline = summary(sweep / "0"), summary(sweep / "1")
     assert deeptwist["method"] == "deeptwist" and deeptwist["init_ckpt"] == str(ckpt)
@@ -101,9 +99,9 @@ def test_resume_baseline_and_basic_multirun(tmp_path):
     assert count_params(load_factorized(sweep / "1" / "factorized.pt")) == baseline["params_factorized"]
 
 
-def test_submitit_local_multirun_then_collect(tmp_path):
+def test_submitit_local_multirun_then_collect(tmp_path, tiny_train):
     sweep = tmp_path / "sweep"
-    run("lrl-train", "-m", "hydra/launcher=local", *TINY, "lowrank.rank=0.25,0.5", f"hydra.sweep.dir={sweep}")
+    run("lrl-train", "-m", "hydra/launcher=local", *tiny_train, "lowrank.rank=0.25,0.5", f"hydra.sweep.dir={sweep}")
     assert (sweep / ".submitit").is_dir()
     (sweep / "2" / ".hydra").mkdir(parents=True)
     result = subprocess.run([sys.executable, "scripts/collect.py", str(sweep)], cwd=REPO, capture_output=True,
