@@ -1,6 +1,10 @@
-"""lrlightning: train CNNs to be exactly low-rank with a Lightning callback, then factorize them."""
+"""lrlightning: train CNNs to be exactly low-rank with a Lightning callback, then factorize them.
 
-from .callback import LowRankProjection, NonFiniteTrainingError
+The callback is imported on first use, so that ``factorize``, ``save_factorized`` and ``load_factorized`` load
+torch only (Lightning pulls in torchmetrics, which imports matplotlib whenever it is installed)."""
+
+from typing import TYPE_CHECKING
+
 from .counting import count_macs, count_params
 from .export import factorize, factorize_planned, load_factorized, save_factorized
 from .finish import finish, finish_
@@ -8,6 +12,9 @@ from .options import LowRankOptions
 from .plan import LayerPlan, plan_layers, relative_plans, relative_ranks
 from .projection import LayerStats, NonFiniteWeightError, project_
 from .schemes import SCHEME_NAMES
+
+if TYPE_CHECKING:
+    from .callback import LowRankProjection, NonFiniteTrainingError
 
 __version__ = "0.1.0"
 
@@ -32,3 +39,13 @@ __all__ = [
     "relative_ranks",
     "save_factorized",
 ]
+
+_CALLBACK_NAMES = ("LowRankProjection", "NonFiniteTrainingError")
+
+
+def __getattr__(name: str):
+    if name in _CALLBACK_NAMES:
+        from . import callback
+
+        return getattr(callback, name)
+    raise AttributeError(f"module 'lrlightning' has no attribute {name!r}")

@@ -9,7 +9,7 @@ from typing import Any, Iterator
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import nn
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSampler
 
 
 def defines_forward(module: nn.Module) -> bool:
@@ -35,13 +35,23 @@ def eager() -> contextlib.AbstractContextManager:
 
 
 def reshuffled(loader: DataLoader, count: int, seed: int) -> Iterator[Any]:
-    """Up to ``count`` batches of ``loader``'s dataset (same batch size and collate) in an order drawn by a generator
-    seeded with ``seed``, so the loader's own order is untouched; an iterable dataset is read from its start."""
-    if loader.batch_size is not None and not isinstance(loader.dataset, IterableDataset):
-        generator = torch.Generator().manual_seed(seed)
-        loader = DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=True, generator=generator,
+    """Up to ``count`` batches of ``loader``'s map-style dataset (same batch size and collate, or the same batch
+    sampler size for a dataset indexed by whole batches), in an order drawn by a generator seeded with ``seed`` and
+    loaded in this process, so the loader's own order, workers and worker seeding play no part. Other loaders
+    (iterable datasets, custom samplers) are read as they are, from their start. Nothing is drawn before the first
+    batch is asked for, so a seed set then decides the random transforms of every batch."""
+    dataset, generator = loader.dataset, torch.Generator().manual_seed(seed)
+    if isinstance(dataset, IterableDataset):
+        yield from islice(loader, count)
+        return
+    if loader.batch_size is not None:
+        loader = DataLoader(dataset, batch_size=loader.batch_size, shuffle=True, generator=generator,
                             collate_fn=loader.collate_fn)
-    return islice(loader, count)
+    elif isinstance(loader.sampler, BatchSampler):
+        sampler = BatchSampler(RandomSampler(dataset, generator=generator), loader.sampler.batch_size,
+                               loader.sampler.drop_last)
+        loader = DataLoader(dataset, batch_size=None, sampler=sampler, collate_fn=loader.collate_fn)
+    yield from islice(loader, count)
 
 
 def training_batches(trainer: Trainer, count: int, seed: int) -> Iterator[Any]:

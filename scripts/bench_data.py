@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from lrlightning.backbones import build_backbone
-from lrlightning.data import DATAMODULES, ImageDataModule, normalize, random_crop, random_horizontal_flip
-from lrlightning.provenance import write_result
+from lrlightning.app.data import DATAMODULES, ImageDataModule, normalize, random_crop, random_horizontal_flip
+from lrlightning.app.provenance import write_result
 
 
 class PerImageDataset(Dataset):

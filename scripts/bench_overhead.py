@@ -19,8 +19,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lrlightning import LowRankProjection
-from lrlightning.module import LitClassifier
-from lrlightning.provenance import write_result
+from lrlightning.app.module import LitClassifier
+from lrlightning.app.provenance import write_result
 from lrlightning.speed import synchronize
 from lrlightning.summary import format_table
 

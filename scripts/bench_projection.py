@@ -27,7 +27,7 @@ from lrlightning.backbones import build_backbone
 from lrlightning.options import LowRankOptions
 from lrlightning.plan import plan_layers
 from lrlightning.projection import project_planned_
-from lrlightning.provenance import write_result
+from lrlightning.app.provenance import write_result
 from lrlightning.speed import synchronize
 from lrlightning.summary import format_table
 

@@ -20,7 +20,7 @@ import torch
 
 from lrlightning import count_macs, factorize, project_
 from lrlightning.backbones import build_backbone
-from lrlightning.provenance import write_result
+from lrlightning.app.provenance import write_result
 from lrlightning.speed import fold_batchnorm, keep_faster_layers, latency_ms
 from lrlightning.summary import format_table
 

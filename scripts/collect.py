@@ -1,5 +1,5 @@
 """Same as `lrl-collect`."""
-from lrlightning.cli import collect
+from lrlightning.app.cli import collect
 
 if __name__ == "__main__":
     collect()

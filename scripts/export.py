@@ -1,5 +1,5 @@
 """Same as `lrl-export`."""
-from lrlightning.cli import export
+from lrlightning.app.cli import export
 
 if __name__ == "__main__":
     export()

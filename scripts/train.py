@@ -1,5 +1,5 @@
 """Same as `lrl-train`."""
-from lrlightning.cli import train
+from lrlightning.app.cli import train
 
 if __name__ == "__main__":
     train()

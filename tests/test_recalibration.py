@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from lrlightning import LowRankProjection, factorize, relative_ranks
 from lrlightning.batchnorm import recalibrate_batchnorm_
+from lrlightning.recalibration import reshuffled
 
 
 def small_net():
@@ -231,3 +232,28 @@ def test_recalibration_of_a_compiled_backbone_does_not_recompile(tmp_path):
     images = replayed_images(tensors(), trainer.global_step)
     mean, _ = expected_statistics(model.net._orig_mod, images)
     assert torch.allclose(model.net._orig_mod[3].running_mean, mean, atol=1e-6)
+
+
+def test_reshuffled_batches_depend_on_the_seed_only():
+    """A loader of whole batches (batch sampler) with a random collate: the batches follow ``seed`` and the
+    generator state when iteration starts, not when ``reshuffled`` was called."""
+    data = tensors(40)
+
+    def noisy(batch):
+        x, y = batch
+        return x + torch.rand(()), y
+
+    def loader():
+        sampler = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(data), 8, drop_last=False)
+        return DataLoader(data, batch_size=None, sampler=sampler, collate_fn=noisy, num_workers=0)
+
+    runs = []
+    for draws in (0, 7):
+        batches = reshuffled(loader(), 3, seed=4)
+        torch.rand(draws)
+        torch.manual_seed(11)
+        runs.append(list(batches))
+    assert len(runs[0]) == 3 and all(torch.equal(a[0], b[0]) for a, b in zip(*runs))
+    order = list(torch.utils.data.BatchSampler(
+        torch.utils.data.RandomSampler(data, generator=torch.Generator().manual_seed(4)), 8, drop_last=False))
+    assert [batch[1].tolist() for batch in runs[0]] == [data.tensors[1][i].tolist() for i in order[:3]]

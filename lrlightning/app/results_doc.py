@@ -17,9 +17,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lrlightning.aggregate import aggregate, markdown_table, report
-from lrlightning.collect import collect_rows, plot
-from lrlightning.provenance import describe_machine
+from .aggregate import aggregate, markdown_table, report
+from .collect import collect_rows, plot
+from .provenance import describe_machine
 
 COMMAND = "lrl-collect --report results/ --out docs/results.md"
 SECTIONS = {"accuracy": "Accuracy after compression", "overhead": "Training overhead of the callback",

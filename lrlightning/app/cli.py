@@ -1,5 +1,5 @@
-"""Console entry points: ``lrl-train`` and ``lrl-export`` (Hydra apps on the repository's ``conf/``; install with
-``pip install -e .``) and ``lrl-collect``."""
+"""Console entry points: ``lrl-train`` and ``lrl-export`` (Hydra apps on ``conf/``, which the package carries as
+``lrlightning/app/conf``) and ``lrl-collect``."""
 from __future__ import annotations
 
 import sys
@@ -9,7 +9,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
@@ -23,7 +23,7 @@ def train(cfg: DictConfig) -> dict | None:
 @hydra.main(config_path=CONF_DIR, config_name="export", version_base="1.3")
 def export(cfg: DictConfig) -> dict | None:
     """Factorize a checkpoint and write the same artefacts: ``lrl-export ckpt=PATH [lowrank=... data=...]``."""
-    from .train import export as run
+    from .export import export as run
 
     return run(cfg, Path(HydraConfig.get().runtime.output_dir))
 

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from lrlightning.aggregate import aggregate, chosen_table, verdicts
-from lrlightning.collect import NO_SUMMARY, collect_rows, main as collect_main
-from lrlightning.provenance import describe_machine, git_commit, machine, provenance
-from lrlightning.results_doc import COMMAND, document, find_entries
+from lrlightning.app.aggregate import aggregate, chosen_table, verdicts
+from lrlightning.app.collect import NO_SUMMARY, collect_rows, main as collect_main
+from lrlightning.app.provenance import describe_machine, git_commit, machine, provenance
+from lrlightning.app.results_doc import COMMAND, document, find_entries
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write_run(run_dir: Path, method: str, seed: int, lr: float, val: float, test: float, scheme: str = "tucker2",

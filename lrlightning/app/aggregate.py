@@ -15,7 +15,8 @@ import statistics
 from collections.abc import Iterable
 from typing import Any
 
-from lrlightning.callback import LowRankProjection
+from ..callback import LowRankProjection
+from ..options import LowRankOptions
 
 METHOD = "lowrank_projection"
 BASELINE = "decompose_finetune"
@@ -27,8 +28,8 @@ RULE_KEYS = ("rank", "energy", "compression")
 # Options of the callback alone (schedule, stabilizers): they do not change the plan, so they are no part of the
 # point, and runs of the other methods ignore them.
 CALLBACK_KEYS = frozenset(
-    f"lowrank.{name}" for name, p in inspect.signature(LowRankProjection.__init__).parameters.items()
-    if name not in ("self", "scheme", "rank") and p.kind is not p.VAR_KEYWORD)
+    f"lowrank.{name}" for name in inspect.signature(LowRankProjection).parameters
+    if name not in LowRankOptions.__dataclass_fields__)
 HIDDEN_KEYS = {"seed", "model.lr", "baseline", "lowrank._target_", "lowrank.scheme",
                *(f"lowrank.{key}" for key in RULE_KEYS)}
 

@@ -1,40 +1,20 @@
+"""LitClassifier: training on synthetic data, logged metrics, checkpoints, the learning-rate schedule, bad input."""
 import math
 from functools import partial
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from lrlightning.app.module import LitClassifier, lr_factor
 from lrlightning.backbones import SimpleCNN
-from lrlightning.data import SyntheticDataModule
-from lrlightning.module import LitClassifier, lr_factor
 
 
-def make_datamodule(num_classes: int = 10) -> SyntheticDataModule:
-    return SyntheticDataModule(
-        num_samples=256, image_size=12, in_channels=3, num_classes=num_classes, batch_size=32, val_size=64
-    )
-
-
-def make_trainer(tmp_path, max_epochs: int = 2, **kwargs) -> Trainer:
-    defaults = dict(
-        default_root_dir=tmp_path,
-        max_epochs=max_epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
-    return Trainer(**{**defaults, **kwargs})
-
-
-def test_fit_on_synthetic_data_lowers_validation_loss_and_logs_metrics(tmp_path):
+def test_fit_on_synthetic_data_lowers_validation_loss_and_logs_metrics(cpu_trainer, synthetic_data):
     torch.manual_seed(0)
-    datamodule = make_datamodule()
+    datamodule = synthetic_data()
     model = LitClassifier("simple_cnn", num_classes=10, in_channels=3, lr=0.05, warmup_epochs=1)
-    trainer = make_trainer(tmp_path, max_epochs=4)
+    trainer = cpu_trainer(max_epochs=4)
     before = trainer.validate(model, datamodule, verbose=False)[0]["val/loss"]
     trainer.fit(model, datamodule)
     after = trainer.callback_metrics["val/loss"].item()
@@ -46,20 +26,20 @@ def test_fit_on_synthetic_data_lowers_validation_loss_and_logs_metrics(tmp_path)
     assert set(tested) == {"test/loss", "test/acc", "test/acc_top5"}
 
 
-def test_top5_is_not_logged_for_five_classes(tmp_path):
+def test_top5_is_not_logged_for_five_classes(cpu_trainer, synthetic_data):
     model = LitClassifier("simple_cnn", num_classes=5, in_channels=3, scheduler="none")
-    tested = make_trainer(tmp_path).test(model, make_datamodule(num_classes=5), verbose=False)[0]
+    tested = cpu_trainer().test(model, synthetic_data(num_classes=5), verbose=False)[0]
     assert set(tested) == {"test/loss", "test/acc"}
 
 
-def test_checkpoint_reloads_without_extra_arguments_and_holds_only_plain_values(tmp_path):
+def test_checkpoint_reloads_without_extra_arguments_and_holds_only_plain_values(tmp_path, cpu_trainer, synthetic_data):
     model = LitClassifier(
         "resnet20", num_classes=10, in_channels=3, backbone_kwargs={"width": 4}, step_milestones=[0.3, 0.6]
     )
     checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="last")
-    trainer = make_trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=1,
+    trainer = cpu_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1,
                            enable_checkpointing=True, callbacks=[checkpoint])
-    trainer.fit(model, make_datamodule())
+    trainer.fit(model, synthetic_data())
     path = tmp_path / "last.ckpt"
 
     raw = torch.load(path, weights_only=True)
@@ -74,24 +54,24 @@ def test_checkpoint_reloads_without_extra_arguments_and_holds_only_plain_values(
     torch.testing.assert_close(reloaded(x), model(x))
 
 
-def test_module_backbone_is_used_and_kept_out_of_hyperparameters(tmp_path):
+def test_module_backbone_is_used_and_kept_out_of_hyperparameters(tmp_path, cpu_trainer, synthetic_data):
     backbone = SimpleCNN(num_classes=10, in_channels=3, width=4)
     model = LitClassifier(backbone, num_classes=10, in_channels=3)
     assert model.backbone is backbone
     assert "backbone" not in model.hparams
     checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="last")
-    trainer = make_trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=1,
+    trainer = cpu_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1,
                            enable_checkpointing=True, callbacks=[checkpoint])
-    trainer.fit(model, make_datamodule())
+    trainer.fit(model, synthetic_data())
     reloaded = LitClassifier.load_from_checkpoint(tmp_path / "last.ckpt", backbone=SimpleCNN(10, 3, width=4))
     torch.testing.assert_close(reloaded.backbone.fc.weight, backbone.fc.weight)
 
 
 @pytest.mark.parametrize(("scheduler", "final_factor"), [("step", 0.01), ("cosine", 0.0), ("none", 1.0)])
-def test_learning_rate_after_fit_follows_the_schedule(tmp_path, scheduler, final_factor):
+def test_learning_rate_after_fit_follows_the_schedule(scheduler, final_factor, cpu_trainer, synthetic_data):
     model = LitClassifier("simple_cnn", num_classes=10, in_channels=3, lr=0.2, scheduler=scheduler)
-    trainer = make_trainer(tmp_path, max_epochs=2, limit_val_batches=0)
-    trainer.fit(model, make_datamodule())
+    trainer = cpu_trainer(max_epochs=2, limit_val_batches=0)
+    trainer.fit(model, synthetic_data())
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.2 * final_factor, abs=1e-9)
 
 

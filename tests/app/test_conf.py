@@ -17,8 +17,8 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import OmegaConf
 
 from lrlightning import LowRankProjection, plan_layers
-from lrlightning.cli import CONF_DIR
-from lrlightning.train import backbone_ranks, check_job, export_lowrank
+from lrlightning.app.cli import CONF_DIR
+from lrlightning.app.train import check_job
 
 CONF = Path(CONF_DIR)
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -48,7 +48,7 @@ def instantiate_job(cfg, tmp_path):
 def test_default_job(tmp_path):
     cfg = compose_train()
     check_job(cfg)
-    assert cfg.model == {"_target_": "lrlightning.module.LitClassifier", "backbone": "resnet20"}
+    assert cfg.model == {"_target_": "lrlightning.app.module.LitClassifier", "backbone": "resnet20"}
     assert cfg.lowrank == {"_target_": "lrlightning.LowRankProjection", "scheme": "tucker2", "rank": 0.5,
                            "every_n_train_steps": 100}
     assert (cfg.seed, cfg.init_ckpt, cfg.ckpt_path, cfg.baseline) == (0, None, None, None)
@@ -197,13 +197,6 @@ def test_export_config_takes_settings_from_the_checkpoint_unless_chosen():
     assert cfg.lowrank == {"rank": None} and "data" not in cfg
     assert chosen.lowrank.rank == 0.25 and instantiate(chosen.lowrank).options.scheme == "svd"
     assert instantiate(chosen.data).name == "MNIST"
-    saved = {"_target_": "lrlightning.LowRankProjection", "scheme": "tiled_svd", "rank": None, "compression": 2.0,
-             "tile_shape": [8, 8]}
-    assert export_lowrank({}, saved) == saved
-    other_rank = export_lowrank({"rank": 2}, saved)
-    assert other_rank == {"_target_": saved["_target_"], "scheme": "tiled_svd", "tile_shape": [8, 8], "rank": 2}
-    assert instantiate(other_rank).options.rank == 2
-    assert export_lowrank(dict(chosen.lowrank), saved) == dict(chosen.lowrank)
 
 
 def test_targets_stay_under_the_package_prefixes():
@@ -225,11 +218,3 @@ def test_bad_group_option_and_bad_values_fail_with_clear_messages():
         instantiate(cfg.lowrank)
     with pytest.raises(ValueError, match="`seed` must be an int >= 0, got 'abc'"):
         check_job(compose_train(["seed=abc"]))
-    with pytest.raises(ValueError, match="`baseline` must be one of"):
-        check_job(compose_train(["baseline=finetune"]))
-
-
-def test_backbone_ranks_strip_the_module_prefix():
-    assert backbone_ranks({"backbone.layer1.0.conv1": (4, 4)}) == {"layer1.0.conv1": (4, 4)}
-    with pytest.raises(ValueError, match="outside `backbone`"):
-        backbone_ranks({"head.conv": 3})

@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lrlightning.aggregate import (COLLAPSED, DIVERGED, METHOD_ALIASES, OK, aggregate, describe_run, label,
+from .aggregate import (COLLAPSED, DIVERGED, METHOD_ALIASES, OK, aggregate, describe_run, label,
                                    label_variants, report, summary_point)
 
 NO_SUMMARY = "no summary.json (failed or running)"
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report is not None:
         if args.sweep_dir is not None or args.out is None:
             parser.error("--report RESULTS_DIR takes no SWEEP_DIR and needs --out, e.g. --out docs/results.md")
-        from lrlightning.results_doc import write_document
+        from .results_doc import write_document
 
         try:
             write_document(args.report, args.out)

@@ -1,6 +1,7 @@
-"""The console scripts end to end, as subprocesses: lrl-train on real Fashion-MNIST then lrl-export on its
-checkpoint, resume, the decompose-then-fine-tune baseline, multiruns with the basic and the submitit local
-launchers, lrl-collect, and bad input."""
+"""The entry points end to end, as subprocesses through their wrappers in scripts/ (test_packaging runs the
+installed lrl-train): lrl-train on real Fashion-MNIST then lrl-export on its checkpoint, resume, the
+decompose-then-fine-tune baseline, multiruns with the basic and the submitit local launchers, lrl-collect, and bad
+input."""
 import csv
 import json
 import os
@@ -12,22 +13,20 @@ import pytest
 import torch
 
 from lrlightning import count_params, load_factorized
-from lrlightning.collect import main as collect_main
-from lrlightning.data import DEBIAN_FASHION_MNIST
+from lrlightning.app.collect import main as collect_main
+from lrlightning.app.data import DEBIAN_FASHION_MNIST
 
-BIN = Path(sys.executable).parent
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 REQUIRED = {"scheme", "rank", "params_dense", "params_factorized", "macs_dense", "macs_factorized",
             "compression_ratio", "model_compression_ratio", "test_acc_projected", "test_acc_factorized",
             "max_abs_logit_diff", "latency_ms_dense", "latency_ms_factorized", "latency_batch_size", "config"}
-TINY = ["model=simple_cnn", "data=synthetic", "+data.num_samples=192", "+data.batch_size=32", "+data.val_size=64",
-        "trainer.max_epochs=1", "trainer.limit_train_batches=2", "lowrank.every_n_train_steps=1",
-        "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false", "latency_batch_size=4"]
 
 
 def run(command: str, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
+    """Run ``lrl-train`` or ``lrl-export`` through its wrapper in ``scripts/`` (the same entry point)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
-    result = subprocess.run([str(BIN / command), *map(str, args)], capture_output=True, text=True, env=env,
+    script = REPO / "scripts" / f"{command.removeprefix('lrl-')}.py"
+    result = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True, env=env,
                             cwd=REPO, timeout=300)
     assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -68,7 +67,11 @@ def test_train_on_fashion_mnist_then_export_the_checkpoint(tmp_path):
     for key in ("params_factorized", "macs_factorized", "compression_ratio", "test_acc_factorized", "num_projections"):
         assert e[key] == s[key], key
     assert e["max_abs_logit_diff"] < 1e-3
-    assert count_params(load_factorized(export_dir / "factorized.pt")) == s["params_factorized"]
+    exported = load_factorized(export_dir / "factorized.pt").eval()
+    assert count_params(exported) == s["params_factorized"]
+    x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), model(x), atol=1e-5, rtol=0)
 
     other = tmp_path / "export_rank"
     run("lrl-export", f"ckpt={train_dir / 'checkpoints' / 'last.ckpt'}", "lowrank.rank=0.25",
@@ -78,17 +81,17 @@ def test_train_on_fashion_mnist_then_export_the_checkpoint(tmp_path):
     assert o["compression_ratio"] > s["compression_ratio"]
 
 
-def test_resume_baseline_and_basic_multirun(tmp_path):
+def test_resume_baseline_and_basic_multirun(tmp_path, tiny_train):
     first = tmp_path / "first"
-    run("lrl-train", *TINY, f"hydra.run.dir={first}")
+    run("lrl-train", *tiny_train, f"hydra.run.dir={first}")
     assert (summary(first)["global_step"], summary(first)["num_projections"]) == (2, 2)
-    run("lrl-train", *TINY, "trainer.max_epochs=2", f"hydra.run.dir={first}")
+    run("lrl-train", *tiny_train, "trainer.max_epochs=2", f"hydra.run.dir={first}")
     resumed = summary(first)
     assert (resumed["epochs"], resumed["global_step"], resumed["num_projections"]) == (2, 4, 4)
 
     sweep = tmp_path / "sweep"
     ckpt = first / "checkpoints" / "last.ckpt"
-    run("lrl-train", "-m", *TINY, f"init_ckpt={ckpt}", "method=lowrank_projection,decompose_finetune,decompose",
+    run("lrl-train", "-m", *tiny_train, f"init_ckpt={ckpt}", "method=lowrank_projection,decompose_finetune,decompose",
         f"hydra.sweep.dir={sweep}")
     projected, baseline, decomposed = summary(sweep / "0"), summary(sweep / "1"), summary(sweep / "2")
     assert projected["method"] == "lowrank_projection" and projected["init_ckpt"] == str(ckpt)
@@ -106,9 +109,9 @@ def test_resume_baseline_and_basic_multirun(tmp_path):
     assert count_params(load_factorized(sweep / "1" / "factorized.pt")) == baseline["params_factorized"]
 
 
-def test_submitit_local_multirun_then_collect(tmp_path):
+def test_submitit_local_multirun_then_collect(tmp_path, tiny_train):
     sweep = tmp_path / "sweep"
-    run("lrl-train", "-m", "hydra/launcher=local", *TINY, "lowrank.rank=0.25,0.5", f"hydra.sweep.dir={sweep}")
+    run("lrl-train", "-m", "hydra/launcher=local", *tiny_train, "lowrank.rank=0.25,0.5", f"hydra.sweep.dir={sweep}")
     assert (sweep / ".submitit").is_dir()
     (sweep / "2" / ".hydra").mkdir(parents=True)
     result = subprocess.run([sys.executable, "scripts/collect.py", str(sweep)], cwd=REPO, capture_output=True,
@@ -144,12 +147,3 @@ def test_export_and_collect_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         collect_main([str(tmp_path)])
     assert exit_info.value.code == 2 and "no summary.json under" in capsys.readouterr().err
-
-
-def test_a_datamodule_without_validation_split_records_no_validation_accuracy():
-    from lightning.pytorch import LightningDataModule, Trainer
-
-    from lrlightning.train import val_accuracy
-
-    trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    assert val_accuracy(trainer, LightningDataModule(), torch.nn.Identity()) is None

@@ -1,0 +1,82 @@
+"""The job behind ``lrl-export``: finish the model of a checkpoint as the callback finishes training (project,
+re-estimate BatchNorm with the checkpoint's optimizer step as seed, factorize) and write the same artefacts as
+``lrl-train``, with the checkpoint's low-rank settings and data unless others are chosen. Exporting the
+``last.ckpt`` of a ``lrl-train`` run reproduces that run's factorized model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch import seed_everything
+from omegaconf import DictConfig, OmegaConf
+
+from .job import CONFIG_KEY, build_model, evaluate_and_export, finish_backbone
+from .module import LitClassifier
+from .ranks import backbone_plans, callback_setting, lowrank_options, recalibration_batches
+from .report import FACTORIZED, METHOD, SUMMARY
+
+RANK_RULES = {"rank", "energy", "compression"}
+
+
+def projection_state(checkpoint: dict) -> dict:
+    """The state a ``LowRankProjection`` callback saved in the checkpoint (ranks, projections), or {}."""
+    for state in (checkpoint.get("callbacks") or {}).values():
+        if isinstance(state, dict) and state.get("ranks") and "projections" in state:
+            return state
+    return {}
+
+
+def container(node: DictConfig | None) -> dict:
+    return OmegaConf.to_container(node, resolve=True) if node else {}
+
+
+def export_lowrank(chosen: dict, saved: dict) -> dict:
+    """The low-rank node of an export: a chosen preset, or the checkpoint's with the chosen keys on top (a chosen
+    rank rule replaces the saved one)."""
+    if "_target_" in chosen:
+        return chosen
+    if chosen.keys() & RANK_RULES:
+        saved = {k: v for k, v in saved.items() if k not in RANK_RULES}
+    return {**saved, **chosen}
+
+
+def export(cfg: DictConfig, run_dir: Path) -> dict | None:
+    """``lrl-export`` (conf/export.yaml); returns the summary."""
+    (run_dir / SUMMARY).unlink(missing_ok=True)
+    path = Path(str(cfg.ckpt)).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"`ckpt` must be an existing checkpoint file, got {str(cfg.ckpt)!r}")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    saved = OmegaConf.create(checkpoint.get(CONFIG_KEY) or {})
+    if saved.get("baseline"):
+        raise ValueError(f"{path} holds a model fine-tuned in factorized form (baseline={saved.baseline!r}); its "
+                         f"export is {FACTORIZED} in that run's dir")
+    data_cfg = cfg.get("data") or saved.get("data")
+    if data_cfg is None:
+        raise ValueError(f"{path} records no data config (not written by lrl-train): choose one, e.g. data=fashion_mnist")
+    chosen = {k: v for k, v in container(cfg.get("lowrank")).items() if v is not None}
+    lowrank_cfg = export_lowrank(chosen, container(saved.get("lowrank")))
+    if "_target_" not in lowrank_cfg:
+        raise ValueError(f"{path} records no low-rank settings (trained dense or not by lrl-train): choose a preset, "
+                         "e.g. lowrank=tucker2 lowrank.rank=0.5")
+    seed_everything(cfg.seed)
+    datamodule = instantiate(data_cfg)
+    if saved.get("model"):
+        model = build_model(saved.model, datamodule)
+        model.load_state_dict(checkpoint["state_dict"])
+    else:
+        model = LitClassifier.load_from_checkpoint(path, map_location="cpu")
+    options = lowrank_options(lowrank_cfg)
+    state = projection_state(checkpoint) if not chosen else {}
+    plans = backbone_plans(model, options, state.get("ranks") or None)
+    step = checkpoint.get("global_step") or 0
+    small = finish_backbone(model, datamodule, plans, options, recalibration_batches(lowrank_cfg), step)
+    trainer = instantiate(cfg.trainer, default_root_dir=str(run_dir), logger=False, enable_checkpointing=False)
+    extra = {"every_n_train_steps": callback_setting(lowrank_cfg, "every_n_train_steps") if state else None,
+             "num_projections": state.get("projections", 0), "epochs": checkpoint.get("epoch"),
+             "global_step": checkpoint.get("global_step"), "ckpt": str(path.resolve()),
+             "config": OmegaConf.to_container(cfg, resolve=True), "ckpt_config": checkpoint.get(CONFIG_KEY)}
+    method = METHOD if state else "decompose"
+    return evaluate_and_export(trainer, datamodule, model, options, plans, small, run_dir, method,
+                               cfg.latency_batch_size, extra)

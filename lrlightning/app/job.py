@@ -1,0 +1,132 @@
+"""The steps the jobs share: the model and its initial weights, a Trainer writing into the run dir (checkpoints
+holding the job's config, resumed when rerun), the finish of the backbone (as the callback finishes it) and the
+tested factorized export."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig
+from torch import nn
+
+from ..finish import finish
+from ..options import LowRankOptions
+from ..plan import LayerPlan
+from ..recalibration import reshuffled
+from .evaluation import run_test, val_accuracy
+from .report import summarize, training_facts, write_outputs
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+CONFIG_KEY = "lrlightning_config"
+
+
+class StoreConfig(Callback):
+    """Puts the job's resolved config into every checkpoint (key ``lrlightning_config``) for ``lrl-export``."""
+
+    def __init__(self, config: dict):
+        self.config = config
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        checkpoint[CONFIG_KEY] = self.config
+
+
+def build_model(model_cfg: DictConfig, datamodule) -> LightningModule:
+    """The configured LightningModule, with classes and channels taken from the datamodule."""
+    return instantiate(model_cfg, num_classes=datamodule.num_classes, in_channels=datamodule.in_channels)
+
+
+def backbone_spec(model: LightningModule) -> dict | None:
+    """What ``load_factorized`` needs to rebuild the dense skeleton without Hydra (registry backbones only)."""
+    hp = model.hparams
+    if not isinstance(hp.get("backbone"), str):
+        return None
+    return {"name": hp.backbone, "num_classes": hp.num_classes, "in_channels": hp.in_channels,
+            **(hp.get("backbone_kwargs") or {})}
+
+
+def load_weights(model: LightningModule, path: str) -> None:
+    """Load the ``state_dict`` of a Lightning checkpoint into ``model`` (weights only, strict)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"`init_ckpt` must be an existing checkpoint file, got {path!r}")
+    checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+    if "state_dict" not in checkpoint:
+        raise ValueError(f"`init_ckpt` {path!r} holds no 'state_dict' (expected a Lightning checkpoint)")
+    model.load_state_dict(checkpoint["state_dict"])
+    log.info("initial weights from %s", file)
+
+
+def resume_path(ckpt_path: str | None, root: Path) -> str | None:
+    """``ckpt_path``, else the newest of ``root``'s last.ckpt and hpc_ckpt_*.ckpt (a requeued or rerun job)."""
+    if ckpt_path:
+        return str(ckpt_path)
+    found = [p for p in [root / CHECKPOINTS / "last.ckpt", *root.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+    if not found:
+        return None
+    newest = max(found, key=lambda p: p.stat().st_mtime)
+    log.info("resuming from %s", newest)
+    return str(newest)
+
+
+def make_trainer(cfg: DictConfig, root: Path, callbacks: list[Callback], config: dict) -> Trainer:
+    """The configured Trainer writing into ``root``: ``checkpoints/last.ckpt`` (with the job's config) and logs."""
+    checkpoint = ModelCheckpoint(dirpath=root / CHECKPOINTS, save_top_k=0, save_last=True)
+    logger = instantiate(cfg.logger, save_dir=str(root)) if cfg.get("logger") else False
+    return instantiate(cfg.trainer, default_root_dir=str(root), logger=logger,
+                       callbacks=[checkpoint, StoreConfig(config), *callbacks])
+
+
+def fit(trainer: Trainer, model: LightningModule, datamodule, ckpt_path: str | None) -> float:
+    """``trainer.fit``; returns seconds spent; raises if training was interrupted (no result is written then)."""
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    if trainer.interrupted:
+        raise RuntimeError("training was interrupted; no result written")
+    return time.perf_counter() - start
+
+
+def run_facts(trainer: Trainer, seconds: float, init_ckpt: str | None, config: dict) -> dict[str, Any]:
+    """The ``summary.json`` fields of a training run: its progress, initial weights, checkpoint and config."""
+    return {**training_facts(trainer, seconds), "init_ckpt": init_ckpt, "checkpoint": f"{CHECKPOINTS}/last.ckpt",
+            "config": config}
+
+
+def input_shape(datamodule) -> tuple[int, int, int]:
+    """(C, H, W) of the datamodule's images."""
+    return datamodule.in_channels, datamodule.image_size, datamodule.image_size
+
+
+def finish_backbone(model: LightningModule, datamodule, plans: list[LayerPlan], options: LowRankOptions,
+                    batches: int, seed: int) -> nn.Module:
+    """``finish`` on ``model.backbone`` as ``LowRankProjection`` ends training: project, re-estimate BatchNorm
+    statistics on ``batches`` training batches drawn with ``seed`` (the optimizer step), factorize a copy."""
+    datamodule.setup("fit")
+    loader = reshuffled(datamodule.train_dataloader(), batches, seed) if batches else ()
+    return finish(model.backbone, plans, options, loader, forward=lambda backbone, batch: backbone(batch[0]),
+                  seed=seed)
+
+
+def evaluate_and_export(trainer: Trainer, datamodule, model: LightningModule, options: LowRankOptions | None,
+                        plans: list[LayerPlan], small: nn.Module, run_dir: Path, method: str,
+                        latency_batch_size: int, extra: dict[str, Any]) -> dict | None:
+    """Test the finished backbone and ``small``, its factorized copy at ``plans`` (the backbone itself when no
+    layer is factorized), and on global rank zero write the outputs."""
+    if plans:
+        metrics = run_test(trainer, datamodule, projected=model.backbone, factorized=small)
+    else:
+        metrics = run_test(trainer, datamodule, projected=model.backbone)
+        metrics.update(acc_factorized=metrics["acc_projected"], max_abs_logit_diff=0.0)
+    metrics["val_acc_factorized"] = val_accuracy(trainer, datamodule, small)
+    if not trainer.is_global_zero:
+        return None
+    summary = summarize(method, options, plans, model.backbone, small, input_shape(datamodule), latency_batch_size,
+                        metrics, extra)
+    return write_outputs(run_dir, small, backbone_spec(model), summary)

@@ -1,0 +1,122 @@
+"""``summary.json``, the record of a run: its fields (``summarize``), its table in the log (``summary_table``) and
+the run's outputs, the factorized model then the summary, written last and atomically (``write_outputs``)."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Trainer
+from torch import nn
+
+from ..counting import count_macs, count_params
+from ..export import save_factorized
+from ..options import LowRankOptions
+from ..plan import LayerPlan
+from ..speed import cpu_latency_ms
+from ..summary import format_table
+from .provenance import provenance
+
+log = logging.getLogger(__name__)
+
+SUMMARY = "summary.json"
+METHOD = "lowrank_projection"  # the method's name in summaries
+FACTORIZED = "factorized.pt"
+
+
+def rank_rule(options: LowRankOptions | None) -> Any:
+    """The rank rule as ``summary.json`` records it: the rank, ``"energy=E"`` or ``"compression=C"``; None when dense."""
+    if options is None:
+        return None
+    if options.rank is not None:
+        return list(options.rank) if isinstance(options.rank, tuple) else options.rank
+    return f"energy={options.energy}" if options.energy is not None else f"compression={options.compression}"
+
+
+def training_facts(trainer: Trainer, seconds: float) -> dict[str, Any]:
+    """Epochs, steps, training time (s), last training loss and whether it diverged (non-finite)."""
+    loss = trainer.callback_metrics.get("train/loss")
+    loss = None if loss is None else float(loss)
+    return {"epochs": trainer.current_epoch, "global_step": trainer.global_step, "train_seconds": round(seconds, 1),
+            "train_loss": loss, "diverged": loss is not None and not math.isfinite(loss)}
+
+
+def summarize(method: str, options: LowRankOptions | None, plans: list[LayerPlan], dense: nn.Module,
+              small: nn.Module, input_shape: tuple[int, ...], latency_batch_size: int, metrics: dict,
+              extra: dict) -> dict[str, Any]:
+    """The fields of ``summary.json`` (``extra`` last): ``plans`` are the factorized layers of ``dense``, whose
+    factorized copy is ``small``; ``metrics`` come from ``run_test`` and ``val_accuracy``."""
+    weights_dense = sum(p.params_dense for p in plans)
+    weights_factorized = sum(p.params_factorized for p in plans)
+    params_dense, params_factorized = count_params(dense), count_params(small)
+    macs_dense, macs_factorized = count_macs(dense, input_shape), count_macs(small, input_shape)
+    return {
+        "method": method,
+        "scheme": options.scheme if options else None,
+        "rank": rank_rule(options),
+        "layers_compressed": len(plans),
+        "params_dense": params_dense,
+        "params_factorized": params_factorized,
+        "macs_dense": macs_dense,
+        "macs_factorized": macs_factorized,
+        "compression_ratio": weights_dense / weights_factorized if plans else 1.0,
+        "model_compression_ratio": params_dense / params_factorized,
+        "mac_reduction": macs_dense / macs_factorized,
+        "val_acc_factorized": metrics.get("val_acc_factorized"),
+        "test_acc_projected": metrics.get("acc_projected"),
+        "test_acc_factorized": metrics.get("acc_factorized"),
+        "max_abs_logit_diff": metrics.get("max_abs_logit_diff"),
+        **{f"test_{k}": v for k, v in metrics.items() if k in ("acc_dense", "acc_decomposed")},
+        "latency_ms_dense": cpu_latency_ms(dense, input_shape, latency_batch_size),
+        "latency_ms_factorized": cpu_latency_ms(small, input_shape, latency_batch_size),
+        "latency_batch_size": latency_batch_size,
+        "latency_threads": torch.get_num_threads(),
+        "ranks": {p.name: list(p.rank) if isinstance(p.rank, tuple) else p.rank for p in plans},
+        **provenance(),
+        **extra,
+    }
+
+
+def summary_table(s: dict[str, Any]) -> str:
+    """A summary as a headline and a dense-vs-factorized table: parameters, MACs, CPU latency, test accuracy."""
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.2f} %"
+
+    dense_acc = s["test_acc_projected"] if s["test_acc_projected"] is not None else s.get("test_acc_dense")
+    rows = [
+        ["parameters", f"{s['params_dense']:,}", f"{s['params_factorized']:,}", f"{s['model_compression_ratio']:.2f}x"],
+        ["MACs per image", f"{s['macs_dense']:,}", f"{s['macs_factorized']:,}", f"{s['mac_reduction']:.2f}x"],
+        [f"CPU latency, batch {s['latency_batch_size']}", f"{s['latency_ms_dense']:.1f} ms",
+         f"{s['latency_ms_factorized']:.1f} ms", f"{s['latency_ms_dense'] / s['latency_ms_factorized']:.2f}x"],
+        ["test accuracy", pct(dense_acc), pct(s["test_acc_factorized"]), ""],
+    ]
+    head = f"{s['method']}: no low-rank layers"
+    if s["scheme"] is not None:
+        head = (f"{s['method']}: {s['scheme']} rank {s['rank']} on {s['layers_compressed']} layers, "
+                f"{s['compression_ratio']:.2f}x smaller over those layers")
+    if s["scheme"] is not None and s["max_abs_logit_diff"] is not None:
+        head += f"; max |logit diff| dense vs factorized {s['max_abs_logit_diff']:.1e}"
+    if s.get("test_acc_decomposed") is not None:
+        head += f"; {pct(s['test_acc_decomposed'])} right after decomposition"
+    dense_label = "dense (projected)" if s["test_acc_projected"] is not None else "dense"
+    return head + "\n" + format_table(["", dense_label, "factorized", "ratio"], rows)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write ``data`` to ``path`` atomically (temp file + rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, allow_nan=True) + "\n")
+    os.replace(tmp, path)
+
+
+def write_outputs(run_dir: Path, small: nn.Module, spec: dict | None, summary: dict) -> dict:
+    """Factorized model (weights + structure spec), then ``summary.json``; logs the summary table."""
+    summary["factorized"] = FACTORIZED
+    save_factorized(small, run_dir / FACTORIZED, backbone=spec, metadata=summary)
+    write_json(run_dir / SUMMARY, summary)
+    log.info("summary (%s)\n%s", run_dir / SUMMARY, summary_table(summary))
+    return summary

@@ -1,0 +1,66 @@
+"""The job behind ``lrl-train``: train with the low-rank projection callback (or run a baseline), test the projected
+dense and the factorized model, and write the factorized model and ``summary.json`` (with date, commit and machine)
+into the run dir. ``summary.json`` is written last and atomically: a run dir without it holds no result."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra.utils import instantiate
+from lightning.pytorch import seed_everything
+from omegaconf import DictConfig, OmegaConf
+
+from ..callback import LowRankProjection
+from ..export import factorize_planned
+from ..options import is_int
+from ..plan import relative_plans
+from .baseline import BASELINES, decompose
+from .job import build_model, evaluate_and_export, finish_backbone, fit, load_weights, make_trainer, resume_path, run_facts
+from .ranks import BACKBONE
+from .report import METHOD, SUMMARY
+
+REQUIRED = "required"  # value of `init_ckpt` in experiments that start from a dense checkpoint
+
+
+def check_job(cfg: DictConfig) -> None:
+    """Raise a ValueError naming the first job setting (baseline, init_ckpt, seed, ...) that is not allowed."""
+    if cfg.baseline not in (None, *BASELINES):
+        raise ValueError(f"`baseline` must be one of {[None, *BASELINES]}, got {cfg.baseline!r}")
+    if cfg.init_ckpt == REQUIRED:
+        raise ValueError("`init_ckpt` is required by this experiment: a dense checkpoint to start from, e.g. "
+                         "init_ckpt=/abs/path/to/run/checkpoints/last.ckpt (see the experiment's header)")
+    for key, minimum in (("seed", 0), ("latency_batch_size", 1)):
+        if not (is_int(cfg[key]) and cfg[key] >= minimum):
+            raise ValueError(f"`{key}` must be an int >= {minimum}, got {cfg[key]!r}")
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict | None:
+    """``lrl-train`` (conf/train.yaml); returns the summary on global rank zero."""
+    check_job(cfg)
+    (run_dir / SUMMARY).unlink(missing_ok=True)
+    callbacks = [instantiate(cfg.lowrank, _convert_="all")] if cfg.get("lowrank") is not None else []
+    seed_everything(cfg.seed, workers=True)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    datamodule = instantiate(cfg.data)
+    model = build_model(cfg.model, datamodule)
+    if cfg.init_ckpt:
+        load_weights(model, cfg.init_ckpt)
+    if cfg.baseline:
+        return decompose(cfg, run_dir, datamodule, model, config)
+    trainer = make_trainer(cfg, run_dir, callbacks, config)
+    seconds = fit(trainer, model, datamodule, resume_path(cfg.ckpt_path, run_dir))
+    facts = run_facts(trainer, seconds, cfg.init_ckpt, config)
+    projection = next((cb for cb in trainer.callbacks if isinstance(cb, LowRankProjection)), None)
+    if projection is None:
+        extra = {"every_n_train_steps": None, "num_projections": 0, **facts}
+        return evaluate_and_export(trainer, datamodule, model, None, [], model.backbone, run_dir, "dense",
+                                   cfg.latency_batch_size, extra)
+    plans, options = relative_plans(projection.plans, BACKBONE), projection.options
+    if projection.final_projection:
+        small = factorize_planned(model.backbone, plans, options)
+    else:
+        small = finish_backbone(model, datamodule, plans, options, projection.bn_recalibration_batches,
+                                trainer.global_step)
+    extra = {"every_n_train_steps": projection.every_n_train_steps, "num_projections": projection.num_projections,
+             **facts}
+    return evaluate_and_export(trainer, datamodule, model, options, plans, small, run_dir, METHOD,
+                               cfg.latency_batch_size, extra)

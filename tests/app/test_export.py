@@ -1,0 +1,25 @@
+"""The low-rank settings of lrl-export: the checkpoint's, unless others are chosen, and the callback state it reads."""
+from hydra.utils import instantiate
+
+from lrlightning.app.export import export_lowrank, projection_state
+
+SAVED = {"_target_": "lrlightning.LowRankProjection", "scheme": "tiled_svd", "rank": None, "compression": 2.0,
+         "tile_shape": [8, 8]}
+
+
+def test_export_lowrank_keeps_the_saved_settings_unless_chosen():
+    assert export_lowrank({}, SAVED) == SAVED
+    other_rank = export_lowrank({"rank": 2}, SAVED)
+    assert other_rank == {"_target_": SAVED["_target_"], "scheme": "tiled_svd", "tile_shape": [8, 8], "rank": 2}
+    assert instantiate(other_rank).options.rank == 2
+    preset = {"_target_": "lrlightning.LowRankProjection", "scheme": "svd", "rank": 0.25}
+    assert export_lowrank(preset, SAVED) == preset
+    assert export_lowrank({"every_n_train_steps": 5}, SAVED) == {**SAVED, "every_n_train_steps": 5}
+
+
+def test_projection_state_finds_the_callback_state_in_a_checkpoint():
+    state = {"last_step": 8, "projections": 4, "ranks": {"backbone.conv": 3}}
+    checkpoint = {"callbacks": {"ModelCheckpoint{...}": {"best_model_path": ""}, "LowRankProjection{...}": state}}
+    assert projection_state(checkpoint) == state
+    assert projection_state({"callbacks": {"LowRankProjection{...}": {**state, "ranks": {}}}}) == {}
+    assert projection_state({}) == {}

@@ -1,0 +1,89 @@
+"""summary.json: its fields, its table in the log, and the run's outputs written atomically."""
+import json
+import math
+
+import pytest
+import torch
+
+from lrlightning import LowRankOptions, count_macs, count_params, factorize_planned, load_factorized, plan_layers
+from lrlightning.app.report import rank_rule, summarize, summary_table, write_json, write_outputs
+from lrlightning.backbones import SimpleCNN
+
+SHAPE = (3, 16, 16)
+
+
+@pytest.fixture
+def dense_and_small():
+    dense = SimpleCNN(num_classes=10, in_channels=3, width=8).eval()
+    options = LowRankOptions(scheme="svd", rank=4)
+    plans = plan_layers(dense, options)[0]
+    return options, plans, dense, factorize_planned(dense, plans, options)
+
+
+@pytest.mark.parametrize(("options", "recorded"), [
+    (None, None),
+    (LowRankOptions(scheme="svd", rank=0.5), 0.5),
+    (LowRankOptions(scheme="tucker2", rank=(4, 8)), [4, 8]),
+    (LowRankOptions(scheme="svd", energy=0.9), "energy=0.9"),
+    (LowRankOptions(scheme="svd", compression=2.0), "compression=2.0"),
+])
+def test_rank_rule_records_the_rule_in_plain_json(options, recorded):
+    assert rank_rule(options) == recorded
+
+
+def test_summarize_counts_the_factorized_layers_and_the_whole_model(dense_and_small):
+    options, plans, dense, small = dense_and_small
+    metrics = {"acc_projected": 0.5, "acc_factorized": 0.5, "max_abs_logit_diff": 1e-6}
+    s = summarize("lowrank_projection", options, plans, dense, small, SHAPE, 2, metrics, {"config": {"seed": 0}})
+    assert (s["method"], s["scheme"], s["rank"], s["layers_compressed"]) == ("lowrank_projection", "svd", 4, 2)
+    assert (s["params_dense"], s["params_factorized"]) == (count_params(dense), count_params(small))
+    assert (s["macs_dense"], s["macs_factorized"]) == (count_macs(dense, SHAPE), count_macs(small, SHAPE))
+    weights = {"features.4": (16 * 8 * 9, 4 * (8 * 9 + 16)), "features.8": (32 * 16 * 9, 4 * (16 * 9 + 32))}
+    dense_weights, factorized_weights = map(sum, zip(*weights.values()))
+    assert s["compression_ratio"] == pytest.approx(dense_weights / factorized_weights)
+    assert s["model_compression_ratio"] == pytest.approx(s["params_dense"] / s["params_factorized"])
+    assert s["test_acc_factorized"] == 0.5 and "test_acc_dense" not in s
+    assert s["latency_ms_dense"] > 0 and s["latency_batch_size"] == 2
+    assert s["ranks"] == {"features.4": 4, "features.8": 4}
+    assert list(s)[-1] == "config"
+    json.dumps(s)
+
+
+def test_summary_table_compares_dense_and_factorized(dense_and_small):
+    options, plans, dense, small = dense_and_small
+    metrics = {"acc_dense": 0.9, "acc_decomposed": 0.25, "acc_factorized": 0.875}
+    s = summarize("decompose_finetune", options, plans, dense, small, SHAPE, 2, metrics, {})
+    table = summary_table(s)
+    head, header, _, *rows = table.splitlines()
+    assert head.startswith("decompose_finetune: svd rank 4 on 2 layers, ")
+    assert head.endswith("; 25.00 % right after decomposition")
+    assert header.split() == ["dense", "factorized", "ratio"]
+    assert rows[0].split()[-1] == f"{s['model_compression_ratio']:.2f}x"
+    assert rows[-1].split()[-4:] == ["90.00", "%", "87.50", "%"]
+    dense_run = {**s, "method": "dense", "scheme": None, "test_acc_projected": 0.9, "max_abs_logit_diff": 0.0,
+                 "test_acc_decomposed": None}
+    dense_head, dense_header = summary_table(dense_run).splitlines()[:2]
+    assert dense_head == "dense: no low-rank layers" and "dense (projected)" in dense_header
+
+
+def test_write_json_replaces_the_file_whole_and_keeps_nan(tmp_path):
+    path = tmp_path / "summary.json"
+    path.write_text("old")
+    write_json(path, {"train_loss": math.nan, "ranks": {"a": [1, 2]}})
+    assert list(tmp_path.iterdir()) == [path]
+    data = json.loads(path.read_text())
+    assert math.isnan(data["train_loss"]) and data["ranks"] == {"a": [1, 2]}
+
+
+def test_write_outputs_saves_the_factorized_model_then_the_summary(tmp_path, dense_and_small):
+    options, plans, dense, small = dense_and_small
+    spec = {"name": "simple_cnn", "num_classes": 10, "in_channels": 3, "width": 8}
+    metrics = {"acc_projected": 0.5, "acc_factorized": 0.5, "max_abs_logit_diff": 0.0}
+    s = summarize("lowrank_projection", options, plans, dense, small, SHAPE, 2, metrics, {})
+    written = write_outputs(tmp_path, small, spec, s)
+    assert written["factorized"] == "factorized.pt"
+    assert json.loads((tmp_path / "summary.json").read_text()) == written
+    loaded = load_factorized(tmp_path / "factorized.pt").eval()
+    x = torch.randn(2, *SHAPE)
+    torch.testing.assert_close(loaded(x), small(x))
+    assert torch.load(tmp_path / "factorized.pt", weights_only=True)["metadata"]["ranks"] == {p.name: p.rank for p in plans}

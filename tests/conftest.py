@@ -1,0 +1,40 @@
+"""Fixtures shared by the test files: a quiet CPU Trainer, tiny synthetic data, and the overrides of a
+seconds-long ``lrl-train`` run."""
+import pytest
+from lightning.pytorch import Trainer
+
+from lrlightning.app.data import SyntheticDataModule
+
+TINY_TRAIN = ["model=simple_cnn", "data=synthetic", "+data.num_samples=192", "+data.batch_size=32",
+              "+data.val_size=64", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+              "lowrank.every_n_train_steps=1", "+trainer.enable_progress_bar=false",
+              "+trainer.enable_model_summary=false", "latency_batch_size=4"]
+
+
+@pytest.fixture
+def tiny_train() -> list[str]:
+    """``lrl-train`` overrides for a run of seconds: SimpleCNN, 192 synthetic 32×32 images, 2 steps, S_D = 1."""
+    return list(TINY_TRAIN)
+
+
+@pytest.fixture
+def cpu_trainer(tmp_path):
+    """``cpu_trainer(max_epochs=2, **kwargs)``: a Trainer on the CPU writing into ``tmp_path``, without logger,
+    progress bar, model summary or checkpoints unless ``kwargs`` say otherwise."""
+    def make(max_epochs: int = 2, **kwargs) -> Trainer:
+        defaults = dict(default_root_dir=tmp_path, max_epochs=max_epochs, accelerator="cpu", logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+        return Trainer(**{**defaults, **kwargs})
+
+    return make
+
+
+@pytest.fixture
+def synthetic_data():
+    """``synthetic_data(num_classes=10, **kwargs)``: 256 synthetic 3×12×12 images (192 train, 64 val, 64 test) in
+    batches of 32."""
+    def make(num_classes: int = 10, **kwargs) -> SyntheticDataModule:
+        defaults = dict(num_samples=256, image_size=12, in_channels=3, batch_size=32, val_size=64)
+        return SyntheticDataModule(num_classes=num_classes, **{**defaults, **kwargs})
+
+    return make
