@@ -24,8 +24,9 @@ def recalibrate_batchnorm_(model: nn.Module, inputs: Iterable[Any],
                            forward: Callable[[nn.Module, Any], object] | None = None, seed: int | None = None) -> int:
     """Reset every tracked BatchNorm's running mean/var and recompute them as the plain average over ``inputs``
     (``forward(model, item)``, default ``model(item)``; train mode, no grad; momentum restored afterwards).
-    Weights are untouched and the model's train/eval mode is restored. With ``seed``, torch's CPU generator is
-    seeded for the passes (dropout, random transforms) and restored after, so the statistics are reproducible.
+    Weights are untouched and the model's train/eval mode is restored. With ``seed``, torch's CPU generator and
+    that of the model's CUDA device are seeded for the passes (dropout, random transforms) and restored after,
+    so the statistics are reproducible.
     Returns the number of batches used (0 leaves the statistics as they were).
     """
     layers = batchnorm_layers(model)
@@ -40,9 +41,13 @@ def recalibrate_batchnorm_(model: nn.Module, inputs: Iterable[Any],
             m.reset_running_stats()
             m.momentum = None
         model.train()
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        device = layers[0].running_mean.device
+        cuda = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
             if seed is not None:
                 torch.default_generator.manual_seed(seed)
+                for index in cuda:
+                    torch.cuda.default_generators[index].manual_seed(seed)
             for item in inputs:
                 (forward or (lambda module, batch: module(batch)))(model, item)
                 used += 1

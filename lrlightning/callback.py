@@ -13,23 +13,29 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from .batchnorm import batchnorm_buffers, batchnorm_layers, recalibrate_batchnorm_
 from .finish import finish_
-from .names import get_module
-from .options import LowRankOptions, is_int
+from .names import canonical_name, named_modules
+from .options import LowRankOptions, RankSpec, is_int
 from .plan import LayerPlan, SkippedLayer, frozen_ranks, plan_layers, scheme_for
 from .projection import LayerStats, NonFiniteWeightError, project_planned_
-from .recalibration import defines_forward, eager, silenced_logging, training_batches
+from .recalibration import (
+    defines_forward,
+    eager,
+    preserved_metrics,
+    run_training_step,
+    silenced_logging,
+    training_batches,
+)
 from .summary import plan_table
 
 SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 DIVERGENCE_HINT = ("HINT: lower the learning rate, set the Trainer's `gradient_clip_val`, use a larger `rank` or "
                    "`every_n_train_steps`, or anneal the rank with `rank_warmup`.")
 
-RECALIBRATION_HINT = ("HINT: pass `recalibration_step=` (a function (module, batch) running the forward pass), "
-                      "override `LowRankProjection.recalibration_input`, or set `bn_recalibration_batches=0` to keep "
-                      "the running statistics accumulated on the unprojected weights.")
+RECALIBRATION_HINT = ("HINT: pass `recalibration_step=` (a function (module, batch) running the forward pass on a "
+                      "training batch), or set `bn_recalibration_batches=0` to keep the running statistics "
+                      "accumulated on the unprojected weights.")
 
 FIRST_MOMENT_KEYS = ("momentum_buffer", "exp_avg")
-RankRule = int | float | tuple[int, int] | dict[str, int | tuple[int, int]] | None
 
 
 class NonFiniteTrainingError(FloatingPointError):
@@ -50,8 +56,9 @@ def divergence_named(step: int) -> Iterator[None]:
 def broadcast_weights(pl_module: LightningModule, plans: list[LayerPlan]) -> None:
     """Under torch.distributed, every rank takes rank 0's projected weights (SVDs may differ in the last bits)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        modules = named_modules(pl_module)
         for plan in plans:
-            torch.distributed.broadcast(get_module(pl_module, plan.name).weight.data, src=0)
+            torch.distributed.broadcast(modules[plan.name].weight.data, src=0)
 
 
 class LowRankProjection(Callback):
@@ -77,8 +84,9 @@ class LowRankProjection(Callback):
             pre-projection velocity back off the low-rank set; second moments are kept (default False).
         bn_recalibration_batches: after each projection whose weights are evaluated (validation during fit and
             the final projection), re-estimate BatchNorm running statistics over this many training batches
-            (drawn from an independent shuffle of the training set; default 20; 0 keeps the statistics accumulated
-            on the unprojected weights). Each batch runs, with no grad and nothing logged:
+            (default 20; 0 keeps the statistics accumulated on the unprojected weights), drawn by
+            ``recalibration.reshuffled`` with the optimizer step as seed. Each batch runs with no grad, nothing
+            logged and torchmetrics states kept:
             ``recalibration_step(module, batch)`` when given; else ``module(recalibration_input(batch))`` when the
             module defines ``forward`` and the input is a tensor (the first item of a tuple/list batch); else the
             module's own ``training_step(batch, index)`` (automatic optimization). One batch is tried when training
@@ -99,10 +107,11 @@ class LowRankProjection(Callback):
     ``seconds`` spent projecting (on global rank zero).
     """
 
-    def __init__(self, scheme: str = "svd", rank: RankRule = None, every_n_train_steps: int = 200, *,
+    def __init__(self, scheme: str = "svd", rank: RankSpec = None, every_n_train_steps: int = 200, *,
                  start_step: int = 0, stop_step: int | None = None, final_projection: bool = True,
                  validate_projected: bool = True, rank_warmup: int = 0, reset_momentum: bool = False,
-                 bn_recalibration_batches: int = 20, recalibration_step: Callable[[LightningModule, Any], Any] | None = None,
+                 bn_recalibration_batches: int = 20,
+                 recalibration_step: Callable[[LightningModule, Any], Any] | None = None,
                  check_finite: bool = True, energy: float | None = None, compression: float | None = None,
                  tile_shape: tuple[int, int] | None = None, include: str | list[str] | None = None,
                  exclude: str | list[str] | None = None, linear: bool = False, skip_first_conv: bool = True,
@@ -121,7 +130,8 @@ class LowRankProjection(Callback):
         if not (is_int(bn_recalibration_batches) and bn_recalibration_batches >= 0):
             raise ValueError(f"`bn_recalibration_batches` must be an int >= 0, got {bn_recalibration_batches!r}")
         if recalibration_step is not None and not callable(recalibration_step):
-            raise ValueError(f"`recalibration_step` must be None or a callable (module, batch), got {recalibration_step!r}")
+            raise ValueError(f"`recalibration_step` must be None or a callable (module, batch), "
+                             f"got {recalibration_step!r}")
         self.options = LowRankOptions(scheme=scheme, rank=rank, energy=energy, compression=compression,
                                       tile_shape=tile_shape, include=include, exclude=exclude, linear=linear,
                                       skip_first_conv=skip_first_conv, hooi_iters=hooi_iters, svd_driver=svd_driver)
@@ -225,19 +235,27 @@ class LowRankProjection(Callback):
         self._projections += 1
         if self.reset_momentum:
             self.zero_first_moments(trainer, pl_module, plans)
-        if self.last_stats and trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(self.projection_metrics(plans, seconds), step=step)
+        if self.last_stats:
+            self.log_projection(trainer, self.projection_metrics(plans, seconds))
 
     def zero_first_moments(self, trainer: Trainer, pl_module: LightningModule, plans: list[LayerPlan]) -> None:
         """Zero ``momentum_buffer``/``exp_avg`` of the projected weights in every optimizer of ``trainer``."""
-        weights = {get_module(pl_module, p.name).weight for p in plans}
+        modules = named_modules(pl_module)
+        weights = {modules[p.name].weight for p in plans}
         for optimizer in trainer.optimizers:
             for weight in weights & optimizer.state.keys():
                 for key in FIRST_MOMENT_KEYS:
                     buffer = optimizer.state[weight].get(key)
                     if isinstance(buffer, torch.Tensor):
                         buffer.zero_()
+
+    def log_projection(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        """One row per projection in the Trainer's loggers (global rank zero), at Lightning's logging step of this
+        batch; the values also go to ``trainer.callback_metrics``, so checkpointing and early stopping see them."""
+        trainer.callback_metrics.update({name: torch.tensor(value) for name, value in metrics.items()})
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
 
     def projection_metrics(self, plans: list[LayerPlan], seconds: float) -> dict[str, float]:
         stats = self.last_stats
@@ -258,9 +276,10 @@ class LowRankProjection(Callback):
         if not (self.final_projection and self.plans):
             return
         with divergence_named(trainer.global_step), self.forward_context(trainer, pl_module):
-            self.last_stats = finish_(pl_module, self.plans, self.options, self.recalibration_batches(trainer, pl_module),
-                                      self.forward_item, seed=trainer.global_step)
-        broadcast_weights(pl_module, self.plans)
+            batches = self.recalibration_batches(trainer, pl_module)
+            self.last_stats = finish_(pl_module, self.plans, self.options, batches, self.forward_item,
+                                      seed=trainer.global_step,
+                                      synchronize=lambda module: broadcast_weights(module, self.plans))
         self.average_batchnorm(trainer, pl_module)
 
     def recalibrates(self, pl_module: LightningModule) -> bool:
@@ -285,12 +304,14 @@ class LowRankProjection(Callback):
             kind = "a tensor input" if defines_forward(pl_module) else "`forward`"
             raise TypeError(f"{type(pl_module).__name__} uses manual optimization and has no {kind} for its "
                             f"batches of type {type(batch).__name__}, so BatchNorm re-estimation cannot run it")
-        pl_module.training_step(batch, index)
+        run_training_step(pl_module, batch, index)
 
     @contextlib.contextmanager
     def forward_context(self, trainer: Trainer, pl_module: LightningModule) -> Iterator[None]:
-        """Where re-estimation passes run: the precision plugin's context, nothing logged, compiled code eager."""
-        with silenced_logging(pl_module), eager(), trainer.precision_plugin.forward_context():
+        """Where re-estimation passes run: the precision plugin's context, nothing logged, metric states kept,
+        compiled code eager."""
+        with silenced_logging(pl_module), preserved_metrics(pl_module), eager(), \
+                trainer.precision_plugin.forward_context():
             yield
 
     def check_recalibration(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -338,7 +359,8 @@ class LowRankProjection(Callback):
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not (self.validate_projected and self.plans and trainer.state.fn == "fit"):
             return
-        tensors = [get_module(pl_module, p.name).weight for p in self.plans]
+        modules = named_modules(pl_module)
+        tensors = [modules[p.name].weight for p in self.plans]
         if self.bn_recalibration_batches:
             tensors += list(batchnorm_buffers(pl_module).values())
         self._backup = [(tensor, tensor.detach().clone()) for tensor in tensors]
@@ -360,5 +382,6 @@ class LowRankProjection(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = state_dict.get("last_step", 0)
         self._projections = state_dict.get("projections", 0)
-        self._restored_ranks = state_dict.get("ranks") or None
+        ranks = state_dict.get("ranks") or {}
+        self._restored_ranks = {canonical_name(name): rank for name, rank in ranks.items()} or None
 

@@ -16,7 +16,6 @@ from .plan import LayerPlan, plan_layers, scheme_for
 from .schemes import layer_from_spec
 
 FORMAT = "lrlightning.factorized/1"
-set_submodule = set_module
 
 
 def factorize(model: nn.Module, scheme: str = "svd", rank=None, **options) -> nn.Module:

@@ -14,18 +14,23 @@ from .projection import LayerStats, project_planned_
 
 
 def finish_(model: nn.Module, plans: list[LayerPlan], options: LowRankOptions, batches: Iterable[Any] = (),
-            forward: Callable[[nn.Module, Any], Any] | None = None, seed: int = 0) -> list[LayerStats]:
-    """Project ``model``'s planned weights in place, then re-estimate its BatchNorm statistics over ``batches``
-    (``forward(model, batch)``, default ``model(batch)``; torch's CPU generator seeded with ``seed``; no batches:
-    statistics kept). Returns the projection's ``LayerStats``."""
+            forward: Callable[[nn.Module, Any], Any] | None = None, seed: int = 0,
+            synchronize: Callable[[nn.Module], None] | None = None) -> list[LayerStats]:
+    """Project ``model``'s planned weights in place, call ``synchronize(model)`` if given (e.g. to share one
+    process's weights under DDP), then re-estimate its BatchNorm statistics over ``batches`` (``forward(model,
+    batch)``, default ``model(batch)``; torch's generators seeded with ``seed``; no batches: statistics kept).
+    Returns the projection's ``LayerStats``."""
     stats = project_planned_(model, plans, options)
+    if synchronize is not None:
+        synchronize(model)
     recalibrate_batchnorm_(model, batches, forward, seed=seed)
     return stats
 
 
 def finish(model: nn.Module, plans: list[LayerPlan], options: LowRankOptions, batches: Iterable[Any] = (),
-           forward: Callable[[nn.Module, Any], Any] | None = None, seed: int = 0) -> nn.Module:
+           forward: Callable[[nn.Module, Any], Any] | None = None, seed: int = 0,
+           synchronize: Callable[[nn.Module], None] | None = None) -> nn.Module:
     """``finish_`` (in place), then the factorized copy of ``model`` at ``plans``: its outputs are the projected
     model's, BatchNorm statistics included."""
-    finish_(model, plans, options, batches, forward, seed)
+    finish_(model, plans, options, batches, forward, seed, synchronize)
     return factorize_planned(model, plans, options)

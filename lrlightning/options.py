@@ -6,7 +6,7 @@ from typing import Any, Mapping, Sequence
 
 from .schemes import SVD_DRIVERS, Scheme, scheme_class
 
-RankSpec = int | float | tuple[int, int] | Mapping[str, Any] | None
+RankSpec = int | float | tuple[int, int] | dict[str, int | tuple[int, int]] | None
 
 
 def is_int(value: Any) -> bool:

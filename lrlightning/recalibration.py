@@ -1,13 +1,17 @@
 """What BatchNorm re-estimation needs from a Lightning fit: training batches drawn independently of the training
-order, and forward passes that leave no trace (no logging, no recompilation of ``torch.compile``d modules)."""
+order, and forward passes that leave no trace (nothing logged, torchmetrics states kept, no recompilation of
+``torch.compile``d modules)."""
 from __future__ import annotations
 
 import contextlib
+import copy
 from itertools import islice
 from typing import Any, Iterator
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
+from torchmetrics import Metric
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSampler
 
@@ -28,8 +32,32 @@ def silenced_logging(module: LightningModule) -> Iterator[None]:
         del module.log, module.log_dict
 
 
+@contextlib.contextmanager
+def preserved_metrics(module: nn.Module) -> Iterator[None]:
+    """Every torchmetrics ``Metric`` of ``module`` holds the same state after the block as before it (a
+    ``training_step`` run for BatchNorm statistics must not count its batches in the epoch's metrics)."""
+    saved = [(metric, copy.deepcopy(metric.metric_state), metric._update_count, metric._computed)
+             for metric in module.modules() if isinstance(metric, Metric)]
+    try:
+        yield
+    finally:
+        for metric, state, count, computed in saved:
+            for name, value in state.items():
+                setattr(metric, name, value)
+            metric._update_count, metric._computed = count, computed
+
+
+def run_training_step(module: LightningModule, batch: Any, index: int) -> Any:
+    """``module.training_step(batch, index)``, or ``training_step(batch)`` where it takes no batch index (as
+    Lightning calls it)."""
+    if is_param_in_hook_signature(module.training_step, "batch_idx", min_args=2):
+        return module.training_step(batch, index)
+    return module.training_step(batch)
+
+
 def eager() -> contextlib.AbstractContextManager:
-    """``torch.compile``d code runs eagerly inside the block, so no-grad passes trigger no recompilation."""
+    """``torch.compile``d code runs eagerly inside the block, so no-grad passes trigger no recompilation
+    (torch >= 2.6; a no-op before)."""
     set_stance = getattr(torch.compiler, "set_stance", None)
     return set_stance("force_eager") if set_stance else contextlib.nullcontext()
 
@@ -46,7 +74,7 @@ def reshuffled(loader: DataLoader, count: int, seed: int) -> Iterator[Any]:
         return
     if loader.batch_size is not None:
         loader = DataLoader(dataset, batch_size=loader.batch_size, shuffle=True, generator=generator,
-                            collate_fn=loader.collate_fn)
+                            collate_fn=loader.collate_fn, drop_last=loader.drop_last)
     elif isinstance(loader.sampler, BatchSampler):
         sampler = BatchSampler(RandomSampler(dataset, generator=generator), loader.sampler.batch_size,
                                loader.sampler.drop_last)

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
-from .export import set_submodule
 from .layers import FactorizedLayer
+from .names import set_module
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -89,6 +89,6 @@ def keep_faster_layers(dense: nn.Module, factorized: nn.Module, example: torch.T
         factorized_ms = latency_ms(result.get_submodule(name), inputs[name], repeats)
         kept = factorized_ms <= margin * dense_ms
         if not kept:
-            set_submodule(result, name, copy.deepcopy(dense_layer))
+            set_module(result, name, copy.deepcopy(dense_layer))
         report.append({"layer": name, "dense_ms": dense_ms, "factorized_ms": factorized_ms, "factorized": kept})
     return result, report

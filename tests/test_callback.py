@@ -288,12 +288,23 @@ def test_logged_projection_metrics_match_the_singular_values(tmp_path):
                 self.weights.append([pl_module.net[i].weight.detach().clone() for i in (2, 5)])
 
     before = BeforeProjection()
+    class LossLogging(TinyCNN):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.log("loss_at_step", float(self.trainer.global_step + 1))
+            return loss
+
     logger = L.pytorch.loggers.CSVLogger(tmp_path)
     callback = LowRankProjection("svd", 2, every_n_train_steps=4)
-    fast_trainer(tmp_path, [before, callback], logger=logger, log_every_n_steps=1).fit(TinyCNN(), loader())
+    trainer = fast_trainer(tmp_path, [before, callback], logger=logger, log_every_n_steps=1)
+    trainer.fit(LossLogging(), loader())
     with (tmp_path / "lightning_logs/version_0/metrics.csv").open() as handle:
-        rows = [row for row in csv.DictReader(handle) if row["lowrank/rel_error"]]
-    assert [int(row["step"]) for row in rows] == [4, 8, 12, 16], "one row per projection, at its step"
+        table = list(csv.DictReader(handle))
+    rows = [row for row in table if row["lowrank/rel_error"]]
+    lightning_step = {float(row["loss_at_step"]): int(row["step"]) for row in table if row["loss_at_step"]}
+    assert [int(row["step"]) for row in rows] == [lightning_step[s] for s in (4, 8, 12, 16)], \
+        "one row per projection, on the logging step Lightning gives the batch of optimizer steps 4, 8, 12, 16"
+    assert trainer.callback_metrics["lowrank/rel_error"].item() == pytest.approx(float(rows[-1]["lowrank/rel_error"]))
     assert len(before.weights) == 4
     compression = (12 * 72 + 12 * 108) / (2 * (12 + 72) + 2 * (12 + 108))
     for row, weights in zip(rows, before.weights):
@@ -567,3 +578,8 @@ trainer:
     callback = next(c for c in flags.trainer.callbacks if isinstance(c, LowRankProjection))
     assert callback.options == LowRankOptions(scheme="tucker2", energy=0.9, include=("net.5",), hooi_iters=1,
                                               linear=True)
+    flags = LightningCLI(TinyCNN, run=False, save_config_callback=None, args=[
+        "--trainer.logger=false", "--trainer.callbacks+=lrlightning.LowRankProjection",
+        "--trainer.callbacks.compression=3.5", "--trainer.callbacks.rank=null"])
+    callback = next(c for c in flags.trainer.callbacks if isinstance(c, LowRankProjection))
+    assert callback.options == LowRankOptions(scheme="svd", compression=3.5)

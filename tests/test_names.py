@@ -119,3 +119,10 @@ def test_callback_ranks_factorize_compiled_and_plain_models(tmp_path):
 def test_relative_ranks_refuses_layers_outside_the_prefix(prefix, match):
     with pytest.raises(ValueError, match=match):
         relative_ranks({"net.2": 3}, prefix)
+
+
+def test_restored_ranks_of_a_compiled_run_take_canonical_names():
+    callback = LowRankProjection("svd", 2)
+    callback.load_state_dict({"last_step": 2, "projections": 1, "ranks": {"_orig_mod.2": 3, "_orig_mod.5": 4}})
+    callback.make_plan(net())
+    assert callback.ranks == {"2": 3, "5": 4}

@@ -257,3 +257,34 @@ def test_reshuffled_batches_depend_on_the_seed_only():
     order = list(torch.utils.data.BatchSampler(
         torch.utils.data.RandomSampler(data, generator=torch.Generator().manual_seed(4)), 8, drop_last=False))
     assert [batch[1].tolist() for batch in runs[0]] == [data.tensors[1][i].tolist() for i in order[:3]]
+
+
+def test_a_training_step_without_batch_index_and_its_metrics_are_respected(tmp_path):
+    from torchmetrics.classification import MulticlassAccuracy
+
+    class StepWithMetric(NoForward):
+        def __init__(self):
+            super().__init__()
+            self.train_acc = MulticlassAccuracy(4)
+
+        def training_step(self, batch):
+            x, y = batch
+            logits = self.net(x)
+            self.train_acc(logits, y)
+            return nn.functional.cross_entropy(logits, y)
+
+        def on_train_epoch_end(self):
+            self.updates = self.train_acc._update_count
+
+    model = StepWithMetric()
+    callback = LowRankProjection("svd", 2, every_n_train_steps=2, bn_recalibration_batches=3)
+    trainer = fit(model, tensors(), callback, default_root_dir=tmp_path)
+    assert trainer.global_step == 6 and len(model.validated_ranks) == 8
+    assert model.updates == 6, "re-estimation passes leave the epoch's metric untouched"
+    mean, _ = expected_statistics(model.net, replayed_images(tensors(), trainer.global_step))
+    assert torch.allclose(model.net[3].running_mean, mean, atol=1e-6)
+
+
+def test_reshuffled_keeps_drop_last():
+    loader = DataLoader(tensors(20), batch_size=8, drop_last=True)
+    assert [len(batch[1]) for batch in reshuffled(loader, 5, seed=0)] == [8, 8]

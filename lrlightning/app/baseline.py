@@ -44,7 +44,8 @@ def decompose(cfg: DictConfig, run_dir: Path, datamodule, model: LightningModule
     if not trainer.is_global_zero:
         return None
     facts = run_facts(trainer, seconds, cfg.init_ckpt, config)
-    extra = {"every_n_train_steps": None, "num_projections": 0, **facts, "checkpoint": facts["checkpoint"] if tuned else None}
+    extra = {"every_n_train_steps": None, "num_projections": 0, **facts,
+             "checkpoint": facts["checkpoint"] if tuned else None}
     summary = summarize(cfg.baseline, options, plans, model.backbone, small, input_shape(datamodule),
                         cfg.latency_batch_size, metrics, extra)
     return write_outputs(run_dir, small, backbone_spec(model), summary)

@@ -31,6 +31,12 @@ def container(node: DictConfig | None) -> dict:
     return OmegaConf.to_container(node, resolve=True) if node else {}
 
 
+def replans(chosen: dict) -> bool:
+    """Whether the chosen low-rank keys change the plan (another preset or rank rule), so that the checkpoint's
+    ranks no longer apply; other keys (``bn_recalibration_batches``, ``svd_driver``, ...) keep them."""
+    return "_target_" in chosen or bool(chosen.keys() & RANK_RULES)
+
+
 def export_lowrank(chosen: dict, saved: dict) -> dict:
     """The low-rank node of an export: a chosen preset, or the checkpoint's with the chosen keys on top (a chosen
     rank rule replaces the saved one)."""
@@ -68,7 +74,7 @@ def export(cfg: DictConfig, run_dir: Path) -> dict | None:
     else:
         model = LitClassifier.load_from_checkpoint(path, map_location="cpu")
     options = lowrank_options(lowrank_cfg)
-    state = projection_state(checkpoint) if not chosen else {}
+    state = {} if replans(chosen) else projection_state(checkpoint)
     plans = backbone_plans(model, options, state.get("ranks") or None)
     step = checkpoint.get("global_step") or 0
     small = finish_backbone(model, datamodule, plans, options, recalibration_batches(lowrank_cfg), step)

@@ -1,7 +1,7 @@
 """The low-rank settings of lrl-export: the checkpoint's, unless others are chosen, and the callback state it reads."""
 from hydra.utils import instantiate
 
-from lrlightning.app.export import export_lowrank, projection_state
+from lrlightning.app.export import export_lowrank, projection_state, replans
 
 SAVED = {"_target_": "lrlightning.LowRankProjection", "scheme": "tiled_svd", "rank": None, "compression": 2.0,
          "tile_shape": [8, 8]}
@@ -23,3 +23,8 @@ def test_projection_state_finds_the_callback_state_in_a_checkpoint():
     assert projection_state(checkpoint) == state
     assert projection_state({"callbacks": {"LowRankProjection{...}": {**state, "ranks": {}}}}) == {}
     assert projection_state({}) == {}
+
+
+def test_only_a_preset_or_a_rank_rule_replaces_the_trained_ranks():
+    assert replans({"rank": 0.3}) and replans({"compression": 4.0}) and replans({"_target_": "x", "scheme": "svd"})
+    assert not replans({}) and not replans({"bn_recalibration_batches": 0, "svd_driver": "gram"})
