@@ -115,7 +115,7 @@ class LowRankProjection(Callback):
                  check_finite: bool = True, energy: float | None = None, compression: float | None = None,
                  tile_shape: tuple[int, int] | None = None, include: str | list[str] | None = None,
                  exclude: str | list[str] | None = None, linear: bool = False, skip_first_conv: bool = True,
-                 hooi_iters: int = 0, svd_driver: str = "exact"):
+                 hooi_iters: int = 0, svd_driver: str = "auto"):
         super().__init__()
         if not (is_int(every_n_train_steps) and every_n_train_steps >= 1):
             raise ValueError(f"`every_n_train_steps` must be an int >= 1, got {every_n_train_steps!r}")

@@ -72,7 +72,8 @@ class LowRankOptions:
     ``tile_shape`` (rows, cols) is required by ``tiled_svd`` only. Layer selection: every Conv2d with groups == 1
     and a kernel larger than 1×1 except the first conv (``skip_first_conv``), plus every Linear when ``linear``
     (Linear layers always use ``svd``); ``include``/``exclude`` are glob patterns on module names.
-    ``svd_driver`` picks how projections decompose: ``"exact"`` (``torch.linalg.svd``), ``"randomized"``
+    ``svd_driver`` picks how projections decompose: ``"auto"`` (the fastest measured on the weights' device:
+    ``"gram"`` on the CPU, ``"exact"`` elsewhere), ``"exact"`` (``torch.linalg.svd``), ``"randomized"``
     (``torch.svd_lowrank``) or ``"gram"`` (``eigh`` of the float64 Gram matrix of each matrix's shorter side).
     """
 
@@ -86,7 +87,7 @@ class LowRankOptions:
     linear: bool = False
     skip_first_conv: bool = True
     hooi_iters: int = 0
-    svd_driver: str = "exact"
+    svd_driver: str = "auto"
 
     def __post_init__(self):
         scheme_class(self.scheme)

@@ -10,6 +10,7 @@ from torch import nn
 from .names import named_modules
 from .options import LowRankOptions
 from .plan import LayerPlan, NonFiniteWeightError, plan_layers, scheme_for
+from .schemes import resolve_driver
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,8 @@ def project_planned_(model: nn.Module, plans: list[LayerPlan], options: LowRankO
             batches.append((group, weights, stacked))
         for group, weights, stacked in batches:
             scheme = scheme_for(group[0].shape, options)
-            approx = scheme.project(stacked, [p.rank for p in group], options.svd_driver)
+            driver = resolve_driver(options.svd_driver, stacked.device)
+            approx = scheme.project(stacked, [p.rank for p in group], driver)
             norms = stacked.flatten(1).norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
             errors = (stacked - approx).flatten(1).norm(dim=1) / norms
             energies = (approx.flatten(1).norm(dim=1) / norms).pow(2)

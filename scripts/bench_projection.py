@@ -27,6 +27,7 @@ from lrlightning.backbones import build_backbone
 from lrlightning.options import LowRankOptions
 from lrlightning.plan import plan_layers
 from lrlightning.projection import project_planned_
+from lrlightning.schemes import SVD_DRIVERS, resolve_driver
 from lrlightning.app.provenance import write_result
 from lrlightning.speed import synchronize
 from lrlightning.summary import format_table
@@ -37,7 +38,7 @@ SCHEMES = {
     "spatial_svd": dict(scheme="spatial_svd", rank=0.45),
     "tiled_svd": dict(scheme="tiled_svd", rank=4, tile_shape=(16, 16)),
 }
-DRIVERS = ("exact", "randomized", "gram")
+
 
 
 def timed(function, device: torch.device) -> float:
@@ -63,15 +64,16 @@ def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: to
 
 def projection_cases(model: nn.Module) -> list[dict]:
     """One case per scheme and driver: options, plan (made once) and a function projecting every planned conv."""
-    cases = []
+    cases, device = [], next(model.parameters()).device
     for name, settings in SCHEMES.items():
-        for driver in DRIVERS:
+        for driver in SVD_DRIVERS:
             options = LowRankOptions(**settings, svd_driver=driver)
             start = time.perf_counter()
             plans, skipped = plan_layers(model, options, warn=False)
             plan_seconds = time.perf_counter() - start
             cases.append({
-                "scheme": name, "driver": driver, "rank": settings["rank"], "layers": len(plans),
+                "scheme": name, "rank": settings["rank"], "layers": len(plans),
+                "driver": f"auto ({resolve_driver(driver, device)})" if driver == "auto" else driver,
                 "left_dense": len(skipped), "plan_ms": 1000 * plan_seconds,
                 "run": lambda plans=plans, options=options: project_planned_(model, plans, options),
                 "times": [],
