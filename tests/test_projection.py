@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lrlightning import LowRankOptions, plan_layers, project_
-from lrlightning.projection import project_planned_
+from lrlightning.projection import host_lists, project_planned_
 from lrlightning.schemes import resolve_driver
 
 RANKS = {
@@ -54,3 +54,9 @@ def test_auto_is_the_default_and_projects_as_gram_on_the_cpu():
     project_(gram, "tucker2", 0.5, svd_driver="gram")
     for a, g in zip(auto.parameters(), gram.parameters()):
         assert torch.equal(a, g)
+
+
+def test_host_lists_split_one_transfer_back_into_each_tensor():
+    tensors = [torch.tensor([1.0, 2.0]), torch.tensor([True, False]), torch.tensor([]), torch.tensor([3.5])]
+    assert host_lists(tensors) == [[1.0, 2.0], [1.0, 0.0], [], [3.5]]
+    assert host_lists([torch.tensor([True, False])]) == [[True, False]]
