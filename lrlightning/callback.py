@@ -95,8 +95,10 @@ class LowRankProjection(Callback):
             placed on the device by Lightning), for modules whose batches or forward the defaults do not fit.
         check_finite: stop with ``NonFiniteTrainingError`` (step, layer, hints) when the loss or a selected
             weight becomes NaN/Inf.
-        energy, compression, tile_shape, include, exclude, linear, skip_first_conv, hooi_iters, svd_driver: the
-            rank rules, layer selection and scheme options shared with ``factorize`` (see ``LowRankOptions``).
+        energy, compression, budget, budget_metric, input_shape, tile_shape, include, exclude, linear,
+            skip_first_conv, hooi_iters, svd_driver: the rank rules, layer selection and scheme options shared
+            with ``factorize`` (see ``LowRankOptions``). A ``budget`` is allocated once, from the weights when fit
+            starts (a pretrained model), and kept in ``ranks``.
 
     Layer names (``plans``, ``ranks``) are those of the uncompiled module: a ``torch.compile``d submodule's layers
     are named without ``_orig_mod``. With manual optimization, every optimizer step counts (two optimizers stepping
@@ -115,7 +117,8 @@ class LowRankProjection(Callback):
                  check_finite: bool = True, energy: float | None = None, compression: float | None = None,
                  tile_shape: tuple[int, int] | None = None, include: str | list[str] | None = None,
                  exclude: str | list[str] | None = None, linear: bool = False, skip_first_conv: bool = True,
-                 hooi_iters: int = 0, svd_driver: str = "auto"):
+                 hooi_iters: int = 0, svd_driver: str = "auto", budget: float | None = None,
+                 budget_metric: str = "params", input_shape: tuple[int, int, int] | None = None):
         super().__init__()
         if not (is_int(every_n_train_steps) and every_n_train_steps >= 1):
             raise ValueError(f"`every_n_train_steps` must be an int >= 1, got {every_n_train_steps!r}")
@@ -134,7 +137,8 @@ class LowRankProjection(Callback):
                              f"got {recalibration_step!r}")
         self.options = LowRankOptions(scheme=scheme, rank=rank, energy=energy, compression=compression,
                                       tile_shape=tile_shape, include=include, exclude=exclude, linear=linear,
-                                      skip_first_conv=skip_first_conv, hooi_iters=hooi_iters, svd_driver=svd_driver)
+                                      skip_first_conv=skip_first_conv, hooi_iters=hooi_iters, svd_driver=svd_driver,
+                                      budget=budget, budget_metric=budget_metric, input_shape=input_shape)
         self.every_n_train_steps = every_n_train_steps
         self.start_step = start_step
         self.stop_step = stop_step

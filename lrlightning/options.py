@@ -7,6 +7,8 @@ from typing import Any, Mapping, Sequence
 from .schemes import SVD_DRIVERS, Scheme, scheme_class
 
 RankSpec = int | float | tuple[int, int] | dict[str, int | tuple[int, int]] | None
+RANK_RULES = ("rank", "energy", "compression", "budget")
+BUDGET_METRICS = ("params", "macs")
 
 
 def is_int(value: Any) -> bool:
@@ -68,7 +70,10 @@ class LowRankOptions:
       ``energy``: float in (0, 1], the smallest rank keeping that fraction of squared singular-value energy,
         resolved once from the weights when the plan is made;
       ``compression``: float > 1, the largest rank whose factorized layer is at least that many times smaller
-        (dense params / factorized params, per layer).
+        (dense params / factorized params, per layer);
+      ``budget``: float > 1, the whole model that many times smaller in ``budget_metric`` (``"params"``, default,
+        or ``"macs"`` per sample of ``input_shape`` (C, H, W)), with ranks allocated across the selected layers to
+        minimize their summed normalized error; a layer may stay dense (see ``lrlightning.budget``).
     ``tile_shape`` (rows, cols) is required by ``tiled_svd`` only. Layer selection: every Conv2d with groups == 1
     and a kernel larger than 1×1 except the first conv (``skip_first_conv``), plus every Linear when ``linear``
     (Linear layers always use ``svd``); ``include``/``exclude`` are glob patterns on module names.
@@ -88,12 +93,17 @@ class LowRankOptions:
     skip_first_conv: bool = True
     hooi_iters: int = 0
     svd_driver: str = "auto"
+    budget: float | None = None
+    budget_metric: str = "params"
+    input_shape: tuple[int, ...] | None = None
 
     def __post_init__(self):
         scheme_class(self.scheme)
-        given = [name for name in ("rank", "energy", "compression") if getattr(self, name) is not None]
+        given = [name for name in RANK_RULES if getattr(self, name) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one rank rule of `rank`, `energy`, `compression`; got {given or 'none'}")
+            raise ValueError(f"give exactly one rank rule of {', '.join(f'`{r}`' for r in RANK_RULES)}; "
+                             f"got {given or 'none'}")
+        self.check_budget()
         object.__setattr__(self, "rank", check_rank(self.rank, self.scheme))
         if self.energy is not None and not (is_number(self.energy) and 0.0 < self.energy <= 1.0):
             raise ValueError(f"`energy` must be a float in (0, 1], got {self.energy!r}")
@@ -115,11 +125,25 @@ class LowRankOptions:
         if self.svd_driver not in SVD_DRIVERS:
             raise ValueError(f"`svd_driver` must be one of {SVD_DRIVERS}, got {self.svd_driver!r}")
 
+    def check_budget(self) -> None:
+        if self.budget is not None and not (is_number(self.budget) and self.budget > 1.0):
+            raise ValueError(f"`budget` must be a number > 1 (dense / compressed, over the whole model), "
+                             f"got {self.budget!r}")
+        if self.budget_metric not in BUDGET_METRICS:
+            raise ValueError(f"`budget_metric` must be one of {BUDGET_METRICS}, got {self.budget_metric!r}")
+        shape = self.input_shape
+        if shape is not None:
+            if not (isinstance(shape, Sequence) and len(shape) >= 1 and all(is_int(v) and v >= 1 for v in shape)):
+                raise ValueError(f"`input_shape` must be the (C, H, W) of one sample, ints >= 1, got {shape!r}")
+            object.__setattr__(self, "input_shape", tuple(int(v) for v in shape))
+        if self.budget is not None and self.budget_metric == "macs" and self.input_shape is None:
+            raise ValueError("`budget_metric`='macs' needs `input_shape`, the (C, H, W) of one sample, got None")
+
     def conv_scheme(self) -> Scheme:
         return scheme_class(self.scheme).from_options(self)
 
     def replace_rank(self, rank: RankSpec) -> "LowRankOptions":
-        """The same options with another rank rule (energy and compression cleared)."""
+        """The same options with another rank rule (energy, compression and budget cleared)."""
         values = {name: getattr(self, name) for name in self.__dataclass_fields__}
-        values.update(rank=rank, energy=None, compression=None)
+        values.update(rank=rank, energy=None, compression=None, budget=None)
         return LowRankOptions(**values)

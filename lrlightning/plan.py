@@ -9,9 +9,10 @@ from fnmatch import fnmatchcase
 import torch
 from torch import nn
 
+from .budget import budget_ranks
 from .names import canonical_name, named_modules
 from .options import LowRankOptions
-from .schemes import LoweredSVD, Rank, Scheme
+from .schemes import LoweredSVD, Rank, Scheme, resolve_driver
 
 
 class NonFiniteWeightError(FloatingPointError):
@@ -136,11 +137,19 @@ def plan_layers(model: nn.Module, options: LowRankOptions, warn: bool = True) ->
     for name, module in chosen:
         if not bool(torch.isfinite(module.weight).all()):
             raise NonFiniteWeightError(name)
+    allocated = {}
+    if options.budget is not None:
+        layers = [(name, module, scheme_for(tuple(module.weight.shape), options)) for name, module in chosen]
+        driver = resolve_driver(options.svd_driver, chosen[0][1].weight.device) if chosen else "exact"
+        allocated = budget_ranks(model, layers, options.budget, options.budget_metric, options.input_shape, driver)
     plans = []
     for name, module in chosen:
         shape = tuple(module.weight.shape)
         scheme = scheme_for(shape, options)
-        rank = resolve_rank(name, module, scheme, options)
+        if options.budget is not None and allocated[name] is None:
+            skipped.append(SkippedLayer(name, f"kept dense by `budget`={options.budget}"))
+            continue
+        rank = allocated[name] if options.budget is not None else resolve_rank(name, module, scheme, options)
         dense, factorized = math.prod(shape), scheme.factorized_params(shape, rank)
         if factorized >= dense:
             reason = f"break-even: rank {rank} gives {factorized} >= {dense} dense params"

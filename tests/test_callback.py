@@ -435,7 +435,9 @@ class SameWeightsCheck(L.Callback):
 
     def record(self, trainer, pl_module):
         vector = torch.cat([pl_module.net[i].weight.detach().flatten() for i in (2, 5)])
-        gathered = trainer.strategy.all_gather(vector)
+        gathered = [torch.empty_like(vector) for _ in range(trainer.world_size)]
+        torch.distributed.all_gather(gathered, vector)
+        gathered = torch.stack(gathered)
         self.spreads.append((gathered.max(0).values - gathered.min(0).values).abs().max().item())
         assert math.isfinite(self.spreads[-1])
 

@@ -462,9 +462,9 @@ INVALID_OPTIONS = [
     (dict(scheme="tiled_svd", rank=2, tile_shape=(4.0, 4)), r"`tile_shape` must be a pair .*got \(4\.0, 4\)"),
     (dict(scheme="svd", rank=2, tile_shape=(4, 4)), r"`tile_shape` applies to .*'tiled_svd' only, got \(4, 4\) "
                                                     r"with scheme 'svd'"),
-    (dict(rank=2, energy=0.9), r"exactly one rank rule of `rank`, `energy`, `compression`; got \['rank', 'energy'\]"),
+    (dict(rank=2, energy=0.9), r"exactly one rank rule of `rank`, `energy`, `compression`, `budget`; got \['rank', 'energy'\]"),
     (dict(energy=0.9, compression=2.0), r"exactly one rank rule.*got \['energy', 'compression'\]"),
-    (dict(), r"exactly one rank rule of `rank`, `energy`, `compression`; got none"),
+    (dict(), r"exactly one rank rule of `rank`, `energy`, `compression`, `budget`; got none"),
     (dict(energy=0), r"`energy` must be a float in \(0, 1\], got 0$"),
     (dict(energy=1.2), r"`energy` must be a float in \(0, 1\], got 1\.2"),
     (dict(compression=1), r"`compression` must be a number > 1 .*got 1$"),

@@ -24,7 +24,7 @@ METHOD_ALIASES = {"deeptwist": METHOD}  # names older summaries used for the met
 METHOD_ORDER = (METHOD, BASELINE, "decompose", "dense")
 OK, COLLAPSED, DIVERGED = "ok", "collapsed", "diverged"
 FINISHED = (OK, COLLAPSED)  # statuses whose accuracy counts in the mean
-RULE_KEYS = ("rank", "energy", "compression")
+RULE_KEYS = ("rank", "energy", "compression", "budget", "budget_metric")
 # Options of the callback alone (schedule, stabilizers): they do not change the plan, so they are no part of the
 # point, and runs of the other methods ignore them.
 CALLBACK_KEYS = frozenset(
@@ -54,10 +54,14 @@ def method_of(config: dict[str, Any]) -> str:
 
 def point_of(lowrank: dict[str, Any]) -> str | None:
     """A compression point from low-rank settings (``scheme`` and one rank rule): ``scheme:rank``, ``scheme:Nx``
-    (compression) or ``scheme:energy=e``; None without a scheme."""
+    (compression), ``scheme:budget=Bx METRIC`` or ``scheme:energy=e``; None without a scheme."""
     scheme = lowrank.get("scheme")
     if scheme is None:
         return None
+    budget = lowrank.get("budget")
+    if budget is not None:
+        rule = budget if isinstance(budget, str) else f"{float(budget):g}x {lowrank.get('budget_metric', 'params')}"
+        return f"{scheme}:budget={rule}"
     if lowrank.get("rank") is not None:
         rank = lowrank["rank"]
         return f"{scheme}:{'x'.join(map(str, rank)) if isinstance(rank, list) else rank}"

@@ -11,12 +11,12 @@ from hydra.utils import instantiate
 from lightning.pytorch import seed_everything
 from omegaconf import DictConfig, OmegaConf
 
+from ..options import RANK_RULES
 from .job import CONFIG_KEY, build_model, evaluate_and_export, finish_backbone
 from .module import LitClassifier
 from .ranks import backbone_plans, callback_setting, lowrank_options, recalibration_batches
 from .report import FACTORIZED, METHOD, SUMMARY
 
-RANK_RULES = {"rank", "energy", "compression"}
 
 
 def projection_state(checkpoint: dict) -> dict:

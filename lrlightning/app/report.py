@@ -29,11 +29,14 @@ FACTORIZED = "factorized.pt"
 
 
 def rank_rule(options: LowRankOptions | None) -> Any:
-    """The rank rule as ``summary.json`` records it: the rank, ``"energy=E"`` or ``"compression=C"``; None when dense."""
+    """The rank rule as ``summary.json`` records it: the rank, ``"energy=E"``, ``"compression=C"`` or
+    ``"budget=Bx METRIC"``; None when dense."""
     if options is None:
         return None
     if options.rank is not None:
         return list(options.rank) if isinstance(options.rank, tuple) else options.rank
+    if options.budget is not None:
+        return f"budget={options.budget:g}x {options.budget_metric}"
     return f"energy={options.energy}" if options.energy is not None else f"compression={options.compression}"
 
 

@@ -143,6 +143,18 @@ def test_points_keep_schemes_and_plan_settings_apart(tmp_path):
         "svd:4x", "tiled_svd:4x tile_shape=[16, 16]", "tiled_svd:4x tile_shape=[8, 8]", "svd:2x"]
 
 
+def test_a_budget_is_a_point_of_its_own(tmp_path):
+    write_run(tmp_path / "0", "lowrank_projection", 0, 0.03, 90.0, 91.0, rank=None, budget=4.0)
+    write_run(tmp_path / "1", "lowrank_projection", 0, 0.03, 90.0, 91.0, rank=None, budget=4.0, budget_metric="macs")
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "summary.json").write_text(json.dumps({
+        "method": "decompose", "scheme": "svd", "rank": "budget=2x macs", "test_acc_factorized": 0.5,
+        "config": {"ckpt": "/run/last.ckpt", "lowrank": {"rank": None, "budget": 2.0, "budget_metric": "macs"}}}))
+    assert [r["point"] for r in collect_rows(tmp_path)] == [
+        "tucker2:budget=4x params", "tucker2:budget=4x macs", "svd:budget=2x macs"]
+
+
 def test_collapse_threshold_counts_a_run_as_failed(tmp_path):
     write_run(tmp_path / "0", "decompose", 0, 0.03, 10.0, 11.0)
     write_run(tmp_path / "1", "decompose", 1, 0.03, 80.0, 81.0)

@@ -26,6 +26,7 @@ def dense_and_small():
     (LowRankOptions(scheme="tucker2", rank=(4, 8)), [4, 8]),
     (LowRankOptions(scheme="svd", energy=0.9), "energy=0.9"),
     (LowRankOptions(scheme="svd", compression=2.0), "compression=2.0"),
+    (LowRankOptions(scheme="svd", budget=4.0, budget_metric="macs", input_shape=(3, 8, 8)), "budget=4x macs"),
 ])
 def test_rank_rule_records_the_rule_in_plain_json(options, recorded):
     assert rank_rule(options) == recorded

@@ -1,0 +1,127 @@
+"""The global budget rule: ranks allocated across layers so that the whole model meets a parameter or MAC budget,
+with less summed error than uniform ranks of the same size, and clear errors for bad or unreachable budgets."""
+import random
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lrlightning import LowRankOptions, LowRankProjection, count_macs, count_params, factorize, plan_layers, project_
+from lrlightning.backbones import build_backbone
+from lrlightning.budget import LayerChoices, allocate
+
+SHAPE = (3, 16, 16)
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    return build_backbone("resnet20", num_classes=10, in_channels=3, width=8).eval()
+
+
+def whole_ratio(model, small, metric):
+    if metric == "params":
+        return count_params(model) / count_params(small)
+    return count_macs(model, SHAPE) / count_macs(small, SHAPE)
+
+
+def test_allocate_takes_the_least_error_within_the_budget():
+    a = LayerChoices("a", (1, 2, None), (0.6, 0.2, 0.0), (10.0, 20.0, 40.0))
+    b = LayerChoices("b", (1, None), (0.3, 0.0), (5.0, 30.0))
+    # totals and errors: a1 b1 15/0.9, a2 b1 25/0.5, a1 b- 40/0.6, a- b1 45/0.3, a2 b- 50/0.2, a- b- 70/0
+    assert allocate([a, b], 0.0, 50.0) == {"a": 2, "b": None}
+    assert allocate([a, b], 0.0, 45.0) == {"a": None, "b": 1}
+    assert allocate([a, b], 0.0, 30.0) == {"a": 2, "b": 1}
+    assert allocate([a, b], 0.0, 15.0) == {"a": 1, "b": 1}
+    assert allocate([a, b], 0.0, 70.0) == {"a": None, "b": None}
+    with pytest.raises(ValueError, match="smallest reachable size 25 exceeds the budget's 20"):
+        allocate([a, b], 10.0, 20.0)
+
+
+def test_allocate_never_exceeds_the_budget_and_spends_it():
+    rng = random.Random(0)
+    for _ in range(30):
+        layers = []
+        for index in range(rng.randint(1, 6)):
+            costs = sorted(rng.uniform(1, 100) for _ in range(5))
+            errors = sorted((rng.random() for _ in range(4)), reverse=True) + [0.0]
+            layers.append(LayerChoices(str(index), (1, 2, 3, 4, None), tuple(errors), tuple(costs)))
+        cheapest, dearest = sum(c.costs[0] for c in layers), sum(c.costs[-1] for c in layers)
+        target = rng.uniform(cheapest, dearest)
+        chosen = allocate(layers, 0.0, target)
+        spent = sum(c.costs[c.ranks.index(chosen[c.name])] for c in layers)
+        assert spent <= target + 1e-9
+        for c in layers:  # no single upgrade still fits: the greedy completion spent what it could
+            i = c.ranks.index(chosen[c.name])
+            assert all(c.costs[j] - c.costs[i] > target - spent for j in range(i + 1, len(c.ranks)))
+
+
+@pytest.mark.parametrize("scheme", ["svd", "tucker2", "spatial_svd"])
+@pytest.mark.parametrize("metric, budget", [("params", 2.0), ("params", 4.0), ("macs", 3.0)])
+def test_the_whole_model_meets_the_budget_within_five_percent(resnet, scheme, metric, budget):
+    small = factorize(resnet, scheme, budget=budget, budget_metric=metric, input_shape=SHAPE)
+    assert budget <= whole_ratio(resnet, small, metric) <= 1.05 * budget
+
+
+def test_allocated_ranks_err_less_than_uniform_ranks_of_the_same_size(resnet):
+    uniform = factorize(resnet, "tucker2", 0.3)
+    budget = whole_ratio(resnet, uniform, "params")
+    squared = {}
+    for name, options in (("uniform", dict(rank=0.3)), ("budget", dict(budget=budget))):
+        model = build_backbone("resnet20", num_classes=10, in_channels=3, width=8)
+        model.load_state_dict(resnet.state_dict())
+        plans = plan_layers(model, LowRankOptions("tucker2", **options), warn=False)[0]
+        stats = project_(model, "tucker2", rank={p.name: p.rank for p in plans})
+        squared[name] = sum(s.rel_error ** 2 for s in stats)
+    assert whole_ratio(resnet, factorize(resnet, "tucker2", budget=budget), "params") >= budget
+    assert squared["budget"] < 0.8 * squared["uniform"]
+
+
+def test_an_unreachable_budget_names_the_best_reachable(resnet):
+    with pytest.raises(ValueError, match=r"`budget`=50.0 is out of reach: .* at most \d+\.\d\dx smaller in params"):
+        factorize(resnet, "svd", budget=50.0)
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(budget=1.0), r"`budget` must be a number > 1 .* got 1.0"),
+    (dict(budget=2.0, budget_metric="flops"), r"`budget_metric` must be one of \('params', 'macs'\), got 'flops'"),
+    (dict(budget=2.0, budget_metric="macs"), r"`budget_metric`='macs' needs `input_shape`"),
+    (dict(budget=2.0, input_shape=(3, 0, 16)), r"`input_shape` must be the \(C, H, W\) of one sample"),
+    (dict(budget=2.0, rank=0.5), r"give exactly one rank rule of `rank`, `energy`, `compression`, `budget`"),
+])
+def test_bad_budgets_are_refused(options, match):
+    with pytest.raises(ValueError, match=match):
+        LowRankOptions("svd", **options)
+
+
+def test_callback_allocates_once_at_fit_start_and_ends_low_rank(tmp_path, resnet):
+    class Classifier(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.backbone = build_backbone("resnet20", num_classes=10, in_channels=3, width=8)
+
+        def forward(self, x):
+            return self.backbone(x)
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    model = Classifier()
+    model.backbone.load_state_dict(resnet.state_dict())
+    before = plan_layers(model, LowRankOptions("svd", budget=3.0), warn=False)[0]
+    callback = LowRankProjection("svd", budget=3.0, every_n_train_steps=2, bn_recalibration_batches=2)
+    data = TensorDataset(torch.randn(32, *SHAPE), torch.randint(0, 10, (32,)))
+    L.Trainer(callbacks=[callback], logger=False, enable_progress_bar=False, enable_checkpointing=False,
+              max_epochs=1, default_root_dir=tmp_path).fit(model, DataLoader(data, batch_size=8))
+    assert callback.ranks == {p.name: p.rank for p in before}
+    assert callback.state_dict()["ranks"] == callback.ranks
+    for plan in callback.plans:
+        weight = model.get_submodule(plan.name).weight.detach().flatten(1)
+        assert torch.linalg.matrix_rank(weight).item() == plan.rank
+    small = factorize(model, "svd", rank=callback.ranks)
+    assert whole_ratio(model, small, "params") >= 3.0
