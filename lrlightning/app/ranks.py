@@ -14,6 +14,15 @@ from ..plan import LayerPlan, plan_layers, relative_plans
 BACKBONE = "backbone"
 
 
+def with_input_shape(node: Mapping[str, Any], datamodule) -> dict[str, Any]:
+    """A ``lowrank`` config as a dict, with ``input_shape`` taken from the datamodule's images (C, H, W) when a MAC
+    budget needs one and the config gives none."""
+    node = dict(node)
+    if node.get("budget_metric") == "macs" and node.get("input_shape") is None:
+        node["input_shape"] = [datamodule.in_channels, datamodule.image_size, datamodule.image_size]
+    return node
+
+
 def lowrank_options(node: Mapping[str, Any]) -> LowRankOptions:
     """The ``LowRankOptions`` of a ``lowrank`` config (``LowRankProjection``'s arguments: scheme, rank rule, layer
     selection); the callback's schedule and stabilizers are left out."""

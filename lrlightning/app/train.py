@@ -15,7 +15,7 @@ from ..options import is_int
 from ..plan import relative_plans
 from .baseline import BASELINES, decompose
 from .job import build_model, evaluate_and_export, finish_backbone, fit, load_weights, make_trainer, resume_path, run_facts
-from .ranks import BACKBONE
+from .ranks import BACKBONE, with_input_shape
 from .report import METHOD, SUMMARY
 
 REQUIRED = "required"  # value of `init_ckpt` in experiments that start from a dense checkpoint
@@ -37,15 +37,16 @@ def train(cfg: DictConfig, run_dir: Path) -> dict | None:
     """``lrl-train`` (conf/train.yaml); returns the summary on global rank zero."""
     check_job(cfg)
     (run_dir / SUMMARY).unlink(missing_ok=True)
-    callbacks = [instantiate(cfg.lowrank, _convert_="all")] if cfg.get("lowrank") is not None else []
     seed_everything(cfg.seed, workers=True)
     config = OmegaConf.to_container(cfg, resolve=True)
     datamodule = instantiate(cfg.data)
+    lowrank = with_input_shape(config["lowrank"], datamodule) if cfg.get("lowrank") is not None else None
+    callbacks = [instantiate(lowrank, _convert_="all")] if lowrank is not None else []
     model = build_model(cfg.model, datamodule)
     if cfg.init_ckpt:
         load_weights(model, cfg.init_ckpt)
     if cfg.baseline:
-        return decompose(cfg, run_dir, datamodule, model, config)
+        return decompose(cfg, run_dir, datamodule, model, config, lowrank)
     trainer = make_trainer(cfg, run_dir, callbacks, config)
     seconds = fit(trainer, model, datamodule, resume_path(cfg.ckpt_path, run_dir))
     facts = run_facts(trainer, seconds, cfg.init_ckpt, config)

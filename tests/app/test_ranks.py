@@ -4,7 +4,13 @@ import torch
 
 from lrlightning import LowRankOptions, factorize_planned, finish, plan_layers
 from lrlightning.app.module import LitClassifier
-from lrlightning.app.ranks import backbone_plans, callback_setting, lowrank_options, recalibration_batches
+from lrlightning.app.ranks import (
+    backbone_plans,
+    callback_setting,
+    lowrank_options,
+    recalibration_batches,
+    with_input_shape,
+)
 
 
 def test_lowrank_options_read_the_option_fields_of_a_lowrank_config():
@@ -42,3 +48,13 @@ def test_backbone_plans_reproduce_the_ranks_on_the_backbone_exactly():
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(small(x), model.backbone(x), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(factorize_planned(model.backbone, plans, options)(x), small(x))
+
+
+def test_a_mac_budget_takes_its_input_shape_from_the_datamodule():
+    class Images:
+        in_channels, image_size = 1, 28
+
+    node = {"scheme": "svd", "rank": None, "budget": 2.0, "budget_metric": "macs"}
+    assert lowrank_options(with_input_shape(node, Images())).input_shape == (1, 28, 28)
+    assert with_input_shape({**node, "input_shape": [3, 8, 8]}, Images())["input_shape"] == [3, 8, 8]
+    assert "input_shape" not in with_input_shape({"scheme": "svd", "rank": 0.5}, Images())
