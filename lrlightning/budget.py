@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from .counting import count_macs, count_params
-from .names import named_modules
 from .schemes import Rank, Scheme
+from .speed import layer_inputs
 
 MAX_CANDIDATES = 32  # ranks tried per layer, evenly spread from the largest that shrinks to 1
 
@@ -91,31 +91,6 @@ def allocate(layers: Sequence[LayerChoices], fixed: float, target: float) -> dic
         choice[k] = j
 
 
-def layer_inputs_shapes(model: nn.Module, names: list[str], input_shape: tuple[int, ...]) -> dict[str, tuple]:
-    """(C, H, W) of the input each named module receives when ``model`` runs on one sample of ``input_shape``."""
-    modules = named_modules(model)
-    shapes, hooks = {}, []
-
-    def record(name: str):
-        def hook(module, args, output):
-            shapes.setdefault(name, tuple(args[0].shape[1:]))
-        return hook
-
-    for name in names:
-        hooks.append(modules[name].register_forward_hook(record(name)))
-    parameter = next(model.parameters())
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros((1, *input_shape), device=parameter.device, dtype=parameter.dtype))
-    finally:
-        model.train(was_training)
-        for hook in hooks:
-            hook.remove()
-    return shapes
-
-
 def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], budget: float, metric: str,
                  input_shape: tuple[int, ...] | None, driver: str) -> dict[str, Rank | None]:
     """Ranks of ``layers`` (name, module, scheme) making ``model`` ``budget`` times smaller in ``metric`` over the
@@ -126,7 +101,9 @@ def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], 
         inputs = dict.fromkeys(names)
     else:
         whole = count_macs(model, input_shape)
-        inputs = layer_inputs_shapes(model, names, input_shape)
+        parameter = next(model.parameters())
+        example = torch.zeros((1, *input_shape), device=parameter.device, dtype=parameter.dtype)
+        inputs = {name: tuple(x.shape[1:]) for name, x in layer_inputs(model, names, example).items()}
     choices = [layer_choices(name, module, scheme, metric, inputs[name], driver) for name, module, scheme in layers]
     fixed = whole - sum(c.costs[-1] for c in choices)
     try:

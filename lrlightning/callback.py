@@ -334,7 +334,8 @@ class LowRankProjection(Callback):
             pl_module.train(was_training)
 
     def recalibration_batches(self, trainer: Trainer, pl_module: LightningModule) -> Iterable[tuple[int, Any]]:
-        """``(index, batch)`` pairs for re-estimation, drawn with a seed of the current optimizer step."""
+        """``(index, batch)`` pairs for re-estimation, drawn with a seed of the current optimizer step (none when
+        the module has no BatchNorm to re-estimate or re-estimation is off)."""
         if not self.recalibrates(pl_module):
             return ()
         return enumerate(training_batches(trainer, self.bn_recalibration_batches, seed=trainer.global_step))

@@ -10,7 +10,7 @@ from torch import nn
 from torch.fx.experimental.optimization import fuse
 
 from .layers import FactorizedLayer
-from .names import set_module
+from .names import named_modules, set_module
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -52,7 +52,9 @@ def cpu_latency_ms(model: nn.Module, input_shape: tuple[int, ...], batch_size: i
 
 
 def layer_inputs(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The input each named module receives when ``model`` runs on ``example``."""
+    """The input each named module (canonical names, see ``lrlightning.names``) receives when ``model`` runs on
+    ``example`` in eval mode, without grad; the model's mode is restored."""
+    modules = named_modules(model)
     captured, hooks = {}, []
 
     def capture(name: str):
@@ -61,11 +63,13 @@ def layer_inputs(model: nn.Module, names: list[str], example: torch.Tensor) -> d
         return hook
 
     for name in names:
-        hooks.append(model.get_submodule(name).register_forward_hook(capture(name)))
+        hooks.append(modules[name].register_forward_hook(capture(name)))
+    was_training = model.training
     try:
         with torch.inference_mode():
             model.eval()(example)
     finally:
+        model.train(was_training)
         for hook in hooks:
             hook.remove()
     return captured
