@@ -1,7 +1,8 @@
 """A global budget: the ranks of all selected layers chosen together, so that the whole model is ``budget`` times
-smaller in parameters or MACs, spending rank where it lowers the approximation error most. Lagrangian rank
-selection (Idelbayev & Carreira-Perpiñán, CVPR 2020): for a price λ every layer takes the candidate minimizing
-normalized error + λ·cost, "stay dense" included; λ is bisected until the model meets the budget. Pure torch."""
+smaller in parameters or MACs, or ``budget`` times faster in measured latency, spending rank where it lowers the
+approximation error most. Lagrangian rank selection (Idelbayev & Carreira-Perpiñán, CVPR 2020): for a price λ every
+layer takes the candidate minimizing normalized error + λ·cost, "stay dense" included; λ is bisected until the model
+meets the budget. Candidate ranks are multiples of ``rank_multiple`` where a layer is wide enough. Pure torch."""
 from __future__ import annotations
 
 import math
@@ -12,21 +13,76 @@ import torch
 from torch import nn
 
 from .counting import count_macs, count_params
+from .latency import LatencyTable
 from .schemes import Rank, Scheme
 from .speed import layer_inputs
 
-MAX_CANDIDATES = 32  # ranks tried per layer, evenly spread from the largest that shrinks to 1
+MAX_CANDIDATES = 32  # ranks tried per layer, evenly spread from the largest that shrinks to the smallest
+LATENCY_CANDIDATES = 16  # fewer when each one is timed
+UNITS = {"params": "parameters", "macs": "MACs per sample", "latency": "ms per batch"}
 
 
 @dataclass(frozen=True)
 class LayerChoices:
     """One layer's candidates: ``ranks`` (None keeps it dense), their normalized squared weight error
-    ||W − W_r||² / ||W||² and their cost (parameters or MACs per sample, of the weight only)."""
+    ||W − W_r||² / ||W||² and their cost (parameters or MACs per sample of the weight only, or measured ms)."""
 
     name: str
     ranks: tuple[Rank | None, ...]
     errors: tuple[float, ...]
     costs: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """What a budget allocated: ``ranks`` ({layer: rank, or None for dense}), ``costs`` ({layer: (dense,
+    allocated)}) and the whole model's ``dense`` and ``allocated`` totals, in ``metric`` units (parameters, MACs per
+    sample, or milliseconds per batch of ``batch_size`` on ``device`` for latency)."""
+
+    budget: float
+    metric: str
+    ranks: dict[str, Rank | None]
+    costs: dict[str, tuple[float, float]]
+    dense: float
+    allocated: float
+    device: str | None = None
+    batch_size: int | None = None
+
+    @property
+    def achieved(self) -> float:
+        """Dense / allocated over the whole model (>= ``budget``)."""
+        return self.dense / self.allocated
+
+    @property
+    def unit(self) -> str:
+        return UNITS[self.metric]
+
+
+def layer_multiple(full: int, multiple: int) -> int:
+    """The step of a rank whose full value is ``full``: ``multiple`` when ``full >= 4·multiple``, else the largest
+    power of two <= full / 4 (at least 1), so narrow layers keep a few candidates."""
+    if full >= 4 * multiple:
+        return multiple
+    return 2 ** int(math.log2(max(full / 4, 1)))
+
+
+def rounded_rank(rank: Rank, full: Rank, multiple: int) -> Rank:
+    """``rank`` rounded down to a multiple of its ``layer_multiple``, or below one step to a power of two (so rank
+    1 stays reachable); a full rank stays full; pairs per mode."""
+    if isinstance(rank, tuple):
+        return tuple(rounded_rank(r, f, multiple) for r, f in zip(rank, full))
+    step = layer_multiple(full, multiple)
+    if rank >= full:
+        return rank
+    return rank // step * step if rank >= step else 2 ** int(math.log2(rank))
+
+
+def rank_choices(scheme: Scheme, shape: tuple[int, ...], multiple: int, count: int) -> list[Rank]:
+    """At most ``count`` distinct candidate ranks of a weight of ``shape``, largest first, rounded to multiples
+    (``rounded_rank``), each giving a factorized layer with fewer parameters than the dense one."""
+    full, dense = scheme.full_rank(shape), math.prod(shape)
+    ranks = dict.fromkeys(rounded_rank(r, full, multiple) for r in scheme.rank_candidates(shape))
+    return spread([r for r in ranks if scheme.factorized_params(shape, r) < dense], count)
 
 
 def spread(candidates: Sequence[Rank], count: int) -> list[Rank]:
@@ -37,26 +93,43 @@ def spread(candidates: Sequence[Rank], count: int) -> list[Rank]:
     return [candidates[round(i * step)] for i in range(count)]
 
 
+def weight_errors(weight: torch.Tensor, scheme: Scheme, ranks: Sequence[Rank], driver: str) -> list[float]:
+    """Normalized squared error ||W − W_r||² / ||W||² of ``weight`` projected at each of ``ranks``."""
+    if not ranks:
+        return []
+    shape = tuple(weight.shape)
+    with torch.no_grad():
+        approx = scheme.project(weight.unsqueeze(0).expand(len(ranks), *shape).contiguous(), ranks, driver)
+    return ((approx - weight).flatten(1).pow(2).sum(1) / weight.pow(2).sum().clamp_min(1e-30)).tolist()
+
+
+def candidate_label(scheme: Scheme, rank: Rank) -> str:
+    """A candidate's name in latency tables: scheme, its structural options, rank."""
+    tile = getattr(scheme, "tile_shape", None)
+    return f"{scheme.name}{'' if tile is None else f'@{tile[0]}x{tile[1]}'}:{rank}".replace(" ", "")
+
+
 def layer_choices(name: str, module: nn.Module, scheme: Scheme, metric: str, input_shape: tuple[int, ...] | None,
-                  driver: str) -> LayerChoices:
-    """The candidates of one layer: every rank whose factorized form is smaller than the dense one (at most
-    ``MAX_CANDIDATES``), and dense. ``input_shape`` is the layer's own input (C, H, W) for ``metric="macs"``."""
+                  driver: str, multiple: int = 1, table: LatencyTable | None = None) -> LayerChoices:
+    """The candidates of one layer: ranks whose factorized form has fewer parameters (``rank_choices``), and
+    dense. ``input_shape`` is the layer's own input (C, H, W) for ``metric="macs"`` and ``"latency"``; with
+    ``"latency"`` the costs are ``table``'s measured ms and candidates no faster than dense are dropped."""
     weight = module.weight.detach().float()
     shape = tuple(weight.shape)
-    dense_params = math.prod(shape)
-    shrinking = [r for r in scheme.rank_candidates(shape) if scheme.factorized_params(shape, r) < dense_params]
-    ranks = spread(shrinking, MAX_CANDIDATES)
-    errors = []
-    if ranks:
-        with torch.no_grad():
-            approx = scheme.project(weight.unsqueeze(0).expand(len(ranks), *shape).contiguous(), ranks, driver)
-        errors = ((approx - weight).flatten(1).pow(2).sum(1) / weight.pow(2).sum().clamp_min(1e-30)).tolist()
+    ranks = rank_choices(scheme, shape, multiple, LATENCY_CANDIDATES if metric == "latency" else MAX_CANDIDATES)
     if metric == "params":
-        costs = [scheme.factorized_params(shape, r) for r in ranks] + [dense_params]
+        costs, dense = [scheme.factorized_params(shape, r) for r in ranks], math.prod(shape)
+    elif metric == "macs":
+        costs = [count_macs(scheme.factorized_layer(module, r), input_shape) for r in ranks]
+        dense = count_macs(module, input_shape)
     else:
-        layer_macs = count_macs(module, input_shape)
-        costs = [count_macs(scheme.factorized_layer(module, r), input_shape) for r in ranks] + [layer_macs]
-    return LayerChoices(name, (*ranks, None), (*errors, 0.0), tuple(float(c) for c in costs))
+        layers = {candidate_label(scheme, r): scheme.factorized_layer(module, r) for r in ranks}
+        dense, measured = table.layer_ms(module, input_shape, layers)
+        costs = list(measured.values())
+        ranks = [r for r, cost in zip(ranks, costs) if cost < dense]
+        costs = [cost for cost in costs if cost < dense]
+    errors = weight_errors(weight, scheme, ranks, driver)
+    return LayerChoices(name, (*ranks, None), (*errors, 0.0), tuple(float(c) for c in (*costs, dense)))
 
 
 def allocate(layers: Sequence[LayerChoices], fixed: float, target: float) -> dict[str, Rank | None]:
@@ -91,25 +164,39 @@ def allocate(layers: Sequence[LayerChoices], fixed: float, target: float) -> dic
         choice[k] = j
 
 
-def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], budget: float, metric: str,
-                 input_shape: tuple[int, ...] | None, driver: str) -> dict[str, Rank | None]:
-    """Ranks of ``layers`` (name, module, scheme) making ``model`` ``budget`` times smaller in ``metric`` over the
-    whole model (layers not listed count at their dense size); None keeps a layer dense."""
+def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], options, driver: str) -> Allocation:
+    """Allocate ``options.budget`` (validated ``LowRankOptions``) over ``layers`` (name, module, scheme) of
+    ``model``: layers not listed count at their dense cost. Raises ValueError naming the best reachable ratio."""
+    budget, metric, input_shape = options.budget, options.budget_metric, options.input_shape
     names = [name for name, _, _ in layers]
-    if metric == "params":
-        whole = count_params(model)
-        inputs = dict.fromkeys(names)
-    else:
-        whole = count_macs(model, input_shape)
+    table, inputs = None, dict.fromkeys(names)
+    if metric != "params":
         parameter = next(model.parameters())
         example = torch.zeros((1, *input_shape), device=parameter.device, dtype=parameter.dtype)
         inputs = {name: tuple(x.shape[1:]) for name, x in layer_inputs(model, names, example).items()}
-    choices = [layer_choices(name, module, scheme, metric, inputs[name], driver) for name, module, scheme in layers]
-    fixed = whole - sum(c.costs[-1] for c in choices)
+    if metric == "params":
+        whole = count_params(model)
+    elif metric == "macs":
+        whole = count_macs(model, input_shape)
+    else:
+        device = options.latency_device or next(model.parameters()).device
+        table = LatencyTable(device, options.latency_batch_size, options.latency_cache)
+        whole = table.model_ms(model, input_shape)
+    choices = [layer_choices(name, module, scheme, metric, inputs[name], driver, options.rank_multiple, table)
+               for name, module, scheme in layers]
+    fixed = max(0.0, whole - sum(c.costs[-1] for c in choices))
+    dense = fixed + sum(c.costs[-1] for c in choices)
     try:
-        return allocate(choices, fixed, whole / budget)
+        ranks = allocate(choices, fixed, dense / budget)
     except ValueError:
-        best = whole / (fixed + sum(min(c.costs) for c in choices))
+        best = dense / (fixed + sum(min(c.costs) for c in choices))
+        gain = "faster (measured)" if metric == "latency" else f"smaller in {metric}"
         raise ValueError(f"`budget`={budget} is out of reach: with the selected layers at their smallest ranks the "
-                         f"model is at most {best:.2f}x smaller in {metric} (layers left dense by the selection "
-                         "cap it); ask for less, or select more layers") from None
+                         f"model is at most {best:.2f}x {gain} (layers left dense by the selection cap it"
+                         f"{'; so do layers no candidate of which runs faster than dense' if table else ''}); "
+                         "ask for less, or select more layers") from None
+    costs = {c.name: (c.costs[-1], c.costs[c.ranks.index(ranks[c.name])]) for c in choices}
+    allocated = fixed + sum(cost for _, cost in costs.values())
+    return Allocation(budget, metric, ranks, costs, dense, allocated,
+                      device=str(table.device) if table else None,
+                      batch_size=options.latency_batch_size if table else None)

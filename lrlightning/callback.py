@@ -15,7 +15,8 @@ from .batchnorm import batchnorm_buffers, batchnorm_layers, recalibrate_batchnor
 from .finish import finish_
 from .names import canonical_name, named_modules
 from .options import LowRankOptions, RankSpec, is_int
-from .plan import LayerPlan, SkippedLayer, frozen_ranks, plan_layers, scheme_for
+from .budget import Allocation
+from .plan import LayerPlan, SkippedLayer, allocate_plan, frozen_ranks, scheme_for
 from .projection import LayerStats, NonFiniteWeightError, project_planned_
 from .recalibration import (
     defines_forward,
@@ -93,12 +94,16 @@ class LowRankProjection(Callback):
             starts, so a module it cannot run on is refused then, not at the end of training.
         recalibration_step: ``(module, batch) -> Any``, a forward pass of the module on a training batch (as
             placed on the device by Lightning), for modules whose batches or forward the defaults do not fit.
+        budget_reallocations: with a ``budget``, allocate the ranks again from the current weights before each of
+            the first ``budget_reallocations`` periodic projections (the spectrum moves while training), then keep
+            them (default 0: allocated once, from the weights when fit starts, e.g. a pretrained model). Each
+            allocation is made on global rank zero and broadcast, so every process projects at the same ranks.
         check_finite: stop with ``NonFiniteTrainingError`` (step, layer, hints) when the loss or a selected
             weight becomes NaN/Inf.
-        energy, compression, budget, budget_metric, input_shape, tile_shape, include, exclude, linear,
-            skip_first_conv, hooi_iters, svd_driver: the rank rules, layer selection and scheme options shared
-            with ``factorize`` (see ``LowRankOptions``). A ``budget`` is allocated once, from the weights when fit
-            starts (a pretrained model), and kept in ``ranks``.
+        energy, compression, budget, budget_metric, input_shape, rank_multiple, latency_batch_size,
+            latency_device, latency_cache, tile_shape, include, exclude, linear, skip_first_conv, hooi_iters,
+            svd_driver: the rank rules, layer selection and scheme options shared with ``factorize`` (see
+            ``LowRankOptions``). The ranks a ``budget`` allocates are kept in ``ranks`` and in checkpoints.
 
     Layer names (``plans``, ``ranks``) are those of the uncompiled module: a ``torch.compile``d submodule's layers
     are named without ``_orig_mod``. With manual optimization, every optimizer step counts (two optimizers stepping
@@ -118,7 +123,9 @@ class LowRankProjection(Callback):
                  tile_shape: tuple[int, int] | None = None, include: str | list[str] | None = None,
                  exclude: str | list[str] | None = None, linear: bool = False, skip_first_conv: bool = True,
                  hooi_iters: int = 0, svd_driver: str = "auto", budget: float | None = None,
-                 budget_metric: str = "params", input_shape: tuple[int, int, int] | None = None):
+                 budget_metric: str = "params", input_shape: tuple[int, int, int] | None = None,
+                 rank_multiple: int = 8, latency_batch_size: int = 32, latency_device: str | None = None,
+                 latency_cache: str | None = None, budget_reallocations: int = 0):
         super().__init__()
         if not (is_int(every_n_train_steps) and every_n_train_steps >= 1):
             raise ValueError(f"`every_n_train_steps` must be an int >= 1, got {every_n_train_steps!r}")
@@ -138,7 +145,15 @@ class LowRankProjection(Callback):
         self.options = LowRankOptions(scheme=scheme, rank=rank, energy=energy, compression=compression,
                                       tile_shape=tile_shape, include=include, exclude=exclude, linear=linear,
                                       skip_first_conv=skip_first_conv, hooi_iters=hooi_iters, svd_driver=svd_driver,
-                                      budget=budget, budget_metric=budget_metric, input_shape=input_shape)
+                                      budget=budget, budget_metric=budget_metric, input_shape=input_shape,
+                                      rank_multiple=rank_multiple, latency_batch_size=latency_batch_size,
+                                      latency_device=latency_device, latency_cache=latency_cache)
+        if not (is_int(budget_reallocations) and budget_reallocations >= 0):
+            raise ValueError(f"`budget_reallocations` must be an int >= 0, got {budget_reallocations!r}")
+        if budget_reallocations and budget is None:
+            raise ValueError(f"`budget_reallocations`={budget_reallocations} re-allocates a `budget`; give `budget` "
+                             "or set it to 0")
+        self.budget_reallocations = budget_reallocations
         self.every_n_train_steps = every_n_train_steps
         self.start_step = start_step
         self.stop_step = stop_step
@@ -151,6 +166,7 @@ class LowRankProjection(Callback):
         self.check_finite = check_finite
         self.plans: list[LayerPlan] = []
         self.skipped: list[SkippedLayer] = []
+        self.allocation: Allocation | None = None
         self.last_stats: list[LayerStats] = []
         self._last_step = 0
         self._projections = 0
@@ -184,16 +200,22 @@ class LowRankProjection(Callback):
                                       "holds only a shard of every weight. Use DDP, or project after training.")
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.make_plan(pl_module)
+        self.make_plan(pl_module, trainer)
         if trainer.is_global_zero:
-            rank_zero_info(plan_table(self.plans, self.skipped, self.options.scheme))
+            rank_zero_info(plan_table(self.plans, self.skipped, self.options.scheme, self.allocation))
 
-    def make_plan(self, pl_module: LightningModule) -> None:
-        """Resolve the selected layers and their ranks (restored ranks win, so resume keeps them)."""
+    def make_plan(self, pl_module: LightningModule, trainer: Trainer | None = None, reallocate: bool = False) -> None:
+        """Resolve the selected layers and their ranks (restored ranks win unless ``reallocate``, so resume keeps
+        them). Under torch.distributed a budget is allocated on global rank zero and broadcast."""
         options = self.options
-        if self._restored_ranks:
+        if self._restored_ranks and not reallocate:
             options = options.replace_rank(self._restored_ranks)
-        self.plans, self.skipped = plan_layers(pl_module, options)
+        if trainer is not None and trainer.world_size > 1 and options.budget is not None:
+            planned = allocate_plan(pl_module, options) if trainer.is_global_zero else None
+            planned = trainer.strategy.broadcast(planned, src=0)
+        else:
+            planned = allocate_plan(pl_module, options)
+        self.plans, self.skipped, self.allocation = planned
 
     def plans_for(self, projection_index: int) -> list[LayerPlan]:
         """Plans of the ``projection_index``-th projection (0-based): annealed ranks during ``rank_warmup``."""
@@ -232,6 +254,9 @@ class LowRankProjection(Callback):
         self._last_step = step
         if not due:
             return
+        if self._projections < self.budget_reallocations:
+            with divergence_named(step):
+                self.make_plan(pl_module, trainer, reallocate=True)
         plans = self.plans_for(self._projections)
         start = time.perf_counter()
         self.last_stats = self.project(pl_module, step, plans)

@@ -1,14 +1,17 @@
 """Validated options shared by ``factorize``, ``project_`` and ``LowRankProjection`` (same names everywhere)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
+
+import torch
 
 from .schemes import SVD_DRIVERS, Scheme, scheme_class
 
 RankSpec = int | float | tuple[int, int] | dict[str, int | tuple[int, int]] | None
 RANK_RULES = ("rank", "energy", "compression", "budget")
-BUDGET_METRICS = ("params", "macs")
+BUDGET_METRICS = ("params", "macs", "latency")
 
 
 def is_int(value: Any) -> bool:
@@ -72,8 +75,13 @@ class LowRankOptions:
       ``compression``: float > 1, the largest rank whose factorized layer is at least that many times smaller
         (dense params / factorized params, per layer);
       ``budget``: float > 1, the whole model that many times smaller in ``budget_metric`` (``"params"``, default,
-        or ``"macs"`` per sample of ``input_shape`` (C, H, W)), with ranks allocated across the selected layers to
-        minimize their summed normalized error; a layer may stay dense (see ``lrlightning.budget``).
+        or ``"macs"`` per sample of ``input_shape`` (C, H, W)) or that many times faster (``"latency"``: measured
+        per layer on ``latency_device`` (default: the weights' device; CPU at torch's thread count) at batch
+        ``latency_batch_size`` (default 32) of ``input_shape``, cached under ``latency_cache``, see
+        ``lrlightning.latency``), with ranks allocated across the selected layers to minimize their summed
+        normalized error; a layer may stay dense, and under ``"latency"`` no layer is factorized into something
+        slower. Candidate ranks are multiples of ``rank_multiple`` (default 8) where a layer has at least 4× that
+        rank, else of the largest power of two fitting 4 times (see ``lrlightning.budget``).
     ``tile_shape`` (rows, cols) is required by ``tiled_svd`` only. Layer selection: every Conv2d with groups == 1
     and a kernel larger than 1×1 except the first conv (``skip_first_conv``), plus every Linear when ``linear``
     (Linear layers always use ``svd``); ``include``/``exclude`` are glob patterns on module names.
@@ -96,6 +104,10 @@ class LowRankOptions:
     budget: float | None = None
     budget_metric: str = "params"
     input_shape: tuple[int, ...] | None = None
+    rank_multiple: int = 8
+    latency_batch_size: int = 32
+    latency_device: str | None = None
+    latency_cache: str | None = None
 
     def __post_init__(self):
         scheme_class(self.scheme)
@@ -136,8 +148,21 @@ class LowRankOptions:
             if not (isinstance(shape, Sequence) and len(shape) >= 1 and all(is_int(v) and v >= 1 for v in shape)):
                 raise ValueError(f"`input_shape` must be the (C, H, W) of one sample, ints >= 1, got {shape!r}")
             object.__setattr__(self, "input_shape", tuple(int(v) for v in shape))
-        if self.budget is not None and self.budget_metric == "macs" and self.input_shape is None:
-            raise ValueError("`budget_metric`='macs' needs `input_shape`, the (C, H, W) of one sample, got None")
+        if self.budget is not None and self.budget_metric != "params" and self.input_shape is None:
+            raise ValueError(f"`budget_metric`={self.budget_metric!r} needs `input_shape`, the (C, H, W) of one "
+                             "sample, got None")
+        for argument in ("rank_multiple", "latency_batch_size"):
+            value = getattr(self, argument)
+            if not (is_int(value) and value >= 1):
+                raise ValueError(f"`{argument}` must be an int >= 1, got {value!r}")
+        if self.latency_device is not None:
+            try:
+                torch.device(self.latency_device)
+            except (RuntimeError, TypeError):
+                raise ValueError(f"`latency_device` must name a torch device such as 'cpu' or 'cuda:0', "
+                                 f"got {self.latency_device!r}") from None
+        if self.latency_cache is not None and not isinstance(self.latency_cache, (str, os.PathLike)):
+            raise ValueError(f"`latency_cache` must be a directory path, got {self.latency_cache!r}")
 
     def conv_scheme(self) -> Scheme:
         return scheme_class(self.scheme).from_options(self)

@@ -9,7 +9,7 @@ from fnmatch import fnmatchcase
 import torch
 from torch import nn
 
-from .budget import budget_ranks
+from .budget import Allocation, budget_ranks
 from .names import canonical_name, named_modules
 from .options import LowRankOptions
 from .schemes import LoweredSVD, Rank, Scheme, resolve_driver
@@ -121,6 +121,13 @@ def plan_layers(model: nn.Module, options: LowRankOptions, warn: bool = True) ->
     A ``rank`` mapping selects exactly the layers it names. Raises ``NonFiniteWeightError`` naming the first
     selected layer whose weight holds NaN or Inf, and ValueError when nothing is selected, listing the candidates.
     """
+    plans, skipped, _ = allocate_plan(model, options, warn)
+    return plans, skipped
+
+
+def allocate_plan(model: nn.Module, options: LowRankOptions, warn: bool = True) -> tuple[
+        list[LayerPlan], list[SkippedLayer], Allocation | None]:
+    """``plan_layers``, with the ``Allocation`` a ``budget`` made (per-layer and whole-model costs; else None)."""
     chosen, skipped = candidate_layers(model, options)
     if isinstance(options.rank, dict):
         selectable = [name for name, _ in chosen]
@@ -137,11 +144,12 @@ def plan_layers(model: nn.Module, options: LowRankOptions, warn: bool = True) ->
     for name, module in chosen:
         if not bool(torch.isfinite(module.weight).all()):
             raise NonFiniteWeightError(name)
-    allocated = {}
+    allocated, allocation = {}, None
     if options.budget is not None:
         layers = [(name, module, scheme_for(tuple(module.weight.shape), options)) for name, module in chosen]
         driver = resolve_driver(options.svd_driver, chosen[0][1].weight.device) if chosen else "exact"
-        allocated = budget_ranks(model, layers, options.budget, options.budget_metric, options.input_shape, driver)
+        allocation = budget_ranks(model, layers, options, driver)
+        allocated = allocation.ranks
     plans = []
     for name, module in chosen:
         shape = tuple(module.weight.shape)
@@ -163,7 +171,7 @@ def plan_layers(model: nn.Module, options: LowRankOptions, warn: bool = True) ->
         raise ValueError(f"no layer selected for low-rank (include={list(options.include)}, "
                          f"exclude={list(options.exclude)}, linear={options.linear}); skipped: "
                          f"{[(s.name, s.reason) for s in skipped]}. HINT: candidate layers are {candidates}")
-    return plans, skipped
+    return plans, skipped, allocation
 
 
 def relative_names(names: list[str], prefix: str, argument: str = "ranks") -> list[str]:

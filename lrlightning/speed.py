@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
+from .latency import time_interleaved
 from .layers import FactorizedLayer
 from .names import named_modules, set_module
 
@@ -49,6 +50,18 @@ def cpu_latency_ms(model: nn.Module, input_shape: tuple[int, ...], batch_size: i
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"`{argument}` must be an int >= {minimum}, got {value!r}")
     return latency_ms(copy.deepcopy(model).cpu(), torch.randn(batch_size, *input_shape), repeats, warmup)
+
+
+def paired_latency_ms(models: list[nn.Module], input_shape: tuple[int, ...], batch_size: int = 32,
+                      device: torch.device | str = "cpu") -> list[float]:
+    """Milliseconds per forward pass of each of ``models`` (copies on ``device``, eval mode) on one random batch of
+    ``batch_size`` inputs of ``input_shape`` (C, H, W), timed interleaved (``lrlightning.latency.time_interleaved``,
+    torch's current thread count on CPU). The models themselves are not moved or switched to eval."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be an int >= 1, got {batch_size!r}")
+    copies = [copy.deepcopy(model).to(device).eval() for model in models]
+    example = torch.randn(batch_size, *input_shape, device=device)
+    return time_interleaved(copies, example)
 
 
 def layer_inputs(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, torch.Tensor]:

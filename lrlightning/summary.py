@@ -1,6 +1,7 @@
 """Plain-text tables of a low-rank plan: what is compressed, at which rank, for how many parameters."""
 from __future__ import annotations
 
+from .budget import Allocation
 from .plan import LayerPlan, SkippedLayer
 
 
@@ -12,15 +13,37 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def plan_table(plans: list[LayerPlan], skipped: list[SkippedLayer], scheme: str) -> str:
+def cost_text(value: float, metric: str) -> str:
+    if metric == "latency":
+        return f"{value:.3f}"
+    return f"{value / 1e6:.2f}M" if value >= 1e6 else f"{value:,.0f}"
+
+
+def plan_table(plans: list[LayerPlan], skipped: list[SkippedLayer], scheme: str,
+               allocation: Allocation | None = None) -> str:
     """Selected layers with shape, rank, dense and factorized weight params; skipped layers with the reason;
-    totals and the compression ratio over the compressed layers (the paper's definition)."""
+    totals and the compression ratio over the compressed layers (the paper's definition). With a budget's
+    ``allocation``, each layer's dense → allocated cost in the budget's metric, and the whole model's."""
+    header = ["layer", "scheme", "shape", "rank", "dense", "factorized", "ratio"]
     rows = [[p.name, p.scheme, "x".join(map(str, p.shape)), str(p.rank), f"{p.params_dense:,}",
              f"{p.params_factorized:,}", f"{p.compression:.2f}x"] for p in plans]
     dense = sum(p.params_dense for p in plans)
     factorized = sum(p.params_factorized for p in plans)
     rows.append(["total", scheme, "", "", f"{dense:,}", f"{factorized:,}", f"{dense / max(factorized, 1):.2f}x"])
-    text = "Low-rank plan\n" + format_table(["layer", "scheme", "shape", "rank", "dense", "factorized", "ratio"], rows)
+    if allocation is not None:
+        unit = "ms" if allocation.metric == "latency" else allocation.metric
+        header.append(f"{unit} dense -> allocated")
+        for row, plan in zip(rows, plans):
+            before, after = allocation.costs[plan.name]
+            row.append(f"{cost_text(before, allocation.metric)} -> {cost_text(after, allocation.metric)}")
+        rows[-1].append("")
+    text = "Low-rank plan\n" + format_table(header, rows)
+    if allocation is not None:
+        where = (f" at batch {allocation.batch_size} on {allocation.device}, measured"
+                 if allocation.metric == "latency" else "")
+        text += (f"\nBudget {allocation.budget:g}x in {allocation.unit}{where}: whole model "
+                 f"{cost_text(allocation.dense, allocation.metric)} -> {cost_text(allocation.allocated, allocation.metric)}"
+                 f" ({allocation.achieved:.2f}x)")
     if skipped:
         text += "\nLeft dense:\n" + "\n".join(f"  {s.name}: {s.reason}" for s in skipped)
     return text

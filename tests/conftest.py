@@ -38,3 +38,35 @@ def synthetic_data():
         return SyntheticDataModule(num_classes=num_classes, **{**defaults, **kwargs})
 
     return make
+
+
+class MacLatencyTable:
+    """A stand-in for ``lrlightning.latency.LatencyTable`` whose "measured" milliseconds are MACs / 1e6, so that
+    latency budgets are tested without timing; ``made`` keeps every table built."""
+
+    made: list["MacLatencyTable"] = []
+
+    def __init__(self, device, batch_size, cache_dir=None):
+        import torch
+
+        self.device, self.batch_size, self.cache_dir = torch.device(device), batch_size, cache_dir
+        MacLatencyTable.made.append(self)
+
+    def layer_ms(self, module, input_shape, candidates):
+        from lrlightning import count_macs
+
+        return (count_macs(module, input_shape) / 1e6,
+                {label: count_macs(layer, input_shape) / 1e6 for label, layer in candidates.items()})
+
+    def model_ms(self, model, input_shape):
+        from lrlightning import count_macs
+
+        return count_macs(model, input_shape) / 1e6
+
+
+@pytest.fixture
+def mac_latency(monkeypatch):
+    """Latency budgets allocate on ``MacLatencyTable`` instead of timing; returns the class."""
+    MacLatencyTable.made = []
+    monkeypatch.setattr("lrlightning.budget.LatencyTable", MacLatencyTable)
+    return MacLatencyTable

@@ -1,6 +1,8 @@
 """The global budget rule: ranks allocated across layers so that the whole model meets a parameter or MAC budget,
 with less summed error than uniform ranks of the same size, and clear errors for bad or unreachable budgets."""
+import copy
 import random
+from dataclasses import replace
 
 import lightning as L
 import pytest
@@ -10,15 +12,34 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lrlightning import LowRankOptions, LowRankProjection, count_macs, count_params, factorize, plan_layers, project_
 from lrlightning.backbones import build_backbone
-from lrlightning.budget import LayerChoices, allocate
+from lrlightning.budget import LayerChoices, allocate, layer_multiple, rounded_rank
+from lrlightning.plan import allocate_plan
+from lrlightning.summary import plan_table
+from conftest import MacLatencyTable
 
 SHAPE = (3, 16, 16)
+WIDTH = 16  # channels 16, 32, 64: wide enough for rank multiples of 4 and 8
 
 
 @pytest.fixture(scope="module")
 def resnet():
     torch.manual_seed(0)
-    return build_backbone("resnet20", num_classes=10, in_channels=3, width=8).eval()
+    return build_backbone("resnet20", num_classes=10, in_channels=3, width=WIDTH).eval()
+
+
+class Classifier(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.backbone = build_backbone("resnet20", num_classes=10, in_channels=3, width=WIDTH)
+
+    def forward(self, x):
+        return self.backbone(x)
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
 def whole_ratio(model, small, metric):
@@ -70,7 +91,7 @@ def test_allocated_ranks_err_less_than_uniform_ranks_of_the_same_size(resnet):
     budget = whole_ratio(resnet, uniform, "params")
     squared = {}
     for name, options in (("uniform", dict(rank=0.3)), ("budget", dict(budget=budget))):
-        model = build_backbone("resnet20", num_classes=10, in_channels=3, width=8)
+        model = build_backbone("resnet20", num_classes=10, in_channels=3, width=WIDTH)
         model.load_state_dict(resnet.state_dict())
         plans = plan_layers(model, LowRankOptions("tucker2", **options), warn=False)[0]
         stats = project_(model, "tucker2", rank={p.name: p.rank for p in plans})
@@ -86,7 +107,8 @@ def test_an_unreachable_budget_names_the_best_reachable(resnet):
 
 @pytest.mark.parametrize("options, match", [
     (dict(budget=1.0), r"`budget` must be a number > 1 .* got 1.0"),
-    (dict(budget=2.0, budget_metric="flops"), r"`budget_metric` must be one of \('params', 'macs'\), got 'flops'"),
+    (dict(budget=2.0, budget_metric="flops"),
+     r"`budget_metric` must be one of \('params', 'macs', 'latency'\), got 'flops'"),
     (dict(budget=2.0, budget_metric="macs"), r"`budget_metric`='macs' needs `input_shape`"),
     (dict(budget=2.0, input_shape=(3, 0, 16)), r"`input_shape` must be the \(C, H, W\) of one sample"),
     (dict(budget=2.0, rank=0.5), r"give exactly one rank rule of `rank`, `energy`, `compression`, `budget`"),
@@ -97,20 +119,6 @@ def test_bad_budgets_are_refused(options, match):
 
 
 def test_callback_allocates_once_at_fit_start_and_ends_low_rank(tmp_path, resnet):
-    class Classifier(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.backbone = build_backbone("resnet20", num_classes=10, in_channels=3, width=8)
-
-        def forward(self, x):
-            return self.backbone(x)
-
-        def training_step(self, batch, batch_idx):
-            return nn.functional.cross_entropy(self(batch[0]), batch[1])
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.01)
-
     model = Classifier()
     model.backbone.load_state_dict(resnet.state_dict())
     before = plan_layers(model, LowRankOptions("svd", budget=3.0), warn=False)[0]
@@ -125,3 +133,102 @@ def test_callback_allocates_once_at_fit_start_and_ends_low_rank(tmp_path, resnet
         assert torch.linalg.matrix_rank(weight).item() == plan.rank
     small = factorize(model, "svd", rank=callback.ranks)
     assert whole_ratio(model, small, "params") >= 3.0
+
+
+def test_rank_steps_follow_the_layer_width():
+    assert [layer_multiple(full, 8) for full in (3, 8, 16, 31, 32, 512)] == [1, 2, 4, 4, 8, 8]
+    assert [rounded_rank(r, 64, 8) for r in (64, 63, 27, 8, 7, 5, 3, 1)] == [64, 56, 24, 8, 4, 4, 2, 1]
+    assert rounded_rank((13, 27), (16, 64), 8) == (12, 24)
+    assert rounded_rank(27, 64, 1) == 27
+
+
+@pytest.mark.parametrize("scheme", ["svd", "tucker2", "spatial_svd"])
+def test_allocated_ranks_are_multiples_where_layers_are_wide(resnet, scheme):
+    options = LowRankOptions(scheme, budget=3.0)
+    plans, _, allocation = allocate_plan(resnet, options, warn=False)
+    assert allocation.achieved >= 3.0
+    for plan in plans:
+        full = options.conv_scheme().full_rank(plan.shape)
+        for rank, limit in zip(plan.rank if isinstance(plan.rank, tuple) else (plan.rank,),
+                               full if isinstance(full, tuple) else (full,)):
+            step = layer_multiple(limit, 8)
+            assert rank % step == 0 or (rank < step and rank & (rank - 1) == 0), (plan.name, plan.rank)
+
+
+class SlowWideTable(MacLatencyTable):
+    """MAC-proportional latencies, except that every tucker2 candidate of rank (R, R) with R > 8 in the last stage
+    is made slower than dense: the allocation must never pick one."""
+
+    def layer_ms(self, module, input_shape, candidates):
+        dense, costs = super().layer_ms(module, input_shape, candidates)
+        if module.out_channels == 4 * WIDTH:
+            costs = {label: 2 * dense if int(label.split("(")[1].split(",")[0]) > 8 else cost
+                     for label, cost in costs.items()}
+        return dense, costs
+
+
+def test_latency_budget_allocates_measured_costs_and_never_picks_a_slower_layer(resnet, mac_latency, monkeypatch):
+    monkeypatch.setattr("lrlightning.budget.LatencyTable", SlowWideTable)
+    options = LowRankOptions("tucker2", budget=2.0, budget_metric="latency", input_shape=SHAPE, latency_batch_size=4,
+                             latency_device="cpu")
+    plans, _, allocation = allocate_plan(resnet, options, warn=False)
+    assert SlowWideTable.made[-1].batch_size == 4 and SlowWideTable.made[-1].device == torch.device("cpu")
+    assert 2.0 <= allocation.achieved <= 2.1 and allocation.metric == "latency"
+    assert allocation.dense == pytest.approx(count_macs(resnet, SHAPE) / 1e6)
+    last_stage = [p for p in plans if p.shape[0] == 4 * WIDTH]
+    assert all(p.rank[0] <= 8 for p in last_stage)
+    for plan in plans:
+        before, after = allocation.costs[plan.name]
+        assert after < before
+    with pytest.raises(ValueError, match=r"`budget`=1000.0 is out of reach: .* at most \d+\.\d\dx faster \(measured\)"):
+        allocate_plan(resnet, replace(options, budget=1000.0), warn=False)
+
+
+def test_plan_table_shows_each_layers_cost_and_the_whole_model(resnet):
+    options = LowRankOptions("tucker2", budget=3.0, budget_metric="macs", input_shape=SHAPE)
+    plans, skipped, allocation = allocate_plan(resnet, options, warn=False)
+    text = plan_table(plans, skipped, "tucker2", allocation)
+    assert "macs dense -> allocated" in text
+    assert "Budget 3x in MACs per sample: whole model" in text and f"({allocation.achieved:.2f}x)" in text
+    assert sum(after for _, after in allocation.costs.values()) < sum(before for before, _ in allocation.costs.values())
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(budget=2.0, rank_multiple=0), r"`rank_multiple` must be an int >= 1, got 0"),
+    (dict(budget=2.0, latency_batch_size=2.5), r"`latency_batch_size` must be an int >= 1, got 2.5"),
+    (dict(budget=2.0, budget_metric="latency"), r"`budget_metric`='latency' needs `input_shape`"),
+    (dict(budget=2.0, latency_device="gpu0"), r"`latency_device` must name a torch device .* got 'gpu0'"),
+])
+def test_bad_latency_options_are_refused(options, match):
+    with pytest.raises(ValueError, match=match):
+        LowRankOptions("svd", **options)
+
+
+def test_the_callback_reallocates_from_the_current_weights_for_k_projections_then_keeps_the_ranks(tmp_path, resnet):
+    class Recording(LowRankProjection):
+        allocations = []
+
+        def make_plan(self, pl_module, trainer=None, reallocate=False):
+            expected = allocate_plan(copy.deepcopy(pl_module), self.options, warn=False)[0] if reallocate else None
+            super().make_plan(pl_module, trainer, reallocate)
+            if reallocate:
+                Recording.allocations.append((trainer.global_step, self.ranks))
+                assert self.ranks == {p.name: p.rank for p in expected}
+
+    model = Classifier()
+    model.backbone.load_state_dict(resnet.state_dict())
+    callback = Recording("tucker2", budget=3.0, budget_reallocations=2, every_n_train_steps=2,
+                         bn_recalibration_batches=0)
+    data = TensorDataset(torch.randn(64, *SHAPE), torch.randint(0, 10, (64,)))
+    L.Trainer(callbacks=[callback], logger=False, enable_progress_bar=False, enable_checkpointing=False,
+              max_epochs=1, default_root_dir=tmp_path).fit(model, DataLoader(data, batch_size=8))
+    assert [step for step, _ in Recording.allocations] == [2, 4]
+    assert callback.num_projections == 4 and callback.ranks == Recording.allocations[-1][1]
+    assert callback.allocation.achieved >= 3.0
+
+
+def test_reallocations_need_a_budget():
+    with pytest.raises(ValueError, match=r"`budget_reallocations`=2 re-allocates a `budget`; give `budget`"):
+        LowRankProjection("svd", rank=2, budget_reallocations=2)
+    with pytest.raises(ValueError, match=r"`budget_reallocations` must be an int >= 0, got -1"):
+        LowRankProjection("svd", budget=2.0, budget_reallocations=-1)

@@ -188,19 +188,20 @@ def test_validation_sees_the_projected_weights(tmp_path):
     assert torch.equal(model.net[2].weight, weights_after_fit)
 
 
-def test_resume_between_projections_matches_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("rule", [dict(rank=0.5), dict(budget=2.0, budget_reallocations=4)])
+def test_resume_between_projections_matches_uninterrupted_run(tmp_path, rule):
     def make():
         torch.manual_seed(0)
         return TinyCNN()
 
     def run(model, root, **kwargs):
         checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1)
-        callback = LowRankProjection("svd", 0.5, every_n_train_steps=3)
+        callback = LowRankProjection("svd", every_n_train_steps=3, **rule)
         trainer = fast_trainer(root, [callback, checkpoint], max_epochs=3, enable_checkpointing=True, **kwargs)
         return trainer, callback
 
     full_model = make()
-    trainer, _ = run(full_model, tmp_path / "full")
+    trainer, full_callback = run(full_model, tmp_path / "full")
     trainer.fit(full_model, loader())
 
     class Crash(L.Callback):
@@ -222,6 +223,7 @@ def test_resume_between_projections_matches_uninterrupted_run(tmp_path):
     trainer, callback = run(resumed_model, tmp_path / "resume")
     trainer.fit(resumed_model, loader(), ckpt_path=checkpoint)
     assert callback.num_projections == 8
+    assert callback.ranks == full_callback.ranks
     for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-6), name
 
@@ -415,15 +417,33 @@ def test_constructor_validation(kwargs, match):
         LowRankProjection(**kwargs)
 
 
-def test_ddp_two_processes_hold_identical_weights(tmp_path):
+@pytest.mark.parametrize("rule", [dict(rank=2), dict(budget=2.0, budget_reallocations=2)])
+def test_ddp_two_processes_hold_identical_weights(tmp_path, rule):
     model = TinyCNN()
-    callback = LowRankProjection("svd", 2, every_n_train_steps=2, final_projection=False)
-    trainer = fast_trainer(tmp_path, [callback, SameWeightsCheck(str(tmp_path / "spread.txt"))],
-                           strategy="ddp_spawn", devices=2, max_epochs=1, limit_train_batches=4)
+    callback = LowRankProjection("svd", every_n_train_steps=2, final_projection=False, **rule)
+    skew = [SkewedRankOne()] if "budget" in rule else []  # rank 1's own allocation would differ from rank 0's
+    check = SameWeightsCheck(str(tmp_path / "spread.txt"))
+    trainer = fast_trainer(tmp_path, [*skew, callback, check], strategy="ddp_spawn", devices=2, max_epochs=1,
+                           limit_train_batches=4)
     trainer.fit(model, loader())
     spreads = [float(v) for v in (tmp_path / "spread.txt").read_text().split()]
     assert len(spreads) == 2
     assert max(spreads) == 0.0
+    ranks = (tmp_path / "spread.txt.ranks").read_text().splitlines()
+    assert len(ranks) == 2 and ranks[0] == ranks[1]
+
+
+class SkewedRankOne(L.Callback):
+    """On global rank 1, before each batch: scale conv2's leading singular direction up and conv3's down."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == 1:
+            with torch.no_grad():
+                for index, scale in ((2, 5.0), (5, 0.2)):
+                    weight = pl_module.net[index].weight
+                    u, s, vh = torch.linalg.svd(weight.flatten(1), full_matrices=False)
+                    s[0] *= scale
+                    weight.copy_(((u * s) @ vh).reshape(weight.shape))
 
 
 class SameWeightsCheck(L.Callback):
@@ -447,9 +467,14 @@ class SameWeightsCheck(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         self.record(trainer, pl_module)
+        projection = next(c for c in trainer.callbacks if isinstance(c, LowRankProjection))
+        ranks = [None] * trainer.world_size
+        torch.distributed.all_gather_object(ranks, sorted(projection.ranks.items()))
         if trainer.is_global_zero:
             with open(self.path, "w") as handle:
                 handle.write(" ".join(map(str, self.spreads)))
+            with open(self.path + ".ranks", "w") as handle:
+                handle.write("\n".join(map(str, ranks)))
 
 
 def test_callback_copy_is_independent():

@@ -1,7 +1,7 @@
 """``lrl-collect SWEEP_DIR``: every run's ``summary.json`` into ``results.csv`` (one row per run), the runs
 aggregated over seeds into ``aggregate.csv`` and ``aggregate.md`` (lr chosen on validation, failed runs counted,
 each method against decompose_finetune; see ``aggregate``), and an accuracy-vs-compression Pareto plot
-(``pareto.png``). Run dirs without a summary (failed or still running) count as failed runs and are left out of
+(``pareto.png``) and against the measured speedup (``speedup.png``: dense / factorized latency). Run dirs without a summary (failed or still running) count as failed runs and are left out of
 the plot. ``lrl-collect --report results/ --out docs/results.md`` writes the results document (``results_doc``)."""
 from __future__ import annotations
 
@@ -23,11 +23,11 @@ NO_SUMMARY = "no summary.json (failed or running)"
 COLUMNS = ["run", "status", "overrides", "method", "point", "variant", "seed", "lr", "scheme", "rank",
            "compression_ratio", "model_compression_ratio", "mac_reduction", "params_dense", "params_factorized",
            "macs_dense", "macs_factorized", "val_acc_factorized", "test_acc_projected", "test_acc_factorized",
-           "max_abs_logit_diff", "latency_ms_dense", "latency_ms_factorized", "latency_batch_size",
-           "every_n_train_steps", "epochs", "global_step", "diverged", "date", "commit"]
+           "max_abs_logit_diff", "latency_ms_dense", "latency_ms_factorized", "latency_batch_size", "speedup",
+           "budget", "budget_metric", "every_n_train_steps", "epochs", "global_step", "diverged", "date", "commit"]
 AGGREGATE_COLUMNS = ["point", "model_compression_ratio", "method", "variant", "lr", "chosen", "runs", "seeds",
                      "failed", "failed_all_lrs", "val_mean", "test_mean", "test_std"]
-AXES = ("compression_ratio", "model_compression_ratio", "mac_reduction")
+AXES = ("compression_ratio", "model_compression_ratio", "mac_reduction", "speedup")
 
 
 def overrides_of(run_dir: Path) -> str:
@@ -79,6 +79,8 @@ def collect_rows(sweep_dir: Path, collapse: float | None = None) -> list[dict[st
             row["method"] = METHOD_ALIASES.get(row["method"], row["method"])
             row["point"] = row["point"] or summary_point(summary)
             row["machine"] = summary.get("machine")
+            if row.get("speedup") is None and summary.get("latency_ms_dense") and summary.get("latency_ms_factorized"):
+                row["speedup"] = summary["latency_ms_dense"] / summary["latency_ms_factorized"]
         else:
             row["status"] = NO_SUMMARY
         rows.append(row)
@@ -106,15 +108,16 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def plot(rows: list[dict[str, Any]], path: Path, x_key: str = "compression_ratio") -> None:
-    """Test accuracy of the factorized model against compression, one marker per method (variant) and scheme,
-    and the Pareto front."""
+    """Test accuracy of the factorized model against ``x_key`` (a compression ratio or the measured speedup), one
+    marker per method (variant) and scheme, and the Pareto front."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    done = [r for r in rows if r["status"] == OK and r.get("test_acc_factorized") is not None]
+    done = [r for r in rows if r["status"] == OK and r.get("test_acc_factorized") is not None
+            and r.get(x_key) is not None]
     points = [(float(r[x_key]), 100 * float(r["test_acc_factorized"])) for r in done]
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for group in sorted({(label(r), r["scheme"]) for r in done}, key=str):
@@ -128,9 +131,10 @@ def plot(rows: list[dict[str, Any]], path: Path, x_key: str = "compression_ratio
             label="Pareto front")
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}x"))
-    ax.set_xlabel(x_key.replace("_", " ") + " (dense / factorized)")
+    what = "measured speedup" if x_key == "speedup" else x_key.replace("_", " ")
+    ax.set_xlabel(what + " (dense / factorized)")
     ax.set_ylabel("test accuracy of the factorized model (%)")
-    ax.set_title(f"accuracy vs compression ({len(done)} runs)")
+    ax.set_title(f"accuracy vs {'speed' if x_key == 'speedup' else 'compression'} ({len(done)} runs)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
@@ -139,7 +143,8 @@ def plot(rows: list[dict[str, Any]], path: Path, x_key: str = "compression_ratio
 
 
 def write_sweep(rows: list[dict[str, Any]], out: Path, x_key: str = AXES[0]) -> str:
-    """``results.csv``, ``aggregate.csv``, ``aggregate.md`` and ``pareto.png`` into ``out``; returns the Markdown."""
+    """``results.csv``, ``aggregate.csv``, ``aggregate.md``, ``pareto.png`` (accuracy vs ``x_key``) and
+    ``speedup.png`` (accuracy vs measured speedup) into ``out``; returns the Markdown."""
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "results.csv")
     cells = aggregate(rows)
@@ -147,6 +152,7 @@ def write_sweep(rows: list[dict[str, Any]], out: Path, x_key: str = AXES[0]) -> 
     text = report(cells)
     (out / "aggregate.md").write_text(text)
     plot(rows, out / "pareto.png", x_key)
+    plot(rows, out / "speedup.png", "speedup")
     return text
 
 
@@ -181,5 +187,5 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or args.sweep_dir
     print(write_sweep(rows, out, args.x))
     print(f"{sum(r['status'] != NO_SUMMARY for r in rows)} of {len(rows)} runs -> {out / 'results.csv'}, "
-          f"{out / 'aggregate.md'}, {out / 'pareto.png'}")
+          f"{out / 'aggregate.md'}, {out / 'pareto.png'}, {out / 'speedup.png'}")
     return 0

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..options import RANK_RULES
 from .job import CONFIG_KEY, build_model, evaluate_and_export, finish_backbone
 from .module import LitClassifier
-from .ranks import backbone_plans, callback_setting, lowrank_options, recalibration_batches, with_input_shape
+from .ranks import backbone_plans, callback_setting, lowrank_options, recalibration_batches, with_budget_defaults
 from .report import FACTORIZED, METHOD, SUMMARY
 
 
@@ -73,7 +73,7 @@ def export(cfg: DictConfig, run_dir: Path) -> dict | None:
         model.load_state_dict(checkpoint["state_dict"])
     else:
         model = LitClassifier.load_from_checkpoint(path, map_location="cpu")
-    lowrank_cfg = with_input_shape(lowrank_cfg, datamodule)
+    lowrank_cfg = with_budget_defaults(lowrank_cfg, datamodule, cfg.latency_batch_size)
     options = lowrank_options(lowrank_cfg)
     state = {} if replans(chosen) else projection_state(checkpoint)
     plans = backbone_plans(model, options, state.get("ranks") or None)

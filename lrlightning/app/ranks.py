@@ -14,12 +14,18 @@ from ..plan import LayerPlan, plan_layers, relative_plans
 BACKBONE = "backbone"
 
 
-def with_input_shape(node: Mapping[str, Any], datamodule) -> dict[str, Any]:
-    """A ``lowrank`` config as a dict, with ``input_shape`` taken from the datamodule's images (C, H, W) when a MAC
-    budget needs one and the config gives none."""
+def with_budget_defaults(node: Mapping[str, Any], datamodule, latency_batch_size: int) -> dict[str, Any]:
+    """A ``lowrank`` config as a dict, completed for a MAC or latency budget: ``input_shape`` from the datamodule's
+    images (C, H, W), and for latency the job's ``latency_batch_size`` and the CPU as ``latency_device``, where the
+    config gives none."""
     node = dict(node)
-    if node.get("budget_metric") == "macs" and node.get("input_shape") is None:
-        node["input_shape"] = [datamodule.in_channels, datamodule.image_size, datamodule.image_size]
+    if node.get("budget") is not None and node.get("budget_metric") in ("macs", "latency"):
+        if node.get("input_shape") is None:
+            node["input_shape"] = [datamodule.in_channels, datamodule.image_size, datamodule.image_size]
+        if node["budget_metric"] == "latency":
+            node.setdefault("latency_batch_size", latency_batch_size)
+            if node.get("latency_device") is None:
+                node["latency_device"] = "cpu"
     return node
 
 

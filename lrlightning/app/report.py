@@ -17,7 +17,7 @@ from ..counting import count_macs, count_params
 from ..export import save_factorized
 from ..options import LowRankOptions
 from ..plan import LayerPlan
-from ..speed import cpu_latency_ms
+from ..speed import paired_latency_ms
 from ..summary import format_table
 from .provenance import provenance
 
@@ -52,7 +52,12 @@ def summarize(method: str, options: LowRankOptions | None, plans: list[LayerPlan
               small: nn.Module, input_shape: tuple[int, ...], latency_batch_size: int, metrics: dict,
               extra: dict) -> dict[str, Any]:
     """The fields of ``summary.json`` (``extra`` last): ``plans`` are the factorized layers of ``dense``, whose
-    factorized copy is ``small``; ``metrics`` come from ``run_test`` and ``val_accuracy``."""
+    factorized copy is ``small``; ``metrics`` come from ``run_test`` and ``val_accuracy``. Latency: dense and
+    factorized timed interleaved at ``latency_batch_size``, on the CPU, or on the budget's ``latency_device``."""
+    device = "cpu"
+    if options is not None and options.budget is not None and options.budget_metric == "latency":
+        device = options.latency_device or "cpu"
+    latency_dense, latency_factorized = paired_latency_ms([dense, small], input_shape, latency_batch_size, device)
     weights_dense = sum(p.params_dense for p in plans)
     weights_factorized = sum(p.params_factorized for p in plans)
     params_dense, params_factorized = count_params(dense), count_params(small)
@@ -74,10 +79,14 @@ def summarize(method: str, options: LowRankOptions | None, plans: list[LayerPlan
         "test_acc_factorized": metrics.get("acc_factorized"),
         "max_abs_logit_diff": metrics.get("max_abs_logit_diff"),
         **{f"test_{k}": v for k, v in metrics.items() if k in ("acc_dense", "acc_decomposed")},
-        "latency_ms_dense": cpu_latency_ms(dense, input_shape, latency_batch_size),
-        "latency_ms_factorized": cpu_latency_ms(small, input_shape, latency_batch_size),
+        "latency_ms_dense": latency_dense,
+        "latency_ms_factorized": latency_factorized,
+        "speedup": latency_dense / latency_factorized,
         "latency_batch_size": latency_batch_size,
+        "latency_device": str(device),
         "latency_threads": torch.get_num_threads(),
+        "budget": options.budget if options is not None else None,
+        "budget_metric": options.budget_metric if options is not None and options.budget is not None else None,
         "ranks": {p.name: list(p.rank) if isinstance(p.rank, tuple) else p.rank for p in plans},
         **provenance(),
         **extra,
@@ -93,7 +102,7 @@ def summary_table(s: dict[str, Any]) -> str:
     rows = [
         ["parameters", f"{s['params_dense']:,}", f"{s['params_factorized']:,}", f"{s['model_compression_ratio']:.2f}x"],
         ["MACs per image", f"{s['macs_dense']:,}", f"{s['macs_factorized']:,}", f"{s['mac_reduction']:.2f}x"],
-        [f"CPU latency, batch {s['latency_batch_size']}", f"{s['latency_ms_dense']:.1f} ms",
+        [f"{s.get('latency_device', 'cpu').upper()} latency, batch {s['latency_batch_size']}", f"{s['latency_ms_dense']:.1f} ms",
          f"{s['latency_ms_factorized']:.1f} ms", f"{s['latency_ms_dense'] / s['latency_ms_factorized']:.2f}x"],
         ["test accuracy", pct(dense_acc), pct(s["test_acc_factorized"]), ""],
     ]

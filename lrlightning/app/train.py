@@ -15,7 +15,7 @@ from ..options import is_int
 from ..plan import relative_plans
 from .baseline import BASELINES, decompose
 from .job import build_model, evaluate_and_export, finish_backbone, fit, load_weights, make_trainer, resume_path, run_facts
-from .ranks import BACKBONE, with_input_shape
+from .ranks import BACKBONE, with_budget_defaults
 from .report import METHOD, SUMMARY
 
 REQUIRED = "required"  # value of `init_ckpt` in experiments that start from a dense checkpoint
@@ -40,7 +40,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict | None:
     seed_everything(cfg.seed, workers=True)
     config = OmegaConf.to_container(cfg, resolve=True)
     datamodule = instantiate(cfg.data)
-    lowrank = with_input_shape(config["lowrank"], datamodule) if cfg.get("lowrank") is not None else None
+    lowrank = with_budget_defaults(config["lowrank"], datamodule, cfg.latency_batch_size) if cfg.get("lowrank") is not None else None
     callbacks = [instantiate(lowrank, _convert_="all")] if lowrank is not None else []
     model = build_model(cfg.model, datamodule)
     if cfg.init_ckpt:

@@ -31,6 +31,7 @@ def write_run(run_dir: Path, method: str, seed: int, lr: float, val: float, test
     summary = {"method": method, "scheme": scheme, "rank": rank, "config": config, "val_acc_factorized": val / 100,
                "test_acc_factorized": test / 100, "model_compression_ratio": 6.35, "compression_ratio": 6.8,
                "diverged": diverged, "date": "2026-01-02T03:04:05+00:00", "commit": "a" * 40,
+               "latency_ms_dense": 8.0, "latency_ms_factorized": 4.0,
                "machine": {"hostname": "box", "cpu": "cpu", "cpu_count": 2, "threads": 2, "gpu": None}}
     run_dir.mkdir(parents=True)
     (run_dir / "summary.json").write_text(json.dumps(summary))
@@ -170,11 +171,13 @@ def test_command_writes_every_output(sweep, capsys):
     with (out / "results.csv").open() as handle:
         runs = list(csv.DictReader(handle))
     assert len(runs) == 10 and runs[8]["status"] == NO_SUMMARY and runs[0]["point"] == "tucker2:0.3"
+    assert runs[0]["speedup"] == "2.0" and runs[8]["speedup"] == ""
     with (out / "aggregate.csv").open() as handle:
         cells = list(csv.DictReader(handle))
     assert len(cells) == 4 and sum(c["chosen"] == "True" for c in cells) == 3
     assert (out / "aggregate.md").read_text() in printed
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_results_document_matches_the_committed_results():

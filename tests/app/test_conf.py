@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from lrlightning import LowRankProjection, plan_layers
 from lrlightning.app.cli import CONF_DIR
+from lrlightning.app.ranks import with_budget_defaults
 from lrlightning.app.train import check_job
 
 CONF = Path(CONF_DIR)
@@ -50,7 +51,7 @@ def test_default_job(tmp_path):
     check_job(cfg)
     assert cfg.model == {"_target_": "lrlightning.app.module.LitClassifier", "backbone": "resnet20"}
     assert cfg.lowrank == {"_target_": "lrlightning.LowRankProjection", "scheme": "tucker2", "rank": 0.5,
-                           "every_n_train_steps": 100}
+                           "budget": None, "budget_metric": "params", "every_n_train_steps": 100}
     assert (cfg.seed, cfg.init_ckpt, cfg.ckpt_path, cfg.baseline) == (0, None, None, None)
     data, model, callback, trainer = instantiate_job(cfg, tmp_path)
     assert type(data).__name__ == "FashionMNISTDataModule" and (data.num_classes, data.in_channels) == (10, 1)
@@ -114,13 +115,28 @@ def test_study_sweeps_points_methods_lrs_and_seeds_from_one_checkpoint():
 
 @pytest.mark.parametrize("point", options("point"))
 def test_every_point_selects_its_scheme_and_rank_rule(point):
-    callback = instantiate(compose_train([f"point={point}"]).lowrank, _convert_="all")
+    class Images:
+        in_channels, image_size = 1, 28
+
+    node = OmegaConf.to_container(compose_train([f"point={point}"]).lowrank)
+    callback = instantiate(with_budget_defaults(node, Images(), 32), _convert_="all")
     scheme, rule = point.rsplit("_", 1)
     assert callback.options.scheme == scheme
-    if rule.endswith("x"):
+    if rule in ("budget", "faster"):
+        options = callback.options
+        assert options.rank is None and (options.budget, options.budget_metric) == (
+            (6.35, "params") if rule == "budget" else (2.0, "latency"))
+    elif rule.endswith("x"):
         assert callback.options.rank is None and callback.options.compression == float(rule[:-1])
     else:
         assert callback.options.rank == float(rule)
+
+
+def test_a_budget_is_set_on_the_command_line_without_a_plus():
+    node = compose_train(["point=tucker2_budget", "lowrank.budget=4", "lowrank.budget_metric=latency"]).lowrank
+    assert (node.rank, node.budget, node.budget_metric) == (None, 4, "latency")
+    node = compose_train(["lowrank=svd", "lowrank.rank=null", "lowrank.budget=3", "lowrank.budget_metric=macs"]).lowrank
+    assert (node.scheme, node.rank, node.budget, node.budget_metric) == ("svd", None, 3, "macs")
 
 
 def test_experiments_that_start_from_a_dense_model_require_init_ckpt():

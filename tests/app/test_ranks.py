@@ -9,7 +9,7 @@ from lrlightning.app.ranks import (
     callback_setting,
     lowrank_options,
     recalibration_batches,
-    with_input_shape,
+    with_budget_defaults,
 )
 
 
@@ -50,11 +50,16 @@ def test_backbone_plans_reproduce_the_ranks_on_the_backbone_exactly():
     torch.testing.assert_close(factorize_planned(model.backbone, plans, options)(x), small(x))
 
 
-def test_a_mac_budget_takes_its_input_shape_from_the_datamodule():
+def test_a_mac_or_latency_budget_takes_its_input_shape_from_the_datamodule():
     class Images:
         in_channels, image_size = 1, 28
 
     node = {"scheme": "svd", "rank": None, "budget": 2.0, "budget_metric": "macs"}
-    assert lowrank_options(with_input_shape(node, Images())).input_shape == (1, 28, 28)
-    assert with_input_shape({**node, "input_shape": [3, 8, 8]}, Images())["input_shape"] == [3, 8, 8]
-    assert "input_shape" not in with_input_shape({"scheme": "svd", "rank": 0.5}, Images())
+    assert lowrank_options(with_budget_defaults(node, Images(), 8)).input_shape == (1, 28, 28)
+    assert with_budget_defaults({**node, "input_shape": [3, 8, 8]}, Images(), 8)["input_shape"] == [3, 8, 8]
+    assert "input_shape" not in with_budget_defaults({"scheme": "svd", "rank": 0.5}, Images(), 8)
+    latency = lowrank_options(with_budget_defaults({**node, "budget_metric": "latency"}, Images(), 8))
+    assert (latency.input_shape, latency.latency_batch_size, latency.latency_device) == ((1, 28, 28), 8, "cpu")
+    given = {**node, "budget_metric": "latency", "latency_batch_size": 2, "latency_device": "cuda"}
+    assert with_budget_defaults(given, Images(), 8) == {**given, "input_shape": [1, 28, 28]}
+    assert "latency_device" not in with_budget_defaults(node, Images(), 8)

@@ -44,10 +44,23 @@ def test_summarize_counts_the_factorized_layers_and_the_whole_model(dense_and_sm
     assert s["compression_ratio"] == pytest.approx(dense_weights / factorized_weights)
     assert s["model_compression_ratio"] == pytest.approx(s["params_dense"] / s["params_factorized"])
     assert s["test_acc_factorized"] == 0.5 and "test_acc_dense" not in s
-    assert s["latency_ms_dense"] > 0 and s["latency_batch_size"] == 2
+    assert s["latency_ms_dense"] > 0 and s["latency_batch_size"] == 2 and s["latency_device"] == "cpu"
+    assert s["speedup"] == pytest.approx(s["latency_ms_dense"] / s["latency_ms_factorized"])
+    assert (s["budget"], s["budget_metric"]) == (None, None)
     assert s["ranks"] == {"features.4": 4, "features.8": 4}
     assert list(s)[-1] == "config"
     json.dumps(s)
+
+
+def test_summarize_records_the_requested_budget(dense_and_small):
+    _, _, dense, _ = dense_and_small
+    options = LowRankOptions(scheme="svd", budget=2.0, budget_metric="latency", input_shape=SHAPE,
+                             latency_batch_size=2, latency_device="cpu")
+    plans = [p for p in plan_layers(dense, LowRankOptions(scheme="svd", rank=4))[0]]
+    small = factorize_planned(dense, plans, options)
+    s = summarize("lowrank_projection", options, plans, dense, small, SHAPE, 2, {}, {})
+    assert (s["budget"], s["budget_metric"], s["rank"], s["latency_device"]) == (2.0, "latency", "budget=2x latency",
+                                                                                 "cpu")
 
 
 def test_summary_table_compares_dense_and_factorized(dense_and_small):

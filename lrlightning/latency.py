@@ -1,0 +1,142 @@
+"""Measured layer latency for ``budget_metric="latency"``: each layer and each of its factorized candidates timed
+side by side on its real input, on the device the model will run on, cached on disk.
+
+A table is one JSON file per device (``latency-<device key>.json`` under ``cache_dir``; default
+``$LRLIGHTNING_CACHE`` or ``~/.cache/lrlightning``). The key names the CPU model and torch's thread count, or the
+CUDA device, and the torch version; an entry is keyed by the layer's geometry, its input (N, C, H, W), dtype and the
+candidate (scheme and rank), never by weight values. Times are milliseconds per forward pass of the whole batch.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import platform
+import re
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.utils import benchmark
+
+ROUNDS = 5  # interleaved rounds; the fastest round of each variant is kept (noise only adds time)
+ROUND_SECONDS = 0.01  # timed per variant per round
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("LRLIGHTNING_CACHE") or Path.home() / ".cache" / "lrlightning")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_key(device: torch.device) -> str:
+    """What a latency depends on besides the layer: the processor (CPU model and thread count, or the CUDA device
+    name) and the torch version."""
+    if device.type == "cuda":
+        where = f"cuda {torch.cuda.get_device_name(device)}"
+    else:
+        where = f"{device.type} {cpu_model()} {torch.get_num_threads()} threads"
+    return f"{where} torch {torch.__version__}"
+
+
+def layer_key(module: nn.Module, input_shape: Sequence[int], dtype: torch.dtype) -> str:
+    """A dense layer's cache key: its kind, geometry and bias, its input (N, C, H, W) and dtype."""
+    if isinstance(module, nn.Conv2d):
+        geometry = (f"conv {module.in_channels}->{module.out_channels} k{module.kernel_size} s{module.stride} "
+                    f"p{module.padding} d{module.dilation} g{module.groups} {module.padding_mode}")
+    elif isinstance(module, nn.Linear):
+        geometry = f"linear {module.in_features}->{module.out_features}"
+    else:
+        raise ValueError(f"latency tables time Conv2d and Linear layers, got {type(module).__name__}")
+    return f"{geometry} bias={module.bias is not None} input={tuple(input_shape)} {dtype}".replace(" ", "")
+
+
+def time_interleaved(modules: Sequence[nn.Module], example: torch.Tensor, rounds: int = ROUNDS,
+                     round_seconds: float = ROUND_SECONDS) -> list[float]:
+    """Milliseconds per forward pass of each module on ``example`` (no grad): the fastest of ``rounds``
+    interleaved rounds of about ``round_seconds`` each, timed with ``torch.utils.benchmark`` (CUDA synchronized),
+    so that machine noise hits every module alike."""
+    threads = torch.get_num_threads()
+    timers = [benchmark.Timer("module(x)", globals={"module": m, "x": example}, num_threads=threads)
+              for m in modules]
+    with torch.inference_mode():
+        for module in modules:
+            module(example)
+        probe = timers[0].timeit(1).median
+        number = max(1, int(round_seconds / max(probe, 1e-7)))
+        times: list[list[float]] = [[] for _ in modules]
+        for _ in range(rounds):
+            for index, timer in enumerate(timers):
+                times[index].append(timer.timeit(number).median)
+    return [1000.0 * min(samples) for samples in times]
+
+
+class LatencyTable:
+    """Per-layer latencies on ``device`` at batch ``batch_size``, read from and written to a JSON cache."""
+
+    def __init__(self, device: torch.device | str, batch_size: int, cache_dir: str | os.PathLike | None = None):
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.key = device_key(self.device)
+        slug = re.sub(r"[^A-Za-z0-9.]+", "-", self.key).strip("-")
+        self.path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.path = self.path / f"latency-{slug}.json"
+        self.entries: dict[str, float] = {}
+        if self.path.exists():
+            stored = json.loads(self.path.read_text())
+            if stored.get("device") == self.key:
+                self.entries = dict(stored.get("entries", {}))
+        self.measured = 0  # entries timed by this table (not read from the cache)
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"device": self.key, "entries": dict(sorted(self.entries.items()))}, indent=1))
+        os.replace(tmp, self.path)
+
+    def layer_ms(self, module: nn.Module, input_shape: Sequence[int], candidates: dict[str, nn.Module]) -> tuple[
+            float, dict[str, float]]:
+        """(dense ms, {candidate label: ms}) of ``module`` and its factorized ``candidates`` on a random batch of
+        ``batch_size`` inputs of ``input_shape`` (C, H, W); what the cache lacks is timed, dense and candidates
+        interleaved, and stored."""
+        parameter = module.weight
+        base = layer_key(module, (self.batch_size, *input_shape), parameter.dtype)
+        keys = {"dense": base, **{label: f"{base}|{label}" for label in candidates}}
+        missing = [label for label, key in keys.items() if key not in self.entries]
+        if missing:
+            variants = {"dense": module, **candidates}
+            timed = [copy.deepcopy(variants[label]).to(self.device).eval() for label in missing]
+            example = torch.randn(self.batch_size, *input_shape, device=self.device, dtype=parameter.dtype)
+            for label, ms in zip(missing, time_interleaved(timed, example)):
+                self.entries[keys[label]] = ms
+            self.measured += len(missing)
+            self.save()
+        return self.entries[keys["dense"]], {label: self.entries[keys[label]] for label in candidates}
+
+    def model_ms(self, model: nn.Module, input_shape: Sequence[int]) -> float:
+        """Milliseconds of one forward pass of ``model`` (eval mode, restored after; a copy when it lives on
+        another device) on a random batch, cached under a hash of the model's structure (its ``repr``)."""
+        parameter = next(model.parameters())
+        digest = hashlib.sha1(repr(model).encode()).hexdigest()[:16]
+        key = f"model {digest} input={(self.batch_size, *input_shape)} {parameter.dtype}".replace(" ", "")
+        if key not in self.entries:
+            timed = model if parameter.device == self.device else copy.deepcopy(model).to(self.device)
+            example = torch.randn(self.batch_size, *input_shape, device=self.device, dtype=parameter.dtype)
+            was_training = timed.training
+            try:
+                self.entries[key] = time_interleaved([timed.eval()], example)[0]
+            finally:
+                timed.train(was_training)
+            self.measured += 1
+            self.save()
+        return self.entries[key]
