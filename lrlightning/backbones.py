@@ -2,10 +2,10 @@
 
 | name | network | params |
 | --- | --- | --- |
-| `resnet20` … `resnet110` | CIFAR ResNet-20/32/44/56/110 (He et al. 2016, §4.2), shortcut A | 0.27 … 1.7 M (10 classes) |
-| `resnet18`, `resnet50` | ImageNet ResNet-18/50 (He et al. 2016, Table 1), shortcut B | 11.7 M, 25.6 M (1000 classes) |
-| `vgg` | VGG-11 with BatchNorm and one linear classifier | 9.2 M (10 classes) |
-| `simple_cnn` | three conv-BN-ReLU layers, for tests | 24 k (10 classes) |
+| `resnet20` … `resnet110` | CIFAR ResNet-20/32/44/56/110 (He et al. 2016, §4.2), shortcut A | 0.27–1.7 M, 10 classes |
+| `resnet18`, `resnet50` | ImageNet ResNet-18/50 (He et al. 2016, Table 1), shortcut B | 11.7, 25.6 M, 1000 classes |
+| `vgg` | VGG-11 with BatchNorm and one linear classifier | 9.2 M, 10 classes |
+| `simple_cnn` | three conv-BN-ReLU layers, for tests | 24 k, 10 classes |
 
 All take `num_classes`, `in_channels` and a `width` keyword (channels of the first stage), and end in a global
 average pool, so any input of at least 8×8 px works. Other models (e.g. torchvision's, with the `vision` extra)

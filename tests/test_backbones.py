@@ -83,7 +83,8 @@ def test_imagenet_resnet_layout_follows_he_et_al_table_1():
     assert all(isinstance(block, BasicBlock) for stage in stages for block in stage)
     assert [stage[0].conv1.stride for stage in stages] == [(1, 1), (2, 2), (2, 2), (2, 2)]
     assert isinstance(resnet18.layer1[0].shortcut, nn.Identity)
-    assert isinstance(resnet18.layer2[0].shortcut[0], nn.Conv2d) and resnet18.layer2[0].shortcut[0].kernel_size == (1, 1)
+    projection = resnet18.layer2[0].shortcut[0]
+    assert isinstance(projection, nn.Conv2d) and projection.kernel_size == (1, 1) and projection.stride == (2, 2)
     resnet50 = build_backbone("resnet50", num_classes=1000)
     stages = [resnet50.layer1, resnet50.layer2, resnet50.layer3, resnet50.layer4]
     assert [len(stage) for stage in stages] == [3, 4, 6, 3]
