@@ -1,10 +1,11 @@
 """CNN backbones that need only torch, built by name: `build_backbone("resnet20", num_classes=10, in_channels=1)`.
 
-| name | network | params (10 classes) |
+| name | network | params |
 | --- | --- | --- |
-| `resnet20` … `resnet110` | CIFAR ResNet-20/32/44/56/110 (He et al. 2016, §4.2), shortcut A | 0.27 … 1.7 M |
-| `vgg` | VGG-11 with BatchNorm and one linear classifier | 9.2 M |
-| `simple_cnn` | three conv-BN-ReLU layers, for tests | 24 k |
+| `resnet20` … `resnet110` | CIFAR ResNet-20/32/44/56/110 (He et al. 2016, §4.2), shortcut A | 0.27–1.7 M, 10 classes |
+| `resnet18`, `resnet50` | ImageNet ResNet-18/50 (He et al. 2016, Table 1), shortcut B | 11.7, 25.6 M, 1000 classes |
+| `vgg` | VGG-11 with BatchNorm and one linear classifier | 9.2 M, 10 classes |
+| `simple_cnn` | three conv-BN-ReLU layers, for tests | 24 k, 10 classes |
 
 All take `num_classes`, `in_channels` and a `width` keyword (channels of the first stage), and end in a global
 average pool, so any input of at least 8×8 px works. Other models (e.g. torchvision's, with the `vision` extra)
@@ -21,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BACKBONES", "BasicBlock", "CifarResNet", "CifarVGG", "SimpleCNN", "build_backbone"]
+__all__ = ["BACKBONES", "BasicBlock", "Bottleneck", "CifarResNet", "CifarVGG", "ImageNetResNet", "SimpleCNN",
+           "build_backbone"]
 
 SHORTCUTS = ("A", "B")
 
@@ -48,6 +50,8 @@ class BasicBlock(nn.Module):
     or "B" (1×1 conv + BN projection).
     """
 
+    expansion = 1
+
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, shortcut: str = "A"):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
@@ -68,6 +72,40 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class Bottleneck(nn.Module):
+    """1×1 reduce, 3×3 (carrying the stride), 1×1 expand conv-BN layers plus a shortcut:
+    relu(bn3(conv3(relu(bn2(conv2(relu(bn1(conv1(x)))))))) + shortcut(x)), with `out_channels / 4` channels inside.
+
+    The shortcut is the identity when shape is kept, otherwise a 1×1 conv + BN projection (option "B").
+    """
+
+    expansion = 4
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__()
+        if out_channels % self.expansion:
+            raise ValueError(f"`out_channels` must be a multiple of {self.expansion}, got {out_channels!r}")
+        inner = out_channels // self.expansion
+        self.conv1 = nn.Conv2d(in_channels, inner, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(inner)
+        self.conv2 = nn.Conv2d(inner, inner, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(inner)
+        self.conv3 = nn.Conv2d(inner, out_channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        if stride == 1 and in_channels == out_channels:
+            self.shortcut = nn.Identity()
+        else:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
         return F.relu(out + self.shortcut(x))
 
 
@@ -104,6 +142,47 @@ class CifarResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class ImageNetResNet(nn.Module):
+    """ImageNet ResNet of He et al. 2016 (Table 1): 7×7 stride-2 conv-BN-ReLU stem with `width` channels, 3×3
+    stride-2 max-pool, four stages of blocks with `width`, 2·, 4·, 8·`width` channels (times 4 for bottleneck
+    blocks) and stride 1, 2, 2, 2 on the first block's 3×3 conv, global average pool, linear classifier.
+
+    `depth` 18 uses `BasicBlock`s [2, 2, 2, 2], 50 uses `Bottleneck`s [3, 4, 6, 3]; shortcuts are 1×1 conv + BN
+    projections where the shape changes (option B). At 1000 classes and `width=64`: 11,689,512 and 25,557,032
+    parameters, as torchvision's `resnet18` and `resnet50`. Input: (N, in_channels, H, W), 224×224 px for the
+    ImageNet setting (total stride 32); output: (N, num_classes) logits.
+    """
+
+    LAYOUTS = {18: (BasicBlock, (2, 2, 2, 2)), 50: (Bottleneck, (3, 4, 6, 3))}
+
+    def __init__(self, depth: int, num_classes: int = 1000, in_channels: int = 3, width: int = 64):
+        super().__init__()
+        if depth not in self.LAYOUTS:
+            raise ValueError(f"`depth` must be one of {list(self.LAYOUTS)}, got {depth!r}")
+        _check_positive_int("num_classes", num_classes)
+        _check_positive_int("in_channels", in_channels)
+        _check_positive_int("width", width)
+        block, blocks_per_stage = self.LAYOUTS[depth]
+        self.conv1 = nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        channels = width
+        for index, blocks in enumerate(blocks_per_stage):
+            out_channels = width * 2**index * block.expansion
+            blocks_of_stage = [_block(block, channels if i == 0 else out_channels, out_channels,
+                                      2 if i == 0 and index > 0 else 1) for i in range(blocks)]
+            setattr(self, f"layer{index + 1}", nn.Sequential(*blocks_of_stage))
+            channels = out_channels
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
@@ -169,6 +248,8 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "resnet44": partial(CifarResNet, 44),
     "resnet56": partial(CifarResNet, 56),
     "resnet110": partial(CifarResNet, 110),
+    "resnet18": partial(ImageNetResNet, 18),
+    "resnet50": partial(ImageNetResNet, 50),
     "vgg": CifarVGG,
     "simple_cnn": SimpleCNN,
 }
@@ -176,7 +257,7 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
 
 def build_backbone(name: str, num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
     """Build the registered backbone `name` (see `BACKBONES`) with `num_classes` outputs for `in_channels`-channel
-    images; `kwargs` go to its constructor (e.g. `shortcut="B"` or `width=32` for the ResNets)."""
+    images; `kwargs` go to its constructor (e.g. `width=32` for any of them, `shortcut="B"` for the CIFAR ResNets)."""
     if name not in BACKBONES:
         raise ValueError(f"`name` must be one of {list(BACKBONES)}, got {name!r}")
     return BACKBONES[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
@@ -185,6 +266,12 @@ def build_backbone(name: str, num_classes: int = 10, in_channels: int = 3, **kwa
 def _stage(in_channels: int, out_channels: int, blocks: int, stride: int, shortcut: str) -> nn.Sequential:
     first = BasicBlock(in_channels, out_channels, stride, shortcut)
     return nn.Sequential(first, *(BasicBlock(out_channels, out_channels, 1, shortcut) for _ in range(blocks - 1)))
+
+
+def _block(block: type[nn.Module], in_channels: int, out_channels: int, stride: int) -> nn.Module:
+    if block is BasicBlock:
+        return BasicBlock(in_channels, out_channels, stride, shortcut="B")
+    return block(in_channels, out_channels, stride)
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:

@@ -1,115 +1,229 @@
 """Speed of factorized models against the dense model, side by side in one run.
 
-For each scheme at each target compression (per layer, dense / factorized params), the dense model's weights are
-projected, the model is factorized, BatchNorm is folded into the convs of both models, and each inference mode
-is timed interleaved with the dense model in the same mode: latency at batch 1 and throughput at batch 64.
-Efficiency = measured speedup at batch 64 / MAC reduction. ``guard`` keeps dense every factorized layer that
-measured slower than its dense layer (``lrlightning.speed.keep_faster_layers``). Usage:
+For each backbone, scheme and compression target, the ranks are resolved once (``plan_layers``), the dense
+model's weights are projected at those ranks and the model is factorized at the same ranks, BatchNorm is folded
+into the convs of both models, and each inference mode times dense and factorized passes alternating, at every
+batch size. Reported per batch size: median ms of one pass, speedup (dense / factorized ms) and efficiency
+(speedup / MAC reduction). The target is either a per-layer rule (``--ratios``: each layer that many times fewer
+params) or a whole-model budget (``--budget`` with ``--budget-metric``, see ``LowRankOptions``). CIFAR backbones run
+at 3×32×32 with 10 classes, ``resnet18``/``resnet50`` at 3×224×224 with 1000 classes; ``--image-size`` overrides
+the size. Modes: eager, channels_last, jit (trace + freeze), compile (``torch.compile``, needs a C++ compiler on
+the CPU) and onnxruntime (ONNX export, CPU provider, needs the ``onnx`` extra). ``--guard`` adds a variant that
+keeps dense every factorized layer that measured slower than its dense layer (``keep_faster_layers``; slow at
+224 px). Usage:
 
-    python scripts/bench_speed.py                                   # ResNet-32, 3×32×32, all schemes, 2× and 4×
-    python scripts/bench_speed.py --schemes svd tucker2 --ratios 4 --repeats 10 --out /tmp/speed.json
-    python scripts/bench_speed.py --device cuda --modes eager channels_last    # GPU (jit modes are CPU-oriented)
+    python scripts/bench_speed.py                                   # ResNet-32, all schemes, 2× and 4× per layer
+    python scripts/bench_speed.py --backbones resnet18 --budget 3 --budget-metric macs --schemes tucker2 \\
+        --modes eager onnxruntime
+    python scripts/bench_speed.py --backbones resnet20 resnet32 resnet18 resnet50 --schemes svd tucker2 \\
+        --ratios 4 --batch-sizes 1 32 --repeats 10 --out /tmp/speed.json
+    python scripts/bench_speed.py --device cuda --modes eager channels_last    # GPU (jit, onnxruntime: CPU only)
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
+import itertools
+import logging
+import statistics
+import sys
+import tempfile
+import time
 import warnings
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from lrlightning import count_macs, factorize, project_
-from lrlightning.backbones import build_backbone
+from lrlightning import LowRankOptions, count_macs, count_params, factorize, plan_layers, project_
 from lrlightning.app.provenance import write_result
-from lrlightning.speed import fold_batchnorm, keep_faster_layers, latency_ms
+from lrlightning.backbones import BACKBONES, build_backbone
+from lrlightning.plan import frozen_ranks
+from lrlightning.speed import fold_batchnorm, keep_faster_layers, synchronize
 from lrlightning.summary import format_table
 
 SCHEME_OPTIONS = {"svd": {}, "tucker2": {}, "spatial_svd": {}, "tiled_svd": {"tile_shape": (16, 16)}}
+MODES = ("eager", "channels_last", "jit", "compile", "onnxruntime")
+IMAGENET_BACKBONES = ("resnet18", "resnet50")
+BUDGET_METRICS = ("params", "macs", "latency")
 
 
-def prepare(mode: str, model: torch.nn.Module, example: torch.Tensor):
-    """(model, input) ready for timing in ``mode``: eager, channels_last, jit (trace + freeze), or compile
-    (``torch.compile`` of the channels_last model; needs a C++ compiler on CPU)."""
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
+    return value
+
+
+def onnxruntime_missing() -> list[str]:
+    """The packages of the ``onnx`` extra that the onnxruntime mode needs and that are not installed."""
+    return [name for name in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(name) is None]
+
+
+def onnxruntime_runner(model: torch.nn.Module, example: torch.Tensor) -> Callable[[], object]:
+    """One forward pass of ``model`` exported to ONNX (``dynamo=True``, for ``example``'s shape) in an
+    onnxruntime CPU session with torch's intra-op thread count. Its threads do not spin-wait after a pass, so
+    that they leave the cores to the other model timed alternately."""
+    import onnxruntime
+
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exporter_log.setLevel(logging.ERROR)
+        path = str(Path(folder) / "model.onnx")
+        try:
+            torch.onnx.export(model, (example,), path, dynamo=True, verbose=False)
+        finally:
+            exporter_log.setLevel(level)
+        settings = onnxruntime.SessionOptions()
+        settings.intra_op_num_threads = torch.get_num_threads()
+        settings.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = onnxruntime.InferenceSession(path, settings, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: example.numpy()}
+    return lambda: session.run(None, feed)
+
+
+def prepare(mode: str, model: torch.nn.Module, example: torch.Tensor) -> Callable[[], object]:
+    """A callable running one forward pass of ``model`` on ``example`` in ``mode``: eager, channels_last, jit
+    (trace + freeze), compile (``torch.compile`` of the channels_last model) or onnxruntime (CPU)."""
     if mode in ("channels_last", "compile"):
-        model, example = model.to(memory_format=torch.channels_last), example.to(memory_format=torch.channels_last)
+        model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        example = example.to(memory_format=torch.channels_last)
         if mode == "compile":
             model = torch.compile(model, dynamic=False)
-        return model, example
-    if mode == "jit":
+    elif mode == "jit":
         with torch.no_grad():
-            traced = torch.jit.freeze(torch.jit.trace(model, example))
-        return traced, example
-    return model, example
+            model = torch.jit.freeze(torch.jit.trace(model, example))
+    elif mode == "onnxruntime":
+        return onnxruntime_runner(model, example)
+    return lambda: model(example)
 
 
-def timed_pair(dense, factorized, example, mode: str, repeats: int) -> tuple[float, float]:
-    """Median ms of dense and factorized, alternating so machine noise hits both alike."""
-    dense_model, dense_input = prepare(mode, dense, example)
-    fact_model, fact_input = prepare(mode, factorized, example)
-    dense_ms, fact_ms = [], []
-    for _ in range(3):
-        dense_ms.append(latency_ms(dense_model, dense_input, repeats))
-        fact_ms.append(latency_ms(fact_model, fact_input, repeats))
-    return min(dense_ms), min(fact_ms)
+def timed_pair(dense: Callable[[], object], factorized: Callable[[], object], repeats: int,
+               device: torch.device, warmup: int = 3) -> tuple[float, float]:
+    """Median ms of one pass of ``dense`` and of ``factorized``, alternating pass by pass (and which goes first)
+    so that machine noise hits both alike; ``warmup`` pairs are not counted."""
+    times = {dense: [], factorized: []}
+    with torch.inference_mode():
+        for index in range(warmup + repeats):
+            for run in (dense, factorized) if index % 2 == 0 else (factorized, dense):
+                synchronize(device)
+                start = time.perf_counter()
+                run()
+                synchronize(device)
+                if index >= warmup:
+                    times[run].append(time.perf_counter() - start)
+    return 1000.0 * statistics.median(times[dense]), 1000.0 * statistics.median(times[factorized])
+
+
+def target_options(scheme: str, target: float, args: argparse.Namespace, shape: tuple[int, int, int]) -> LowRankOptions:
+    """The rank rule of one target: ``compression=target`` per layer, or a whole-model ``budget=target``."""
+    if args.budget is None:
+        return LowRankOptions(scheme=scheme, compression=target, **SCHEME_OPTIONS[scheme])
+    extra = {"latency_batch_size": max(args.batch_sizes)} if args.budget_metric == "latency" else {}
+    return LowRankOptions(scheme=scheme, budget=target, budget_metric=args.budget_metric, input_shape=shape,
+                          **SCHEME_OPTIONS[scheme], **extra)
+
+
+def compressed_pair(base: torch.nn.Module, options: LowRankOptions, guard_input: torch.Tensor | None, repeats: int):
+    """(projected dense copy of ``base``, ``{variant: (factorized model, layers kept dense by the guard)}``, number
+    of factorized layers): ranks resolved once, so that projection and factorization use the same ones."""
+    dense = copy.deepcopy(base)
+    ranks = frozen_ranks(plan_layers(dense, options)[0])
+    extra = {"tile_shape": options.tile_shape} if options.tile_shape else {}
+    project_(dense, options.scheme, rank=ranks, **extra)
+    factorized = factorize(dense, options.scheme, rank=ranks, **extra).eval()
+    variants = {"plain": (factorized, 0)}
+    if guard_input is not None:
+        guarded, report = keep_faster_layers(dense, factorized, guard_input, repeats)
+        variants["guard"] = (guarded, sum(not r["factorized"] for r in report))
+    return dense, variants, len(ranks)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backbones", nargs="+", default=["resnet32"], choices=list(BACKBONES))
+    parser.add_argument("--image-size", type=positive_int, default=None,
+                        help="height = width in px (default: 32 for CIFAR backbones, 224 for resnet18/resnet50)")
+    parser.add_argument("--batch-sizes", nargs="+", type=positive_int, default=[1, 32])
+    parser.add_argument("--schemes", nargs="+", default=list(SCHEME_OPTIONS), choices=list(SCHEME_OPTIONS))
+    targets = parser.add_mutually_exclusive_group()
+    targets.add_argument("--ratios", nargs="+", type=float, default=None,
+                         help="per-layer compression (dense / factorized params of each layer; default 2 4)")
+    targets.add_argument("--budget", nargs="+", type=float, default=None,
+                         help="whole-model compression in --budget-metric (dense / compressed)")
+    parser.add_argument("--budget-metric", default="params", choices=BUDGET_METRICS)
+    parser.add_argument("--modes", nargs="+", default=["eager", "channels_last", "jit"], choices=MODES)
+    parser.add_argument("--guard", action="store_true", help="also time the guarded variant (keep_faster_layers)")
+    parser.add_argument("--repeats", type=positive_int, default=20, help="timed passes of each model")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="intra-op threads of torch and onnxruntime (default: torch's own count)")
+    parser.add_argument("--out", default="results/speed/bench_speed.json", help="result file (see docs/results.md)")
+    return parser.parse_args()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--backbone", default="resnet32")
-    parser.add_argument("--schemes", nargs="+", default=list(SCHEME_OPTIONS))
-    parser.add_argument("--ratios", nargs="+", type=float, default=[2.0, 4.0])
-    parser.add_argument("--modes", nargs="+", default=["eager", "channels_last", "jit"])
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--batch-size", type=int, default=64, help="batch of the throughput measurement")
-    parser.add_argument("--out", default="results/speed/bench_speed.json", help="result file (see docs/results.md)")
-    args = parser.parse_args()
+    args = parse_args()
     warnings.simplefilter("ignore", UserWarning)
-
-    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    base = build_backbone(args.backbone, num_classes=10, in_channels=3).eval().to(device)
-    shape = (3, 32, 32)
-    big = args.batch_size
-    batch1, batch_big = torch.randn(1, *shape, device=device), torch.randn(big, *shape, device=device)
+    modes = list(dict.fromkeys(args.modes))
+    if "onnxruntime" in modes and (onnxruntime_missing() or device.type != "cpu"):
+        reason = (f"needs the `onnx` extra (missing: {', '.join(onnxruntime_missing())})" if onnxruntime_missing()
+                  else f"runs on the CPU only, not on --device {args.device}")
+        print(f"onnxruntime mode skipped: {reason}", flush=True)
+        modes.remove("onnxruntime")
+    rule, metric = ("compression", None) if args.budget is None else ("budget", args.budget_metric)
+    target_values = args.budget if args.budget is not None else (args.ratios or [2.0, 4.0])
+    batch_sizes = sorted(set(args.batch_sizes))
     rows, results = [], []
-    for scheme in args.schemes:
-        for ratio in args.ratios:
-            dense = copy.deepcopy(base)
-            options = dict(rank=None, compression=ratio, **SCHEME_OPTIONS[scheme])
-            project_(dense, scheme, **options)
-            factorized = factorize(dense, scheme, **options).eval().to(device)
-            guarded, report = keep_faster_layers(dense, factorized, batch_big, repeats=args.repeats)
-            variants = {"plain": factorized, "guard": guarded}
+    for backbone in args.backbones:
+        imagenet = backbone in IMAGENET_BACKBONES
+        size = args.image_size or (224 if imagenet else 32)
+        shape = (3, size, size)
+        torch.manual_seed(0)
+        base = build_backbone(backbone, num_classes=1000 if imagenet else 10, in_channels=3).eval().to(device)
+        examples = {batch: torch.randn(batch, *shape, device=device) for batch in batch_sizes}
+        for scheme, target in itertools.product(args.schemes, target_values):
+            label = f"{target:g}x {metric or 'per layer'}"
+            print(f"{backbone} {size}px {scheme} {label} ...", file=sys.stderr, flush=True)
+            guard_input = examples[batch_sizes[-1]] if args.guard else None
+            dense, variants, layers = compressed_pair(base, target_options(scheme, target, args, shape), guard_input,
+                                                      args.repeats)
             dense_folded = fold_batchnorm(dense)
-            for variant, model in variants.items():
+            for variant, (model, kept_dense) in variants.items():
                 folded = fold_batchnorm(model)
                 with torch.no_grad():
-                    diff = (folded(batch_big) - dense(batch_big)).abs().max().item()
+                    diff = (folded(examples[batch_sizes[0]]) - dense(examples[batch_sizes[0]])).abs().max().item()
                 mac_reduction = count_macs(dense, shape) / count_macs(model, shape)
-                for mode in args.modes:
-                    dense_1, fact_1 = timed_pair(dense_folded, folded, batch1, mode, args.repeats)
-                    dense_big, fact_big = timed_pair(dense_folded, folded, batch_big, mode, args.repeats)
-                    speedup = dense_big / fact_big
-                    throughput_dense, throughput_fact = 1000 * big / dense_big, 1000 * big / fact_big
-                    result = {"scheme": scheme, "ratio": ratio, "variant": variant, "mode": mode,
-                              "mac_reduction": mac_reduction, "latency_ms_dense_b1": dense_1,
-                              "latency_ms_factorized_b1": fact_1, "batch": big, "device": str(device),
-                              "throughput_dense_b64": throughput_dense,
-                              "throughput_factorized_b64": throughput_fact, "speedup_b64": speedup,
-                              "efficiency_b64": speedup / mac_reduction, "max_abs_logit_diff": diff,
-                              "layers_kept_dense": sum(not r["factorized"] for r in report) if variant == "guard" else 0}
-                    results.append(result)
-                    rows.append([scheme, f"{ratio:g}x", variant, mode, f"{mac_reduction:.2f}x",
-                                 f"{dense_1:.2f}/{fact_1:.2f}", f"{throughput_dense:.0f}/{throughput_fact:.0f}",
-                                 f"{speedup:.2f}x", f"{speedup / mac_reduction:.2f}", str(result["layers_kept_dense"])])
-    columns = ["scheme", "target", "variant", "mode", "MACs", "b1 ms dense/fact", f"b{big} img/s dense/fact",
-               f"speedup b{big}", "efficiency", "kept dense"]
+                for mode, batch in itertools.product(modes, batch_sizes):
+                    dense_ms, fact_ms = timed_pair(prepare(mode, dense_folded, examples[batch]),
+                                                   prepare(mode, folded, examples[batch]), args.repeats, device)
+                    speedup = dense_ms / fact_ms
+                    results.append({
+                        "backbone": backbone, "image_size": size, "batch_size": batch, "scheme": scheme, "rule": rule,
+                        "target": target, "budget_metric": metric, "variant": variant, "mode": mode,
+                        "device": str(device), "layers_factorized": layers - kept_dense,
+                        "layers_kept_dense": kept_dense, "mac_reduction": mac_reduction,
+                        "param_reduction": count_params(dense) / count_params(model), "ms_dense": dense_ms,
+                        "ms_factorized": fact_ms, "speedup": speedup, "efficiency": speedup / mac_reduction,
+                        "images_per_s_dense": 1000 * batch / dense_ms,
+                        "images_per_s_factorized": 1000 * batch / fact_ms, "max_abs_logit_diff": diff})
+                    row = [backbone, str(size), str(batch), scheme, label, variant, mode, f"{mac_reduction:.2f}x",
+                           f"{dense_ms:.2f}/{fact_ms:.2f}", f"{speedup:.2f}x", f"{speedup / mac_reduction:.2f}"]
+                    rows.append(row + ([str(kept_dense)] if args.guard else []))
+    columns = ["backbone", "px", "batch", "scheme", "target", "variant", "mode", "MAC reduction", "ms dense/fact",
+               "speedup", "efficiency"] + (["kept dense"] if args.guard else [])
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU threads {torch.get_num_threads()}"
-    footnote = f"({args.backbone}, BatchNorm folded in both, {where}, best of 3 interleaved medians of {args.repeats})"
+    footnote = (f"BatchNorm folded in both, {where}; medians of {args.repeats} passes, dense and factorized "
+                f"alternating; efficiency = speedup / MAC reduction")
     print(format_table(columns, rows))
     print(footnote)
-    write_result(args.out, f"Speed of the factorized {args.backbone} ({where})", "speed",
+    write_result(args.out, f"Speed of the factorized {', '.join(args.backbones)} ({where})", "speed",
                  [{"columns": columns, "rows": rows, "lines": [footnote]}], data=results)
 
 

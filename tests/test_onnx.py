@@ -27,3 +27,20 @@ def test_factorized_model_exports_to_onnx_with_same_outputs(tmp_path, scheme, ra
     (logits,) = ReferenceEvaluator(model).run(None, {model.graph.input[0].name: x.numpy()})
     with torch.no_grad():
         assert abs(torch.from_numpy(logits) - dense(x)).max().item() < 1e-4
+
+
+def test_factorized_resnet18_runs_in_onnxruntime_with_the_projected_dense_logits(tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime", reason="needs the `onnx` extra")
+    torch.manual_seed(0)
+    dense = build_backbone("resnet18", num_classes=10, in_channels=3, width=8).eval()
+    project_(dense, "tucker2", 0.5)
+    small = factorize(dense, "tucker2", 0.5).eval()
+    x = torch.randn(2, 3, 64, 64)
+    path = tmp_path / "resnet18.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(small, (x,), str(path), dynamo=True, verbose=False)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        assert abs(torch.from_numpy(logits) - dense(x)).max().item() < 1e-4

@@ -103,7 +103,7 @@ def test_invalid_arguments_raise_value_errors_naming_them():
         LitClassifier("simple_cnn", step_milestones=[0.75, 0.5])
     with pytest.raises(ValueError, match=r"`nesterov`=True needs `momentum` > 0"):
         LitClassifier("simple_cnn", nesterov=True, momentum=0.0)
-    with pytest.raises(ValueError, match=r"`name` must be one of .*got 'resnet18'"):
-        LitClassifier("resnet18")
+    with pytest.raises(ValueError, match=r"`name` must be one of .*got 'resnet34'"):
+        LitClassifier("resnet34")
     with pytest.raises(TypeError, match=r"`backbone` must be a registry name \(str\) or an nn.Module, got int"):
         LitClassifier(3)
