@@ -5,8 +5,10 @@ layer takes the candidate minimizing normalized error + λ·cost, "stay dense" i
 meets the budget. Candidate ranks are multiples of ``rank_multiple`` where a layer is wide enough. Pure torch."""
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Sequence
 
 import torch
@@ -93,20 +95,28 @@ def spread(candidates: Sequence[Rank], count: int) -> list[Rank]:
     return [candidates[round(i * step)] for i in range(count)]
 
 
-def weight_errors(weight: torch.Tensor, scheme: Scheme, ranks: Sequence[Rank], driver: str) -> list[float]:
-    """Normalized squared error ||W − W_r||² / ||W||² of ``weight`` projected at each of ``ranks``."""
-    if not ranks:
-        return []
-    shape = tuple(weight.shape)
-    with torch.no_grad():
-        approx = scheme.project(weight.unsqueeze(0).expand(len(ranks), *shape).contiguous(), ranks, driver)
-    return ((approx - weight).flatten(1).pow(2).sum(1) / weight.pow(2).sum().clamp_min(1e-30)).tolist()
-
-
 def candidate_label(scheme: Scheme, rank: Rank) -> str:
     """A candidate's name in latency tables: scheme, its structural options, rank."""
     tile = getattr(scheme, "tile_shape", None)
     return f"{scheme.name}{'' if tile is None else f'@{tile[0]}x{tile[1]}'}:{rank}".replace(" ", "")
+
+
+def layer_structure(module: nn.Module, scheme: Scheme, rank: Rank) -> nn.Module:
+    """The factorized layer of ``module`` at ``rank`` on the meta device (its structure, no decomposition run);
+    built from the real weights when the scheme cannot work on meta tensors."""
+    try:
+        return scheme.factorized_layer(copy.deepcopy(module).to("meta"), rank)
+    except (NotImplementedError, RuntimeError):
+        return scheme.factorized_layer(module, rank).to("meta")
+
+
+def timing_layer(module: nn.Module, scheme: Scheme, rank: Rank) -> nn.Module:
+    """A layer with the structure of ``module`` factorized at ``rank`` and random weights, for timing."""
+    layer = layer_structure(module, scheme, rank).to_empty(device=module.weight.device)
+    with torch.no_grad():
+        for parameter in layer.parameters():
+            parameter.normal_(0.0, 0.05)
+    return layer.to(module.weight.dtype)
 
 
 def layer_choices(name: str, module: nn.Module, scheme: Scheme, metric: str, input_shape: tuple[int, ...] | None,
@@ -120,15 +130,16 @@ def layer_choices(name: str, module: nn.Module, scheme: Scheme, metric: str, inp
     if metric == "params":
         costs, dense = [scheme.factorized_params(shape, r) for r in ranks], math.prod(shape)
     elif metric == "macs":
-        costs = [count_macs(scheme.factorized_layer(module, r), input_shape) for r in ranks]
+        costs = [count_macs(layer_structure(module, scheme, r), input_shape) for r in ranks]
         dense = count_macs(module, input_shape)
     else:
-        layers = {candidate_label(scheme, r): scheme.factorized_layer(module, r) for r in ranks}
+        layers = {candidate_label(scheme, r): partial(timing_layer, module, scheme, r) for r in ranks}
         dense, measured = table.layer_ms(module, input_shape, layers)
         costs = list(measured.values())
         ranks = [r for r, cost in zip(ranks, costs) if cost < dense]
         costs = [cost for cost in costs if cost < dense]
-    errors = weight_errors(weight, scheme, ranks, driver)
+    with torch.no_grad():
+        errors = scheme.rank_errors(weight, ranks, driver)
     return LayerChoices(name, (*ranks, None), (*errors, 0.0), tuple(float(c) for c in (*costs, dense)))
 
 

@@ -15,7 +15,7 @@ import os
 import platform
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -104,18 +104,18 @@ class LatencyTable:
         tmp.write_text(json.dumps({"device": self.key, "entries": dict(sorted(self.entries.items()))}, indent=1))
         os.replace(tmp, self.path)
 
-    def layer_ms(self, module: nn.Module, input_shape: Sequence[int], candidates: dict[str, nn.Module]) -> tuple[
-            float, dict[str, float]]:
-        """(dense ms, {candidate label: ms}) of ``module`` and its factorized ``candidates`` on a random batch of
-        ``batch_size`` inputs of ``input_shape`` (C, H, W); what the cache lacks is timed, dense and candidates
-        interleaved, and stored."""
+    def layer_ms(self, module: nn.Module, input_shape: Sequence[int],
+                 candidates: dict[str, Callable[[], nn.Module]]) -> tuple[float, dict[str, float]]:
+        """(dense ms, {candidate label: ms}) of ``module`` and its factorized ``candidates`` (label: a function
+        building the layer; only those missing from the cache are built) on a random batch of ``batch_size`` inputs
+        of ``input_shape`` (C, H, W); what the cache lacks is timed, dense and candidates interleaved, and stored."""
         parameter = module.weight
         base = layer_key(module, (self.batch_size, *input_shape), parameter.dtype)
         keys = {"dense": base, **{label: f"{base}|{label}" for label in candidates}}
         missing = [label for label, key in keys.items() if key not in self.entries]
         if missing:
-            variants = {"dense": module, **candidates}
-            timed = [copy.deepcopy(variants[label]).to(self.device).eval() for label in missing]
+            build = {"dense": lambda: copy.deepcopy(module), **candidates}
+            timed = [build[label]().to(self.device).eval() for label in missing]
             example = torch.randn(self.batch_size, *input_shape, device=self.device, dtype=parameter.dtype)
             for label, ms in zip(missing, time_interleaved(timed, example)):
                 self.entries[keys[label]] = ms

@@ -56,7 +56,7 @@ class MacLatencyTable:
         from lrlightning import count_macs
 
         return (count_macs(module, input_shape) / 1e6,
-                {label: count_macs(layer, input_shape) / 1e6 for label, layer in candidates.items()})
+                {label: count_macs(build(), input_shape) / 1e6 for label, build in candidates.items()})
 
     def model_ms(self, model, input_shape):
         from lrlightning import count_macs

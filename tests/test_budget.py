@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lrlightning import LowRankOptions, LowRankProjection, count_macs, count_params, factorize, plan_layers, project_
 from lrlightning.backbones import build_backbone
-from lrlightning.budget import LayerChoices, allocate, layer_multiple, rounded_rank
+from lrlightning.budget import LayerChoices, allocate, layer_multiple, layer_structure, rounded_rank, timing_layer
 from lrlightning.plan import allocate_plan
 from lrlightning.summary import plan_table
 from conftest import MacLatencyTable
@@ -232,3 +232,15 @@ def test_reallocations_need_a_budget():
         LowRankProjection("svd", rank=2, budget_reallocations=2)
     with pytest.raises(ValueError, match=r"`budget_reallocations` must be an int >= 0, got -1"):
         LowRankProjection("svd", budget=2.0, budget_reallocations=-1)
+
+
+@pytest.mark.parametrize("scheme, rank", [("svd", 8), ("tucker2", (8, 16)), ("spatial_svd", 8)])
+def test_candidate_structures_count_the_macs_of_the_real_factorized_layer(resnet, scheme, rank):
+    options = LowRankOptions(scheme, rank=2)
+    layer = resnet.layer2[0].conv1
+    structure = layer_structure(layer, options.conv_scheme(), rank)
+    assert next(structure.parameters()).device.type == "meta"
+    real = options.conv_scheme().factorized_layer(layer, rank)
+    assert count_macs(structure, (16, 16, 16)) == count_macs(real, (16, 16, 16))
+    timed = timing_layer(layer, options.conv_scheme(), rank)
+    assert timed(torch.randn(2, 16, 16, 16)).shape == real(torch.randn(2, 16, 16, 16)).shape

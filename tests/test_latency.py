@@ -22,7 +22,7 @@ def test_time_interleaved_gives_one_positive_time_per_module():
 
 def test_a_table_times_what_it_lacks_and_reads_the_rest_from_disk(tmp_path):
     layer = conv()
-    candidates = {"tucker2:(4,4)": Tucker2().factorized_layer(layer, (4, 4))}
+    candidates = {"tucker2:(4,4)": lambda: Tucker2().factorized_layer(layer, (4, 4))}
     table = LatencyTable("cpu", 2, tmp_path)
     dense, timed = table.layer_ms(layer, (8, 6, 6), candidates)
     assert table.measured == 2 and dense > 0 and timed["tucker2:(4,4)"] > 0
@@ -31,7 +31,10 @@ def test_a_table_times_what_it_lacks_and_reads_the_rest_from_disk(tmp_path):
     assert str(torch.get_num_threads()) in table.path.name
 
     again = LatencyTable("cpu", 2, tmp_path)
-    more = {**candidates, "tucker2:(2,2)": Tucker2().factorized_layer(layer, (2, 2))}
+    def never_built():
+        raise AssertionError("a cached candidate is not built")
+
+    more = {"tucker2:(4,4)": never_built, "tucker2:(2,2)": lambda: Tucker2().factorized_layer(layer, (2, 2))}
     assert again.layer_ms(layer, (8, 6, 6), more)[0] == dense
     assert again.measured == 1  # only the new candidate
     other_batch = LatencyTable("cpu", 3, tmp_path)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import FactorizedLayer, LowRankConv2d
-from .linalg import low_rank_matrices, smallest_rank_for_energy, split_sqrt, truncated_svd
+from .linalg import low_rank_matrices, smallest_rank_for_energy, split_sqrt, tail_energy, truncated_svd
 
 Rank = int | tuple[int, int]
 
@@ -49,6 +49,15 @@ class Scheme:
     def energy_rank(self, weight: Tensor, energy: float) -> Rank:
         """Smallest rank keeping at least ``energy`` of the squared singular-value energy."""
         raise NotImplementedError
+
+    def rank_errors(self, weight: Tensor, ranks: Sequence[Rank], driver: str = "exact") -> list[float]:
+        """Normalized squared error ||W − W_r||² / ||W||² of one float32 ``weight`` projected at each of ``ranks``
+        (by default one batched projection; schemes with a closed form override this)."""
+        if not ranks:
+            return []
+        shape = tuple(weight.shape)
+        approx = self.project(weight.unsqueeze(0).expand(len(ranks), *shape).contiguous(), ranks, driver)
+        return ((approx - weight).flatten(1).pow(2).sum(1) / weight.pow(2).sum().clamp_min(1e-30)).tolist()
 
     def factorized_layer(self, layer: nn.Module, rank: Rank) -> nn.Module:
         """The ``FactorizedLayer`` computing what ``layer`` computes with its weight projected at ``rank`` (exactly
@@ -101,6 +110,10 @@ class MatrixScheme(Scheme):
     def energy_rank(self, weight, energy):
         s = torch.linalg.svdvals(self.to_matrix(weight.unsqueeze(0))[0])
         return smallest_rank_for_energy(s, energy)
+
+    def rank_errors(self, weight, ranks, driver="exact"):
+        """Eckart–Young: the squared singular values past each rank, over all of them (one ``svdvals``)."""
+        return tail_energy(torch.linalg.svdvals(self.to_matrix(weight.unsqueeze(0))[0].double()), ranks)
 
     def matrix_factors(self, weight: Tensor, rank: int) -> tuple[Tensor, Tensor]:
         """Left (m, rank) and right (rank, n) float32 factors of one weight's matrix view truncated at ``rank``,

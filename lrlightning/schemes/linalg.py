@@ -92,3 +92,11 @@ def smallest_rank_for_energy(singular_values: Tensor, energy: float) -> int:
         return 1
     kept = torch.cumsum(power, 0) / total
     return int(torch.searchsorted(kept, torch.tensor(energy, dtype=kept.dtype) - 1e-12).item()) + 1
+
+
+def tail_energy(singular_values: Tensor, ranks: Sequence[int]) -> list[float]:
+    """For each rank r: the squared singular values past the first r, over all of them (0 for a zero matrix)."""
+    energy = singular_values.double().pow(2)
+    kept = torch.cat([energy.new_zeros(1), energy.cumsum(0)])
+    total = float(kept[-1])
+    return [max(0.0, 1.0 - float(kept[min(int(r), len(energy))]) / total) if total > 0 else 0.0 for r in ranks]

@@ -140,6 +140,15 @@ class TiledSVD(Scheme):
         tiles = self.tiles(weight.unsqueeze(0)).flatten(0, 2)
         return max(smallest_rank_for_energy(s, energy) for s in torch.linalg.svdvals(tiles))
 
+    def rank_errors(self, weight, ranks, driver="exact"):
+        """Eckart–Young per tile: the squared singular values past each rank, summed over tiles, over ||W||²."""
+        energy = torch.linalg.svdvals(self.tiles(weight.double().unsqueeze(0)).flatten(0, 2)).pow(2)
+        kept = torch.nn.functional.pad(energy.cumsum(1).sum(0), (1, 0))
+        total = float(weight.double().pow(2).sum())
+        if total == 0:
+            return [0.0] * len(ranks)
+        return [max(0.0, 1.0 - float(kept[min(int(r), len(kept) - 1)]) / total) for r in ranks]
+
     def tile_factors(self, weight: Tensor, rank: int) -> tuple[Tensor, Tensor]:
         """Per-tile sqrt-split factors of one weight: left (nr, nc, tr, rank) and right (nr, nc, rank, tc), float32."""
         u, sv, vh = truncated_svd(self.tiles(weight.detach().float().unsqueeze(0))[0], rank)

@@ -77,6 +77,28 @@ class Tucker2(Scheme):
         core, u_in, u_out = self.factors(weights, ranks, driver)
         return torch.einsum("brqij,btr,bsq->btsij", core, u_out, u_in)
 
+    @staticmethod
+    def mode_basis(unfolding: Tensor) -> Tensor:
+        """All left singular vectors (m, m) of one float64 unfolding (m, n), leading first: ``eigh`` of its Gram."""
+        return torch.linalg.eigh(unfolding @ unfolding.T)[1].flip(-1)
+
+    def rank_errors(self, weight, ranks, driver="exact"):
+        """With HOSVD (``hooi_iters=0``) in closed form: ||W||² − ||core restricted to the ranks||², from one full
+        core (the projection onto leading singular vectors of each mode is orthogonal); else by projection."""
+        if self.hooi_iters or not ranks:
+            return super().rank_errors(weight, ranks, driver)
+        w = weight.double()
+        t, s = w.shape[:2]
+        u_out = self.mode_basis(w.reshape(t, -1))
+        u_in = self.mode_basis(w.transpose(0, 1).reshape(s, -1))
+        core = torch.einsum("tsij,tr,sq->rqij", w, u_out, u_in).pow(2).sum((2, 3))
+        kept = torch.nn.functional.pad(core.cumsum(0).cumsum(1), (1, 0, 1, 0))
+        total = float(w.pow(2).sum())
+        if total == 0:
+            return [0.0] * len(ranks)
+        return [max(0.0, 1.0 - float(kept[min(r_out, core.shape[0]), min(r_in, core.shape[1])]) / total)
+                for r_in, r_out in ranks]
+
     def energy_rank(self, weight, energy):
         t, s = weight.shape[:2]
         r_out = smallest_rank_for_energy(torch.linalg.svdvals(weight.reshape(t, -1)), energy)

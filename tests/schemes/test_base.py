@@ -5,6 +5,10 @@ import torch
 
 from lrlightning import LowRankOptions, plan_layers, project_
 from lrlightning.schemes import SCHEME_NAMES, layer_from_spec
+from lrlightning.schemes.spatial_svd import SpatialSVD
+from lrlightning.schemes.svd import LoweredSVD
+from lrlightning.schemes.tiled_svd import TiledSVD
+from lrlightning.schemes.tucker2 import Tucker2
 
 EXAMPLES = {
     "svd": (dict(scheme="svd"), 3),
@@ -117,3 +121,20 @@ def test_projection_keeps_parameter_identity_and_device(conv_model, device, driv
     assert model.body.weight is weight and weight.data_ptr() == pointer
     assert weight.device.type == device
     torch.testing.assert_close(weight.detach().cpu(), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("scheme, ranks", [
+    (LoweredSVD(), [1, 3, 8, 12]),
+    (SpatialSVD(), [1, 4, 9]),
+    (Tucker2(), [(1, 1), (3, 5), (8, 12), (8, 2)]),
+    (Tucker2(hooi_iters=2), [(3, 5), (8, 12)]),
+    (TiledSVD((8, 24)), [1, 3, 8]),
+])
+def test_rank_errors_equal_the_error_of_the_projection(scheme, ranks):
+    torch.manual_seed(0)
+    weight = torch.randn(12, 8, 3, 3)
+    errors = scheme.rank_errors(weight, ranks)
+    for rank, error in zip(ranks, errors):
+        approx = scheme.project(weight.unsqueeze(0), [rank])[0]
+        assert error == pytest.approx(((approx - weight).pow(2).sum() / weight.pow(2).sum()).item(), abs=1e-5)
+    assert scheme.rank_errors(torch.zeros(12, 8, 3, 3), ranks[:1]) == [0.0]
