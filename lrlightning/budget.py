@@ -61,11 +61,11 @@ class Allocation:
 
 
 def layer_multiple(full: int, multiple: int) -> int:
-    """The step of a rank whose full value is ``full``: ``multiple`` when ``full >= 4·multiple``, else the largest
-    power of two <= full / 4 (at least 1), so narrow layers keep a few candidates."""
-    if full >= 4 * multiple:
+    """The step of a rank whose full value is ``full``: ``multiple`` when ``full >= 16·multiple``, else the largest
+    power of two <= full / 16 (at least 1), so narrow layers keep fine-grained candidates."""
+    if full >= 16 * multiple:
         return multiple
-    return 2 ** int(math.log2(max(full / 4, 1)))
+    return 2 ** int(math.log2(max(full / 16, 1)))
 
 
 def rounded_rank(rank: Rank, full: Rank, multiple: int) -> Rank:
@@ -143,27 +143,26 @@ def layer_choices(name: str, module: nn.Module, scheme: Scheme, metric: str, inp
     return LayerChoices(name, (*ranks, None), (*errors, 0.0), tuple(float(c) for c in (*costs, dense)))
 
 
-def allocate(layers: Sequence[LayerChoices], fixed: float, target: float) -> dict[str, Rank | None]:
-    """``{layer name: rank or None}`` minimizing the summed errors subject to ``fixed`` + the chosen costs <=
-    ``target``: bisection on λ (100 steps), then the budget λ leaves unspent goes, step by step, to the upgrade
-    removing the most error per unit of cost. Raises ValueError naming the smallest total reachable."""
-    def choose(price: float) -> list[int]:
-        return [min(range(len(c.ranks)), key=lambda i: c.errors[i] + price * c.costs[i]) for c in layers]
+def in_model_costs(choices: LayerChoices, dense_in_model: float) -> LayerChoices:
+    """A layer's measured costs rescaled so that dense costs what the layer took inside the model's own pass:
+    a layer timed alone on a random input runs with warmer caches than among its neighbours."""
+    scale = dense_in_model / max(choices.costs[-1], 1e-12)
+    return LayerChoices(choices.name, choices.ranks, choices.errors, tuple(cost * scale for cost in choices.costs))
 
+
+def allocate(layers: Sequence[LayerChoices], fixed: float, target: float, objective: str = "sum") -> dict[
+        str, Rank | None]:
+    """``{layer name: rank or None}`` within ``fixed`` + the chosen costs <= ``target``, minimizing the summed
+    errors (``objective="sum"``: bisection on λ, 100 steps) or the largest error (``"max"``: bisection on an error
+    threshold, each layer taking its cheapest candidate under it); then the budget left unspent goes, step by step,
+    to the upgrade removing the most error per unit of cost. Raises ValueError naming the smallest total reachable."""
     def total(choice: list[int]) -> float:
         return fixed + sum(c.costs[i] for c, i in zip(layers, choice))
 
     smallest = fixed + sum(min(c.costs) for c in layers)
     if smallest > target:
         raise ValueError(f"smallest reachable size {smallest:.0f} exceeds the budget's {target:.0f}")
-    scale = 1.0 / max(min((cost for c in layers for cost in c.costs if cost > 0), default=1.0), 1e-30)
-    low, high = 0.0, scale
-    while total(choose(high)) > target:
-        high *= 2.0
-    for _ in range(100):
-        middle = (low + high) / 2.0
-        low, high = (low, middle) if total(choose(middle)) <= target else (middle, high)
-    choice = choose(high)
+    choice = (lowest_max_error if objective == "max" else lowest_summed_error)(layers, total, target)
     while True:
         spare = target - total(choice)
         upgrades = [((c.errors[i] - c.errors[j]) / max(c.costs[j] - c.costs[i], 1e-30), k, j)
@@ -173,6 +172,36 @@ def allocate(layers: Sequence[LayerChoices], fixed: float, target: float) -> dic
             return {c.name: c.ranks[i] for c, i in zip(layers, choice)}
         _, k, j = max(upgrades)
         choice[k] = j
+
+
+def lowest_summed_error(layers: Sequence[LayerChoices], total, target: float) -> list[int]:
+    """Candidate indices minimizing error + λ·cost per layer, λ bisected to the smallest meeting ``target``."""
+    def choose(price: float) -> list[int]:
+        return [min(range(len(c.ranks)), key=lambda i: c.errors[i] + price * c.costs[i]) for c in layers]
+
+    scale = 1.0 / max(min((cost for c in layers for cost in c.costs if cost > 0), default=1.0), 1e-30)
+    low, high = 0.0, scale
+    while total(choose(high)) > target:
+        high *= 2.0
+    for _ in range(100):
+        middle = (low + high) / 2.0
+        low, high = (low, middle) if total(choose(middle)) <= target else (middle, high)
+    return choose(high)
+
+
+def lowest_max_error(layers: Sequence[LayerChoices], total, target: float) -> list[int]:
+    """Candidate indices of the smallest error threshold meeting ``target``: each layer its cheapest candidate
+    with an error at or under the threshold."""
+    def choose(threshold: float) -> list[int]:
+        return [min((i for i in range(len(c.ranks)) if c.errors[i] <= threshold), key=lambda i: c.costs[i])
+                for c in layers]
+
+    thresholds = sorted({error for c in layers for error in c.errors})
+    low, high = 0, len(thresholds) - 1
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if total(choose(thresholds[middle])) <= target else (middle + 1, high)
+    return choose(thresholds[low])
 
 
 def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], options, driver: str) -> Allocation:
@@ -192,13 +221,15 @@ def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], 
     else:
         device = options.latency_device or next(model.parameters()).device
         table = LatencyTable(device, options.latency_batch_size, options.latency_cache)
-        whole = table.model_ms(model, input_shape)
+        whole, in_model = table.model_ms(model, input_shape, names)
     choices = [layer_choices(name, module, scheme, metric, inputs[name], driver, options.rank_multiple, table)
                for name, module, scheme in layers]
+    if table is not None:
+        choices = [in_model_costs(c, in_model[c.name]) for c in choices]
     fixed = max(0.0, whole - sum(c.costs[-1] for c in choices))
     dense = fixed + sum(c.costs[-1] for c in choices)
     try:
-        ranks = allocate(choices, fixed, dense / budget)
+        ranks = allocate(choices, fixed, dense / budget, options.budget_objective)
     except ValueError:
         best = dense / (fixed + sum(min(c.costs) for c in choices))
         gain = "faster (measured)" if metric == "latency" else f"smaller in {metric}"

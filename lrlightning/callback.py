@@ -100,7 +100,7 @@ class LowRankProjection(Callback):
             allocation is made on global rank zero and broadcast, so every process projects at the same ranks.
         check_finite: stop with ``NonFiniteTrainingError`` (step, layer, hints) when the loss or a selected
             weight becomes NaN/Inf.
-        energy, compression, budget, budget_metric, input_shape, rank_multiple, latency_batch_size,
+        energy, compression, budget, budget_metric, input_shape, rank_multiple, budget_objective, latency_batch_size,
             latency_device, latency_cache, tile_shape, include, exclude, linear, skip_first_conv, hooi_iters,
             svd_driver: the rank rules, layer selection and scheme options shared with ``factorize`` (see
             ``LowRankOptions``). The ranks a ``budget`` allocates are kept in ``ranks`` and in checkpoints.
@@ -124,7 +124,8 @@ class LowRankProjection(Callback):
                  exclude: str | list[str] | None = None, linear: bool = False, skip_first_conv: bool = True,
                  hooi_iters: int = 0, svd_driver: str = "auto", budget: float | None = None,
                  budget_metric: str = "params", input_shape: tuple[int, int, int] | None = None,
-                 rank_multiple: int = 8, latency_batch_size: int = 32, latency_device: str | None = None,
+                 rank_multiple: int = 8, budget_objective: str = "max", latency_batch_size: int = 32,
+                 latency_device: str | None = None,
                  latency_cache: str | None = None, budget_reallocations: int = 0):
         super().__init__()
         if not (is_int(every_n_train_steps) and every_n_train_steps >= 1):
@@ -146,7 +147,8 @@ class LowRankProjection(Callback):
                                       tile_shape=tile_shape, include=include, exclude=exclude, linear=linear,
                                       skip_first_conv=skip_first_conv, hooi_iters=hooi_iters, svd_driver=svd_driver,
                                       budget=budget, budget_metric=budget_metric, input_shape=input_shape,
-                                      rank_multiple=rank_multiple, latency_batch_size=latency_batch_size,
+                                      rank_multiple=rank_multiple, budget_objective=budget_objective,
+                                      latency_batch_size=latency_batch_size,
                                       latency_device=latency_device, latency_cache=latency_cache)
         if not (is_int(budget_reallocations) and budget_reallocations >= 0):
             raise ValueError(f"`budget_reallocations` must be an int >= 0, got {budget_reallocations!r}")

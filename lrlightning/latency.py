@@ -14,12 +14,16 @@ import json
 import os
 import platform
 import re
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 from torch.utils import benchmark
+
+from .allocator import freed_memory_retained
+from .names import named_modules
 
 ROUNDS = 5  # interleaved rounds; the fastest round of each variant is kept (noise only adds time)
 ROUND_SECONDS = 0.01  # timed per variant per round
@@ -40,12 +44,13 @@ def cpu_model() -> str:
 
 
 def device_key(device: torch.device) -> str:
-    """What a latency depends on besides the layer: the processor (CPU model and thread count, or the CUDA device
-    name) and the torch version."""
+    """What a latency depends on besides the layer: the processor (CPU model, thread count and whether freed memory
+    is retained, see ``lrlightning.allocator``; or the CUDA device name) and the torch version."""
     if device.type == "cuda":
         where = f"cuda {torch.cuda.get_device_name(device)}"
     else:
-        where = f"{device.type} {cpu_model()} {torch.get_num_threads()} threads"
+        memory = " retained memory" if freed_memory_retained() else ""
+        where = f"{device.type} {cpu_model()} {torch.get_num_threads()} threads{memory}"
     return f"{where} torch {torch.__version__}"
 
 
@@ -123,20 +128,76 @@ class LatencyTable:
             self.save()
         return self.entries[keys["dense"]], {label: self.entries[keys[label]] for label in candidates}
 
-    def model_ms(self, model: nn.Module, input_shape: Sequence[int]) -> float:
-        """Milliseconds of one forward pass of ``model`` (eval mode, restored after; a copy when it lives on
-        another device) on a random batch, cached under a hash of the model's structure (its ``repr``)."""
+    def model_ms(self, model: nn.Module, input_shape: Sequence[int], names: Sequence[str] = ()) -> tuple[
+            float, dict[str, float]]:
+        """(ms of one forward pass of ``model``, {name: ms spent inside that submodule during the pass}) for the
+        submodules ``names`` (canonical names), so layers are also timed where they run, on the model's own
+        activations. Eval mode (restored after; a copy when the model lives on another device), a random batch,
+        the fastest of ``ROUNDS`` passes for each; cached under a hash of the model's structure (its ``repr``)."""
         parameter = next(model.parameters())
         digest = hashlib.sha1(repr(model).encode()).hexdigest()[:16]
         key = f"model {digest} input={(self.batch_size, *input_shape)} {parameter.dtype}".replace(" ", "")
-        if key not in self.entries:
+        keys = {name: f"{key}|{name}" for name in names}
+        if key not in self.entries or any(k not in self.entries for k in keys.values()):
             timed = model if parameter.device == self.device else copy.deepcopy(model).to(self.device)
             example = torch.randn(self.batch_size, *input_shape, device=self.device, dtype=parameter.dtype)
-            was_training = timed.training
-            try:
-                self.entries[key] = time_interleaved([timed.eval()], example)[0]
-            finally:
-                timed.train(was_training)
+            whole, inside = profile_ms(timed, example, names)
+            self.entries[key] = whole
+            self.entries.update({keys[name]: ms for name, ms in inside.items()})
             self.measured += 1
             self.save()
-        return self.entries[key]
+        return self.entries[key], {name: self.entries[k] for name, k in keys.items()}
+
+
+def profile_ms(model: nn.Module, example: torch.Tensor, names: Sequence[str], rounds: int = ROUNDS) -> tuple[
+        float, dict[str, float]]:
+    """(fastest ms of a whole forward pass, {name: fastest ms inside that submodule}) over ``rounds`` passes, in
+    eval mode (restored after), CUDA synchronized around each timed module."""
+    modules = named_modules(model)
+    started: dict[str, float] = {}
+    inside: dict[str, list[float]] = {name: [] for name in names}
+
+    def before(name):
+        def hook(module, args):
+            synchronize(example.device)
+            started[name] = time.perf_counter()
+        return hook
+
+    def after(name):
+        def hook(module, args, output):
+            synchronize(example.device)
+            inside[name].append(time.perf_counter() - started[name])
+        return hook
+
+    was_training = model.training
+    model.eval()
+    wholes = []
+    with torch.inference_mode():
+        model(example)
+        wholes = [1000.0 * t for t in time_passes(model, example, rounds)]
+        hooks = [modules[n].register_forward_pre_hook(before(n)) for n in names]
+        hooks += [modules[n].register_forward_hook(after(n)) for n in names]
+        try:
+            time_passes(model, example, rounds)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            model.train(was_training)
+    return min(wholes), {name: 1000.0 * min(times) for name, times in inside.items()}
+
+
+def time_passes(model: nn.Module, example: torch.Tensor, rounds: int) -> list[float]:
+    """Seconds of each of ``rounds`` forward passes (CUDA synchronized)."""
+    times = []
+    for _ in range(rounds):
+        synchronize(example.device)
+        start = time.perf_counter()
+        model(example)
+        synchronize(example.device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

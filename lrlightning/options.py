@@ -12,6 +12,7 @@ from .schemes import SVD_DRIVERS, Scheme, scheme_class
 RankSpec = int | float | tuple[int, int] | dict[str, int | tuple[int, int]] | None
 RANK_RULES = ("rank", "energy", "compression", "budget")
 BUDGET_METRICS = ("params", "macs", "latency")
+BUDGET_OBJECTIVES = ("max", "sum")
 
 
 def is_int(value: Any) -> bool:
@@ -80,8 +81,9 @@ class LowRankOptions:
         ``latency_batch_size`` (default 32) of ``input_shape``, cached under ``latency_cache``, see
         ``lrlightning.latency``), with ranks allocated across the selected layers to minimize their summed
         normalized error; a layer may stay dense, and under ``"latency"`` no layer is factorized into something
-        slower. Candidate ranks are multiples of ``rank_multiple`` (default 8) where a layer has at least 4× that
-        rank, else of the largest power of two fitting 4 times (see ``lrlightning.budget``).
+        slower. Candidate ranks are multiples of ``rank_multiple`` (default 8) where a layer's full rank is at least
+        16× that, else of the largest power of two fitting 16 times (see ``lrlightning.budget``); the allocation
+        minimizes the largest normalized error (``budget_objective="max"``, default) or their sum (``"sum"``).
     ``tile_shape`` (rows, cols) is required by ``tiled_svd`` only. Layer selection: every Conv2d with groups == 1
     and a kernel larger than 1×1 except the first conv (``skip_first_conv``), plus every Linear when ``linear``
     (Linear layers always use ``svd``); ``include``/``exclude`` are glob patterns on module names.
@@ -105,6 +107,7 @@ class LowRankOptions:
     budget_metric: str = "params"
     input_shape: tuple[int, ...] | None = None
     rank_multiple: int = 8
+    budget_objective: str = "max"
     latency_batch_size: int = 32
     latency_device: str | None = None
     latency_cache: str | None = None
@@ -151,6 +154,8 @@ class LowRankOptions:
         if self.budget is not None and self.budget_metric != "params" and self.input_shape is None:
             raise ValueError(f"`budget_metric`={self.budget_metric!r} needs `input_shape`, the (C, H, W) of one "
                              "sample, got None")
+        if self.budget_objective not in BUDGET_OBJECTIVES:
+            raise ValueError(f"`budget_objective` must be one of {BUDGET_OBJECTIVES}, got {self.budget_objective!r}")
         for argument in ("rank_multiple", "latency_batch_size"):
             value = getattr(self, argument)
             if not (is_int(value) and value >= 1):

@@ -20,6 +20,7 @@ import warnings
 import torch
 
 from lrlightning import LowRankOptions, count_macs, factorize, project_
+from lrlightning.allocator import retain_freed_memory
 from lrlightning.app.provenance import write_result
 from lrlightning.backbones import build_backbone
 from lrlightning.latency import time_interleaved
@@ -51,7 +52,7 @@ def main() -> None:
     parser.add_argument("--backbones", nargs="+", default=["resnet20"])
     parser.add_argument("--schemes", nargs="+", default=["tucker2", "svd"])
     parser.add_argument("--speedups", nargs="+", type=float, default=[1.5, 2.0])
-    parser.add_argument("--mac-budgets", nargs="+", type=float, default=[3.0])
+    parser.add_argument("--mac-budgets", nargs="*", type=float, default=[3.0])
     parser.add_argument("--rank-multiples", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--in-channels", type=int, default=1)
     parser.add_argument("--image-size", type=int, default=28)
@@ -59,9 +60,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds of the final measurement")
     parser.add_argument("--cache", default=None, help="latency cache dir (default: $LRLIGHTNING_CACHE or "
                         "~/.cache/lrlightning)")
+    parser.add_argument("--retain-freed-memory", action="store_true",
+                        help="keep freed CPU memory in the process (lrlightning.allocator.retain_freed_memory)")
     parser.add_argument("--out", default="results/budget/bench_latency_budget.json")
     args = parser.parse_args()
     warnings.simplefilter("ignore", UserWarning)
+    retained = args.retain_freed_memory and retain_freed_memory()
     shape = (args.in_channels, args.image_size, args.image_size)
     latency = dict(latency_batch_size=args.batch_size, latency_device="cpu", latency_cache=args.cache)
 
@@ -98,7 +102,8 @@ def main() -> None:
                 print(format_table(["backbone", "scheme", "asked", "multiple"], [rows[-1][:4]]), flush=True)
     columns = ["backbone", "scheme", "asked", "rank multiple", "allocated", "MAC reduction", "ms dense/fact",
                "measured speedup", "speedup / MACs", "factorized, allocation time"]
-    footnote = (f"(inputs {shape}, batch {args.batch_size}, CPU threads {torch.get_num_threads()}; random "
+    memory = "freed memory retained" if retained else "glibc's default allocator"
+    footnote = (f"(inputs {shape}, batch {args.batch_size}, CPU threads {torch.get_num_threads()}, {memory}; random "
                 f"initialization; latency tables measured per layer in this run or read from the cache; dense and "
                 f"factorized timed interleaved as allocated (BatchNorm unfolded), fastest of {args.rounds} rounds; targets: measured "
                 "speedup within 10 % of a latency budget and never below 1)")

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from lrlightning import LowRankOptions, count_macs, count_params, factorize, plan_layers, project_
+from lrlightning.allocator import retain_freed_memory
 from lrlightning.app.provenance import write_result
 from lrlightning.backbones import BACKBONES, build_backbone
 from lrlightning.plan import frozen_ranks
@@ -161,6 +162,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="intra-op threads of torch and onnxruntime (default: torch's own count)")
+    parser.add_argument("--retain-freed-memory", action="store_true",
+                        help="keep freed CPU memory in the process (lrlightning.allocator.retain_freed_memory)")
     parser.add_argument("--out", default="results/speed/bench_speed.json", help="result file (see docs/results.md)")
     return parser.parse_args()
 
@@ -168,6 +171,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     warnings.simplefilter("ignore", UserWarning)
+    retained = args.retain_freed_memory and retain_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -219,6 +223,8 @@ def main() -> None:
     columns = ["backbone", "px", "batch", "scheme", "target", "variant", "mode", "MAC reduction", "ms dense/fact",
                "speedup", "efficiency"] + (["kept dense"] if args.guard else [])
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU threads {torch.get_num_threads()}"
+    if device.type == "cpu":
+        where += ", freed memory retained" if retained else ", glibc's default allocator"
     footnote = (f"BatchNorm folded in both, {where}; medians of {args.repeats} passes, dense and factorized "
                 f"alternating; efficiency = speedup / MAC reduction")
     print(format_table(columns, rows))

@@ -58,10 +58,11 @@ class MacLatencyTable:
         return (count_macs(module, input_shape) / 1e6,
                 {label: count_macs(build(), input_shape) / 1e6 for label, build in candidates.items()})
 
-    def model_ms(self, model, input_shape):
+    def model_ms(self, model, input_shape, names=()):
         from lrlightning import count_macs
 
-        return count_macs(model, input_shape) / 1e6
+        layers = count_macs(model, input_shape, per_layer=True)
+        return sum(layers.values()) / 1e6, {name: layers[name] / 1e6 for name in names}
 
 
 @pytest.fixture

@@ -48,6 +48,15 @@ def whole_ratio(model, small, metric):
     return count_macs(model, SHAPE) / count_macs(small, SHAPE)
 
 
+def test_the_max_objective_takes_the_smallest_largest_error():
+    a = LayerChoices("a", (1, 2, None), (0.6, 0.2, 0.0), (10.0, 20.0, 40.0))
+    b = LayerChoices("b", (1, None), (0.3, 0.0), (5.0, 30.0))
+    # largest errors: a1 b1 0.6 (15), a2 b1 0.3 (25), a- b1 0.3 (45), a2 b- 0.2 (50), a- b- 0 (70)
+    assert allocate([a, b], 0.0, 25.0, "max") == {"a": 2, "b": 1}
+    assert allocate([a, b], 0.0, 50.0, "max") == {"a": 2, "b": None}
+    assert allocate([a, b], 0.0, 20.0, "max") == {"a": 1, "b": 1}
+
+
 def test_allocate_takes_the_least_error_within_the_budget():
     a = LayerChoices("a", (1, 2, None), (0.6, 0.2, 0.0), (10.0, 20.0, 40.0))
     b = LayerChoices("b", (1, None), (0.3, 0.0), (5.0, 30.0))
@@ -61,7 +70,8 @@ def test_allocate_takes_the_least_error_within_the_budget():
         allocate([a, b], 10.0, 20.0)
 
 
-def test_allocate_never_exceeds_the_budget_and_spends_it():
+@pytest.mark.parametrize("objective", ["sum", "max"])
+def test_allocate_never_exceeds_the_budget_and_spends_it(objective):
     rng = random.Random(0)
     for _ in range(30):
         layers = []
@@ -71,7 +81,7 @@ def test_allocate_never_exceeds_the_budget_and_spends_it():
             layers.append(LayerChoices(str(index), (1, 2, 3, 4, None), tuple(errors), tuple(costs)))
         cheapest, dearest = sum(c.costs[0] for c in layers), sum(c.costs[-1] for c in layers)
         target = rng.uniform(cheapest, dearest)
-        chosen = allocate(layers, 0.0, target)
+        chosen = allocate(layers, 0.0, target, objective)
         spent = sum(c.costs[c.ranks.index(chosen[c.name])] for c in layers)
         assert spent <= target + 1e-9
         for c in layers:  # no single upgrade still fits: the greedy completion spent what it could
@@ -86,18 +96,21 @@ def test_the_whole_model_meets_the_budget_within_five_percent(resnet, scheme, me
     assert budget <= whole_ratio(resnet, small, metric) <= 1.05 * budget
 
 
-def test_allocated_ranks_err_less_than_uniform_ranks_of_the_same_size(resnet):
+@pytest.mark.parametrize("objective", ["sum", "max"])
+def test_allocated_ranks_err_less_than_uniform_ranks_of_the_same_size(resnet, objective):
     uniform = factorize(resnet, "tucker2", 0.3)
     budget = whole_ratio(resnet, uniform, "params")
-    squared = {}
-    for name, options in (("uniform", dict(rank=0.3)), ("budget", dict(budget=budget))):
+    errors = {}
+    for name, options in (("uniform", dict(rank=0.3)), ("budget", dict(budget=budget, budget_objective=objective))):
         model = build_backbone("resnet20", num_classes=10, in_channels=3, width=WIDTH)
         model.load_state_dict(resnet.state_dict())
         plans = plan_layers(model, LowRankOptions("tucker2", **options), warn=False)[0]
         stats = project_(model, "tucker2", rank={p.name: p.rank for p in plans})
-        squared[name] = sum(s.rel_error ** 2 for s in stats)
-    assert whole_ratio(resnet, factorize(resnet, "tucker2", budget=budget), "params") >= budget
-    assert squared["budget"] < 0.8 * squared["uniform"]
+        squared = [s.rel_error ** 2 for s in stats]
+        errors[name] = sum(squared) if objective == "sum" else max(squared)
+    small = factorize(resnet, "tucker2", budget=budget, budget_objective=objective)
+    assert whole_ratio(resnet, small, "params") >= budget
+    assert errors["budget"] < (0.8 if objective == "sum" else 1.0) * errors["uniform"]
 
 
 def test_an_unreachable_budget_names_the_best_reachable(resnet):
@@ -136,9 +149,9 @@ def test_callback_allocates_once_at_fit_start_and_ends_low_rank(tmp_path, resnet
 
 
 def test_rank_steps_follow_the_layer_width():
-    assert [layer_multiple(full, 8) for full in (3, 8, 16, 31, 32, 512)] == [1, 2, 4, 4, 8, 8]
-    assert [rounded_rank(r, 64, 8) for r in (64, 63, 27, 8, 7, 5, 3, 1)] == [64, 56, 24, 8, 4, 4, 2, 1]
-    assert rounded_rank((13, 27), (16, 64), 8) == (12, 24)
+    assert [layer_multiple(full, 8) for full in (3, 16, 32, 64, 127, 128, 512)] == [1, 1, 2, 4, 4, 8, 8]
+    assert [rounded_rank(r, 256, 8) for r in (256, 255, 27, 8, 7, 5, 3, 1)] == [256, 248, 24, 8, 4, 4, 2, 1]
+    assert rounded_rank((13, 27), (32, 128), 8) == (12, 24)
     assert rounded_rank(27, 64, 1) == 27
 
 
@@ -195,6 +208,7 @@ def test_plan_table_shows_each_layers_cost_and_the_whole_model(resnet):
 
 @pytest.mark.parametrize("options, match", [
     (dict(budget=2.0, rank_multiple=0), r"`rank_multiple` must be an int >= 1, got 0"),
+    (dict(budget=2.0, budget_objective="mean"), r"`budget_objective` must be one of \('max', 'sum'\), got 'mean'"),
     (dict(budget=2.0, latency_batch_size=2.5), r"`latency_batch_size` must be an int >= 1, got 2.5"),
     (dict(budget=2.0, budget_metric="latency"), r"`budget_metric`='latency' needs `input_shape`"),
     (dict(budget=2.0, latency_device="gpu0"), r"`latency_device` must name a torch device .* got 'gpu0'"),

@@ -42,12 +42,13 @@ def test_a_table_times_what_it_lacks_and_reads_the_rest_from_disk(tmp_path):
     assert other_batch.measured == 1
 
 
-def test_the_whole_model_is_cached_by_structure_and_its_mode_restored(tmp_path):
-    model = nn.Sequential(conv(), nn.BatchNorm2d(8)).train()
+def test_the_whole_model_and_its_layers_in_place_are_cached_by_structure_and_its_mode_restored(tmp_path):
+    model = nn.Sequential(conv(), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, bias=False)).train()
     table = LatencyTable("cpu", 2, tmp_path)
-    first = table.model_ms(model, (8, 6, 6))
+    whole, inside = table.model_ms(model, (8, 6, 6), ["0", "2"])
     assert model.training and table.measured == 1
-    assert LatencyTable("cpu", 2, tmp_path).model_ms(model, (8, 6, 6)) == first
+    assert set(inside) == {"0", "2"} and 0 < inside["0"] < whole and 0 < inside["2"] < whole
+    assert LatencyTable("cpu", 2, tmp_path).model_ms(model, (8, 6, 6), ["0"]) == (whole, {"0": inside["0"]})
     wider = nn.Sequential(nn.Conv2d(8, 16, 3, bias=False))
     fresh = LatencyTable("cpu", 2, tmp_path)
     fresh.model_ms(wider, (8, 6, 6))

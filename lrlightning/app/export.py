@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from lightning.pytorch import seed_everything
 from omegaconf import DictConfig, OmegaConf
 
+from ..allocator import retain_freed_memory
 from ..options import RANK_RULES
 from .job import CONFIG_KEY, build_model, evaluate_and_export, finish_backbone
 from .module import LitClassifier
@@ -49,6 +50,8 @@ def export_lowrank(chosen: dict, saved: dict) -> dict:
 
 def export(cfg: DictConfig, run_dir: Path) -> dict | None:
     """``lrl-export`` (conf/export.yaml); returns the summary."""
+    if cfg.get("retain_freed_memory", True):
+        retain_freed_memory()
     (run_dir / SUMMARY).unlink(missing_ok=True)
     path = Path(str(cfg.ckpt)).expanduser()
     if not path.is_file():

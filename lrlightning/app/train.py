@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 from lightning.pytorch import seed_everything
 from omegaconf import DictConfig, OmegaConf
 
+from ..allocator import retain_freed_memory
 from ..callback import LowRankProjection
 from ..export import factorize_planned
 from ..options import is_int
@@ -36,6 +37,8 @@ def check_job(cfg: DictConfig) -> None:
 def train(cfg: DictConfig, run_dir: Path) -> dict | None:
     """``lrl-train`` (conf/train.yaml); returns the summary on global rank zero."""
     check_job(cfg)
+    if cfg.get("retain_freed_memory", True):
+        retain_freed_memory()
     (run_dir / SUMMARY).unlink(missing_ok=True)
     seed_everything(cfg.seed, workers=True)
     config = OmegaConf.to_container(cfg, resolve=True)
