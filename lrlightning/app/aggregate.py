@@ -30,7 +30,9 @@ RULE_KEYS = ("rank", "energy", "compression", "budget", "budget_metric")
 CALLBACK_KEYS = frozenset(
     f"lowrank.{name}" for name in inspect.signature(LowRankProjection).parameters
     if name not in LowRankOptions.__dataclass_fields__)
-HIDDEN_KEYS = {"seed", "model.lr", "baseline", "lowrank._target_", "lowrank.scheme",
+# Job settings that change how fast a run goes, never its result.
+SPEED_KEYS = {"latency_batch_size", "retain_freed_memory"}
+HIDDEN_KEYS = {"seed", "model.lr", "baseline", "lowrank._target_", "lowrank.scheme", *SPEED_KEYS,
                *(f"lowrank.{key}" for key in RULE_KEYS)}
 
 

@@ -237,3 +237,15 @@ def test_provenance_names_the_commit_and_the_machine():
         "h: Xeon, 2 cores, torch threads 2")
     assert describe_machine("2-core CPU") == "2-core CPU"
     assert git_commit(Path("/")) is None and not math.isnan(facts["machine"]["cpu_count"])
+
+
+def test_settings_that_only_change_speed_make_no_variant(tmp_path):
+    for index, retain in enumerate((None, True, False)):
+        write_run(tmp_path / str(index), "lowrank_projection", index, 0.03, 90.0, 91.0)
+        if retain is not None:
+            path = tmp_path / str(index) / "summary.json"
+            summary = json.loads(path.read_text())
+            summary["config"].update(retain_freed_memory=retain, latency_batch_size=4 + index)
+            path.write_text(json.dumps(summary))
+    [cell] = aggregate(collect_rows(tmp_path))
+    assert (cell["variant"], cell["seeds"]) == ("", 3)
