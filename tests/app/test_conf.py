@@ -125,7 +125,7 @@ def test_every_point_selects_its_scheme_and_rank_rule(point):
     if rule in ("budget", "faster"):
         options = callback.options
         assert options.rank is None and (options.budget, options.budget_metric) == (
-            (6.35, "params") if rule == "budget" else (1.15, "latency"))
+            (6.35, "params") if rule == "budget" else (1.3, "latency"))
     elif rule.endswith("x"):
         assert callback.options.rank is None and callback.options.compression == float(rule[:-1])
     else:
