@@ -15,7 +15,6 @@ from lrlightning.backbones import build_backbone
 from lrlightning.budget import LayerChoices, allocate, layer_multiple, layer_structure, rounded_rank, timing_layer
 from lrlightning.plan import allocate_plan
 from lrlightning.summary import plan_table
-from conftest import MacLatencyTable
 
 SHAPE = (3, 16, 16)
 WIDTH = 16  # channels 16, 32, 64: wide enough for rank multiples of 4 and 8
@@ -168,24 +167,23 @@ def test_allocated_ranks_are_multiples_where_layers_are_wide(resnet, scheme):
             assert rank % step == 0 or (rank < step and rank & (rank - 1) == 0), (plan.name, plan.rank)
 
 
-class SlowWideTable(MacLatencyTable):
-    """MAC-proportional latencies, except that every tucker2 candidate of rank (R, R) with R > 8 in the last stage
-    is made slower than dense: the allocation must never pick one."""
-
-    def layer_ms(self, module, input_shape, candidates):
-        dense, costs = super().layer_ms(module, input_shape, candidates)
-        if module.out_channels == 4 * WIDTH:
-            costs = {label: 2 * dense if int(label.split("(")[1].split(",")[0]) > 8 else cost
-                     for label, cost in costs.items()}
-        return dense, costs
-
-
 def test_latency_budget_allocates_measured_costs_and_never_picks_a_slower_layer(resnet, mac_latency, monkeypatch):
+    class SlowWideTable(mac_latency):
+        """MAC-proportional latencies, except that every tucker2 candidate of rank (R, R) with R > 8 in the last
+        stage is made slower than dense: the allocation must never pick one."""
+
+        def layer_ms(self, module, input_shape, candidates):
+            dense, costs = super().layer_ms(module, input_shape, candidates)
+            if module.out_channels == 4 * WIDTH:
+                costs = {label: 2 * dense if int(label.split("(")[1].split(",")[0]) > 8 else cost
+                         for label, cost in costs.items()}
+            return dense, costs
+
     monkeypatch.setattr("lrlightning.budget.LatencyTable", SlowWideTable)
     options = LowRankOptions("tucker2", budget=2.0, budget_metric="latency", input_shape=SHAPE, latency_batch_size=4,
                              latency_device="cpu")
     plans, _, allocation = allocate_plan(resnet, options, warn=False)
-    assert SlowWideTable.made[-1].batch_size == 4 and SlowWideTable.made[-1].device == torch.device("cpu")
+    assert mac_latency.made[-1].batch_size == 4 and mac_latency.made[-1].device == torch.device("cpu")
     assert 2.0 <= allocation.achieved <= 2.1 and allocation.metric == "latency"
     assert allocation.dense == pytest.approx(count_macs(resnet, SHAPE) / 1e6)
     last_stage = [p for p in plans if p.shape[0] == 4 * WIDTH]
