@@ -1,8 +1,9 @@
 """A global budget: the ranks of all selected layers chosen together, so that the whole model is ``budget`` times
-smaller in parameters or MACs, or ``budget`` times faster in measured latency, spending rank where it lowers the
-approximation error most. Lagrangian rank selection (Idelbayev & Carreira-Perpiñán, CVPR 2020): for a price λ every
-layer takes the candidate minimizing normalized error + λ·cost, "stay dense" included; λ is bisected until the model
-meets the budget. Candidate ranks are multiples of ``rank_multiple`` where a layer is wide enough. Pure torch."""
+smaller in parameters or MACs, or ``budget`` times faster in measured latency. By default (``"max"``) every layer
+takes its cheapest candidate under one normalized-error threshold, bisected until the model meets the budget, so no
+layer is starved; ``"sum"`` is the Lagrangian rank selection of the LC algorithm (Idelbayev & Carreira-Perpiñán, CVPR
+2020): for a price λ every layer takes the candidate minimizing normalized error + λ·cost, λ bisected. "Stay dense"
+is always a candidate. Candidate ranks are multiples of ``rank_multiple`` where a layer is wide enough. Pure torch."""
 from __future__ import annotations
 
 import copy
@@ -214,6 +215,10 @@ def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], 
         parameter = next(model.parameters())
         example = torch.zeros((1, *input_shape), device=parameter.device, dtype=parameter.dtype)
         inputs = {name: tuple(x.shape[1:]) for name, x in layer_inputs(model, names, example).items()}
+        unused = [name for name in names if name not in inputs]
+        if unused:
+            raise ValueError(f"`budget_metric`={metric!r} needs every selected layer to run in the model's forward "
+                             f"pass; these do not: {unused}. HINT: leave them out with `exclude`")
     if metric == "params":
         whole = count_params(model)
     elif metric == "macs":

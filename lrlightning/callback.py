@@ -70,8 +70,9 @@ class LowRankProjection(Callback):
     Args:
         scheme: ``"svd"``, ``"tiled_svd"``, ``"tucker2"`` or ``"spatial_svd"``.
         rank: the rank rule (int, float fraction in (0, 1], tucker2 pair, or ``{layer name: rank}``); or give
-            ``energy`` or ``compression`` instead (see ``LowRankOptions``). Ranks are resolved once, when fit
-            starts, and kept in the callback's state (``ranks``) so that export and resume use the same ones.
+            ``energy``, ``compression`` or ``budget`` instead (see ``LowRankOptions``). Ranks are resolved when fit
+            starts (a budget may allocate again, see ``budget_reallocations``) and kept in the callback's state
+            (``ranks``) so that export and resume use the same ones.
         every_n_train_steps: S_D, in optimizer steps (gradient accumulation does not change the schedule).
         start_step: projections happen after optimizer steps ``k = start_step + j * every_n_train_steps > 0``.
         stop_step: no periodic projection after this optimizer step (None: never stop).
@@ -213,8 +214,16 @@ class LowRankProjection(Callback):
         if self._restored_ranks and not reallocate:
             options = options.replace_rank(self._restored_ranks)
         if trainer is not None and trainer.world_size > 1 and options.budget is not None:
-            planned = allocate_plan(pl_module, options) if trainer.is_global_zero else None
-            planned = trainer.strategy.broadcast(planned, src=0)
+            planned, failure = None, None
+            if trainer.is_global_zero:
+                try:
+                    planned = allocate_plan(pl_module, options)
+                except Exception as error:  # every rank raises it, instead of waiting for rank 0 forever
+                    failure = (type(error), str(error))
+            planned, failure = trainer.strategy.broadcast((planned, failure), src=0)
+            if failure is not None:
+                kind, message = failure
+                raise (kind if issubclass(kind, ValueError) else RuntimeError)(message)
         else:
             planned = allocate_plan(pl_module, options)
         self.plans, self.skipped, self.allocation = planned

@@ -15,6 +15,7 @@ import os
 import platform
 import re
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -91,6 +92,8 @@ class LatencyTable:
 
     def __init__(self, device: torch.device | str, batch_size: int, cache_dir: str | os.PathLike | None = None):
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.batch_size = batch_size
         self.key = device_key(self.device)
         slug = re.sub(r"[^A-Za-z0-9.]+", "-", self.key).strip("-")
@@ -104,10 +107,15 @@ class LatencyTable:
         self.measured = 0  # entries timed by this table (not read from the cache)
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"device": self.key, "entries": dict(sorted(self.entries.items()))}, indent=1))
-        os.replace(tmp, self.path)
+        """Write the table (atomically); a cache that cannot be written is warned about, not fatal."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"device": self.key, "entries": dict(sorted(self.entries.items()))}, indent=1))
+            os.replace(tmp, self.path)
+        except OSError as error:
+            warnings.warn(f"latency cache {self.path} cannot be written ({error}); timings are kept for this "
+                          "process only", stacklevel=2)
 
     def layer_ms(self, module: nn.Module, input_shape: Sequence[int],
                  candidates: dict[str, Callable[[], nn.Module]]) -> tuple[float, dict[str, float]]:

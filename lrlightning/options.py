@@ -79,11 +79,11 @@ class LowRankOptions:
         or ``"macs"`` per sample of ``input_shape`` (C, H, W)) or that many times faster (``"latency"``: measured
         per layer on ``latency_device`` (default: the weights' device; CPU at torch's thread count) at batch
         ``latency_batch_size`` (default 32) of ``input_shape``, cached under ``latency_cache``, see
-        ``lrlightning.latency``), with ranks allocated across the selected layers to minimize their summed
-        normalized error; a layer may stay dense, and under ``"latency"`` no layer is factorized into something
-        slower. Candidate ranks are multiples of ``rank_multiple`` (default 8) where a layer's full rank is at least
-        16× that, else of the largest power of two fitting 16 times (see ``lrlightning.budget``); the allocation
-        minimizes the largest normalized error (``budget_objective="max"``, default) or their sum (``"sum"``).
+        ``lrlightning.latency``), with ranks allocated across the selected layers: the largest normalized error
+        over layers is minimized (``budget_objective="max"``, default) or their sum (``"sum"``); a layer may stay
+        dense, and under ``"latency"`` no layer is factorized into something slower. Candidate ranks are multiples
+        of ``rank_multiple`` (default 8) where a layer's full rank is at least 16× that, else of the largest power
+        of two fitting 16 times (see ``lrlightning.budget``).
     ``tile_shape`` (rows, cols) is required by ``tiled_svd`` only. Layer selection: every Conv2d with groups == 1
     and a kernel larger than 1×1 except the first conv (``skip_first_conv``), plus every Linear when ``linear``
     (Linear layers always use ``svd``); ``include``/``exclude`` are glob patterns on module names.
@@ -162,10 +162,15 @@ class LowRankOptions:
                 raise ValueError(f"`{argument}` must be an int >= 1, got {value!r}")
         if self.latency_device is not None:
             try:
-                torch.device(self.latency_device)
+                device = torch.device(self.latency_device)
             except (RuntimeError, TypeError):
-                raise ValueError(f"`latency_device` must name a torch device such as 'cpu' or 'cuda:0', "
-                                 f"got {self.latency_device!r}") from None
+                device = None
+            usable = device is not None and (device.type == "cpu" or (
+                device.type == "cuda" and torch.cuda.is_available()
+                and (device.index is None or device.index < torch.cuda.device_count())))
+            if not usable:
+                raise ValueError(f"`latency_device` must be 'cpu' or a CUDA device of this machine such as 'cuda:0' "
+                                 f"(CUDA available: {torch.cuda.is_available()}), got {self.latency_device!r}")
         if self.latency_cache is not None and not isinstance(self.latency_cache, (str, os.PathLike)):
             raise ValueError(f"`latency_cache` must be a directory path, got {self.latency_cache!r}")
 

@@ -145,6 +145,10 @@ def allocate_plan(model: nn.Module, options: LowRankOptions, warn: bool = True) 
         if not bool(torch.isfinite(module.weight).all()):
             raise NonFiniteWeightError(name)
     allocated, allocation = {}, None
+    if options.budget is not None and not chosen:
+        raise ValueError(f"no layer selected for `budget`={options.budget} (include={list(options.include)}, "
+                         f"exclude={list(options.exclude)}, linear={options.linear}); skipped: "
+                         f"{[(s.name, s.reason) for s in skipped]}")
     if options.budget is not None:
         layers = [(name, module, scheme_for(tuple(module.weight.shape), options)) for name, module in chosen]
         driver = resolve_driver(options.svd_driver, chosen[0][1].weight.device) if chosen else "exact"

@@ -39,7 +39,7 @@ def plan_table(plans: list[LayerPlan], skipped: list[SkippedLayer], scheme: str,
         rows[-1].append("")
     text = "Low-rank plan\n" + format_table(header, rows)
     if allocation is not None:
-        where = (f" at batch {allocation.batch_size} on {allocation.device}, measured"
+        where = (f" at batch {allocation.batch_size} on {allocation.device}, predicted from measured layer times"
                  if allocation.metric == "latency" else "")
         text += (f"\nBudget {allocation.budget:g}x in {allocation.unit}{where}: whole model "
                  f"{cost_text(allocation.dense, allocation.metric)} -> {cost_text(allocation.allocated, allocation.metric)}"

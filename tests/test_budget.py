@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lrlightning import LowRankOptions, LowRankProjection, count_macs, count_params, factorize, plan_layers, project_
 from lrlightning.backbones import build_backbone
-from lrlightning.budget import LayerChoices, allocate, layer_multiple, layer_structure, rounded_rank, timing_layer
+from lrlightning.budget import (LayerChoices, allocate, in_model_costs, layer_multiple, layer_structure, rounded_rank,
+                                timing_layer)
 from lrlightning.plan import allocate_plan
 from lrlightning.summary import plan_table
 
@@ -209,7 +210,9 @@ def test_plan_table_shows_each_layers_cost_and_the_whole_model(resnet):
     (dict(budget=2.0, budget_objective="mean"), r"`budget_objective` must be one of \('max', 'sum'\), got 'mean'"),
     (dict(budget=2.0, latency_batch_size=2.5), r"`latency_batch_size` must be an int >= 1, got 2.5"),
     (dict(budget=2.0, budget_metric="latency"), r"`budget_metric`='latency' needs `input_shape`"),
-    (dict(budget=2.0, latency_device="gpu0"), r"`latency_device` must name a torch device .* got 'gpu0'"),
+    (dict(budget=2.0, latency_device="gpu0"), r"`latency_device` must be 'cpu' or a CUDA device .* got 'gpu0'"),
+    (dict(budget=2.0, latency_device="meta"), r"`latency_device` must be 'cpu' or a CUDA device .* got 'meta'"),
+    (dict(budget=2.0, latency_device="cuda:64"), r"`latency_device` must be 'cpu' or a CUDA device .* got 'cuda:64'"),
 ])
 def test_bad_latency_options_are_refused(options, match):
     with pytest.raises(ValueError, match=match):
@@ -256,3 +259,51 @@ def test_candidate_structures_count_the_macs_of_the_real_factorized_layer(resnet
     assert count_macs(structure, (16, 16, 16)) == count_macs(real, (16, 16, 16))
     timed = timing_layer(layer, options.conv_scheme(), rank)
     assert timed(torch.randn(2, 16, 16, 16)).shape == real(torch.randn(2, 16, 16, 16)).shape
+
+
+def test_in_model_costs_rescale_every_candidate_by_the_dense_layers_time_in_the_model():
+    choices = LayerChoices("a", (4, 2, None), (0.1, 0.4, 0.0), (1.0, 0.5, 2.0))
+    scaled = in_model_costs(choices, 3.0)
+    assert scaled.costs == (1.5, 0.75, 3.0) and scaled.errors == choices.errors and scaled.ranks == choices.ranks
+
+
+def test_a_budget_that_selects_nothing_or_a_layer_the_forward_skips_is_refused(resnet):
+    with pytest.raises(ValueError, match=r"no layer selected for `budget`=2.0 \(include=\['nomatch\*'\]"):
+        plan_layers(resnet, LowRankOptions("svd", budget=2.0, include="nomatch*"))
+
+    class WithHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = copy.deepcopy(resnet)
+            self.head = nn.Conv2d(3, 8, 3)  # used only for another loss, never in forward
+
+        def forward(self, x):
+            return self.body(x)
+
+    with pytest.raises(ValueError, match=r"these do not: \['head'\]. HINT: leave them out with `exclude`"):
+        plan_layers(WithHead(), LowRankOptions("svd", budget=2.0, budget_metric="macs", input_shape=SHAPE,
+                                               skip_first_conv=False))
+
+
+def test_a_reallocation_follows_weights_that_moved(tmp_path, resnet):
+    class Skew(L.Callback):
+        """Before the last step, make layer3.2.conv2 rank 1 and large, so one SGD step leaves it nearly rank 1."""
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 3:
+                with torch.no_grad():
+                    weight = pl_module.backbone.layer3[2].conv2.weight
+                    flat = weight.flatten(1)
+                    u, s, vh = torch.linalg.svd(flat, full_matrices=False)
+                    weight.copy_((100 * s[0] * u[:, :1] @ vh[:1]).reshape(weight.shape))
+
+    model = Classifier()
+    model.backbone.load_state_dict(resnet.state_dict())
+    callback = LowRankProjection("svd", budget=2.0, budget_reallocations=2, every_n_train_steps=2,
+                                 bn_recalibration_batches=0)
+    data = TensorDataset(torch.randn(32, *SHAPE), torch.randint(0, 10, (32,)))
+    trainer = L.Trainer(callbacks=[Skew(), callback], logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, max_steps=4, default_root_dir=tmp_path)
+    first = plan_layers(model, LowRankOptions("svd", budget=2.0), warn=False)[0]
+    trainer.fit(model, DataLoader(data, batch_size=8))
+    assert callback.ranks["backbone.layer3.2.conv2"] < {p.name: p.rank for p in first}["backbone.layer3.2.conv2"]

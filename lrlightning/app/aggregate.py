@@ -30,9 +30,10 @@ RULE_KEYS = ("rank", "energy", "compression", "budget", "budget_metric")
 CALLBACK_KEYS = frozenset(
     f"lowrank.{name}" for name in inspect.signature(LowRankProjection).parameters
     if name not in LowRankOptions.__dataclass_fields__)
-# Job settings that change how fast a run goes, never its result.
+# Job settings that change how fast a run goes, and its result only under a latency budget (they choose the
+# latency table the ranks are allocated from).
 SPEED_KEYS = {"latency_batch_size", "retain_freed_memory"}
-HIDDEN_KEYS = {"seed", "model.lr", "baseline", "lowrank._target_", "lowrank.scheme", *SPEED_KEYS,
+HIDDEN_KEYS = {"seed", "model.lr", "baseline", "lowrank._target_", "lowrank.scheme",
                *(f"lowrank.{key}" for key in RULE_KEYS)}
 
 
@@ -83,8 +84,10 @@ def describe_run(config: dict[str, Any]) -> dict[str, Any]:
     """``method``, ``point``, ``seed``, ``lr`` and ``settings`` of a run from its resolved train config."""
     method = method_of(config)
     flat = flatten(config)
+    latency = flat.get("lowrank.budget") is not None and flat.get("lowrank.budget_metric") == "latency"
     settings = {k: v for k, v in flat.items()
-                if k not in ("seed", "model.lr") and (method == METHOD or k not in CALLBACK_KEYS)}
+                if k not in ("seed", "model.lr") and (method == METHOD or k not in CALLBACK_KEYS)
+                and (latency or k not in SPEED_KEYS)}
     return {"method": method, "point": point_of(config.get("lowrank") or {}), "seed": flat.get("seed"), "lr": flat.get("model.lr"),
             "settings": settings}
 

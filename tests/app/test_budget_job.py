@@ -25,7 +25,7 @@ def test_a_latency_budget_is_allocated_at_the_jobs_batch_on_the_cpu_and_recorded
     assert summary["ranks"] and summary["latency_device"] == "cpu" and summary["latency_batch_size"] == 4
     assert summary["mac_reduction"] >= 1.5  # the stand-in's latency is MACs, so the MACs meet the budget
     assert json.loads((tmp_path / "summary.json").read_text())["budget"] == 1.5
-    assert "Budget 1.5x in ms per batch at batch 4 on cpu, measured: whole model" in caplog.text
+    assert "Budget 1.5x in ms per batch at batch 4 on cpu, predicted from measured layer times: whole model" in caplog.text
 
 
 def test_a_mac_budget_from_the_command_line(tmp_path, tiny_train):

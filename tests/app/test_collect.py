@@ -249,3 +249,16 @@ def test_settings_that_only_change_speed_make_no_variant(tmp_path):
             path.write_text(json.dumps(summary))
     [cell] = aggregate(collect_rows(tmp_path))
     assert (cell["variant"], cell["seeds"]) == ("", 3)
+
+
+def test_under_a_latency_budget_the_latency_batch_makes_a_variant(tmp_path):
+    for index, batch in enumerate((32, 32, 128)):
+        write_run(tmp_path / str(index), "lowrank_projection", index, 0.03, 90.0, 91.0, rank=None, budget=1.3,
+                  budget_metric="latency")
+        path = tmp_path / str(index) / "summary.json"
+        summary = json.loads(path.read_text())
+        summary["config"]["latency_batch_size"] = batch
+        path.write_text(json.dumps(summary))
+    cells = aggregate(collect_rows(tmp_path))
+    assert sorted((c["variant"], c["seeds"]) for c in cells) == [("latency_batch_size=128", 1),
+                                                                 ("latency_batch_size=32", 2)]
