@@ -8,6 +8,7 @@ candidate (scheme and rank), never by weight values. Times are milliseconds per 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -75,7 +76,7 @@ def time_interleaved(modules: Sequence[nn.Module], example: torch.Tensor, rounds
     threads = torch.get_num_threads()
     timers = [benchmark.Timer("module(x)", globals={"module": m, "x": example}, num_threads=threads)
               for m in modules]
-    with torch.inference_mode():
+    with torch.inference_mode(), on_device(example.device):
         for module in modules:
             module(example)
         probe = timers[0].timeit(1).median
@@ -180,7 +181,7 @@ def profile_ms(model: nn.Module, example: torch.Tensor, names: Sequence[str], ro
     was_training = model.training
     model.eval()
     wholes = []
-    with torch.inference_mode():
+    with torch.inference_mode(), on_device(example.device):
         model(example)
         wholes = [1000.0 * t for t in time_passes(model, example, rounds)]
         hooks = [modules[n].register_forward_pre_hook(before(n)) for n in names]
@@ -204,6 +205,11 @@ def time_passes(model: nn.Module, example: torch.Tensor, rounds: int) -> list[fl
         synchronize(example.device)
         times.append(time.perf_counter() - start)
     return times
+
+
+def on_device(device: torch.device):
+    """Make a CUDA ``device`` current (the benchmark timer synchronizes the current one); nothing on the CPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def synchronize(device: torch.device) -> None:
