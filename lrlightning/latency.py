@@ -36,6 +36,7 @@ def default_cache_dir() -> Path:
 
 
 def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -212,6 +213,7 @@ def on_device(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the work queued on a CUDA ``device``, so wall-clock times cover it (no-op on CPU)."""
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)

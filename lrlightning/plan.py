@@ -144,14 +144,12 @@ def allocate_plan(model: nn.Module, options: LowRankOptions, warn: bool = True) 
     for name, module in chosen:
         if not bool(torch.isfinite(module.weight).all()):
             raise NonFiniteWeightError(name)
+    if not chosen:
+        refuse_empty_selection(model, options, skipped)
     allocated, allocation = {}, None
-    if options.budget is not None and not chosen:
-        raise ValueError(f"no layer selected for `budget`={options.budget} (include={list(options.include)}, "
-                         f"exclude={list(options.exclude)}, linear={options.linear}); skipped: "
-                         f"{[(s.name, s.reason) for s in skipped]}")
     if options.budget is not None:
         layers = [(name, module, scheme_for(tuple(module.weight.shape), options)) for name, module in chosen]
-        driver = resolve_driver(options.svd_driver, chosen[0][1].weight.device) if chosen else "exact"
+        driver = resolve_driver(options.svd_driver, chosen[0][1].weight.device)
         allocation = budget_ranks(model, layers, options, driver)
         allocated = allocation.ranks
     plans = []
@@ -171,11 +169,17 @@ def allocate_plan(model: nn.Module, options: LowRankOptions, warn: bool = True) 
             continue
         plans.append(LayerPlan(name, scheme.name, shape, rank, dense, factorized))
     if not plans:
-        candidates = [n for n, m in named_modules(model).items() if isinstance(m, (nn.Conv2d, nn.Linear))]
-        raise ValueError(f"no layer selected for low-rank (include={list(options.include)}, "
-                         f"exclude={list(options.exclude)}, linear={options.linear}); skipped: "
-                         f"{[(s.name, s.reason) for s in skipped]}. HINT: candidate layers are {candidates}")
+        refuse_empty_selection(model, options, skipped)
     return plans, skipped, allocation
+
+
+def refuse_empty_selection(model: nn.Module, options: LowRankOptions, skipped: list[SkippedLayer]) -> None:
+    """Raise the ValueError of a plan without layers: the selection options, the skipped layers and the candidates."""
+    what = "low-rank" if options.budget is None else f"`budget`={options.budget}"
+    candidates = [n for n, m in named_modules(model).items() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    raise ValueError(f"no layer selected for {what} (include={list(options.include)}, "
+                     f"exclude={list(options.exclude)}, linear={options.linear}); skipped: "
+                     f"{[(s.name, s.reason) for s in skipped]}. HINT: candidate layers are {candidates}")
 
 
 def relative_names(names: list[str], prefix: str, argument: str = "ranks") -> list[str]:

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import copy
 import statistics
-import time
 
 import torch
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
-from .latency import time_interleaved
+from .latency import time_interleaved, time_passes
 from .layers import FactorizedLayer
 from .names import named_modules, set_module
 
@@ -20,25 +19,12 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return fuse(copy.deepcopy(model).eval(), inplace=True)
 
 
-def synchronize(device: torch.device | str) -> None:
-    """Wait for the work queued on a CUDA ``device``, so wall-clock times cover it (no-op on CPU)."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 20, warmup: int = 3) -> float:
     """Median wall time of one forward pass on ``example`` in milliseconds (eval mode, no grad; on a CUDA
     ``example`` the device is synchronized around each pass)."""
     model.eval()
-    times = []
     with torch.inference_mode():
-        for index in range(warmup + repeats):
-            synchronize(example.device)
-            start = time.perf_counter()
-            model(example)
-            synchronize(example.device)
-            if index >= warmup:
-                times.append(time.perf_counter() - start)
+        times = time_passes(model, example, warmup + repeats)[warmup:]
     return 1000.0 * statistics.median(times)
 
 

@@ -18,9 +18,8 @@ import time
 import torch
 
 from lrlightning import LowRankOptions, count_macs, count_params, factorize, plan_layers, project_
-from lrlightning.app.provenance import write_result
+from lrlightning.app.provenance import publish_table
 from lrlightning.backbones import build_backbone
-from lrlightning.summary import format_table
 
 
 def load_backbone(name: str, in_channels: int, checkpoint: str | None) -> torch.nn.Module:
@@ -79,11 +78,8 @@ def main() -> None:
     weights = f"weights of {args.checkpoint}" if args.checkpoint else "random initialization"
     footnote = (f"(inputs {shape}; {weights}; error: sum over layers of ||W - W_r||^2 / ||W||^2; the budget asks for "
                 "the uniform ratio; targets: budget within 5% of the request)")
-    print(format_table(columns, rows))
-    print(footnote)
-    write_result(args.out, f"Global budget against uniform ranks ({weights})", "budget",
-                 [{"columns": columns, "rows": rows, "lines": [footnote]}], data=data)
-    print(f"wrote {args.out}")
+    publish_table(args.out, f"Global budget against uniform ranks ({weights})", "budget", columns, rows, footnote,
+                  data)
 
 
 if __name__ == "__main__":

@@ -20,12 +20,13 @@ import warnings
 
 import torch
 
-from lrlightning import LowRankOptions, count_macs, factorize, project_
+from lrlightning import LowRankOptions, count_macs, factorize_planned
 from lrlightning.allocator import retain_freed_memory
-from lrlightning.app.provenance import write_result
+from lrlightning.app.provenance import publish_table
 from lrlightning.backbones import build_backbone
 from lrlightning.latency import time_interleaved
-from lrlightning.plan import allocate_plan, frozen_ranks
+from lrlightning.plan import allocate_plan
+from lrlightning.projection import project_planned_
 from lrlightning.summary import format_table
 
 
@@ -34,10 +35,9 @@ def exported(model: torch.nn.Module, options: LowRankOptions) -> tuple[torch.nn.
     start = time.perf_counter()
     plans, _, allocation = allocate_plan(model, options, warn=False)
     seconds = time.perf_counter() - start
-    ranks = frozen_ranks(plans)
     projected = copy.deepcopy(model)
-    project_(projected, options.scheme, rank=ranks)
-    return factorize(projected, options.scheme, rank=ranks).eval(), allocation, seconds
+    project_planned_(projected, plans, options)
+    return factorize_planned(projected, plans, options).eval(), allocation, seconds
 
 
 def refusal(message: str) -> str:
@@ -114,11 +114,8 @@ def main() -> None:
                 f"initialization; latency tables measured per layer in this run or read from the cache; dense and "
                 f"factorized timed interleaved as allocated (BatchNorm unfolded), fastest of {args.rounds} rounds; targets: measured "
                 "speedup within 10 % of a latency budget and never below 1)")
-    print(format_table(columns, rows))
-    print(footnote)
-    write_result(args.out, f"Latency budgets: asked against measured speedup ({', '.join(args.backbones)}, CPU)",
-                 "budget", [{"columns": columns, "rows": rows, "lines": [footnote]}], data=data)
-    print(f"wrote {args.out}")
+    publish_table(args.out, f"Latency budgets: asked against measured speedup ({', '.join(args.backbones)}, CPU)",
+                  "budget", columns, rows, footnote, data)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lrlightning import LowRankProjection
 from lrlightning.app.module import LitClassifier
-from lrlightning.app.provenance import write_result
-from lrlightning.speed import synchronize
-from lrlightning.summary import format_table
+from lrlightning.app.provenance import publish_table
+from lrlightning.latency import synchronize
 
 
 class StepTimer(L.Callback):
@@ -120,10 +119,8 @@ def main() -> None:
     where = torch.cuda.get_device_name() if args.accelerator == "gpu" else f"CPU threads {torch.get_num_threads()}"
     footnote = (f"({args.scheme}, rank 0.5, batch {args.batch_size}, {where}; step: time of a step with the "
                 f"callback / dense; targets: x1.15 at S_D=1, < 1% at S_D=200)")
-    print(format_table(columns, rows))
-    print(footnote)
-    write_result(args.out, f"Training overhead of the callback ({where})", "overhead",
-                 [{"columns": columns, "rows": rows, "lines": [footnote]}], data=results)
+    publish_table(args.out, f"Training overhead of the callback ({where})", "overhead", columns, rows, footnote,
+                  results)
 
 
 if __name__ == "__main__":

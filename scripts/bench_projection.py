@@ -23,13 +23,13 @@ import time
 import torch
 from torch import nn
 
+from lrlightning.app.provenance import write_result
 from lrlightning.backbones import build_backbone
+from lrlightning.latency import synchronize
 from lrlightning.options import LowRankOptions
 from lrlightning.plan import plan_layers
 from lrlightning.projection import project_planned_
 from lrlightning.schemes import SVD_DRIVERS, resolve_driver
-from lrlightning.app.provenance import write_result
-from lrlightning.speed import synchronize
 from lrlightning.summary import format_table
 
 SCHEMES = {

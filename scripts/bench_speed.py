@@ -36,13 +36,13 @@ from pathlib import Path
 
 import torch
 
-from lrlightning import LowRankOptions, count_macs, count_params, factorize, plan_layers, project_
+from lrlightning import LowRankOptions, count_macs, count_params, factorize_planned, plan_layers
 from lrlightning.allocator import retain_freed_memory
-from lrlightning.app.provenance import write_result
+from lrlightning.app.provenance import publish_table
 from lrlightning.backbones import BACKBONES, build_backbone
-from lrlightning.plan import frozen_ranks
-from lrlightning.speed import fold_batchnorm, keep_faster_layers, synchronize
-from lrlightning.summary import format_table
+from lrlightning.latency import synchronize
+from lrlightning.projection import project_planned_
+from lrlightning.speed import fold_batchnorm, keep_faster_layers
 
 SCHEME_OPTIONS = {"svd": {}, "tucker2": {}, "spatial_svd": {}, "tiled_svd": {"tile_shape": (16, 16)}}
 MODES = ("eager", "channels_last", "jit", "compile", "onnxruntime")
@@ -132,15 +132,14 @@ def compressed_pair(base: torch.nn.Module, options: LowRankOptions, guard_input:
     """(projected dense copy of ``base``, ``{variant: (factorized model, layers kept dense by the guard)}``, number
     of factorized layers): ranks resolved once, so that projection and factorization use the same ones."""
     dense = copy.deepcopy(base)
-    ranks = frozen_ranks(plan_layers(dense, options)[0])
-    extra = {"tile_shape": options.tile_shape} if options.tile_shape else {}
-    project_(dense, options.scheme, rank=ranks, **extra)
-    factorized = factorize(dense, options.scheme, rank=ranks, **extra).eval()
+    plans = plan_layers(dense, options)[0]
+    project_planned_(dense, plans, options)
+    factorized = factorize_planned(dense, plans, options).eval()
     variants = {"plain": (factorized, 0)}
     if guard_input is not None:
         guarded, report = keep_faster_layers(dense, factorized, guard_input, repeats)
         variants["guard"] = (guarded, sum(not r["factorized"] for r in report))
-    return dense, variants, len(ranks)
+    return dense, variants, len(plans)
 
 
 def parse_args() -> argparse.Namespace:
@@ -227,10 +226,8 @@ def main() -> None:
         where += ", freed memory retained" if retained else ", glibc's default allocator"
     footnote = (f"BatchNorm folded in both, {where}; medians of {args.repeats} passes, dense and factorized "
                 f"alternating; efficiency = speedup / MAC reduction")
-    print(format_table(columns, rows))
-    print(footnote)
-    write_result(args.out, f"Speed of the factorized {', '.join(args.backbones)} ({where})", "speed",
-                 [{"columns": columns, "rows": rows, "lines": [footnote]}], data=results)
+    publish_table(args.out, f"Speed of the factorized {', '.join(args.backbones)} ({where})", "speed", columns, rows,
+                  footnote, results)
 
 
 if __name__ == "__main__":

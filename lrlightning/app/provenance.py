@@ -16,6 +16,9 @@ from typing import Any
 
 import torch
 
+from ..latency import cpu_model
+from ..summary import format_table
+
 CHECKOUT = Path(__file__).resolve().parent.parent
 
 
@@ -31,17 +34,6 @@ def git_commit(checkout: Path = CHECKOUT) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("-dirty" if dirty else "")
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine() -> dict[str, Any]:
@@ -80,3 +72,13 @@ def write_result(path: str | Path, title: str, section: str, tables: list[dict[s
               "tables": tables, "notes": notes or [], "data": data}
     path.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     return path
+
+
+def publish_table(path: str | Path, title: str, section: str, columns: list[str], rows: list[list[str]],
+                  footnote: str, data: Any = None) -> Path:
+    """Print one table and its footnote, and write them as a result file (``write_result``); returns the path."""
+    print(format_table(columns, rows))
+    print(footnote)
+    written = write_result(path, title, section, [{"columns": columns, "rows": rows, "lines": [footnote]}], data=data)
+    print(f"wrote {written}")
+    return written
