@@ -1,7 +1,8 @@
 """Re-estimate BatchNorm running statistics for the current weights (e.g. right after a projection). Pure torch."""
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+import contextlib
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -18,6 +19,20 @@ def batchnorm_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     return {f"{name}.{key}": buffer for name, module in model.named_modules()
             if isinstance(module, BATCHNORMS) and module.track_running_stats
             for key, buffer in module.named_buffers(recurse=False)}
+
+
+@contextlib.contextmanager
+def seeded(device: torch.device, seed: int | None) -> Iterator[None]:
+    """Inside the block torch's CPU generator and that of ``device`` (when CUDA) are seeded with ``seed`` (None:
+    left as they are); both are restored after it."""
+    device = torch.device(device)
+    cuda = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        if seed is not None:
+            torch.default_generator.manual_seed(seed)
+            for index in cuda:
+                torch.cuda.default_generators[index].manual_seed(seed)
+        yield
 
 
 def recalibrate_batchnorm_(model: nn.Module, inputs: Iterable[Any],
@@ -41,13 +56,7 @@ def recalibrate_batchnorm_(model: nn.Module, inputs: Iterable[Any],
             m.reset_running_stats()
             m.momentum = None
         model.train()
-        device = layers[0].running_mean.device
-        cuda = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
-        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
-            if seed is not None:
-                torch.default_generator.manual_seed(seed)
-                for index in cuda:
-                    torch.cuda.default_generators[index].manual_seed(seed)
+        with torch.no_grad(), seeded(layers[0].running_mean.device, seed):
             for item in inputs:
                 (forward or (lambda module, batch: module(batch)))(model, item)
                 used += 1

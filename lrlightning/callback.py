@@ -11,7 +11,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from .batchnorm import batchnorm_buffers, batchnorm_layers, recalibrate_batchnorm_
+from .activations import LayerStatistics, input_statistics, kept_batchnorm_statistics
+from .batchnorm import batchnorm_buffers, batchnorm_layers, recalibrate_batchnorm_, seeded
 from .finish import finish_
 from .names import canonical_name, named_modules
 from .options import LowRankOptions, RankSpec, is_int
@@ -32,8 +33,9 @@ SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrateg
 DIVERGENCE_HINT = ("HINT: lower the learning rate, set the Trainer's `gradient_clip_val`, use a larger `rank` or "
                    "`every_n_train_steps`, or anneal the rank with `rank_warmup`.")
 
-RECALIBRATION_HINT = ("HINT: pass `recalibration_step=` (a function (module, batch) running the forward pass on a "
-                      "training batch), or set `bn_recalibration_batches=0` to keep the running statistics "
+FORWARD_HINT = ("HINT: pass `recalibration_step=` (a function (module, batch) running the forward pass on a "
+                "training batch)")
+RECALIBRATION_HINT = (f"{FORWARD_HINT}, or set `bn_recalibration_batches=0` to keep the running statistics "
                       "accumulated on the unprojected weights.")
 
 FIRST_MOMENT_KEYS = ("momentum_buffer", "exp_avg")
@@ -101,18 +103,30 @@ class LowRankProjection(Callback):
             allocation is made on global rank zero and broadcast, so every process projects at the same ranks.
         check_finite: stop with ``NonFiniteTrainingError`` (step, layer, hints) when the loss or a selected
             weight becomes NaN/Inf.
+        objective: ``"weight"`` (default) or ``"activation"``: each projection keeps the layers' outputs on the
+            training data instead of their weights (see ``LowRankOptions``), from input statistics gathered just
+            before it over ``activation_batches`` training batches (default 4; drawn, run and seeded like the
+            BatchNorm re-estimation batches, BatchNorm statistics kept); under DDP the statistics are summed over
+            processes, so all of them project identically.
+        loss_jump_batches: when > 0, each periodic projection also logs the training loss on this many training
+            batches just before and just after it (``training_step`` with no grad; automatic optimization only)
+            and, under either objective, the output-space error (default 0).
         energy, compression, budget, budget_metric, input_shape, rank_multiple, budget_objective, latency_batch_size,
             latency_device, latency_cache, tile_shape, include, exclude, linear, skip_first_conv, hooi_iters,
-            svd_driver: the rank rules, layer selection and scheme options shared with ``factorize`` (see
-            ``LowRankOptions``). The ranks a ``budget`` allocates are kept in ``ranks`` and in checkpoints.
+            svd_driver, activation_ridge, bn_weighting: the rank rules, layer selection and scheme options shared
+            with ``factorize`` (see ``LowRankOptions``). The ranks a ``budget`` allocates are kept in ``ranks`` and
+            in checkpoints.
 
     Layer names (``plans``, ``ranks``) are those of the uncompiled module: a ``torch.compile``d submodule's layers
     are named without ``_orig_mod``. With manual optimization, every optimizer step counts (two optimizers stepping
     per batch make two steps); the projection runs at the end of a batch in which a scheduled step was taken.
 
     Logged to the Trainer's loggers at each periodic projection, at its optimizer step (``lowrank/``): ``rel_error``
-    and ``energy`` (means over layers), ``compression`` (dense / factorized params over the projected layers) and
-    ``seconds`` spent projecting (on global rank zero).
+    and ``energy`` (means over layers), ``compression`` (dense / factorized params over the projected layers),
+    ``seconds`` spent projecting (on global rank zero; statistics and loss passes included), and with input
+    statistics ``output_rel_error`` (mean over layers of ``LayerStats.output_rel_error``), with
+    ``loss_jump_batches`` ``loss_before`` and ``loss_after``; the same values, with the step, are appended to
+    ``history`` (this fit's projections; not checkpointed).
     """
 
     def __init__(self, scheme: str = "svd", rank: RankSpec = None, every_n_train_steps: int = 200, *,
@@ -127,7 +141,9 @@ class LowRankProjection(Callback):
                  budget_metric: str = "params", input_shape: tuple[int, int, int] | None = None,
                  rank_multiple: int = 8, budget_objective: str = "max", latency_batch_size: int = 32,
                  latency_device: str | None = None,
-                 latency_cache: str | None = None, budget_reallocations: int = 0):
+                 latency_cache: str | None = None, budget_reallocations: int = 0, objective: str = "weight",
+                 activation_batches: int = 4, activation_ridge: float = 1e-2, bn_weighting: bool = False,
+                 loss_jump_batches: int = 0):
         super().__init__()
         if not (is_int(every_n_train_steps) and every_n_train_steps >= 1):
             raise ValueError(f"`every_n_train_steps` must be an int >= 1, got {every_n_train_steps!r}")
@@ -150,7 +166,16 @@ class LowRankProjection(Callback):
                                       budget=budget, budget_metric=budget_metric, input_shape=input_shape,
                                       rank_multiple=rank_multiple, budget_objective=budget_objective,
                                       latency_batch_size=latency_batch_size,
-                                      latency_device=latency_device, latency_cache=latency_cache)
+                                      latency_device=latency_device, latency_cache=latency_cache,
+                                      objective=objective, activation_ridge=activation_ridge,
+                                      bn_weighting=bn_weighting)
+        for argument, value, least in (("activation_batches", activation_batches, 1 if self.options.weighted else 0),
+                                       ("loss_jump_batches", loss_jump_batches, 0)):
+            if not (is_int(value) and value >= least):
+                raise ValueError(f"`{argument}` must be an int >= {least}"
+                                 + (" under objective='activation'" if least else "") + f", got {value!r}")
+        self.activation_batches = activation_batches
+        self.loss_jump_batches = loss_jump_batches
         if not (is_int(budget_reallocations) and budget_reallocations >= 0):
             raise ValueError(f"`budget_reallocations` must be an int >= 0, got {budget_reallocations!r}")
         if budget_reallocations and budget is None:
@@ -171,6 +196,7 @@ class LowRankProjection(Callback):
         self.skipped: list[SkippedLayer] = []
         self.allocation: Allocation | None = None
         self.last_stats: list[LayerStats] = []
+        self.history: list[dict[str, float]] = []
         self._last_step = 0
         self._projections = 0
         self._restored_ranks: dict | None = None
@@ -244,12 +270,48 @@ class LowRankProjection(Callback):
             annealed.append(replace(plan, rank=rank, params_factorized=scheme.factorized_params(plan.shape, rank)))
         return annealed
 
-    def project(self, pl_module: LightningModule, step: int, plans: list[LayerPlan] | None = None) -> list[LayerStats]:
+    def project(self, pl_module: LightningModule, step: int, plans: list[LayerPlan] | None = None,
+                statistics: dict[str, LayerStatistics] | None = None) -> list[LayerStats]:
         plans = plans or self.plans
         with divergence_named(step):
-            stats = project_planned_(pl_module, plans, self.options)
+            stats = project_planned_(pl_module, plans, self.options, statistics)
         broadcast_weights(pl_module, plans)
         return stats
+
+    def gather_statistics(self, trainer: Trainer, pl_module: LightningModule, count: int | None = None,
+                          always: bool = False) -> dict[str, LayerStatistics] | None:
+        """Input statistics of the planned layers over ``count`` (default ``activation_batches``) training batches
+        drawn with the optimizer step as seed, summed over DDP processes; None unless the objective needs them or
+        ``always``."""
+        if not (self.options.weighted or always):
+            return None
+        count = self.activation_batches if count is None else count
+        step = trainer.global_step
+        with self.forward_context(trainer, pl_module):
+            batches = enumerate(training_batches(trainer, count, seed=step))
+            statistics = input_statistics(pl_module, [p.name for p in self.plans], batches, self.forward_item, step)
+        if trainer.world_size > 1:
+            for layer in statistics.values():
+                for tensor in layer.tensors():
+                    tensor.copy_(trainer.strategy.reduce(tensor, reduce_op="sum"))
+        return statistics
+
+    def training_loss(self, trainer: Trainer, pl_module: LightningModule) -> float:
+        """Mean ``training_step`` loss over ``loss_jump_batches`` training batches drawn with the optimizer step
+        as seed (no grad, train mode, BatchNorm statistics kept), averaged over DDP processes."""
+        step = trainer.global_step
+        losses = []
+        with torch.no_grad(), self.forward_context(trainer, pl_module), kept_batchnorm_statistics(pl_module), \
+                seeded(pl_module.device, step):
+            for index, batch in enumerate(training_batches(trainer, self.loss_jump_batches, seed=step)):
+                output = run_training_step(pl_module, batch, index)
+                loss = output.get("loss") if isinstance(output, dict) else output
+                if not isinstance(loss, torch.Tensor):
+                    raise TypeError(f"`loss_jump_batches` needs `training_step` to return the loss (a tensor or a "
+                                    f"dict with 'loss'), got {type(output).__name__}")
+                losses.append(loss.detach().float())
+        mean = torch.stack(losses).mean()
+        return float(trainer.strategy.reduce(mean, reduce_op="mean") if trainer.world_size > 1 else mean)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -270,13 +332,22 @@ class LowRankProjection(Callback):
                 self.make_plan(pl_module, trainer, reallocate=True)
         plans = self.plans_for(self._projections)
         start = time.perf_counter()
-        self.last_stats = self.project(pl_module, step, plans)
+        jump = {}
+        if self.loss_jump_batches:
+            jump["lowrank/loss_before"] = self.training_loss(trainer, pl_module)
+        statistics = self.gather_statistics(trainer, pl_module, always=bool(self.loss_jump_batches),
+                                            count=None if self.options.weighted else self.loss_jump_batches)
+        self.last_stats = self.project(pl_module, step, plans, statistics)
+        if self.loss_jump_batches:
+            jump["lowrank/loss_after"] = self.training_loss(trainer, pl_module)
         seconds = time.perf_counter() - start
         self._projections += 1
         if self.reset_momentum:
             self.zero_first_moments(trainer, pl_module, plans)
         if self.last_stats:
-            self.log_projection(trainer, self.projection_metrics(plans, seconds))
+            metrics = {**self.projection_metrics(plans, seconds), **jump}
+            self.history.append({"step": step, **{name.split("/", 1)[1]: value for name, value in metrics.items()}})
+            self.log_projection(trainer, metrics)
 
     def zero_first_moments(self, trainer: Trainer, pl_module: LightningModule, plans: list[LayerPlan]) -> None:
         """Zero ``momentum_buffer``/``exp_avg`` of the projected weights in every optimizer of ``trainer``."""
@@ -301,25 +372,42 @@ class LowRankProjection(Callback):
         stats = self.last_stats
         dense = sum(p.params_dense for p in plans)
         factorized = sum(p.params_factorized for p in plans)
-        return {
+        metrics = {
             "lowrank/rel_error": sum(s.rel_error for s in stats) / len(stats),
             "lowrank/energy": sum(s.energy for s in stats) / len(stats),
             "lowrank/compression": dense / factorized,
             "lowrank/seconds": seconds,
         }
+        outputs = [s.output_rel_error for s in stats if s.output_rel_error is not None]
+        if outputs:
+            metrics["lowrank/output_rel_error"] = sum(outputs) / len(outputs)
+        return metrics
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.loss_jump_batches and not pl_module.automatic_optimization:
+            raise ValueError(f"`loss_jump_batches`={self.loss_jump_batches} measures the loss `training_step` "
+                             f"returns, which needs automatic optimization; {type(pl_module).__name__} uses manual "
+                             "optimization: set `loss_jump_batches=0`")
         if self.recalibrates(pl_module) and (self.final_projection or self.validate_projected):
-            self.check_recalibration(trainer, pl_module)
+            self.check_recalibration(trainer, pl_module, "BatchNorm re-estimation", RECALIBRATION_HINT)
+        if self.options.weighted and self.plans:
+            self.check_recalibration(trainer, pl_module, "objective='activation'", FORWARD_HINT + ".")
+            statistics = self.gather_statistics(trainer, pl_module, count=1)
+            missing = [p.name for p in self.plans if p.name not in statistics]
+            if missing:
+                raise ValueError(f"`objective`='activation' needs the inputs of every projected layer, but the "
+                                 f"forward pass on a training batch does not run {missing}. {FORWARD_HINT}.")
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not (self.final_projection and self.plans):
             return
+        statistics = self.gather_statistics(trainer, pl_module)
         with divergence_named(trainer.global_step), self.forward_context(trainer, pl_module):
             batches = self.recalibration_batches(trainer, pl_module)
             self.last_stats = finish_(pl_module, self.plans, self.options, batches, self.forward_item,
                                       seed=trainer.global_step,
-                                      synchronize=lambda module: broadcast_weights(module, self.plans))
+                                      synchronize=lambda module: broadcast_weights(module, self.plans),
+                                      statistics=statistics)
         self.average_batchnorm(trainer, pl_module)
 
     def recalibrates(self, pl_module: LightningModule) -> bool:
@@ -354,9 +442,9 @@ class LowRankProjection(Callback):
                 trainer.precision_plugin.forward_context():
             yield
 
-    def check_recalibration(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def check_recalibration(self, trainer: Trainer, pl_module: LightningModule, purpose: str, hint: str) -> None:
         """Run one re-estimation pass in eval mode (running statistics untouched); raise a ``RuntimeError``
-        naming the options to set when it fails."""
+        naming ``purpose`` and the options to set (``hint``) when it fails."""
         was_training = pl_module.training
         pl_module.eval()
         try:
@@ -364,8 +452,8 @@ class LowRankProjection(Callback):
                 for index, batch in enumerate(training_batches(trainer, 1, seed=trainer.global_step)):
                     self.recalibration_forward(pl_module, batch, index)
         except Exception as error:
-            raise RuntimeError(f"BatchNorm re-estimation cannot run on {type(pl_module).__name__}'s training "
-                               f"batches ({type(error).__name__}: {error}). {RECALIBRATION_HINT}") from error
+            raise RuntimeError(f"{purpose} cannot run on {type(pl_module).__name__}'s training "
+                               f"batches ({type(error).__name__}: {error}). {hint}") from error
         finally:
             pl_module.train(was_training)
 
@@ -405,7 +493,7 @@ class LowRankProjection(Callback):
         if self.bn_recalibration_batches:
             tensors += list(batchnorm_buffers(pl_module).values())
         self._backup = [(tensor, tensor.detach().clone()) for tensor in tensors]
-        self.project(pl_module, trainer.global_step)
+        self.project(pl_module, trainer.global_step, statistics=self.gather_statistics(trainer, pl_module))
         self.recalibrate(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -13,12 +13,14 @@ from .layers import FactorizedLayer
 from .names import canonical_name, canonical_state_dict, get_module, load_canonical_state_dict, set_module
 from .options import LowRankOptions
 from .plan import LayerPlan, plan_layers, scheme_for
+from .projection import calibration_statistics, project_planned_
 from .schemes import layer_from_spec
 
 FORMAT = "lrlightning.factorized/1"
 
 
-def factorize(model: nn.Module, scheme: str = "svd", rank=None, **options) -> nn.Module:
+def factorize(model: nn.Module, scheme: str = "svd", rank=None, *, calibration: Iterable[Any] | None = None,
+              forward: Callable[[nn.Module, Any], Any] | None = None, **options) -> nn.Module:
     """A copy of ``model`` whose selected layers are replaced by factorized modules; ``model`` is untouched.
 
     Options and rank rules are those of ``LowRankOptions`` (shared with ``LowRankProjection``). Each replaced
@@ -27,9 +29,16 @@ def factorize(model: nn.Module, scheme: str = "svd", rank=None, **options) -> nn
     would not shrink stay dense, with a warning naming them. A ``torch.compile``d ``model`` gives a compiled copy;
     layer names never contain ``_orig_mod`` (see ``lrlightning.names``). Raises ``NonFiniteWeightError`` naming
     the first selected layer whose weight holds NaN or Inf.
+    With ``objective="activation"`` the weights are first projected (on a copy) to keep the layers' outputs on
+    ``calibration`` batches (``forward(model, batch)``, default ``model(batch)``; see ``project_``).
     """
     opts = LowRankOptions(scheme=scheme, rank=rank, **options)
-    return factorize_planned(model, plan_layers(model, opts)[0], opts)
+    plans = plan_layers(model, opts)[0]
+    if opts.weighted:
+        statistics = calibration_statistics(model, plans, opts, calibration, forward)
+        model = copy.deepcopy(model)
+        project_planned_(model, plans, opts, statistics)
+    return factorize_planned(model, plans, opts)
 
 
 def factorize_planned(model: nn.Module, plans: list[LayerPlan], options: LowRankOptions) -> nn.Module:

@@ -13,6 +13,7 @@ RankSpec = int | float | tuple[int, int] | dict[str, int | tuple[int, int]] | No
 RANK_RULES = ("rank", "energy", "compression", "budget")
 BUDGET_METRICS = ("params", "macs", "latency")
 BUDGET_OBJECTIVES = ("max", "sum")
+OBJECTIVES = ("weight", "activation")
 
 
 def is_int(value: Any) -> bool:
@@ -90,6 +91,12 @@ class LowRankOptions:
     ``svd_driver`` picks how projections decompose: ``"auto"`` (the fastest measured on the weights' device:
     ``"gram"`` on the CPU, ``"exact"`` elsewhere), ``"exact"`` (``torch.linalg.svd``), ``"randomized"``
     (``torch.svd_lowrank``) or ``"gram"`` (``eigh`` of the float64 Gram matrix of each matrix's shorter side).
+    ``objective``: what a projection keeps best, ``"weight"`` (default: the Frobenius error of the weight) or
+    ``"activation"`` (the layer's output error E‖(W − W_r)x‖² under the second moment of its im2col inputs x,
+    gathered from data; with ``bn_weighting`` also each output channel scaled by the following BatchNorm's
+    |γ|/σ), with a ridge of ``activation_ridge`` (default 1e-2) times the mean eigenvalue on each metric; see
+    ``lrlightning.schemes.weighting``. Either way the projected weight is in the same rank set, so the export is
+    exact. Rank rules (``energy``, ``compression``, ``budget``) stay weight-based.
     """
 
     scheme: str = "svd"
@@ -111,6 +118,9 @@ class LowRankOptions:
     latency_batch_size: int = 32
     latency_device: str | None = None
     latency_cache: str | None = None
+    objective: str = "weight"
+    activation_ridge: float = 1e-2
+    bn_weighting: bool = False
 
     def __post_init__(self):
         scheme_class(self.scheme)
@@ -139,6 +149,27 @@ class LowRankOptions:
             raise ValueError(f"`hooi_iters` must be an int >= 0, got {self.hooi_iters!r}")
         if self.svd_driver not in SVD_DRIVERS:
             raise ValueError(f"`svd_driver` must be one of {SVD_DRIVERS}, got {self.svd_driver!r}")
+        self.check_objective()
+
+    def check_objective(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"`objective` must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.objective == "activation" and not scheme_class(self.scheme).weighted:
+            raise ValueError(f"`objective`='activation' needs a scheme with a weighted projection (`weighted = True`, "
+                             f"`project_weighted`); scheme {self.scheme!r} has none")
+        if not (is_number(self.activation_ridge) and self.activation_ridge > 0):
+            raise ValueError(f"`activation_ridge` must be a number > 0 (a fraction of the mean eigenvalue), "
+                             f"got {self.activation_ridge!r}")
+        if not isinstance(self.bn_weighting, bool):
+            raise ValueError(f"`bn_weighting` must be a bool, got {self.bn_weighting!r}")
+        if self.bn_weighting and self.objective != "activation":
+            raise ValueError("`bn_weighting`=True weights the output error of objective='activation'; got "
+                             f"`objective`={self.objective!r}")
+
+    @property
+    def weighted(self) -> bool:
+        """Whether projections need input statistics (``objective="activation"``)."""
+        return self.objective == "activation"
 
     def check_budget(self) -> None:
         if self.budget is not None and not (is_number(self.budget) and self.budget > 1.0):

@@ -3,25 +3,30 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
+from .activations import LayerStatistics, input_statistics
 from .names import named_modules
 from .options import LowRankOptions
 from .plan import LayerPlan, NonFiniteWeightError, plan_layers, scheme_for
-from .schemes import resolve_driver
+from .schemes import Weighting, output_error, resolve_driver
 
 
 @dataclass(frozen=True)
 class LayerStats:
     """Result of projecting one layer: rank kept, ``rel_error`` = ||W - W'||_F / ||W||_F and
-    ``energy`` = ||W'||_F² / ||W||_F² (both 0..1; the projection is orthogonal, so they add up in squares)."""
+    ``energy`` = ||W'||_F² / ||W||_F² (both 0..1; they add up in squares for the orthogonal projection of
+    ``objective="weight"``) and, when input statistics were given, ``output_rel_error`` = sqrt(E‖D(W − W')x‖² /
+    E‖D·W·x‖²) over the layer's im2col inputs x (D: the BatchNorm scales under ``bn_weighting``, else I)."""
 
     name: str
     rank: int | tuple[int, int]
     rel_error: float
     energy: float
+    output_rel_error: float | None = None
 
 
 def host_lists(tensors: list[torch.Tensor]) -> list[list]:
@@ -37,13 +42,35 @@ def host_lists(tensors: list[torch.Tensor]) -> list[list]:
     return lists
 
 
-def project_planned_(model: nn.Module, plans: list[LayerPlan], options: LowRankOptions) -> list[LayerStats]:
+def group_weighting(group: list[LayerPlan], statistics: dict[str, LayerStatistics] | None, options: LowRankOptions,
+                    device: torch.device) -> Weighting | None:
+    """The ``Weighting`` of a group of layers (None without statistics); raises when a layer of ``objective=
+    "activation"`` has none."""
+    if options.weighted and (statistics is None or any(p.name not in statistics for p in group)):
+        missing = next(p.name for p in group if statistics is None or p.name not in statistics)
+        raise ValueError(f"`objective`='activation' needs the input statistics of layer {missing!r}: pass batches "
+                         "whose forward pass runs it (`calibration` / `activation_batches`)")
+    if statistics is None or any(p.name not in statistics for p in group):
+        return None
+    layers = [statistics[p.name] for p in group]
+    scales = None
+    if options.bn_weighting:
+        scales = torch.stack([s.output_scale.to(device) if s.output_scale is not None
+                              else torch.ones(p.shape[0], dtype=torch.float64, device=device)
+                              for p, s in zip(group, layers)])
+    return Weighting(torch.stack([s.input_metric.to(device) for s in layers]), scales, options.activation_ridge)
+
+
+def project_planned_(model: nn.Module, plans: list[LayerPlan], options: LowRankOptions,
+                     statistics: dict[str, LayerStatistics] | None = None) -> list[LayerStats]:
     """Overwrite each planned layer's weight by its low-rank projection, in place, under ``torch.no_grad``.
 
     Layers of equal shape, dtype and device share one batched decomposition, and the host waits for the device
     twice per device (finite check, statistics), not per layer. The decomposition runs in float32 whatever the
     weight's dtype (bf16/fp16 are cast back); parameters keep their identity, dtype and device.
     Raises ``NonFiniteWeightError`` naming the first layer holding NaN/Inf, before anything is written.
+    ``statistics`` (``lrlightning.activations.input_statistics``, by layer name): needed by ``objective=
+    "activation"``; with them every layer's ``output_rel_error`` is measured, under either objective.
     """
     modules = named_modules(model)
     groups: dict[tuple, list[LayerPlan]] = defaultdict(list)
@@ -63,24 +90,49 @@ def project_planned_(model: nn.Module, plans: list[LayerPlan], options: LowRankO
         for group, weights, stacked in batches:
             scheme = scheme_for(group[0].shape, options)
             driver = resolve_driver(options.svd_driver, stacked.device)
-            approx = scheme.project(stacked, [p.rank for p in group], driver)
+            ranks = [p.rank for p in group]
+            weighting = group_weighting(group, statistics, options, stacked.device)
+            if options.weighted:
+                approx = scheme.project_weighted(stacked, ranks, driver, weighting)
+            else:
+                approx = scheme.project(stacked, ranks, driver)
             for weight, new in zip(weights, approx):
                 weight.copy_(new.to(weight.dtype))
             norms = stacked.flatten(1).norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
             errors = (stacked - approx).flatten(1).norm(dim=1) / norms
-            measured.append(torch.cat([errors, (approx.flatten(1).norm(dim=1) / norms).pow(2)]))
+            outputs = output_error(stacked, approx, weighting).float() if weighting is not None \
+                else torch.full_like(errors, float("nan"))
+            measured.append(torch.cat([errors, (approx.flatten(1).norm(dim=1) / norms).pow(2), outputs]))
     stats = {}
     for (group, _, _), values in zip(batches, host_lists(measured)):
-        for plan, error, energy in zip(group, values[:len(group)], values[len(group):]):
-            stats[plan.name] = LayerStats(plan.name, plan.rank, error, min(energy, 1.0))
+        count = len(group)
+        for plan, error, energy, output in zip(group, values[:count], values[count:2 * count], values[2 * count:]):
+            stats[plan.name] = LayerStats(plan.name, plan.rank, error, min(energy, 1.0),
+                                          None if output != output else output)
     return [stats[p.name] for p in plans]
 
 
-def project_(model: nn.Module, scheme: str = "svd", rank=None, **options) -> list[LayerStats]:
+def calibration_statistics(model: nn.Module, plans: list[LayerPlan], options: LowRankOptions,
+                           calibration: Iterable[Any] | None,
+                           forward: Callable[[nn.Module, Any], Any] | None) -> dict[str, LayerStatistics] | None:
+    """Input statistics of the planned layers over ``calibration`` batches (``forward(model, batch)``, default
+    ``model(batch)``), or None without batches; ``objective="activation"`` requires them."""
+    if calibration is None:
+        if options.weighted:
+            raise ValueError("`objective`='activation' needs `calibration`: an iterable of input batches (e.g. a few "
+                             "training batches; `forward(model, batch)` runs one, default `model(batch)`), got None")
+        return None
+    return input_statistics(model, [p.name for p in plans], calibration, forward)
+
+
+def project_(model: nn.Module, scheme: str = "svd", rank=None, *, calibration: Iterable[Any] | None = None,
+             forward: Callable[[nn.Module, Any], Any] | None = None, **options) -> list[LayerStats]:
     """Project the selected layers of ``model`` in place (see ``LowRankOptions`` for every option).
 
+    ``calibration``/``forward``: batches whose forward passes give the input statistics of ``objective=
+    "activation"`` (see ``calibration_statistics``); optional otherwise (then ``output_rel_error`` is measured).
     Returns one ``LayerStats`` per projected layer, in model order.
     """
     opts = LowRankOptions(scheme=scheme, rank=rank, **options)
     plans, _ = plan_layers(model, opts)
-    return project_planned_(model, plans, opts)
+    return project_planned_(model, plans, opts, calibration_statistics(model, plans, opts, calibration, forward))

@@ -64,9 +64,9 @@ class CountingProjection(LowRankProjection):
         super().__init__(*args, **kwargs)
         self.steps = []
 
-    def project(self, pl_module, step, plans=None):
+    def project(self, pl_module, step, plans=None, statistics=None):
         self.steps.append(step)
-        return super().project(pl_module, step, plans)
+        return super().project(pl_module, step, plans, statistics)
 
     def on_train_end(self, trainer, pl_module):
         before = self.last_stats

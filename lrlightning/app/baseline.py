@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from .evaluation import run_test, val_accuracy
 from .job import backbone_spec, finish_backbone, fit, input_shape, make_trainer, resume_path, run_facts
-from .ranks import backbone_plans, lowrank_options, recalibration_batches
+from .ranks import backbone_plans, callback_setting, lowrank_options, recalibration_batches
 from .report import summarize, write_outputs
 
 BASELINES = ("decompose_finetune", "decompose")
@@ -31,7 +31,8 @@ def decompose(cfg: DictConfig, run_dir: Path, datamodule, model: LightningModule
     plans = backbone_plans(model, options)
     trainer = make_trainer(cfg, run_dir, [], config)
     metrics = run_test(trainer, datamodule, dense=model.backbone)
-    small = finish_backbone(model, datamodule, plans, options, recalibration_batches(lowrank), cfg.seed)
+    small = finish_backbone(model, datamodule, plans, options, recalibration_batches(lowrank), cfg.seed,
+                            callback_setting(lowrank, "activation_batches"))
     metrics.update(run_test(trainer, datamodule, decomposed=small))
     tuned, seconds = cfg.baseline == "decompose_finetune", 0.0
     if tuned:

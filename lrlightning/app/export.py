@@ -81,7 +81,8 @@ def export(cfg: DictConfig, run_dir: Path) -> dict | None:
     state = {} if replans(chosen) else projection_state(checkpoint)
     plans = backbone_plans(model, options, state.get("ranks") or None)
     step = checkpoint.get("global_step") or 0
-    small = finish_backbone(model, datamodule, plans, options, recalibration_batches(lowrank_cfg), step)
+    small = finish_backbone(model, datamodule, plans, options, recalibration_batches(lowrank_cfg), step,
+                            callback_setting(lowrank_cfg, "activation_batches"))
     trainer = instantiate(cfg.trainer, default_root_dir=str(run_dir), logger=False, enable_checkpointing=False)
     extra = {"every_n_train_steps": callback_setting(lowrank_cfg, "every_n_train_steps") if state else None,
              "num_projections": state.get("projections", 0), "epochs": checkpoint.get("epoch"),

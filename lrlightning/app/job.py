@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 from torch import nn
 
+from ..activations import input_statistics
 from ..finish import finish
 from ..options import LowRankOptions
 from ..plan import LayerPlan
@@ -105,13 +106,21 @@ def input_shape(datamodule) -> tuple[int, int, int]:
 
 
 def finish_backbone(model: LightningModule, datamodule, plans: list[LayerPlan], options: LowRankOptions,
-                    batches: int, seed: int) -> nn.Module:
-    """``finish`` on ``model.backbone`` as ``LowRankProjection`` ends training: project, re-estimate BatchNorm
-    statistics on ``batches`` training batches drawn with ``seed`` (the optimizer step), factorize a copy."""
+                    batches: int, seed: int, activation_batches: int) -> nn.Module:
+    """``finish`` on ``model.backbone`` as ``LowRankProjection`` ends training: project (under ``objective=
+    "activation"`` from the input statistics of ``activation_batches`` training batches), re-estimate BatchNorm
+    statistics on ``batches`` training batches, each drawn with ``seed`` (the optimizer step), factorize a copy."""
     datamodule.setup("fit")
+
+    def forward(backbone, batch):
+        return backbone(batch[0])
+
+    statistics = None
+    if options.weighted:
+        drawn = reshuffled(datamodule.train_dataloader(), activation_batches, seed)
+        statistics = input_statistics(model.backbone, [p.name for p in plans], drawn, forward, seed)
     loader = reshuffled(datamodule.train_dataloader(), batches, seed) if batches else ()
-    return finish(model.backbone, plans, options, loader, forward=lambda backbone, batch: backbone(batch[0]),
-                  seed=seed)
+    return finish(model.backbone, plans, options, loader, forward=forward, seed=seed, statistics=statistics)
 
 
 def evaluate_and_export(trainer: Trainer, datamodule, model: LightningModule, options: LowRankOptions | None,

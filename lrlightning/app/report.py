@@ -85,6 +85,7 @@ def summarize(method: str, options: LowRankOptions | None, plans: list[LayerPlan
         "latency_batch_size": latency_batch_size,
         "latency_device": str(device),
         "latency_threads": torch.get_num_threads(),
+        "objective": options.objective if options is not None else None,
         "budget": options.budget if options is not None else None,
         "budget_metric": options.budget_metric if options is not None and options.budget is not None else None,
         "ranks": {p.name: list(p.rank) if isinstance(p.rank, tuple) else p.rank for p in plans},

@@ -63,8 +63,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict | None:
         small = factorize_planned(model.backbone, plans, options)
     else:
         small = finish_backbone(model, datamodule, plans, options, projection.bn_recalibration_batches,
-                                trainer.global_step)
+                                trainer.global_step, projection.activation_batches)
     extra = {"every_n_train_steps": projection.every_n_train_steps, "num_projections": projection.num_projections,
-             **facts}
+             "projection_log": projection.history, **facts}
     return evaluate_and_export(trainer, datamodule, model, options, plans, small, run_dir, METHOD,
                                cfg.latency_batch_size, extra)

@@ -24,6 +24,7 @@ from .spatial_svd import SpatialSVD
 from .svd import LoweredSVD
 from .tiled_svd import TiledSVD
 from .tucker2 import Tucker2
+from .weighting import Weighting, output_error
 
 SCHEMES: dict[str, type[Scheme]] = {}
 
@@ -70,6 +71,8 @@ __all__ = [
     "SpatialSVD",
     "TiledSVD",
     "Tucker2",
+    "Weighting",
+    "output_error",
     "gram_basis",
     "layer_from_spec",
     "low_rank_matrices",

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..layers import FactorizedLayer, LowRankConv2d
 from .linalg import low_rank_matrices, smallest_rank_for_energy, split_sqrt, tail_energy, truncated_svd
+from .weighting import Weighting, weighted_low_rank
 
 Rank = int | tuple[int, int]
 
@@ -27,6 +28,7 @@ class Scheme:
 
     name = ""
     pair_rank = False
+    weighted = False  # whether ``project_weighted`` is defined (``objective="activation"``)
     layer_types: tuple[type[FactorizedLayer], ...] = (LowRankConv2d,)
 
     @classmethod
@@ -45,6 +47,11 @@ class Scheme:
     def project(self, weights: Tensor, ranks: Sequence[Rank], driver: str = "exact") -> Tensor:
         """Project a batch (B, *shape) of float32 weights onto the rank set; same shape out."""
         raise NotImplementedError
+
+    def project_weighted(self, weights: Tensor, ranks: Sequence[Rank], driver: str, weighting: Weighting) -> Tensor:
+        """``project`` onto the same rank set, minimizing the output error of ``weighting`` (see
+        ``lrlightning.schemes.weighting``) instead of the weight error; schemes setting ``weighted`` define it."""
+        raise NotImplementedError(f"scheme {self.name!r} has no projection for objective='activation'")
 
     def energy_rank(self, weight: Tensor, energy: float) -> Rank:
         """Smallest rank keeping at least ``energy`` of the squared singular-value energy."""
@@ -106,6 +113,17 @@ class MatrixScheme(Scheme):
     def project(self, weights, ranks, driver="exact"):
         shape = tuple(weights.shape[1:])
         return self.from_matrix(low_rank_matrices(self.to_matrix(weights), ranks, driver), shape)
+
+    def matrix_metrics(self, weighting: Weighting, shape: tuple[int, ...]) -> tuple[Tensor | None, Tensor | None]:
+        """Row (B, m, m) and column (B, n, n) metrics of the matrix view under ``weighting`` (None: identity), for
+        schemes setting ``weighted``."""
+        raise NotImplementedError(f"scheme {self.name!r} has no projection for objective='activation'")
+
+    def project_weighted(self, weights, ranks, driver, weighting):
+        shape = tuple(weights.shape[1:])
+        rows, columns = self.matrix_metrics(weighting, shape)
+        approx = weighted_low_rank(self.to_matrix(weights), ranks, driver, rows, columns, weighting.ridge)
+        return self.from_matrix(approx, shape)
 
     def energy_rank(self, weight, energy):
         s = torch.linalg.svdvals(self.to_matrix(weight.unsqueeze(0))[0])

@@ -5,6 +5,7 @@ from torch import nn
 
 from ..layers import LowRankConv2d, new_conv
 from .base import MatrixScheme
+from .weighting import kernel_trace
 
 
 def split_geometry(conv: nn.Conv2d) -> tuple[dict, dict]:
@@ -23,6 +24,13 @@ class SpatialSVD(MatrixScheme):
     """``spatial_svd``: exports as a kh×1 conv S→r then a 1×kw conv r→T with the bias."""
 
     name = "spatial_svd"
+    weighted = True
+
+    def matrix_metrics(self, weighting, shape):
+        """Rows (s, i): the im2col moments summed over the kernel's columns j (exact when inputs at different
+        kernel columns are uncorrelated); columns (t, j): the output scales, repeated over j."""
+        t, s, kh, kw = shape
+        return kernel_trace(weighting.inputs, s, keep=kh), weighting.output_metric(repeat=kw)
 
     def to_matrix(self, weights):
         b, t, s, kh, kw = weights.shape

@@ -14,6 +14,11 @@ class LoweredSVD(MatrixScheme):
 
     name = "svd"
     layer_types = (LowRankConv2d, LowRankLinear)
+    weighted = True
+
+    def matrix_metrics(self, weighting, shape):
+        """Exact: the output scales on the rows (T), the im2col moments on the columns (S·kh·kw)."""
+        return weighting.output_metric(), weighting.inputs
 
     def to_matrix(self, weights):
         return weights.reshape(weights.shape[0], weights.shape[1], -1)

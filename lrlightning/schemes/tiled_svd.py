@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ..layers import FactorizedLayer, LowRankConv2d, geometry, new_conv
 from .base import Scheme
 from .linalg import low_rank_matrices, smallest_rank_for_energy, split_sqrt, truncated_svd
+from .weighting import weighted_low_rank
 
 
 def explicit_padding(conv_padding, kernel: tuple[int, int], dilation: tuple[int, int]) -> list[int]:
@@ -94,6 +95,7 @@ class TiledSVD(Scheme):
 
     name = "tiled_svd"
     layer_types = (LowRankConv2d, TiledSVDConv2d)
+    weighted = True
 
     def __init__(self, tile_shape: tuple[int, int]):
         self.tile_shape = tuple(int(v) for v in tile_shape)
@@ -134,6 +136,24 @@ class TiledSVD(Scheme):
         b, nr, nc, tr, tc = tiles.shape
         per_tile = [r for r in ranks for _ in range(nr * nc)]
         approx = low_rank_matrices(tiles.reshape(-1, tr, tc), per_tile, driver)
+        return self.untile(approx.reshape(tiles.shape), tuple(weights.shape[1:]))
+
+    def project_weighted(self, weights, ranks, driver, weighting):
+        """Each tile whitened by its own metrics: the diagonal block of the im2col moments over its columns, the
+        output scales of its rows (exact when inputs of different column tiles are uncorrelated; padding has zero
+        moments and unit scales)."""
+        tiles = self.tiles(weights)
+        b, nr, nc, tr, tc = tiles.shape
+        moments = F.pad(weighting.inputs.double(), (0, nc * tc - weighting.inputs.shape[-1]) * 2)
+        columns = moments.reshape(b, nc, tc, nc, tc).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
+        columns = columns.unsqueeze(1).expand(b, nr, nc, tc, tc)
+        rows = None
+        if weighting.outputs is not None:
+            scales = F.pad(weighting.outputs.double(), (0, nr * tr - weighting.outputs.shape[-1]), value=1.0)
+            rows = torch.diag_embed(scales.pow(2).reshape(b, nr, tr)).unsqueeze(2).expand(b, nr, nc, tr, tr)
+        per_tile = [r for r in ranks for _ in range(nr * nc)]
+        approx = weighted_low_rank(tiles.reshape(-1, tr, tc), per_tile, driver, None if rows is None
+                                   else rows.reshape(-1, tr, tr), columns.reshape(-1, tc, tc), weighting.ridge)
         return self.untile(approx.reshape(tiles.shape), tuple(weights.shape[1:]))
 
     def energy_rank(self, weight, energy):

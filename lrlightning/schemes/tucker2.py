@@ -10,6 +10,7 @@ from torch import Tensor
 from ..layers import LowRankConv2d, geometry, new_conv
 from .base import Scheme
 from .linalg import gram_basis, rank_mask, smallest_rank_for_energy, truncated_svd
+from .weighting import Weighting, kernel_trace, unwhiten_left, whitening
 
 
 class Tucker2(Scheme):
@@ -19,6 +20,7 @@ class Tucker2(Scheme):
 
     name = "tucker2"
     pair_rank = True
+    weighted = True
 
     def __init__(self, hooi_iters: int = 0):
         self.hooi_iters = int(hooi_iters)
@@ -75,6 +77,29 @@ class Tucker2(Scheme):
 
     def project(self, weights, ranks, driver="exact"):
         core, u_in, u_out = self.factors(weights, ranks, driver)
+        return torch.einsum("brqij,btr,bsq->btsij", core, u_out, u_in)
+
+    def weighted_factors(self, weights: Tensor, ranks: Sequence[tuple[int, int]], driver: str,
+                         weighting: Weighting) -> tuple[Tensor, Tensor, Tensor]:
+        """``factors`` of the whitened kernel W' = W ×_in L_in ×_out L_out, mapped back (U ← L⁻ᵀ·U), so that the
+        same product is the projection minimizing the output error: L_in from the channel moments (the im2col
+        moments summed over kernel positions, exact when inputs at different kernel positions are uncorrelated),
+        L_out from the output scales. The factors are oblique, not orthonormal; the multilinear rank is kept."""
+        s = weights.shape[2]
+        inputs = whitening(kernel_trace(weighting.inputs, s), weighting.ridge)
+        outputs = weighting.output_metric()
+        w = torch.einsum("btsij,bsv->btvij", weights.double(), inputs)
+        if outputs is not None:
+            outputs = whitening(outputs, weighting.ridge)
+            w = torch.einsum("btsij,btu->busij", w, outputs)
+        core, u_in, u_out = self.factors(w, ranks, driver)
+        u_in = unwhiten_left(u_in, inputs)
+        if outputs is not None:
+            u_out = unwhiten_left(u_out, outputs)
+        return tuple(x.to(weights.dtype) for x in (core, u_in, u_out))
+
+    def project_weighted(self, weights, ranks, driver, weighting):
+        core, u_in, u_out = self.weighted_factors(weights, ranks, driver, weighting)
         return torch.einsum("brqij,btr,bsq->btsij", core, u_out, u_in)
 
     @staticmethod

@@ -1,0 +1,143 @@
+"""What ``objective="activation"`` weights a projection by: the second moment of each selected layer's im2col
+inputs, and the scale of the BatchNorm that normalizes its outputs, gathered by forward hooks. Pure torch."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .batchnorm import BATCHNORMS, batchnorm_buffers, seeded
+from .names import named_modules
+from .schemes.tiled_svd import explicit_padding
+
+CHUNK_ELEMENTS = 1 << 24  # im2col elements lowered at once (64 MiB in float32)
+
+
+@dataclass
+class LayerStatistics:
+    """One layer's inputs over the batches seen: ``moment_sum`` (n, n) float64, the sum of x·xᵀ over its ``rows``
+    im2col input rows x (n = S·kh·kw, in the column order of ``weight.reshape(T, -1)``; Linear: in features),
+    ``row_sum`` (n,) the sum of x, and ``output_scale`` (T,) |γ|/sqrt(running_var + eps) of the BatchNorm fed
+    directly by the layer's output (None: no BatchNorm normalizes it)."""
+
+    moment_sum: Tensor
+    row_sum: Tensor
+    rows: Tensor
+    output_scale: Tensor | None = None
+
+    @property
+    def normalized(self) -> bool:
+        """Whether a BatchNorm normalizes the layer's output (it removes any constant shift of it)."""
+        return self.output_scale is not None
+
+    @property
+    def input_metric(self) -> Tensor:
+        """(n, n) float64: the covariance E[(x − E x)(x − E x)ᵀ] when a BatchNorm normalizes the output (a change
+        of the output by a constant, (W − W_r)·E x, is undone by it), else the second moment E[x·xᵀ]."""
+        count = self.rows.clamp_min(1)
+        moment = self.moment_sum / count
+        if self.normalized:
+            mean = self.row_sum / count
+            moment = moment - torch.outer(mean, mean)
+        return moment
+
+    def tensors(self) -> list[Tensor]:
+        """The sums that add up over batches and processes (reduced in place under DDP)."""
+        return [self.moment_sum, self.row_sum, self.rows]
+
+
+def input_rows(module: nn.Module, x: Tensor) -> Iterator[Tensor]:
+    """``module``'s input ``x`` as im2col rows (rows, n), in chunks bounded by ``CHUNK_ELEMENTS``."""
+    if isinstance(module, nn.Linear):
+        yield x.reshape(-1, x.shape[-1])
+        return
+    pads = explicit_padding(module.padding, module.kernel_size, module.dilation)
+    if any(pads):
+        x = F.pad(x, pads, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
+    per_sample = x[0].numel() * module.kernel_size[0] * module.kernel_size[1]
+    step = max(1, CHUNK_ELEMENTS // max(1, per_sample))
+    for start in range(0, x.shape[0], step):
+        cols = F.unfold(x[start:start + step], module.kernel_size, dilation=module.dilation, stride=module.stride)
+        yield cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def batchnorm_scale(norm: nn.modules.batchnorm._BatchNorm) -> Tensor:
+    """|γ|/sqrt(running_var + eps) (C,), float64 (1/sqrt(var + eps) without affine parameters)."""
+    scale = (norm.running_var.double() + norm.eps).rsqrt()
+    return scale * norm.weight.detach().double().abs() if norm.affine else scale
+
+
+@contextlib.contextmanager
+def kept_batchnorm_statistics(model: nn.Module) -> Iterator[None]:
+    """Every tracked BatchNorm's running statistics are as they were after the block (passes in train mode)."""
+    saved = [(buffer, buffer.detach().clone()) for buffer in batchnorm_buffers(model).values()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
+def input_statistics(model: nn.Module, names: Iterable[str], batches: Iterable[Any],
+                     forward: Callable[[nn.Module, Any], Any] | None = None,
+                     seed: int | None = None) -> dict[str, LayerStatistics]:
+    """``LayerStatistics`` of the named Conv2d/Linear layers of ``model`` (canonical names, see
+    ``lrlightning.names``) over ``batches`` (``forward(model, batch)``, default ``model(batch)``), run in train
+    mode with no grad; BatchNorm running statistics, the model's mode and (with ``seed``) torch's generators are
+    restored afterwards. A BatchNorm is paired with a layer when its input is that layer's output tensor. A layer
+    the passes never run is missing from the result."""
+    modules = named_modules(model)
+    layers = {name: modules[name] for name in names}
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
+    row_sums: dict[str, Tensor] = {}
+    outputs: dict[str, Tensor] = {}
+    followers: dict[str, nn.Module] = {}
+
+    def record_inputs(name: str):
+        def hook(module, args):
+            for rows in input_rows(module, args[0].detach()):
+                gram = (rows.mT @ rows).double() if rows.dtype in (torch.float32, torch.float64) \
+                    else (rows.float().mT @ rows.float()).double()
+                total = rows.sum(0).double()
+                sums[name] = sums[name] + gram if name in sums else gram
+                row_sums[name] = row_sums[name] + total if name in row_sums else total
+                counts[name] = counts.get(name, 0) + rows.shape[0]
+        return hook
+
+    def record_output(name: str):
+        def hook(module, args, output):
+            outputs[name] = output
+        return hook
+
+    def find_producer(norm):
+        def hook(module, args):
+            for name, output in outputs.items():
+                if args[0] is output and module.num_features == output.shape[1]:
+                    followers.setdefault(name, module)
+        return hook
+
+    handles = [layer.register_forward_pre_hook(record_inputs(name)) for name, layer in layers.items()]
+    handles += [layer.register_forward_hook(record_output(name)) for name, layer in layers.items()]
+    handles += [m.register_forward_pre_hook(find_producer(m)) for m in model.modules() if isinstance(m, BATCHNORMS)]
+    was_training = model.training
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    try:
+        model.train()
+        with torch.no_grad(), kept_batchnorm_statistics(model), seeded(device, seed):
+            for batch in batches:
+                (forward or (lambda module, item: module(item)))(model, batch)
+                outputs.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return {name: LayerStatistics(sums[name], row_sums[name],
+                                  torch.tensor(float(counts[name]), dtype=torch.float64, device=sums[name].device),
+                                  batchnorm_scale(followers[name]).to(sums[name].device) if name in followers else None)
+            for name in layers if name in sums}
