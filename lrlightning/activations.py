@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Collection, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -50,10 +50,14 @@ class LayerStatistics:
         return [self.moment_sum, self.row_sum, self.rows]
 
 
-def input_rows(module: nn.Module, x: Tensor) -> Iterator[Tensor]:
-    """``module``'s input ``x`` as im2col rows (rows, n), in chunks bounded by ``CHUNK_ELEMENTS``."""
+def input_rows(module: nn.Module, x: Tensor, channels: bool = False) -> Iterator[Tensor]:
+    """``module``'s input ``x`` as im2col rows (rows, n), in chunks bounded by ``CHUNK_ELEMENTS``; with
+    ``channels`` a conv's input pixels' channel vectors (N·H·W, S) instead."""
     if isinstance(module, nn.Linear):
         yield x.reshape(-1, x.shape[-1])
+        return
+    if channels:
+        yield x.movedim(1, -1).reshape(-1, x.shape[1])
         return
     pads = explicit_padding(module.padding, module.kernel_size, module.dilation)
     if any(pads):
@@ -84,13 +88,14 @@ def kept_batchnorm_statistics(model: nn.Module) -> Iterator[None]:
 
 
 def input_statistics(model: nn.Module, names: Iterable[str], batches: Iterable[Any],
-                     forward: Callable[[nn.Module, Any], Any] | None = None,
-                     seed: int | None = None) -> dict[str, LayerStatistics]:
+                     forward: Callable[[nn.Module, Any], Any] | None = None, seed: int | None = None,
+                     channels: Collection[str] = ()) -> dict[str, LayerStatistics]:
     """``LayerStatistics`` of the named Conv2d/Linear layers of ``model`` (canonical names, see
     ``lrlightning.names``) over ``batches`` (``forward(model, batch)``, default ``model(batch)``), run in train
     mode with no grad; BatchNorm running statistics, the model's mode and (with ``seed``) torch's generators are
-    restored afterwards. A BatchNorm is paired with a layer when its input is that layer's output tensor. A layer
-    the passes never run is missing from the result."""
+    restored afterwards. The layers named in ``channels`` record the moments of their input pixels' channel
+    vectors (S, S), 1/kh·kw of the cost, instead of im2col rows. A BatchNorm is paired with a layer when its input
+    is that layer's output tensor. A layer the passes never run is missing from the result."""
     modules = named_modules(model)
     layers = {name: modules[name] for name in names}
     sums: dict[str, Tensor] = {}
@@ -101,7 +106,7 @@ def input_statistics(model: nn.Module, names: Iterable[str], batches: Iterable[A
 
     def record_inputs(name: str):
         def hook(module, args):
-            for rows in input_rows(module, args[0].detach()):
+            for rows in input_rows(module, args[0].detach(), name in channels):
                 gram = (rows.mT @ rows).double() if rows.dtype in (torch.float32, torch.float64) \
                     else (rows.float().mT @ rows.float()).double()
                 total = rows.sum(0).double()

@@ -11,14 +11,14 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from .activations import LayerStatistics, input_statistics, kept_batchnorm_statistics
+from .activations import LayerStatistics, kept_batchnorm_statistics
 from .batchnorm import batchnorm_buffers, batchnorm_layers, recalibrate_batchnorm_, seeded
 from .finish import finish_
 from .names import canonical_name, named_modules
 from .options import LowRankOptions, RankSpec, is_int
 from .budget import Allocation
 from .plan import LayerPlan, SkippedLayer, allocate_plan, frozen_ranks, scheme_for
-from .projection import LayerStats, NonFiniteWeightError, project_planned_
+from .projection import LayerStats, NonFiniteWeightError, gather_statistics, project_planned_
 from .recalibration import (
     defines_forward,
     eager,
@@ -289,7 +289,7 @@ class LowRankProjection(Callback):
         step = trainer.global_step
         with self.forward_context(trainer, pl_module):
             batches = enumerate(training_batches(trainer, count, seed=step))
-            statistics = input_statistics(pl_module, [p.name for p in self.plans], batches, self.forward_item, step)
+            statistics = gather_statistics(pl_module, self.plans, self.options, batches, self.forward_item, step)
         if trainer.world_size > 1:
             for layer in statistics.values():
                 for tensor in layer.tensors():

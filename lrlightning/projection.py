@@ -42,14 +42,18 @@ def host_lists(tensors: list[torch.Tensor]) -> list[list]:
     return lists
 
 
+def check_statistics(plans: list[LayerPlan], statistics: dict[str, LayerStatistics] | None,
+                     options: LowRankOptions) -> None:
+    """Under ``objective="activation"``, raise naming the first planned layer without input statistics."""
+    missing = [p.name for p in plans if statistics is None or p.name not in statistics]
+    if options.weighted and missing:
+        raise ValueError(f"`objective`='activation' needs the input statistics of layer {missing[0]!r}: pass batches "
+                         "whose forward pass runs it (`calibration` / `activation_batches`)")
+
+
 def group_weighting(group: list[LayerPlan], statistics: dict[str, LayerStatistics] | None, options: LowRankOptions,
                     device: torch.device) -> Weighting | None:
-    """The ``Weighting`` of a group of layers (None without statistics); raises when a layer of ``objective=
-    "activation"`` has none."""
-    if options.weighted and (statistics is None or any(p.name not in statistics for p in group)):
-        missing = next(p.name for p in group if statistics is None or p.name not in statistics)
-        raise ValueError(f"`objective`='activation' needs the input statistics of layer {missing!r}: pass batches "
-                         "whose forward pass runs it (`calibration` / `activation_batches`)")
+    """The ``Weighting`` of a group of layers, None unless every one has statistics."""
     if statistics is None or any(p.name not in statistics for p in group):
         return None
     layers = [statistics[p.name] for p in group]
@@ -72,6 +76,7 @@ def project_planned_(model: nn.Module, plans: list[LayerPlan], options: LowRankO
     ``statistics`` (``lrlightning.activations.input_statistics``, by layer name): needed by ``objective=
     "activation"``; with them every layer's ``output_rel_error`` is measured, under either objective.
     """
+    check_statistics(plans, statistics, options)
     modules = named_modules(model)
     groups: dict[tuple, list[LayerPlan]] = defaultdict(list)
     for plan in plans:
@@ -112,6 +117,15 @@ def project_planned_(model: nn.Module, plans: list[LayerPlan], options: LowRankO
     return [stats[p.name] for p in plans]
 
 
+def gather_statistics(model: nn.Module, plans: list[LayerPlan], options: LowRankOptions, batches: Iterable[Any],
+                      forward: Callable[[nn.Module, Any], Any] | None = None,
+                      seed: int | None = None) -> dict[str, LayerStatistics]:
+    """``input_statistics`` of the planned layers over ``batches``, each of the kind its scheme weights by
+    (``Scheme.input_statistic``)."""
+    channels = {p.name for p in plans if scheme_for(p.shape, options).input_statistic == "channels"}
+    return input_statistics(model, [p.name for p in plans], batches, forward, seed, channels)
+
+
 def calibration_statistics(model: nn.Module, plans: list[LayerPlan], options: LowRankOptions,
                            calibration: Iterable[Any] | None,
                            forward: Callable[[nn.Module, Any], Any] | None) -> dict[str, LayerStatistics] | None:
@@ -122,7 +136,7 @@ def calibration_statistics(model: nn.Module, plans: list[LayerPlan], options: Lo
             raise ValueError("`objective`='activation' needs `calibration`: an iterable of input batches (e.g. a few "
                              "training batches; `forward(model, batch)` runs one, default `model(batch)`), got None")
         return None
-    return input_statistics(model, [p.name for p in plans], calibration, forward)
+    return gather_statistics(model, plans, options, calibration, forward)
 
 
 def project_(model: nn.Module, scheme: str = "svd", rank=None, *, calibration: Iterable[Any] | None = None,

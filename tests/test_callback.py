@@ -128,16 +128,20 @@ def test_start_and_stop_steps(tmp_path):
     assert callback.steps == [3, 5, 7, 9, 11, 16]
 
 
+@pytest.mark.parametrize("objective", ["weight", "activation"])
 @pytest.mark.parametrize("scheme, rank, options", [
     ("svd", 3, {}),
     ("tucker2", (3, 4), {}),
     ("spatial_svd", 4, {}),
     ("tiled_svd", 2, {"tile_shape": (6, 27)}),
 ])
-def test_weights_end_exactly_low_rank(tmp_path, scheme, rank, options):
+def test_weights_end_exactly_low_rank(tmp_path, scheme, rank, options, objective):
     model = TinyCNN()
-    callback = LowRankProjection(scheme, rank, every_n_train_steps=5, **options)
+    callback = LowRankProjection(scheme, rank, every_n_train_steps=5, objective=objective, **options)
     fast_trainer(tmp_path, [callback]).fit(model, loader())
+    assert all((s.output_rel_error is not None) == (objective == "activation") for s in callback.last_stats)
+    assert len(callback.history) == 3 and all(("output_rel_error" in h) == (objective == "activation")
+                                               for h in callback.history)
     assert [p.name for p in callback.plans] == ["net.2", "net.5"]
     for plan in callback.plans:
         w = model.get_submodule(plan.name).weight.detach()
@@ -188,7 +192,8 @@ def test_validation_sees_the_projected_weights(tmp_path):
     assert torch.equal(model.net[2].weight, weights_after_fit)
 
 
-@pytest.mark.parametrize("rule", [dict(rank=0.5), dict(budget=2.0, budget_reallocations=4)])
+@pytest.mark.parametrize("rule", [dict(rank=0.5), dict(budget=2.0, budget_reallocations=4),
+                                  dict(rank=0.5, objective="activation", bn_weighting=True)])
 def test_resume_between_projections_matches_uninterrupted_run(tmp_path, rule):
     def make():
         torch.manual_seed(0)
@@ -411,6 +416,10 @@ def test_rank_above_full_rank_is_clamped_with_warning(tmp_path):
     ({"rank": 2, "reset_momentum": "yes"}, r"`reset_momentum` must be a bool, got 'yes'"),
     ({"scheme": "tiled_svd", "rank": 2}, r"`tile_shape` must be a pair .* got None"),
     ({"scheme": "tiled_svd", "rank": 2, "tile_shape": (0, 4)}, r"`tile_shape` .* got \(0, 4\)"),
+    ({"rank": 2, "objective": "activation", "activation_batches": 0},
+     r"`activation_batches` must be an int >= 1 under objective='activation', got 0"),
+    ({"rank": 2, "loss_jump_batches": -1}, r"`loss_jump_batches` must be an int >= 0, got -1"),
+    ({"rank": 2, "objective": "outputs"}, r"`objective` must be one of \('weight', 'activation'\), got 'outputs'"),
 ])
 def test_constructor_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -610,3 +619,107 @@ trainer:
         "--trainer.callbacks.compression=3.5", "--trainer.callbacks.rank=null"])
     callback = next(c for c in flags.trainer.callbacks if isinstance(c, LowRankProjection))
     assert callback.options == LowRankOptions(scheme="svd", compression=3.5)
+
+
+def mean_loss(model, step, count=2):
+    """Mean cross-entropy of ``model`` (train mode, no grad) on the ``count`` batches drawn with seed ``step``."""
+    from lrlightning.recalibration import reshuffled
+
+    with torch.no_grad():
+        model.train()
+        return sum(nn.functional.cross_entropy(model(x), y).item()
+                   for x, y in reshuffled(loader(), count, seed=step)) / count
+
+
+class LossBeforeProjection(L.Callback):
+    """At the end of step 8, before the projection callback that follows it, the loss ``mean_loss`` measures."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 8:
+            self.loss = mean_loss(pl_module, 8)
+
+
+def test_loss_jump_is_the_training_loss_just_before_and_after_the_projection(tmp_path):
+    model = TinyCNN()
+    probe = LossBeforeProjection()
+    callback = LowRankProjection("svd", 2, every_n_train_steps=8, final_projection=False, validate_projected=False,
+                                 loss_jump_batches=2)
+    fast_trainer(tmp_path, [probe, callback], max_epochs=1).fit(model, loader())
+    (entry,) = callback.history
+    assert entry["step"] == 8
+    assert entry["loss_before"] == pytest.approx(probe.loss, rel=1e-5)
+    assert entry["loss_after"] == pytest.approx(mean_loss(model, 8), rel=1e-5)  # the projected weights are the last
+    assert entry["loss_after"] != pytest.approx(entry["loss_before"], rel=1e-4)
+    assert "output_rel_error" in entry  # measured on the same batches under the weight objective
+
+
+def test_loss_jump_needs_automatic_optimization(tmp_path):
+    callback = LowRankProjection("svd", 2, every_n_train_steps=2, loss_jump_batches=1)
+    with pytest.raises(ValueError, match=r"`loss_jump_batches`=1 .* ManualTinyCNN uses manual optimization"):
+        fast_trainer(tmp_path, [callback]).fit(ManualTinyCNN(), loader())
+
+
+class SpareConvCNN(TinyCNN):
+    """``TinyCNN`` holding a conv its forward never runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.spare = nn.Conv2d(12, 12, 3)
+
+
+def test_the_activation_objective_refuses_a_layer_the_forward_skips_at_train_start(tmp_path):
+    callback = LowRankProjection("svd", 2, every_n_train_steps=2, objective="activation")
+    with pytest.raises(ValueError, match=r"does not run \['spare'\]"):
+        fast_trainer(tmp_path, [callback]).fit(SpareConvCNN(), loader())
+
+
+class ScaledOnRankOne(TinyCNN):
+    """Rank 1 sees its inputs three times larger, so its input statistics differ from rank 0's."""
+
+    def forward(self, x):
+        return self.net(x * (3.0 if self.trainer.global_rank == 1 else 1.0))
+
+
+class StatisticsRecorder(LowRankProjection):
+    """Writes (global rank 0) the statistics of conv ``net.2`` that every rank gathered, after the DDP sum."""
+
+    def __init__(self, path, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.path, self.seen = path, []
+
+    def gather_statistics(self, trainer, pl_module, count=None, always=False):
+        statistics = super().gather_statistics(trainer, pl_module, count, always)
+        if statistics:
+            layer = statistics["net.2"]
+            vector = torch.cat([layer.moment_sum.flatten(), layer.rows.view(1)]).float()
+            gathered = [torch.empty_like(vector) for _ in range(trainer.world_size)]
+            torch.distributed.all_gather(gathered, vector)
+            self.seen.append(torch.stack(gathered))
+        return statistics
+
+    def on_train_end(self, trainer, pl_module):
+        super().on_train_end(trainer, pl_module)
+        if trainer.is_global_zero:
+            torch.save(self.seen, self.path)
+
+
+def test_ddp_processes_sum_their_input_statistics(tmp_path):
+    path = str(tmp_path / "statistics.pt")
+    callback = StatisticsRecorder(path, "svd", 2, every_n_train_steps=2, objective="activation",
+                                  activation_batches=2, final_projection=False)
+    trainer = fast_trainer(tmp_path, [callback], strategy="ddp_spawn", devices=2, max_epochs=1, limit_train_batches=2)
+    torch.manual_seed(0)
+    model = ScaledOnRankOne()
+    initial = copy.deepcopy(model.net)
+    trainer.fit(model, loader())
+    seen = torch.load(path)
+    assert len(seen) == 2  # the check at train start (1 batch, initial weights) and the projection at step 2
+    for gathered in seen:
+        assert torch.equal(gathered[0], gathered[1])  # every process holds the same sums
+    from lrlightning.activations import input_statistics
+    from lrlightning.recalibration import reshuffled
+
+    (x, _), = reshuffled(loader(), 1, seed=0)
+    expected = sum(input_statistics(initial, ["2"], [x * scale])["2"].moment_sum for scale in (1.0, 3.0))
+    torch.testing.assert_close(seen[0][0, :-1].double(), expected.flatten(), rtol=1e-4, atol=1e-3)
+    assert seen[0][0, -1].item() == 2 * 8 * 64 and seen[1][0, -1].item() == 2 * 2 * 8 * 64  # rows of both ranks

@@ -474,6 +474,10 @@ INVALID_OPTIONS = [
     (dict(rank=2, svd_driver="lanczos"), r"`svd_driver` must be one of \('auto', 'exact', 'randomized', 'gram'\), got 'lanczos'"),
     (dict(rank=2, include=3), r"`include` must be a glob pattern .*got 3"),
     (dict(rank=2, exclude=["ok", 1]), r"`exclude` must be a glob pattern .*got \['ok', 1\]"),
+    (dict(rank=2, objective="output"), r"`objective` must be one of \('weight', 'activation'\), got 'output'"),
+    (dict(rank=2, objective="activation", activation_ridge=0), r"`activation_ridge` must be a number > 0 .*got 0$"),
+    (dict(rank=2, bn_weighting=True), r"`bn_weighting`=True weights .*objective='activation'.*got `objective`='weight'"),
+    (dict(rank=2, objective="activation", bn_weighting=1), r"`bn_weighting` must be a bool, got 1"),
 ]
 
 

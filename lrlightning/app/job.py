@@ -15,10 +15,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 from torch import nn
 
-from ..activations import input_statistics
 from ..finish import finish
 from ..options import LowRankOptions
 from ..plan import LayerPlan
+from ..projection import gather_statistics
 from ..recalibration import reshuffled
 from .evaluation import run_test, val_accuracy
 from .report import summarize, training_facts, write_outputs
@@ -118,7 +118,7 @@ def finish_backbone(model: LightningModule, datamodule, plans: list[LayerPlan], 
     statistics = None
     if options.weighted:
         drawn = reshuffled(datamodule.train_dataloader(), activation_batches, seed)
-        statistics = input_statistics(model.backbone, [p.name for p in plans], drawn, forward, seed)
+        statistics = gather_statistics(model.backbone, plans, options, drawn, forward, seed)
     loader = reshuffled(datamodule.train_dataloader(), batches, seed) if batches else ()
     return finish(model.backbone, plans, options, loader, forward=forward, seed=seed, statistics=statistics)
 

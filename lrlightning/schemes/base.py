@@ -29,6 +29,7 @@ class Scheme:
     name = ""
     pair_rank = False
     weighted = False  # whether ``project_weighted`` is defined (``objective="activation"``)
+    input_statistic = "im2col"  # the input moments it weights by: of im2col rows, or of pixels' "channels"
     layer_types: tuple[type[FactorizedLayer], ...] = (LowRankConv2d,)
 
     @classmethod

@@ -10,7 +10,7 @@ from torch import Tensor
 from ..layers import LowRankConv2d, geometry, new_conv
 from .base import Scheme
 from .linalg import gram_basis, rank_mask, smallest_rank_for_energy, truncated_svd
-from .weighting import Weighting, kernel_trace, unwhiten_left, whitening
+from .weighting import Weighting, channel_moments, unwhiten_left, whitening
 
 
 class Tucker2(Scheme):
@@ -21,6 +21,7 @@ class Tucker2(Scheme):
     name = "tucker2"
     pair_rank = True
     weighted = True
+    input_statistic = "channels"
 
     def __init__(self, hooi_iters: int = 0):
         self.hooi_iters = int(hooi_iters)
@@ -82,11 +83,10 @@ class Tucker2(Scheme):
     def weighted_factors(self, weights: Tensor, ranks: Sequence[tuple[int, int]], driver: str,
                          weighting: Weighting) -> tuple[Tensor, Tensor, Tensor]:
         """``factors`` of the whitened kernel W' = W ×_in L_in ×_out L_out, mapped back (U ← L⁻ᵀ·U), so that the
-        same product is the projection minimizing the output error: L_in from the channel moments (the im2col
-        moments summed over kernel positions, exact when inputs at different kernel positions are uncorrelated),
-        L_out from the output scales. The factors are oblique, not orthonormal; the multilinear rank is kept."""
-        s = weights.shape[2]
-        inputs = whitening(kernel_trace(weighting.inputs, s), weighting.ridge)
+        same product is the projection minimizing the output error: L_in from the channel moments (exact when
+        inputs at different kernel positions are uncorrelated), L_out from the output scales. The factors are
+        oblique, not orthonormal; the multilinear rank is kept."""
+        inputs = whitening(channel_moments(weighting, tuple(weights.shape[1:])), weighting.ridge)
         outputs = weighting.output_metric()
         w = torch.einsum("btsij,bsv->btvij", weights.double(), inputs)
         if outputs is not None:

@@ -24,7 +24,8 @@ from .linalg import low_rank_matrices
 class Weighting:
     """The output-error metric of a batch of B layers of one shape.
 
-    ``inputs``: (B, n, n) second moments of each layer's im2col input rows (float64 preferred).
+    ``inputs``: (B, n, n) second moments of each layer's im2col input rows (float64 preferred), or for schemes
+    whose ``input_statistic`` is ``"channels"`` those of its input pixels' channel vectors (B, S, S).
     ``outputs``: (B, T) nonnegative per-output-channel scales, or None (all ones).
     ``ridge``: added to each metric as a fraction of its mean diagonal (default 1e-2).
     """
@@ -93,15 +94,25 @@ def kernel_trace(moment: Tensor, channels: int, keep: int = 1) -> Tensor:
     return grid.diagonal(dim1=2, dim2=4).sum(-1)
 
 
+def channel_moments(weighting: Weighting, shape: tuple[int, ...]) -> Tensor:
+    """(B, S, S) input channel moments of layers of ``shape``: ``inputs`` when they are channel moments already,
+    else the im2col moments summed over kernel positions."""
+    channels = shape[1]
+    return weighting.inputs if weighting.inputs.shape[-1] == channels else kernel_trace(weighting.inputs, channels)
+
+
 def output_error(weights: Tensor, approx: Tensor, weighting: Weighting) -> Tensor:
-    """Relative output error sqrt(E‖D(W − W_r)x‖² / E‖D·W·x‖²) of each layer (B,), float64; measured with the
-    im2col moments themselves (no ridge)."""
+    """Relative output error sqrt(E‖D(W − W_r)x‖² / E‖D·W·x‖²) of each layer (B,), float64, under the moments
+    themselves (no ridge); with channel moments C (a conv's ``inputs`` of size S) the im2col moment is taken as
+    C ⊗ I (inputs at different kernel positions uncorrelated)."""
     b, t = weights.shape[:2]
-    w = weights.reshape(b, t, -1).double()
-    delta = w - approx.reshape(b, t, -1).double()
     moment = weighting.inputs.double()
+    per_position = weights.dim() > 3 and moment.shape[-1] == weights.shape[2]
+    w = weights.double().reshape(b, t, moment.shape[-1], -1) if per_position else weights.double().reshape(b, t, -1, 1)
+    delta = w - approx.double().reshape(w.shape)
     scale = torch.ones(b, t, dtype=w.dtype, device=w.device) if weighting.outputs is None \
         else weighting.outputs.double()
+
     def energy(m: Tensor) -> Tensor:
-        return ((m @ moment) * m).sum(-1).mul(scale.pow(2)).sum(-1).clamp_min(0)
+        return torch.einsum("btsk,bsu,btuk,bt->b", m, moment, m, scale.pow(2)).clamp_min(0)
     return (energy(delta) / energy(w).clamp_min(torch.finfo(torch.float64).tiny)).sqrt()

@@ -140,3 +140,10 @@ def test_a_file_of_format_1_loads_and_its_layer_specs_are_still_written(tmp_path
     x = torch.randn(2, 3, 11, 11)
     with torch.no_grad():
         assert torch.equal(loaded(x), small(x))
+
+
+def test_a_scheme_without_a_weighted_projection_refuses_the_activation_objective(input_svd):
+    with pytest.raises(ValueError, match=r"`objective`='activation' needs a scheme with a weighted projection .*"
+                                         r"scheme 'input_svd' has none"):
+        LowRankOptions("input_svd", rank=3, objective="activation")
+    assert all(scheme_class(name).weighted for name in SCHEME_NAMES)

@@ -1,0 +1,94 @@
+"""Input statistics for ``objective="activation"``: im2col moments as the conv sees its inputs, the BatchNorm each
+layer feeds, and passes that leave the model as they found it."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lrlightning.activations as activations
+from lrlightning.activations import input_statistics
+
+FLOAT32 = dict(rtol=1e-4, atol=1e-4)
+
+
+def lowered(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """(rows, S·kh·kw) im2col rows of ``x`` as ``conv`` reads them (zero padding)."""
+    cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1]).double()
+
+
+def test_moments_are_those_of_the_im2col_rows_the_conv_multiplies():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2))
+    model = nn.Sequential(conv)
+    batches = [torch.randn(4, 3, 9, 8) for _ in range(3)]
+    stats = input_statistics(model, ["0"], batches)["0"]
+    rows = torch.cat([lowered(conv, x) for x in batches])
+    assert stats.rows.item() == rows.shape[0]
+    torch.testing.assert_close(stats.moment_sum, rows.T @ rows, **FLOAT32)  # float32 products, float64 sums
+    torch.testing.assert_close(stats.row_sum, rows.sum(0), **FLOAT32)
+    assert stats.output_scale is None
+    torch.testing.assert_close(stats.input_metric, rows.T @ rows / rows.shape[0], **FLOAT32)  # no BatchNorm
+    out = torch.cat([conv(x).permute(0, 2, 3, 1).reshape(-1, 5) for x in batches]).double() - conv.bias.double()
+    torch.testing.assert_close((conv.weight.double().reshape(5, -1) @ rows.T).T, out, rtol=1e-5, atol=1e-5)
+
+
+def test_reflect_padding_and_chunked_lowering_give_the_same_moments(monkeypatch):
+    torch.manual_seed(1)
+    conv = nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect")
+    x = torch.randn(6, 2, 7, 7)
+    rows = lowered(nn.Conv2d(2, 4, 3), F.pad(x, (1, 1, 1, 1), mode="reflect"))
+    whole = input_statistics(nn.Sequential(conv), ["0"], [x])["0"]
+    monkeypatch.setattr(activations, "CHUNK_ELEMENTS", 1)  # one sample at a time
+    chunked = input_statistics(nn.Sequential(conv), ["0"], [x])["0"]
+    torch.testing.assert_close(whole.moment_sum, rows.T @ rows, **FLOAT32)
+    torch.testing.assert_close(chunked.moment_sum, whole.moment_sum, **FLOAT32)
+
+
+def test_linear_inputs_and_the_batchnorm_fed_by_a_layer():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(),
+                          nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(16, 6), nn.BatchNorm1d(6))
+    for norm in (model[1], model[5], model[8]):
+        norm.weight.data.uniform_(-2, 2)
+        norm.running_var.uniform_(0.5, 2)
+    x = torch.randn(8, 3, 6, 6)
+    stats = input_statistics(model, ["0", "3", "7"], [x])
+    expected = model[1].weight.detach().double().abs() / (model[1].running_var.double() + model[1].eps).sqrt()
+    torch.testing.assert_close(stats["0"].output_scale, expected)
+    assert stats["3"].output_scale is None  # a ReLU stands between the conv and the BatchNorm
+    assert stats["7"].output_scale.shape == (6,)
+    features = model[:7](x).double()
+    torch.testing.assert_close(stats["7"].moment_sum, features.T @ features, rtol=1e-5, atol=1e-6)
+    mean = features.mean(0)
+    torch.testing.assert_close(stats["7"].input_metric, features.T @ features / 8 - torch.outer(mean, mean),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_passes_leave_batchnorm_statistics_mode_and_generator_as_they_were():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.Conv2d(4, 4, 3)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = torch.get_rng_state()
+    first = input_statistics(model, ["3"], [torch.ones(2, 3, 8, 8)], seed=5)["3"]
+    again = input_statistics(model, ["3"], [torch.ones(2, 3, 8, 8)], seed=5)["3"]
+    assert not model.training
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.testing.assert_close(first.moment_sum, again.moment_sum)  # dropout drew the same masks under the seed
+    assert first.moment_sum.abs().sum() > 0
+
+
+def test_a_layer_the_passes_never_run_is_missing():
+    model = nn.ModuleDict({"used": nn.Conv2d(3, 3, 3), "unused": nn.Conv2d(3, 3, 3)})
+    stats = input_statistics(model, ["used", "unused"], [torch.randn(1, 3, 5, 5)],
+                             forward=lambda m, x: m["used"](x))
+    assert list(stats) == ["used"]
+    assert not model["used"]._forward_pre_hooks and not model["used"]._forward_hooks
+
+
+def test_hooks_are_removed_when_a_pass_fails():
+    model = nn.Sequential(nn.Conv2d(3, 3, 3))
+    with pytest.raises(RuntimeError):
+        input_statistics(model, ["0"], [torch.randn(1, 5, 5, 5)])
+    assert not model[0]._forward_pre_hooks and not model[0]._forward_hooks
