@@ -10,7 +10,7 @@ from .export import factorize, factorize_planned, load_factorized, save_factoriz
 from .finish import finish, finish_
 from .options import LowRankOptions
 from .plan import LayerPlan, plan_layers, relative_plans, relative_ranks
-from .projection import LayerStats, NonFiniteWeightError, project_
+from .projection import LayerStats, NonFiniteWeightError, gather_statistics, project_
 from .schemes import SCHEME_NAMES
 
 if TYPE_CHECKING:
@@ -32,6 +32,7 @@ __all__ = [
     "factorize_planned",
     "finish",
     "finish_",
+    "gather_statistics",
     "load_factorized",
     "plan_layers",
     "project_",

@@ -3,6 +3,7 @@ inputs, and the scale of the BatchNorm that normalizes its outputs, gathered by 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, Iterable, Iterator
 
@@ -15,6 +16,7 @@ from .names import named_modules
 from .schemes.tiled_svd import explicit_padding
 
 CHUNK_ELEMENTS = 1 << 24  # im2col elements lowered at once (64 MiB in float32)
+ROWS_PER_FEATURE = 32  # a batch adds at most this many im2col rows per feature (n) to a layer's moments
 
 
 @dataclass
@@ -50,9 +52,18 @@ class LayerStatistics:
         return [self.moment_sum, self.row_sum, self.rows]
 
 
+def output_positions(module: nn.Conv2d, size: tuple[int, int]) -> int:
+    """Output pixels of ``module`` on an input of spatial ``size`` that is already padded."""
+    count = 1
+    for length, kernel, stride, dilation in zip(size, module.kernel_size, module.stride, module.dilation):
+        count *= (length - dilation * (kernel - 1) - 1) // stride + 1
+    return count
+
+
 def input_rows(module: nn.Module, x: Tensor, channels: bool = False) -> Iterator[Tensor]:
-    """``module``'s input ``x`` as im2col rows (rows, n), in chunks bounded by ``CHUNK_ELEMENTS``; with
-    ``channels`` a conv's input pixels' channel vectors (N·H·W, S) instead."""
+    """``module``'s input ``x`` as im2col rows (rows, n), in chunks bounded by ``CHUNK_ELEMENTS``, at most about
+    ``ROWS_PER_FEATURE``·n of them, drawn uniformly; with ``channels`` a conv's input pixels' channel vectors
+    (N·H·W, S), all of them, instead."""
     if isinstance(module, nn.Linear):
         yield x.reshape(-1, x.shape[-1])
         return
@@ -64,9 +75,15 @@ def input_rows(module: nn.Module, x: Tensor, channels: bool = False) -> Iterator
         x = F.pad(x, pads, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
     per_sample = x[0].numel() * module.kernel_size[0] * module.kernel_size[1]
     step = max(1, CHUNK_ELEMENTS // max(1, per_sample))
+    features = x.shape[1] * module.kernel_size[0] * module.kernel_size[1]
+    total = x.shape[0] * output_positions(module, x.shape[-2:])
+    keep = min(1.0, ROWS_PER_FEATURE * features / total)
     for start in range(0, x.shape[0], step):
         cols = F.unfold(x[start:start + step], module.kernel_size, dilation=module.dilation, stride=module.stride)
-        yield cols.transpose(1, 2).reshape(-1, cols.shape[1])
+        rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+        if keep < 1.0:  # uniformly drawn rows (torch's generator): an unbiased moment at a fraction of the cost
+            rows = rows[torch.randperm(rows.shape[0], device=rows.device)[:math.ceil(keep * rows.shape[0])]]
+        yield rows
 
 
 def batchnorm_scale(norm: nn.modules.batchnorm._BatchNorm) -> Tensor:

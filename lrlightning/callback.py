@@ -287,6 +287,8 @@ class LowRankProjection(Callback):
             return None
         count = self.activation_batches if count is None else count
         step = trainer.global_step
+        if trainer.train_dataloader is None and trainer.state.fn == "fit":
+            trainer.fit_loop.setup_data()  # the sanity check runs before the loop loads it (as Lightning does)
         with self.forward_context(trainer, pl_module):
             batches = enumerate(training_batches(trainer, count, seed=step))
             statistics = gather_statistics(pl_module, self.plans, self.options, batches, self.forward_item, step)

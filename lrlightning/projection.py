@@ -48,7 +48,8 @@ def check_statistics(plans: list[LayerPlan], statistics: dict[str, LayerStatisti
     missing = [p.name for p in plans if statistics is None or p.name not in statistics]
     if options.weighted and missing:
         raise ValueError(f"`objective`='activation' needs the input statistics of layer {missing[0]!r}: pass batches "
-                         "whose forward pass runs it (`calibration` / `activation_batches`)")
+                         "whose forward pass runs it (`calibration=` of project_ and factorize, `activation_batches` "
+                         "of the callback, `statistics=gather_statistics(...)` of finish)")
 
 
 def group_weighting(group: list[LayerPlan], statistics: dict[str, LayerStatistics] | None, options: LowRankOptions,

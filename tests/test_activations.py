@@ -92,3 +92,43 @@ def test_hooks_are_removed_when_a_pass_fails():
     with pytest.raises(RuntimeError):
         input_statistics(model, ["0"], [torch.randn(1, 5, 5, 5)])
     assert not model[0]._forward_pre_hooks and not model[0]._forward_hooks
+
+
+def test_channel_moments_are_those_of_the_input_pixels():
+    torch.manual_seed(4)
+    conv = nn.Conv2d(3, 5, 3, stride=2, padding=1)
+    x = torch.randn(4, 3, 7, 7)
+    stats = input_statistics(nn.Sequential(conv), ["0"], [x], channels={"0"})["0"]
+    pixels = x.permute(0, 2, 3, 1).reshape(-1, 3).double()
+    assert stats.rows.item() == 4 * 7 * 7
+    torch.testing.assert_close(stats.moment_sum, pixels.T @ pixels, **FLOAT32)
+
+
+def test_each_scheme_gathers_the_statistic_it_weights_by():
+    from lrlightning import LowRankOptions, plan_layers
+    from lrlightning.projection import gather_statistics
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 6, 3), nn.Conv2d(6, 6, 3))
+    for scheme, size in (("tucker2", lambda s: s), ("svd", lambda s: 9 * s)):
+        options = LowRankOptions(scheme, rank=2)
+        plans, _ = plan_layers(model, options)
+        stats = gather_statistics(model, plans, options, [torch.randn(2, 3, 9, 9)])
+        assert {name: s.moment_sum.shape[-1] for name, s in stats.items()} == {"1": size(4), "2": size(6)}
+
+
+def test_a_batch_adds_a_bounded_uniform_draw_of_im2col_rows(monkeypatch):
+    torch.manual_seed(5)
+    conv = nn.Conv2d(2, 4, 3, padding=1)
+    x = torch.randn(16, 2, 12, 12)
+    rows = lowered(conv, x)
+    monkeypatch.setattr(activations, "ROWS_PER_FEATURE", 1000)
+    full = input_statistics(nn.Sequential(conv), ["0"], [x])["0"]
+    monkeypatch.setattr(activations, "ROWS_PER_FEATURE", 40)  # 720 of the 2304 rows
+    drawn = input_statistics(nn.Sequential(conv), ["0"], [x], seed=1)["0"]
+    again = input_statistics(nn.Sequential(conv), ["0"], [x], seed=1)["0"]
+    assert (full.rows.item(), drawn.rows.item()) == (rows.shape[0], 40 * 18)
+    torch.testing.assert_close(drawn.moment_sum, again.moment_sum)
+    relative = (drawn.input_metric - full.input_metric).norm() / full.input_metric.norm()
+    assert relative < 0.2  # an unbiased estimate from 40 rows per feature
+    channels = input_statistics(nn.Sequential(conv), ["0"], [x], channels={"0"})["0"]
+    assert channels.rows.item() == 16 * 12 * 12  # channel moments are cheap: every pixel counts

@@ -723,3 +723,13 @@ def test_ddp_processes_sum_their_input_statistics(tmp_path):
     expected = sum(input_statistics(initial, ["2"], [x * scale])["2"].moment_sum for scale in (1.0, 3.0))
     torch.testing.assert_close(seen[0][0, :-1].double(), expected.flatten(), rtol=1e-4, atol=1e-3)
     assert seen[0][0, -1].item() == 2 * 8 * 64 and seen[1][0, -1].item() == 2 * 2 * 8 * 64  # rows of both ranks
+
+
+def test_the_sanity_check_validates_weights_projected_from_training_statistics(tmp_path):
+    """Before training, the training loader is loaded for the statistics (Lightning loads it lazily)."""
+    model = TinyCNN()
+    callback = LowRankProjection("svd", 2, every_n_train_steps=4, objective="activation")
+    trainer = fast_trainer(tmp_path, [callback], limit_val_batches=1, num_sanity_val_steps=1, max_epochs=1)
+    trainer.fit(model, loader(), loader())
+    assert len(model.val_acc) == 2  # the sanity check and the epoch's validation, both on projected weights
+    assert callback.num_projections == 2

@@ -33,6 +33,8 @@ CALLBACK_KEYS = frozenset(
 # Job settings that change how fast a run goes, and its result only under a latency budget (they choose the
 # latency table the ranks are allocated from).
 SPEED_KEYS = {"latency_batch_size", "retain_freed_memory"}
+# Options of how a projection is made, not of the plan: runs differing in them are variants at one point.
+OBJECTIVE_KEYS = frozenset({"lowrank.objective", "lowrank.activation_ridge", "lowrank.bn_weighting"})
 HIDDEN_KEYS = {"seed", "model.lr", "baseline", "lowrank._target_", "lowrank.scheme",
                *(f"lowrank.{key}" for key in RULE_KEYS)}
 
@@ -105,13 +107,14 @@ def varies(key: str, rows: list[dict[str, Any]]) -> bool:
 def label_variants(rows: list[dict[str, Any]]) -> None:
     """Sets each row's ``variant``: its settings that vary across the rows with a point (see ``varies``), outside
     seed, lr, method and the rank rule, as ``key=value`` text; the point gains the plan settings that vary
-    (``tile_shape``). Rows without a point (dense runs) get an empty variant."""
+    (``tile_shape``; not the projection objective's). Rows without a point (dense runs) get an empty variant."""
     compressed = [row for row in rows if row.get("point")]
     keys = sorted({key for row in compressed for key in row.get("settings", {})})
     varying = [k for k in keys if k not in HIDDEN_KEYS and varies(k, compressed)]
     for row in rows:
         settings = row.get("settings", {})
-        plan = [k for k in varying if k.startswith("lowrank.") and k not in CALLBACK_KEYS and k in settings]
+        plan = [k for k in varying if k.startswith("lowrank.") and k not in CALLBACK_KEYS | OBJECTIVE_KEYS
+                and k in settings]
         if row.get("point") and plan:
             row["point"] += " " + " ".join(f"{k.removeprefix('lowrank.')}={settings[k]}" for k in plan)
         row["variant"] = " ".join(f"{k}={settings[k]}" for k in varying if k in settings and k not in plan)
@@ -152,10 +155,12 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         vals = [percent(r.get("val_acc_factorized")) for r in finished]
         test_mean, test_std = mean_std([v for v in tests if math.isfinite(v)])
         ratios = [float(r["model_compression_ratio"]) for r in finished if r.get("model_compression_ratio")]
+        jumps = {key: [r[key] for r in finished if r.get(key) is not None] for key in ("first_loss_jump", "loss_jump")}
         cells.append({"point": point, "method": method, "variant": variant, "lr": lr, "runs": len(runs),
                       "seeds": len(finished), "failed": sum(r["status"] != OK for r in runs),
                       "val_mean": mean_std([v for v in vals if math.isfinite(v)])[0], "test_mean": test_mean,
-                      "test_std": test_std, "model_compression_ratio": statistics.fmean(ratios) if ratios else None})
+                      "test_std": test_std, "model_compression_ratio": statistics.fmean(ratios) if ratios else None,
+                      **{key: statistics.fmean(values) if values else None for key, values in jumps.items()}})
     for family in {(c["point"], c["method"], c["variant"]) for c in cells}:
         members = sorted((c for c in cells if (c["point"], c["method"], c["variant"]) == family),
                          key=lambda c: lr_order(c["lr"]))
@@ -202,6 +207,24 @@ def verdicts(cells: Iterable[dict[str, Any]]) -> list[str]:
                 best = max(contenders, key=lambda c: c["test_mean"])
                 lines.append(f"{point}: best {label(best)} {best['test_mean']:.2f}, "
                              f"{best['test_mean'] - base['test_mean']:+.2f} pt against {label(base)}")
+        lines += best_of_each(here, point)
+    return lines
+
+
+def best_of_each(cells: list[dict[str, Any]], point: str) -> list[str]:
+    """When ``decompose_finetune`` ran in several variants at ``point`` (e.g. both projection objectives): each
+    other method's best cell (at least two seeds) against the best baseline cell."""
+    bases = [c for c in cells if c["method"] == BASELINE and c["seeds"] >= 2]
+    if len(bases) < 2:
+        return []
+    base = max(bases, key=lambda c: c["test_mean"])
+    lines = []
+    for method in dict.fromkeys(c["method"] for c in cells if c["method"] not in (BASELINE, "dense")):
+        own = [c for c in cells if c["method"] == method and c["seeds"] >= 2]
+        if own:
+            best = max(own, key=lambda c: c["test_mean"])
+            lines.append(f"{point}: best of {method}, {label(best)} {best['test_mean']:.2f}, against the best "
+                         f"{label(base)} {base['test_mean']:.2f}: {best['test_mean'] - base['test_mean']:+.2f} pt")
     return lines
 
 
@@ -223,6 +246,11 @@ def chosen_table(cells: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
              c["variant"] or "-", fmt_lr(c["lr"]), fmt_acc(c["val_mean"]), fmt_acc(c["test_mean"], c["test_std"]),
              f"{c['seeds']}/{c['runs']}", f"{c['failed']}/{c['runs']}", f"{c['failed_all_lrs']}/{c['runs_all_lrs']}"]
             for c in cells if c["chosen"]]
+    if any(c.get("loss_jump") is not None for c in cells if c["chosen"]):
+        header += ["loss jump (first / mean)"]
+        jumps = [c for c in cells if c["chosen"]]
+        for row, c in zip(rows, jumps):
+            row.append("-" if c.get("loss_jump") is None else f"{c['first_loss_jump']:+.3f} / {c['loss_jump']:+.3f}")
     return header, rows
 
 

@@ -24,9 +24,10 @@ COLUMNS = ["run", "status", "overrides", "method", "point", "variant", "seed", "
            "compression_ratio", "model_compression_ratio", "mac_reduction", "params_dense", "params_factorized",
            "macs_dense", "macs_factorized", "val_acc_factorized", "test_acc_projected", "test_acc_factorized",
            "max_abs_logit_diff", "latency_ms_dense", "latency_ms_factorized", "latency_batch_size", "speedup",
-           "budget", "budget_metric", "every_n_train_steps", "epochs", "global_step", "diverged", "date", "commit"]
+           "budget", "budget_metric", "every_n_train_steps", "epochs", "global_step", "diverged", "first_loss_jump",
+           "loss_jump", "date", "commit"]
 AGGREGATE_COLUMNS = ["point", "model_compression_ratio", "method", "variant", "lr", "chosen", "runs", "seeds",
-                     "failed", "failed_all_lrs", "val_mean", "test_mean", "test_std"]
+                     "failed", "failed_all_lrs", "val_mean", "test_mean", "test_std", "first_loss_jump", "loss_jump"]
 AXES = ("compression_ratio", "model_compression_ratio", "mac_reduction", "speedup")
 
 
@@ -59,6 +60,14 @@ def status_of(summary: dict[str, Any], collapse: float | None) -> str:
     return COLLAPSED if collapse is not None and 100 * accuracy < collapse else OK
 
 
+def loss_jumps(log: list[dict[str, Any]]) -> dict[str, float]:
+    """``first_loss_jump`` and ``loss_jump`` (mean over projections): the training loss just after a projection
+    minus just before it, from a run's ``projection_log``; empty when it recorded none."""
+    jumps = [entry["loss_after"] - entry["loss_before"] for entry in log
+             if entry.get("loss_after") is not None and entry.get("loss_before") is not None]
+    return {"first_loss_jump": jumps[0], "loss_jump": sum(jumps) / len(jumps)} if jumps else {}
+
+
 def natural_key(path: Path) -> list:
     """Sort key that puts run 2 before run 10."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
@@ -81,6 +90,7 @@ def collect_rows(sweep_dir: Path, collapse: float | None = None) -> list[dict[st
             row["machine"] = summary.get("machine")
             if row.get("speedup") is None and summary.get("latency_ms_dense") and summary.get("latency_ms_factorized"):
                 row["speedup"] = summary["latency_ms_dense"] / summary["latency_ms_factorized"]
+            row.update(loss_jumps(summary.get("projection_log") or []))
         else:
             row["status"] = NO_SUMMARY
         rows.append(row)

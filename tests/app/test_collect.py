@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lrlightning.app.aggregate import aggregate, chosen_table, verdicts
+from lrlightning.app.aggregate import BASELINE, aggregate, chosen_table, verdicts
 from lrlightning.app.collect import NO_SUMMARY, collect_rows, main as collect_main
 from lrlightning.app.provenance import describe_machine, git_commit, machine, provenance
 from lrlightning.app.results_doc import COMMAND, document, find_entries
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def write_run(run_dir: Path, method: str, seed: int, lr: float, val: float, test: float, scheme: str = "tucker2",
-              rank: float = 0.3, diverged: bool = False, **callback) -> None:
+              rank: float = 0.3, diverged: bool = False, projection_log: list | None = None, **callback) -> None:
     """A run dir as lrl-train leaves it: summary.json with the resolved config and the accuracies (fractions)."""
     baseline = None if method in ("lowrank_projection", "deeptwist") else method
     lowrank = {"_target_": "lrlightning.LowRankProjection", "scheme": scheme, "rank": rank,
@@ -32,7 +32,8 @@ def write_run(run_dir: Path, method: str, seed: int, lr: float, val: float, test
                "test_acc_factorized": test / 100, "model_compression_ratio": 6.35, "compression_ratio": 6.8,
                "diverged": diverged, "date": "2026-01-02T03:04:05+00:00", "commit": "a" * 40,
                "latency_ms_dense": 8.0, "latency_ms_factorized": 4.0,
-               "machine": {"hostname": "box", "cpu": "cpu", "cpu_count": 2, "threads": 2, "gpu": None}}
+               "machine": {"hostname": "box", "cpu": "cpu", "cpu_count": 2, "threads": 2, "gpu": None},
+               **({"projection_log": projection_log} if projection_log is not None else {})}
     run_dir.mkdir(parents=True)
     (run_dir / "summary.json").write_text(json.dumps(summary))
 
@@ -262,3 +263,26 @@ def test_under_a_latency_budget_the_latency_batch_makes_a_variant(tmp_path):
     cells = aggregate(collect_rows(tmp_path))
     assert sorted((c["variant"], c["seeds"]) for c in cells) == [("latency_batch_size=128", 1),
                                                                  ("latency_batch_size=32", 2)]
+
+
+def test_objectives_are_variants_compared_best_against_best_with_their_loss_jumps(tmp_path):
+    runs = [("lowrank_projection", "weight", [90.0, 91.0]), ("lowrank_projection", "activation", [92.0, 92.2]),
+            ("decompose_finetune", "weight", [91.4, 91.6]), ("decompose_finetune", "activation", [91.7, 91.9])]
+    index = 0
+    for method, objective, tests in runs:
+        for seed, test in enumerate(tests):
+            jump = 0.6 if objective == "weight" else 0.2
+            log = [{"step": 200, "loss_before": 0.3, "loss_after": 0.3 + jump},
+                   {"step": 400, "loss_before": 0.3, "loss_after": 0.3 + jump / 2}] if method != BASELINE else None
+            write_run(tmp_path / str(index), method, seed, 0.03, 90.0, test, objective=objective, projection_log=log)
+            index += 1
+    cells = aggregate(collect_rows(tmp_path))
+    lines = verdicts(cells)
+    assert ("tucker2:0.3: best of lowrank_projection, lowrank_projection (lowrank.objective=activation) 92.10, "
+            "against the best decompose_finetune (lowrank.objective=activation) 91.80: +0.30 pt") in lines
+    header, rows = chosen_table(cells)
+    assert header[-1] == "loss jump (first / mean)"
+    jumps = {(row[2], row[3]): row[-1] for row in rows}
+    assert jumps[("lowrank_projection", "lowrank.objective=weight")] == "+0.600 / +0.450"
+    assert jumps[("lowrank_projection", "lowrank.objective=activation")] == "+0.200 / +0.150"
+    assert jumps[("decompose_finetune", "lowrank.objective=weight")] == "-"

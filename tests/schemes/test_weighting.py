@@ -140,3 +140,17 @@ def test_a_weighted_projection_exports_exactly(random_weights, name):
         conv.weight.copy_(chosen.project_weighted(conv.weight.detach().unsqueeze(0), [rank], "exact", weighting)[0])
     x = torch.randn(4, S, 9, 9)
     torch.testing.assert_close(chosen.factorized_layer(conv, rank)(x), conv(x), rtol=1e-4, atol=1e-5)
+
+
+def test_channel_moments_weight_tucker2_as_their_im2col_equivalent(random_weights):
+    """Channel moments C stand for the im2col moment C ⊗ I: the same projection and the same output error."""
+    weights = random_weights(2, T, S, K, K, seed=6)
+    channels = correlated_moment(S, seed=13)
+    scales = torch.rand(2, T, dtype=torch.float64) + 0.3
+    by_channels = Weighting(channels, scales)
+    by_im2col = Weighting(torch.kron(channels, torch.eye(K * K, dtype=torch.float64)), scales)
+    tucker2 = scheme("tucker2")
+    approx = tucker2.project_weighted(weights, RANKS["tucker2"], "exact", by_channels)
+    torch.testing.assert_close(approx, tucker2.project_weighted(weights, RANKS["tucker2"], "exact", by_im2col),
+                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(output_error(weights, approx, by_channels), output_error(weights, approx, by_im2col))
