@@ -1,5 +1,6 @@
-"""What ``objective="activation"`` weights a projection by: the second moment of each selected layer's im2col
-inputs, and the scale of the BatchNorm that normalizes its outputs, gathered by forward hooks. Pure torch."""
+"""What ``objective="activation"`` weights a projection by: the moments of each selected layer's inputs (of its
+im2col rows, or of its input pixels' channel vectors for schemes that weight channels) and the scale of the
+BatchNorm that normalizes its outputs, gathered by forward hooks. Pure torch."""
 from __future__ import annotations
 
 import contextlib
@@ -22,7 +23,8 @@ ROWS_PER_FEATURE = 32  # a batch adds at most this many im2col rows per feature 
 @dataclass
 class LayerStatistics:
     """One layer's inputs over the batches seen: ``moment_sum`` (n, n) float64, the sum of x·xᵀ over its ``rows``
-    im2col input rows x (n = S·kh·kw, in the column order of ``weight.reshape(T, -1)``; Linear: in features),
+    input rows x (im2col rows: n = S·kh·kw, in the column order of ``weight.reshape(T, -1)``; pixels' channel
+    vectors: n = S; Linear: in features),
     ``row_sum`` (n,) the sum of x, and ``output_scale`` (T,) |γ|/sqrt(running_var + eps) of the BatchNorm fed
     directly by the layer's output (None: no BatchNorm normalizes it)."""
 
