@@ -4,7 +4,6 @@ BatchNorm that normalizes its outputs, gathered by forward hooks. Pure torch."""
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, Iterable, Iterator
 
@@ -17,7 +16,7 @@ from .names import named_modules
 from .schemes.tiled_svd import explicit_padding
 
 CHUNK_ELEMENTS = 1 << 24  # im2col elements lowered at once (64 MiB in float32)
-ROWS_PER_FEATURE = 32  # a batch adds at most this many im2col rows per feature (n) to a layer's moments
+ROWS_PER_FEATURE = 4  # a batch adds at most this many im2col rows per feature (n) to a layer's moments
 
 
 @dataclass
@@ -54,18 +53,16 @@ class LayerStatistics:
         return [self.moment_sum, self.row_sum, self.rows]
 
 
-def output_positions(module: nn.Conv2d, size: tuple[int, int]) -> int:
-    """Output pixels of ``module`` on an input of spatial ``size`` that is already padded."""
-    count = 1
-    for length, kernel, stride, dilation in zip(size, module.kernel_size, module.stride, module.dilation):
-        count *= (length - dilation * (kernel - 1) - 1) // stride + 1
-    return count
+def output_size(module: nn.Conv2d, size: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of ``module``'s output on an input of spatial ``size`` that is already padded."""
+    return tuple((length - dilation * (kernel - 1) - 1) // stride + 1 for length, kernel, stride, dilation
+                 in zip(size, module.kernel_size, module.stride, module.dilation))
 
 
 def input_rows(module: nn.Module, x: Tensor, channels: bool = False) -> Iterator[Tensor]:
-    """``module``'s input ``x`` as im2col rows (rows, n), in chunks bounded by ``CHUNK_ELEMENTS``, at most about
-    ``ROWS_PER_FEATURE``·n of them, drawn uniformly; with ``channels`` a conv's input pixels' channel vectors
-    (N·H·W, S), all of them, instead."""
+    """``module``'s input ``x`` as im2col rows (rows, n): all of them in chunks bounded by ``CHUNK_ELEMENTS``, or,
+    where there are more than ``ROWS_PER_FEATURE``·n, that many drawn uniformly (torch's generator) and lowered
+    alone; with ``channels`` a conv's input pixels' channel vectors (N·H·W, S), all of them, instead."""
     if isinstance(module, nn.Linear):
         yield x.reshape(-1, x.shape[-1])
         return
@@ -75,17 +72,31 @@ def input_rows(module: nn.Module, x: Tensor, channels: bool = False) -> Iterator
     pads = explicit_padding(module.padding, module.kernel_size, module.dilation)
     if any(pads):
         x = F.pad(x, pads, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
-    per_sample = x[0].numel() * module.kernel_size[0] * module.kernel_size[1]
-    step = max(1, CHUNK_ELEMENTS // max(1, per_sample))
     features = x.shape[1] * module.kernel_size[0] * module.kernel_size[1]
-    total = x.shape[0] * output_positions(module, x.shape[-2:])
-    keep = min(1.0, ROWS_PER_FEATURE * features / total)
+    positions = output_size(module, x.shape[-2:])
+    count = ROWS_PER_FEATURE * features
+    if x.shape[0] * positions[0] * positions[1] > count:
+        yield sampled_rows(module, x, positions, count)
+        return
+    step = max(1, CHUNK_ELEMENTS // max(1, x[0].numel() * module.kernel_size[0] * module.kernel_size[1]))
     for start in range(0, x.shape[0], step):
         cols = F.unfold(x[start:start + step], module.kernel_size, dilation=module.dilation, stride=module.stride)
-        rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
-        if keep < 1.0:  # uniformly drawn rows (torch's generator): an unbiased moment at a fraction of the cost
-            rows = rows[torch.randperm(rows.shape[0], device=rows.device)[:math.ceil(keep * rows.shape[0])]]
-        yield rows
+        yield cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def sampled_rows(module: nn.Conv2d, x: Tensor, positions: tuple[int, int], count: int) -> Tensor:
+    """``count`` im2col rows (count, S·kh·kw) of the padded input ``x`` at output positions drawn uniformly without
+    replacement, gathered directly (no full lowering)."""
+    (height, width), device = positions, x.device
+    drawn = torch.randperm(x.shape[0] * height * width, device=device)[:count]
+    sample, pixel = drawn // (height * width), drawn % (height * width)
+    kernel = [torch.arange(k, device=device) * d for k, d in zip(module.kernel_size, module.dilation)]
+    rows = (pixel // width * module.stride[0]).unsqueeze(1) + kernel[0]
+    cols = (pixel % width * module.stride[1]).unsqueeze(1) + kernel[1]
+    channel = torch.arange(x.shape[1], device=device)
+    patches = x[sample[:, None, None, None], channel[None, :, None, None], rows[:, None, :, None],
+                cols[:, None, None, :]]
+    return patches.reshape(count, -1)
 
 
 def batchnorm_scale(norm: nn.modules.batchnorm._BatchNorm) -> Tensor:

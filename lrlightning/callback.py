@@ -105,7 +105,7 @@ class LowRankProjection(Callback):
             weight becomes NaN/Inf.
         objective: ``"weight"`` (default) or ``"activation"``: each projection keeps the layers' outputs on the
             training data instead of their weights (see ``LowRankOptions``), from input statistics gathered just
-            before it over ``activation_batches`` training batches (default 4; drawn, run and seeded like the
+            before it over ``activation_batches`` training batches (default 2; drawn, run and seeded like the
             BatchNorm re-estimation batches, BatchNorm statistics kept); under DDP the statistics are summed over
             processes, so all of them project identically.
         loss_jump_batches: when > 0, each periodic projection also logs the training loss on this many training
@@ -142,7 +142,7 @@ class LowRankProjection(Callback):
                  rank_multiple: int = 8, budget_objective: str = "max", latency_batch_size: int = 32,
                  latency_device: str | None = None,
                  latency_cache: str | None = None, budget_reallocations: int = 0, objective: str = "weight",
-                 activation_batches: int = 4, activation_ridge: float = 1e-2, bn_weighting: bool = False,
+                 activation_batches: int = 2, activation_ridge: float = 1e-2, bn_weighting: bool = False,
                  loss_jump_batches: int = 0):
         super().__init__()
         if not (is_int(every_n_train_steps) and every_n_train_steps >= 1):

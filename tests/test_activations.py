@@ -17,7 +17,8 @@ def lowered(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return cols.transpose(1, 2).reshape(-1, cols.shape[1]).double()
 
 
-def test_moments_are_those_of_the_im2col_rows_the_conv_multiplies():
+def test_moments_are_those_of_the_im2col_rows_the_conv_multiplies(monkeypatch):
+    monkeypatch.setattr(activations, "ROWS_PER_FEATURE", 10_000)  # every row
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 5, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2))
     model = nn.Sequential(conv)
@@ -34,6 +35,7 @@ def test_moments_are_those_of_the_im2col_rows_the_conv_multiplies():
 
 
 def test_reflect_padding_and_chunked_lowering_give_the_same_moments(monkeypatch):
+    monkeypatch.setattr(activations, "ROWS_PER_FEATURE", 10_000)  # every row
     torch.manual_seed(1)
     conv = nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect")
     x = torch.randn(6, 2, 7, 7)
@@ -132,3 +134,18 @@ def test_a_batch_adds_a_bounded_uniform_draw_of_im2col_rows(monkeypatch):
     assert relative < 0.2  # an unbiased estimate from 40 rows per feature
     channels = input_statistics(nn.Sequential(conv), ["0"], [x], channels={"0"})["0"]
     assert channels.rows.item() == 16 * 12 * 12  # channel moments are cheap: every pixel counts
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+def test_drawn_rows_are_rows_of_the_full_lowering(monkeypatch, padding_mode):
+    torch.manual_seed(6)
+    conv = nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(2, 1), dilation=(2, 1), padding_mode=padding_mode)
+    x = torch.randn(5, 3, 11, 9)
+    padded = F.pad(x, (1, 1, 2, 2), mode="constant" if padding_mode == "zeros" else padding_mode)
+    full = lowered(nn.Conv2d(3, 4, (3, 2), stride=(2, 1), dilation=(2, 1)), padded)
+    monkeypatch.setattr(activations, "ROWS_PER_FEATURE", 2)
+    (drawn,) = activations.input_rows(conv, x)
+    assert drawn.shape == (2 * 18, 18) and full.shape[0] > 36
+    distances = torch.cdist(drawn.double(), full)
+    assert distances.min(1).values.max() < 1e-6  # each drawn row is a row of the lowering
+    assert len(set(distances.argmin(1).tolist())) == 36  # drawn without replacement
