@@ -103,8 +103,8 @@ class LowRankProjection(Callback):
             allocation is made on global rank zero and broadcast, so every process projects at the same ranks.
         check_finite: stop with ``NonFiniteTrainingError`` (step, layer, hints) when the loss or a selected
             weight becomes NaN/Inf.
-        objective: ``"weight"`` (default) or ``"activation"``: each projection keeps the layers' outputs on the
-            training data instead of their weights (see ``LowRankOptions``), from input statistics gathered just
+        objective: ``"activation"`` (default) or ``"weight"``: each projection keeps the layers' outputs on the
+            training data (``"weight"``: their weights; see ``LowRankOptions``), from input statistics gathered just
             before it over ``activation_batches`` training batches (default 2; drawn, run and seeded like the
             BatchNorm re-estimation batches, BatchNorm statistics kept); under DDP the statistics are summed over
             processes, so all of them project identically.
@@ -141,7 +141,7 @@ class LowRankProjection(Callback):
                  budget_metric: str = "params", input_shape: tuple[int, int, int] | None = None,
                  rank_multiple: int = 8, budget_objective: str = "max", latency_batch_size: int = 32,
                  latency_device: str | None = None,
-                 latency_cache: str | None = None, budget_reallocations: int = 0, objective: str = "weight",
+                 latency_cache: str | None = None, budget_reallocations: int = 0, objective: str = "activation",
                  activation_batches: int = 2, activation_ridge: float = 1e-2, bn_weighting: bool = False,
                  loss_jump_batches: int = 0):
         super().__init__()

@@ -176,7 +176,8 @@ def test_validation_sees_the_projected_weights(tmp_path):
             self.val_logits = self(batch[0]).detach().clone()
 
     model = Recording()
-    callback = LowRankProjection("svd", 1, every_n_train_steps=3, final_projection=False, bn_recalibration_batches=0)
+    callback = LowRankProjection("svd", 1, every_n_train_steps=3, final_projection=False, bn_recalibration_batches=0,
+                                 objective="weight")  # factorize below truncates the weights as they are
     trainer = fast_trainer(tmp_path, [callback], max_epochs=1, limit_train_batches=7, limit_val_batches=1,
                            num_sanity_val_steps=0)
     trainer.fit(model, loader(), loader(32, batch_size=32, seed=1))
@@ -302,7 +303,7 @@ def test_logged_projection_metrics_match_the_singular_values(tmp_path):
             return loss
 
     logger = L.pytorch.loggers.CSVLogger(tmp_path)
-    callback = LowRankProjection("svd", 2, every_n_train_steps=4)
+    callback = LowRankProjection("svd", 2, every_n_train_steps=4, objective="weight")  # the weights' spectrum
     trainer = fast_trainer(tmp_path, [before, callback], logger=logger, log_every_n_steps=1)
     trainer.fit(LossLogging(), loader())
     with (tmp_path / "lightning_logs/version_0/metrics.csv").open() as handle:
@@ -600,7 +601,8 @@ trainer:
     cli = LightningCLI(TinyCNN, args=["--config", str(config)], run=False, save_config_callback=None)
     callback = next(c for c in cli.trainer.callbacks if isinstance(c, LowRankProjection))
     assert callback.options == LowRankOptions(scheme="tiled_svd", rank={"net.2": 2, "net.5": 3}, tile_shape=(6, 27),
-                                              exclude=("net.0",), skip_first_conv=False, svd_driver="gram")
+                                              exclude=("net.0",), skip_first_conv=False, svd_driver="gram",
+                                              objective="activation")
     assert (callback.every_n_train_steps, callback.start_step, callback.stop_step, callback.rank_warmup) == (2, 1, 5, 1)
     assert callback.reset_momentum and not callback.validate_projected and not callback.check_finite
     assert callback.recalibration_step is first_item_forward and callback.bn_recalibration_batches == 2
@@ -613,12 +615,12 @@ trainer:
         "--trainer.callbacks.hooi_iters=1", "--trainer.callbacks.linear=true"])
     callback = next(c for c in flags.trainer.callbacks if isinstance(c, LowRankProjection))
     assert callback.options == LowRankOptions(scheme="tucker2", energy=0.9, include=("net.5",), hooi_iters=1,
-                                              linear=True)
+                                              linear=True, objective="activation")
     flags = LightningCLI(TinyCNN, run=False, save_config_callback=None, args=[
         "--trainer.logger=false", "--trainer.callbacks+=lrlightning.LowRankProjection",
         "--trainer.callbacks.compression=3.5", "--trainer.callbacks.rank=null"])
     callback = next(c for c in flags.trainer.callbacks if isinstance(c, LowRankProjection))
-    assert callback.options == LowRankOptions(scheme="svd", compression=3.5)
+    assert callback.options == LowRankOptions(scheme="svd", compression=3.5, objective="activation")
 
 
 def mean_loss(model, step, count=2):

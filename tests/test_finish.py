@@ -84,7 +84,7 @@ def test_a_checkpoint_before_the_final_projection_finishes_into_the_callbacks_mo
             self.step = trainer.global_step
 
     before, model = BeforeFinal(), Wrapped()
-    callback = LowRankProjection("svd", 3, every_n_train_steps=3, bn_recalibration_batches=4)
+    callback = LowRankProjection("svd", 3, every_n_train_steps=3, bn_recalibration_batches=4, objective="weight")
     L.Trainer(callbacks=[before, callback], logger=False, enable_progress_bar=False, enable_checkpointing=False,
               max_epochs=2, default_root_dir=tmp_path).fit(model, DataLoader(data(), batch_size=8, shuffle=True))
 

@@ -162,7 +162,8 @@ def test_recalibration_step_handles_custom_batches(tmp_path):
         module.net(batch.image)
 
     model = CustomBatches()
-    callback = LowRankProjection("svd", 2, every_n_train_steps=2, bn_recalibration_batches=2, recalibration_step=step)
+    callback = LowRankProjection("svd", 2, every_n_train_steps=2, bn_recalibration_batches=2, recalibration_step=step,
+                                 objective="weight")  # no statistics passes: only re-estimation runs `step`
     trainer = L.Trainer(callbacks=[callback], logger=False, enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=False, max_epochs=1, default_root_dir=tmp_path)
     trainer.fit(model, DataLoader(data, batch_size=8, collate_fn=collate))

@@ -51,7 +51,7 @@ def test_default_job(tmp_path):
     check_job(cfg)
     assert cfg.model == {"_target_": "lrlightning.app.module.LitClassifier", "backbone": "resnet20"}
     assert cfg.lowrank == {"_target_": "lrlightning.LowRankProjection", "scheme": "tucker2", "rank": 0.5,
-                           "budget": None, "budget_metric": "params", "objective": "weight", "every_n_train_steps": 100}
+                           "budget": None, "budget_metric": "params", "objective": "activation", "every_n_train_steps": 100}
     assert (cfg.seed, cfg.init_ckpt, cfg.ckpt_path, cfg.baseline) == (0, None, None, None)
     data, model, callback, trainer = instantiate_job(cfg, tmp_path)
     assert type(data).__name__ == "FashionMNISTDataModule" and (data.num_classes, data.in_channels) == (10, 1)
