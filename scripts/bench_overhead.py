@@ -127,7 +127,8 @@ def main() -> None:
     footnote = (f"({args.scheme}, rank 0.5, batch {args.batch_size}, {where}; step: time of a step with the "
                 f"callback / dense, a projection timed with its input statistics; targets: x1.15 at S_D=1, < 1% at "
                 f"S_D=200, < 2% with objective=activation)")
-    publish_table(args.out, f"Training overhead of the callback ({where})", "overhead", columns, rows, footnote,
+    title = f"Training overhead of the callback, {args.scheme} ({where})"
+    publish_table(args.out, title, "overhead", columns, rows, footnote,
                   results)
 
 
