@@ -100,7 +100,12 @@ def sampled_rows(module: nn.Conv2d, x: Tensor, positions: tuple[int, int], count
 
 
 def batchnorm_scale(norm: nn.modules.batchnorm._BatchNorm) -> Tensor:
-    """|γ|/sqrt(running_var + eps) (C,), float64 (1/sqrt(var + eps) without affine parameters)."""
+    """|γ|/sqrt(running_var + eps) (C,), float64 (1/sqrt(var + eps) without affine parameters; |γ| alone without
+    running statistics)."""
+    weight = norm.weight if norm.affine else None
+    if norm.running_var is None:
+        return weight.detach().double().abs() if weight is not None else torch.ones(norm.num_features,
+                                                                                     dtype=torch.float64)
     scale = (norm.running_var.double() + norm.eps).rsqrt()
     return scale * norm.weight.detach().double().abs() if norm.affine else scale
 
@@ -122,8 +127,8 @@ def input_statistics(model: nn.Module, names: Iterable[str], batches: Iterable[A
                      channels: Collection[str] = ()) -> dict[str, LayerStatistics]:
     """``LayerStatistics`` of the named Conv2d/Linear layers of ``model`` (canonical names, see
     ``lrlightning.names``) over ``batches`` (``forward(model, batch)``, default ``model(batch)``), run in train
-    mode with no grad; BatchNorm running statistics, the model's mode and (with ``seed``) torch's generators are
-    restored afterwards. The layers named in ``channels`` record the moments of their input pixels' channel
+    mode with no grad; BatchNorm running statistics, every submodule's mode and (with ``seed``) torch's generators
+    are restored afterwards. The layers named in ``channels`` record the moments of their input pixels' channel
     vectors (S, S), 1/kh·kw of the cost, instead of im2col rows. A BatchNorm is paired with a layer when its input
     is that layer's output tensor. A layer the passes never run is missing from the result."""
     modules = named_modules(model)
@@ -137,8 +142,9 @@ def input_statistics(model: nn.Module, names: Iterable[str], batches: Iterable[A
     def record_inputs(name: str):
         def hook(module, args):
             for rows in input_rows(module, args[0].detach(), name in channels):
-                gram = (rows.mT @ rows).double() if rows.dtype in (torch.float32, torch.float64) \
-                    else (rows.float().mT @ rows.float()).double()
+                with torch.autocast(rows.device.type, enabled=False):  # fp16/bf16 sums overflow or round
+                    rows = rows.double() if rows.dtype == torch.float64 else rows.float()
+                    gram = (rows.mT @ rows).double()
                 total = rows.sum(0).double()
                 sums[name] = sums[name] + gram if name in sums else gram
                 row_sums[name] = row_sums[name] + total if name in row_sums else total
@@ -160,7 +166,7 @@ def input_statistics(model: nn.Module, names: Iterable[str], batches: Iterable[A
     handles = [layer.register_forward_pre_hook(record_inputs(name)) for name, layer in layers.items()]
     handles += [layer.register_forward_hook(record_output(name)) for name, layer in layers.items()]
     handles += [m.register_forward_pre_hook(find_producer(m)) for m in model.modules() if isinstance(m, BATCHNORMS)]
-    was_training = model.training
+    modes = {module: module.training for module in model.modules()}
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     try:
         model.train()
@@ -171,7 +177,8 @@ def input_statistics(model: nn.Module, names: Iterable[str], batches: Iterable[A
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
     return {name: LayerStatistics(sums[name], row_sums[name],
                                   torch.tensor(float(counts[name]), dtype=torch.float64, device=sums[name].device),
                                   batchnorm_scale(followers[name]).to(sums[name].device) if name in followers else None)

@@ -56,6 +56,14 @@ def divergence_named(step: int) -> Iterator[None]:
             + DIVERGENCE_HINT) from error
 
 
+def empty_statistics(plan: LayerPlan, options: LowRankOptions, device: torch.device) -> LayerStatistics:
+    """Zero statistics of the size ``plan``'s layer gathers (a DDP rank whose passes did not run it)."""
+    channels = scheme_for(plan.shape, options).input_statistic == "channels" and len(plan.shape) > 2
+    n = plan.shape[1] if channels or len(plan.shape) == 2 else math.prod(plan.shape[1:])
+    zeros = torch.zeros(n, n, dtype=torch.float64, device=device)
+    return LayerStatistics(zeros, zeros.new_zeros(n), zeros.new_zeros(()))
+
+
 def broadcast_weights(pl_module: LightningModule, plans: list[LayerPlan]) -> None:
     """Under torch.distributed, every rank takes rank 0's projected weights (SVDs may differ in the last bits)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -107,7 +115,7 @@ class LowRankProjection(Callback):
             training data (``"weight"``: their weights; see ``LowRankOptions``), from input statistics gathered just
             before it over ``activation_batches`` training batches (default 2; drawn, run and seeded like the
             BatchNorm re-estimation batches, BatchNorm statistics kept); under DDP the statistics are summed over
-            processes, so all of them project identically.
+            processes (then rank 0's projected weights are shared, as for every objective).
         loss_jump_batches: when > 0, each periodic projection also logs the training loss on this many training
             batches just before and just after it (``training_step`` with no grad; automatic optimization only)
             and, under either objective, the output-space error (default 0).
@@ -292,10 +300,15 @@ class LowRankProjection(Callback):
         with self.forward_context(trainer, pl_module):
             batches = enumerate(training_batches(trainer, count, seed=step))
             statistics = gather_statistics(pl_module, self.plans, self.options, batches, self.forward_item, step)
-        if trainer.world_size > 1:
-            for layer in statistics.values():
+        if trainer.world_size > 1:  # every rank reduces every planned layer, in plan order, seen or not
+            summed = {}
+            for plan in self.plans:
+                layer = statistics.get(plan.name) or empty_statistics(plan, self.options, pl_module.device)
                 for tensor in layer.tensors():
                     tensor.copy_(trainer.strategy.reduce(tensor, reduce_op="sum"))
+                if layer.rows.item() > 0:
+                    summed[plan.name] = layer
+            statistics = summed
         return statistics
 
     def training_loss(self, trainer: Trainer, pl_module: LightningModule) -> float:
@@ -312,6 +325,9 @@ class LowRankProjection(Callback):
                     raise TypeError(f"`loss_jump_batches` needs `training_step` to return the loss (a tensor or a "
                                     f"dict with 'loss'), got {type(output).__name__}")
                 losses.append(loss.detach().float())
+        if not losses:
+            raise ValueError(f"`loss_jump_batches`={self.loss_jump_batches} found no training batch to measure the "
+                             "loss on")
         mean = torch.stack(losses).mean()
         return float(trainer.strategy.reduce(mean, reduce_op="mean") if trainer.world_size > 1 else mean)
 

@@ -20,7 +20,8 @@ class LayerStats:
     """Result of projecting one layer: rank kept, ``rel_error`` = ||W - W'||_F / ||W||_F and
     ``energy`` = ||W'||_F² / ||W||_F² (both 0..1; they add up in squares for the orthogonal projection of
     ``objective="weight"``) and, when input statistics were given, ``output_rel_error`` = sqrt(E‖D(W − W')x‖² /
-    E‖D·W·x‖²) over the layer's im2col inputs x (D: the BatchNorm scales under ``bn_weighting``, else I)."""
+    E‖D·W·x‖²) over the layer's inputs x (centred when a BatchNorm normalizes the output; D: the BatchNorm scales
+    under ``bn_weighting``, else I)."""
 
     name: str
     rank: int | tuple[int, int]

@@ -149,3 +149,31 @@ def test_drawn_rows_are_rows_of_the_full_lowering(monkeypatch, padding_mode):
     distances = torch.cdist(drawn.double(), full)
     assert distances.min(1).values.max() < 1e-6  # each drawn row is a row of the lowering
     assert len(set(distances.argmin(1).tolist())) == 36  # drawn without replacement
+
+
+def test_moments_are_summed_in_full_precision_under_autocast():
+    torch.manual_seed(7)
+    conv = nn.Conv2d(16, 4, 3, padding=1)
+    x = 8 * torch.randn(2, 16, 6, 6)
+    exact = input_statistics(nn.Sequential(conv), ["0"], [x], channels={"0"})["0"].moment_sum
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = input_statistics(nn.Sequential(conv), ["0"], [x.bfloat16()], channels={"0"})["0"].moment_sum
+    pixels = x.bfloat16().double().permute(0, 2, 3, 1).reshape(-1, 16)
+    torch.testing.assert_close(mixed, pixels.T @ pixels, **FLOAT32)  # bf16 inputs, float32 products
+    assert torch.isfinite(exact).all()
+
+
+def test_an_untracked_batchnorm_still_centres_and_scales_by_gamma():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False))
+    model[1].weight.data = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    stats = input_statistics(model, ["0"], [torch.randn(2, 3, 6, 6)])["0"]
+    assert stats.normalized
+    torch.testing.assert_close(stats.output_scale, torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64))
+
+
+def test_each_submodule_keeps_its_own_mode():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3))
+    model.train()
+    model[1].eval()  # a frozen BatchNorm inside a training model
+    input_statistics(model, ["2"], [torch.randn(2, 3, 8, 8)])
+    assert [m.training for m in model] == [True, False, True] and model.training

@@ -27,8 +27,9 @@ class SpatialSVD(MatrixScheme):
     weighted = True
 
     def matrix_metrics(self, weighting, shape):
-        """Rows (s, i): the im2col moments summed over the kernel's columns j (exact when inputs at different
-        kernel columns are uncorrelated); columns (t, j): the output scales, repeated over j."""
+        """Rows (s, i): the im2col moments summed over the kernel's columns j (an approximation, exact when the
+        moment is the same at every column j and zero across columns); columns (t, j): the output scales, repeated
+        over j."""
         t, s, kh, kw = shape
         return kernel_trace(weighting.inputs, s, keep=kh), weighting.output_metric(repeat=kw)
 

@@ -83,9 +83,9 @@ class Tucker2(Scheme):
     def weighted_factors(self, weights: Tensor, ranks: Sequence[tuple[int, int]], driver: str,
                          weighting: Weighting) -> tuple[Tensor, Tensor, Tensor]:
         """``factors`` of the whitened kernel W' = W ×_in L_in ×_out L_out, mapped back (U ← L⁻ᵀ·U), so that the
-        same product is the projection minimizing the output error: L_in from the channel moments (exact when
-        inputs at different kernel positions are uncorrelated), L_out from the output scales. The factors are
-        oblique, not orthonormal; the multilinear rank is kept."""
+        same product is the projection minimizing the output error: L_in from the channel moments (an
+        approximation of the im2col moment by C ⊗ I: equal moments at every kernel position, none across them),
+        L_out from the output scales. The factors are oblique, not orthonormal; the multilinear rank is kept."""
         inputs = whitening(channel_moments(weighting, tuple(weights.shape[1:])), weighting.ridge)
         outputs = weighting.output_metric()
         w = torch.einsum("btsij,bsv->btvij", weights.double(), inputs)
