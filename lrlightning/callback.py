@@ -18,7 +18,7 @@ from .names import canonical_name, named_modules
 from .options import LowRankOptions, RankSpec, is_int
 from .budget import Allocation
 from .plan import LayerPlan, SkippedLayer, allocate_plan, frozen_ranks, scheme_for
-from .projection import LayerStats, NonFiniteWeightError, gather_statistics, project_planned_
+from .projection import LayerStats, NonFiniteWeightError, empty_statistics, gather_statistics, project_planned_
 from .recalibration import (
     defines_forward,
     eager,
@@ -54,14 +54,6 @@ def divergence_named(step: int) -> Iterator[None]:
         raise NonFiniteTrainingError(
             f"weight of layer {error.layer!r} became NaN/Inf before the projection after optimizer step {step}. "
             + DIVERGENCE_HINT) from error
-
-
-def empty_statistics(plan: LayerPlan, options: LowRankOptions, device: torch.device) -> LayerStatistics:
-    """Zero statistics of the size ``plan``'s layer gathers (a DDP rank whose passes did not run it)."""
-    channels = scheme_for(plan.shape, options).input_statistic == "channels" and len(plan.shape) > 2
-    n = plan.shape[1] if channels or len(plan.shape) == 2 else math.prod(plan.shape[1:])
-    zeros = torch.zeros(n, n, dtype=torch.float64, device=device)
-    return LayerStatistics(zeros, zeros.new_zeros(n), zeros.new_zeros(()))
 
 
 def broadcast_weights(pl_module: LightningModule, plans: list[LayerPlan]) -> None:

@@ -1,6 +1,7 @@
 """In-place projection of a model's selected weights onto their low-rank sets. Pure torch."""
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -124,8 +125,21 @@ def gather_statistics(model: nn.Module, plans: list[LayerPlan], options: LowRank
                       seed: int | None = None) -> dict[str, LayerStatistics]:
     """``input_statistics`` of the planned layers over ``batches``, each of the kind its scheme weights by
     (``Scheme.input_statistic``)."""
-    channels = {p.name for p in plans if scheme_for(p.shape, options).input_statistic == "channels"}
+    channels = {p.name for p in plans if weights_channels(p, options)}
     return input_statistics(model, [p.name for p in plans], batches, forward, seed, channels)
+
+
+def weights_channels(plan: LayerPlan, options: LowRankOptions) -> bool:
+    """Whether ``plan``'s conv gathers its input pixels' channel moments rather than im2col moments."""
+    return len(plan.shape) > 2 and scheme_for(plan.shape, options).input_statistic == "channels"
+
+
+def empty_statistics(plan: LayerPlan, options: LowRankOptions, device: torch.device) -> LayerStatistics:
+    """Zero statistics of the size ``gather_statistics`` gives ``plan``'s layer (a DDP rank whose passes did not
+    run it)."""
+    n = plan.shape[1] if weights_channels(plan, options) or len(plan.shape) == 2 else math.prod(plan.shape[1:])
+    zeros = torch.zeros(n, n, dtype=torch.float64, device=device)
+    return LayerStatistics(zeros, zeros.new_zeros(n), zeros.new_zeros(()))
 
 
 def calibration_statistics(model: nn.Module, plans: list[LayerPlan], options: LowRankOptions,
