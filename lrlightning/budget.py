@@ -121,10 +121,12 @@ def timing_layer(module: nn.Module, scheme: Scheme, rank: Rank) -> nn.Module:
 
 
 def layer_choices(name: str, module: nn.Module, scheme: Scheme, metric: str, input_shape: tuple[int, ...] | None,
-                  driver: str, multiple: int = 1, table: LatencyTable | None = None) -> LayerChoices:
+                  driver: str, multiple: int = 1, table: LatencyTable | None = None,
+                  device: str | torch.device | None = None) -> LayerChoices:
     """The candidates of one layer: ranks whose factorized form has fewer parameters (``rank_choices``), and
     dense. ``input_shape`` is the layer's own input (C, H, W) for ``metric="macs"`` and ``"latency"``; with
-    ``"latency"`` the costs are ``table``'s measured ms and candidates no faster than dense are dropped."""
+    ``"latency"`` the costs are ``table``'s measured ms and candidates no faster than dense are dropped. The
+    errors are computed on ``device`` (default: the weight's), with ``driver``."""
     weight = module.weight.detach().float()
     shape = tuple(weight.shape)
     ranks = rank_choices(scheme, shape, multiple, LATENCY_CANDIDATES if metric == "latency" else MAX_CANDIDATES)
@@ -140,7 +142,7 @@ def layer_choices(name: str, module: nn.Module, scheme: Scheme, metric: str, inp
         ranks = [r for r, cost in zip(ranks, costs) if cost < dense]
         costs = [cost for cost in costs if cost < dense]
     with torch.no_grad():
-        errors = scheme.rank_errors(weight, ranks, driver)
+        errors = scheme.rank_errors(weight if device is None else weight.to(device), ranks, driver)
     return LayerChoices(name, (*ranks, None), (*errors, 0.0), tuple(float(c) for c in (*costs, dense)))
 
 
@@ -207,7 +209,8 @@ def lowest_max_error(layers: Sequence[LayerChoices], total, target: float) -> li
 
 def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], options, driver: str) -> Allocation:
     """Allocate ``options.budget`` (validated ``LowRankOptions``) over ``layers`` (name, module, scheme) of
-    ``model``: layers not listed count at their dense cost. Raises ValueError naming the best reachable ratio."""
+    ``model``: layers not listed count at their dense cost; errors are computed where projections decompose
+    (``options.projection_device``) with ``driver``. Raises ValueError naming the best reachable ratio."""
     budget, metric, input_shape = options.budget, options.budget_metric, options.input_shape
     names = [name for name, _, _ in layers]
     table, inputs = None, dict.fromkeys(names)
@@ -227,8 +230,8 @@ def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], 
         device = options.latency_device or next(model.parameters()).device
         table = LatencyTable(device, options.latency_batch_size, options.latency_cache)
         whole, in_model = table.model_ms(model, input_shape, names)
-    choices = [layer_choices(name, module, scheme, metric, inputs[name], driver, options.rank_multiple, table)
-               for name, module, scheme in layers]
+    choices = [layer_choices(name, module, scheme, metric, inputs[name], driver, options.rank_multiple, table,
+                             options.projection_device) for name, module, scheme in layers]
     if table is not None:
         choices = [in_model_costs(c, in_model[c.name]) for c in choices]
     fixed = max(0.0, whole - sum(c.costs[-1] for c in choices))

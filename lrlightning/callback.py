@@ -18,7 +18,14 @@ from .names import canonical_name, named_modules
 from .options import LowRankOptions, RankSpec, is_int
 from .budget import Allocation
 from .plan import LayerPlan, SkippedLayer, allocate_plan, frozen_ranks, scheme_for
-from .projection import LayerStats, NonFiniteWeightError, empty_statistics, gather_statistics, project_planned_
+from .projection import (
+    LayerStats,
+    NonFiniteWeightError,
+    empty_statistics,
+    gather_statistics,
+    host_lists,
+    project_planned_,
+)
 from .recalibration import (
     defines_forward,
     eager,
@@ -39,6 +46,9 @@ RECALIBRATION_HINT = (f"{FORWARD_HINT}, or set `bn_recalibration_batches=0` to k
                       "accumulated on the unprojected weights.")
 
 FIRST_MOMENT_KEYS = ("momentum_buffer", "exp_avg")
+
+
+FINITE_CHECK_STEPS = 32  # the host reads the divergence record this often (optimizer steps) and before each projection
 
 
 class NonFiniteTrainingError(FloatingPointError):
@@ -102,7 +112,9 @@ class LowRankProjection(Callback):
             them (default 0: allocated once, from the weights when fit starts, e.g. a pretrained model). Each
             allocation is made on global rank zero and broadcast, so every process projects at the same ranks.
         check_finite: stop with ``NonFiniteTrainingError`` (step, layer, hints) when the loss or a selected
-            weight becomes NaN/Inf.
+            weight becomes NaN/Inf. The loss is checked on its device at every step and read by the host every
+            ``FINITE_CHECK_STEPS`` (32) optimizer steps, before each projection and at the end of fit, so steps
+            without a projection never wait for the device; the error names the first step whose loss was NaN/Inf.
         objective: ``"activation"`` (default) or ``"weight"``: each projection keeps the layers' outputs on the
             training data (``"weight"``: their weights; see ``LowRankOptions``), from input statistics gathered just
             before it over ``activation_batches`` training batches (default 2; drawn, run and seeded like the
@@ -113,9 +125,9 @@ class LowRankProjection(Callback):
             and, under either objective, the output-space error (default 0).
         energy, compression, budget, budget_metric, input_shape, rank_multiple, budget_objective, latency_batch_size,
             latency_device, latency_cache, tile_shape, include, exclude, linear, skip_first_conv, hooi_iters,
-            svd_driver, activation_ridge, bn_weighting: the rank rules, layer selection and scheme options shared
-            with ``factorize`` (see ``LowRankOptions``). The ranks a ``budget`` allocates are kept in ``ranks`` and
-            in checkpoints.
+            svd_driver, projection_device, activation_ridge, bn_weighting: the rank rules, layer selection and
+            scheme options shared with ``factorize`` (see ``LowRankOptions``). The ranks a ``budget`` allocates are
+            kept in ``ranks`` and in checkpoints.
 
     Layer names (``plans``, ``ranks``) are those of the uncompiled module: a ``torch.compile``d submodule's layers
     are named without ``_orig_mod``. With manual optimization, every optimizer step counts (two optimizers stepping
@@ -137,7 +149,8 @@ class LowRankProjection(Callback):
                  check_finite: bool = True, energy: float | None = None, compression: float | None = None,
                  tile_shape: tuple[int, int] | None = None, include: str | list[str] | None = None,
                  exclude: str | list[str] | None = None, linear: bool = False, skip_first_conv: bool = True,
-                 hooi_iters: int = 0, svd_driver: str = "auto", budget: float | None = None,
+                 hooi_iters: int = 0, svd_driver: str = "auto", projection_device: str | None = None,
+                 budget: float | None = None,
                  budget_metric: str = "params", input_shape: tuple[int, int, int] | None = None,
                  rank_multiple: int = 8, budget_objective: str = "max", latency_batch_size: int = 32,
                  latency_device: str | None = None,
@@ -163,6 +176,7 @@ class LowRankProjection(Callback):
         self.options = LowRankOptions(scheme=scheme, rank=rank, energy=energy, compression=compression,
                                       tile_shape=tile_shape, include=include, exclude=exclude, linear=linear,
                                       skip_first_conv=skip_first_conv, hooi_iters=hooi_iters, svd_driver=svd_driver,
+                                      projection_device=projection_device,
                                       budget=budget, budget_metric=budget_metric, input_shape=input_shape,
                                       rank_multiple=rank_multiple, budget_objective=budget_objective,
                                       latency_batch_size=latency_batch_size,
@@ -201,6 +215,7 @@ class LowRankProjection(Callback):
         self._projections = 0
         self._restored_ranks: dict | None = None
         self._backup: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._nonfinite_loss: torch.Tensor | None = None
 
     @property
     def state_key(self) -> str:
@@ -229,6 +244,7 @@ class LowRankProjection(Callback):
                                       "holds only a shard of every weight. Use DDP, or project after training.")
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._nonfinite_loss = None
         self.make_plan(pl_module, trainer)
         if trainer.is_global_zero:
             rank_zero_info(plan_table(self.plans, self.skipped, self.options.scheme, self.allocation))
@@ -293,14 +309,13 @@ class LowRankProjection(Callback):
             batches = enumerate(training_batches(trainer, count, seed=step))
             statistics = gather_statistics(pl_module, self.plans, self.options, batches, self.forward_item, step)
         if trainer.world_size > 1:  # every rank reduces every planned layer, in plan order, seen or not
-            summed = {}
-            for plan in self.plans:
-                layer = statistics.get(plan.name) or empty_statistics(plan, self.options, pl_module.device)
+            layers = [statistics.get(plan.name) or empty_statistics(plan, self.options, pl_module.device)
+                      for plan in self.plans]
+            for layer in layers:
                 for tensor in layer.tensors():
                     tensor.copy_(trainer.strategy.reduce(tensor, reduce_op="sum"))
-                if layer.rows.item() > 0:
-                    summed[plan.name] = layer
-            statistics = summed
+            (rows,) = host_lists([torch.stack([layer.rows.reshape(()) for layer in layers])])
+            statistics = {plan.name: layer for plan, layer, count in zip(self.plans, layers, rows) if count > 0}
         return statistics
 
     def training_loss(self, trainer: Trainer, pl_module: LightningModule) -> float:
@@ -328,12 +343,13 @@ class LowRankProjection(Callback):
         step = trainer.global_step
         if self.check_finite:
             loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-            if isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss).all()):
-                raise NonFiniteTrainingError(f"training loss became {loss.item()} at optimizer step {step}. "
-                                             + DIVERGENCE_HINT)
+            if isinstance(loss, torch.Tensor):
+                self.record_loss(loss, step)
         if step <= self._last_step:
             return
         due = any(self.should_project(taken) for taken in range(self._last_step + 1, step + 1))
+        if self.check_finite and (due or step // FINITE_CHECK_STEPS > self._last_step // FINITE_CHECK_STEPS):
+            self.check_loss()
         self._last_step = step
         if not due:
             return
@@ -358,6 +374,25 @@ class LowRankProjection(Callback):
             metrics = {**self.projection_metrics(plans, seconds), **jump}
             self.history.append({"step": step, **{name.split("/", 1)[1]: value for name, value in metrics.items()}})
             self.log_projection(trainer, metrics)
+
+    def record_loss(self, loss: torch.Tensor, step: int) -> None:
+        """Keep the first optimizer step whose training loss holds NaN/Inf, and that loss, in a tensor on the loss's
+        device: recorded without the host waiting for the device (``check_loss`` reads it)."""
+        value = loss.detach().double().sum()
+        record = self._nonfinite_loss
+        if record is None or record.device != value.device:
+            record = torch.full((2,), -1.0, dtype=torch.float64, device=value.device)
+        fresh = ~torch.isfinite(value) & (record[0] < 0)
+        self._nonfinite_loss = torch.where(fresh, torch.stack([torch.full_like(value, step), value]), record)
+
+    def check_loss(self) -> None:
+        """Raise ``NonFiniteTrainingError`` naming the first optimizer step whose loss ``record_loss`` found NaN/Inf."""
+        if self._nonfinite_loss is None:
+            return
+        step, value = self._nonfinite_loss.tolist()
+        if step >= 0:
+            raise NonFiniteTrainingError(f"training loss became {value} at optimizer step {int(step)}. "
+                                         + DIVERGENCE_HINT)
 
     def zero_first_moments(self, trainer: Trainer, pl_module: LightningModule, plans: list[LayerPlan]) -> None:
         """Zero ``momentum_buffer``/``exp_avg`` of the projected weights in every optimizer of ``trainer``."""
@@ -409,6 +444,8 @@ class LowRankProjection(Callback):
                                  f"forward pass on a training batch does not run {missing}. {FORWARD_HINT}.")
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.check_finite:
+            self.check_loss()
         if not (self.final_projection and self.plans):
             return
         statistics = self.gather_statistics(trainer, pl_module)

@@ -54,6 +54,22 @@ def check_rank(rank: Any, scheme: str) -> RankSpec:
     raise ValueError(f"`rank` must be {allowed}, or a mapping of layer names to ranks; got {rank!r}")
 
 
+def check_device(argument: str, value: Any) -> None:
+    """Raise unless ``value`` is None, ``"cpu"`` or a CUDA device present on this machine."""
+    if value is None:
+        return
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError):
+        device = None
+    usable = device is not None and (device.type == "cpu" or (
+        device.type == "cuda" and torch.cuda.is_available()
+        and (device.index is None or device.index < torch.cuda.device_count())))
+    if not usable:
+        raise ValueError(f"`{argument}` must be 'cpu' or a CUDA device of this machine such as 'cuda:0' "
+                         f"(CUDA available: {torch.cuda.is_available()}), got {value!r}")
+
+
 def check_patterns(argument: str, value: Any) -> tuple[str, ...]:
     if value is None:
         return ()
@@ -90,7 +106,11 @@ class LowRankOptions:
     (Linear layers always use ``svd``); ``include``/``exclude`` are glob patterns on module names.
     ``svd_driver`` picks how projections decompose: ``"auto"`` (the fastest measured on the weights' device:
     ``"gram"`` on the CPU, ``"exact"`` elsewhere), ``"exact"`` (``torch.linalg.svd``), ``"randomized"``
-    (``torch.svd_lowrank``) or ``"gram"`` (``eigh`` of the float64 Gram matrix of each matrix's shorter side).
+    (``torch.svd_lowrank``), ``"gram"`` (``eigh`` of the float64 Gram matrix of each matrix's shorter side) or, for
+    CUDA only, a cuSOLVER method of ``torch.linalg.svd``: ``"gesvd"``, ``"gesvdj"``, ``"gesvda"``.
+    ``projection_device``: where projections decompose: None (default) the weights' device; ``"cpu"`` (or a CUDA
+    device) copies the selected weights there (one transfer per device and dtype), decomposes there with that
+    device's driver and copies the results back without waiting for them.
     ``objective``: what a projection keeps best, ``"weight"`` (default: the Frobenius error of the weight) or
     ``"activation"`` (the layer's output error E‖(W − W_r)x‖² over its inputs x on data: under their covariance
     when a BatchNorm normalizes the output, else their second moment; with ``bn_weighting`` also each output channel
@@ -110,6 +130,7 @@ class LowRankOptions:
     skip_first_conv: bool = True
     hooi_iters: int = 0
     svd_driver: str = "auto"
+    projection_device: str | None = None
     budget: float | None = None
     budget_metric: str = "params"
     input_shape: tuple[int, ...] | None = None
@@ -149,6 +170,7 @@ class LowRankOptions:
             raise ValueError(f"`hooi_iters` must be an int >= 0, got {self.hooi_iters!r}")
         if self.svd_driver not in SVD_DRIVERS:
             raise ValueError(f"`svd_driver` must be one of {SVD_DRIVERS}, got {self.svd_driver!r}")
+        check_device("projection_device", self.projection_device)
         self.check_objective()
 
     def check_objective(self) -> None:
@@ -191,17 +213,7 @@ class LowRankOptions:
             value = getattr(self, argument)
             if not (is_int(value) and value >= 1):
                 raise ValueError(f"`{argument}` must be an int >= 1, got {value!r}")
-        if self.latency_device is not None:
-            try:
-                device = torch.device(self.latency_device)
-            except (RuntimeError, TypeError):
-                device = None
-            usable = device is not None and (device.type == "cpu" or (
-                device.type == "cuda" and torch.cuda.is_available()
-                and (device.index is None or device.index < torch.cuda.device_count())))
-            if not usable:
-                raise ValueError(f"`latency_device` must be 'cpu' or a CUDA device of this machine such as 'cuda:0' "
-                                 f"(CUDA available: {torch.cuda.is_available()}), got {self.latency_device!r}")
+        check_device("latency_device", self.latency_device)
         if self.latency_cache is not None and not isinstance(self.latency_cache, (str, os.PathLike)):
             raise ValueError(f"`latency_cache` must be a directory path, got {self.latency_cache!r}")
 

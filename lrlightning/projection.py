@@ -54,65 +54,115 @@ def check_statistics(plans: list[LayerPlan], statistics: dict[str, LayerStatisti
                          "of the callback, `statistics=gather_statistics(...)` of finish)")
 
 
-def group_weighting(group: list[LayerPlan], statistics: dict[str, LayerStatistics] | None, options: LowRankOptions,
-                    device: torch.device) -> Weighting | None:
-    """The ``Weighting`` of a group of layers, None unless every one has statistics."""
-    if statistics is None or any(p.name not in statistics for p in group):
-        return None
-    layers = [statistics[p.name] for p in group]
-    scales = None
+def concrete(device: torch.device | str) -> torch.device:
+    """``device`` with its index (``"cuda"`` is the current CUDA device), comparable to a tensor's ``.device``."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def moved(tensors: list[torch.Tensor], devices: torch.device | str | list[torch.device],
+          non_blocking: bool = False) -> list[torch.Tensor]:
+    """Each tensor on its device of ``devices`` (one for all, or one per tensor), with one copy per source device,
+    dtype and target, not per tensor; tensors already there are returned as they are. ``non_blocking``: the host
+    does not wait for copies to CUDA (never towards the CPU, whose values the host reads)."""
+    if isinstance(devices, (str, torch.device)):
+        devices = [devices] * len(tensors)
+    targets = [concrete(device) for device in devices]
+    out = list(tensors)
+    copies: dict[tuple, list[int]] = defaultdict(list)
+    for index, (tensor, device) in enumerate(zip(tensors, targets)):
+        if tensor.device != device:
+            copies[(tensor.device, tensor.dtype, device)].append(index)
+    for (_, _, device), indices in copies.items():
+        flat = torch.cat([tensors[i].reshape(-1) for i in indices]).to(device, non_blocking=non_blocking)
+        for i, part in zip(indices, flat.split([tensors[i].numel() for i in indices])):
+            out[i] = part.view(tensors[i].shape)
+    return out
+
+
+def placed_weightings(groups: list[list[LayerPlan]], devices: list[torch.device],
+                      statistics: dict[str, LayerStatistics] | None,
+                      options: LowRankOptions) -> list[Weighting | None]:
+    """The ``Weighting`` of each group of layers on its device of ``devices`` (None unless every layer of the
+    group has statistics); the statistics travel with one copy per device and dtype (``moved``)."""
+    usable = [statistics is not None and all(p.name in statistics for p in group) for group in groups]
+    members = [(plan, device) for group, device, use in zip(groups, devices, usable) if use for plan in group]
+    tensors = [statistics[plan.name].input_metric for plan, _ in members]
     if options.bn_weighting:
-        scales = torch.stack([s.output_scale.to(device) if s.output_scale is not None
-                              else torch.ones(p.shape[0], dtype=torch.float64, device=device)
-                              for p, s in zip(group, layers)])
-    return Weighting(torch.stack([s.input_metric.to(device) for s in layers]), scales, options.activation_ridge)
+        tensors += [statistics[plan.name].output_scale if statistics[plan.name].output_scale is not None
+                    else torch.ones(plan.shape[0], dtype=torch.float64, device=device) for plan, device in members]
+    targets = [device for _, device in members]
+    placed = iter(moved(tensors, targets * (2 if options.bn_weighting else 1)))
+    metrics = [next(placed) for _ in members]
+    scales = [next(placed) for _ in members] if options.bn_weighting else []
+    weightings, start = [], 0
+    for group, use in zip(groups, usable):
+        if not use:
+            weightings.append(None)
+            continue
+        end = start + len(group)
+        weightings.append(Weighting(torch.stack(metrics[start:end]),
+                                    torch.stack(scales[start:end]) if options.bn_weighting else None,
+                                    options.activation_ridge))
+        start = end
+    return weightings
 
 
 def project_planned_(model: nn.Module, plans: list[LayerPlan], options: LowRankOptions,
                      statistics: dict[str, LayerStatistics] | None = None) -> list[LayerStats]:
     """Overwrite each planned layer's weight by its low-rank projection, in place, under ``torch.no_grad``.
 
-    Layers of equal shape, dtype and device share one batched decomposition, and the host waits for the device
-    twice per device (finite check, statistics), not per layer. The decomposition runs in float32 whatever the
-    weight's dtype (bf16/fp16 are cast back); parameters keep their identity, dtype and device.
+    Layers of equal shape, dtype and device share one batched decomposition, on ``options.projection_device``
+    (default: their own device). The host waits for the device once per device for the finite check and once
+    for the statistics, plus whatever the decompositions themselves wait (on CUDA ``torch.linalg.svd``/``eigh``
+    check their convergence on the host: once per group); on another projection device, the weights travel there
+    in one copy per device and back without waiting. The decomposition runs in float32 whatever the weight's
+    dtype (bf16/fp16 are cast back); parameters keep their identity, dtype and device.
     Raises ``NonFiniteWeightError`` naming the first layer holding NaN/Inf, before anything is written.
     ``statistics`` (``lrlightning.activations.input_statistics``, by layer name): needed by ``objective=
     "activation"``; with them every layer's ``output_rel_error`` is measured, under either objective.
     """
     check_statistics(plans, statistics, options)
     modules = named_modules(model)
-    groups: dict[tuple, list[LayerPlan]] = defaultdict(list)
+    grouped: dict[tuple, list[LayerPlan]] = defaultdict(list)
     for plan in plans:
         weight = modules[plan.name].weight
-        groups[(plan.scheme, plan.shape, weight.dtype, weight.device)].append(plan)
+        grouped[(plan.scheme, plan.shape, weight.dtype, weight.device)].append(plan)
+    groups = list(grouped.values())
     with torch.no_grad():
-        batches = []
-        for group in groups.values():
-            weights = [modules[p.name].weight for p in group]
-            batches.append((group, weights, torch.stack([w.detach().float() for w in weights])))
-        finite = host_lists([torch.isfinite(stacked.flatten(1)).all(1) for _, _, stacked in batches])
-        for (group, _, _), flags in zip(batches, finite):
+        weights = [[modules[p.name].weight for p in group] for group in groups]
+        stacked = [torch.stack([w.detach().float() for w in group]) for group in weights]
+        if options.projection_device is not None:
+            stacked = moved(stacked, options.projection_device)
+        devices = [tensor.device for tensor in stacked]
+        finite = host_lists([torch.isfinite(tensor.flatten(1)).all(1) for tensor in stacked])
+        for group, flags in zip(groups, finite):
             if not all(flags):
                 raise NonFiniteWeightError(group[flags.index(False)].name)
-        measured = []
-        for group, weights, stacked in batches:
+        weightings = placed_weightings(groups, devices, statistics, options)
+        measured, projected = [], []
+        for group, original, weighting in zip(groups, stacked, weightings):
             scheme = scheme_for(group[0].shape, options)
-            driver = resolve_driver(options.svd_driver, stacked.device)
+            driver = resolve_driver(options.svd_driver, original.device)
             ranks = [p.rank for p in group]
-            weighting = group_weighting(group, statistics, options, stacked.device)
             if options.weighted:
-                approx = scheme.project_weighted(stacked, ranks, driver, weighting)
+                approx = scheme.project_weighted(original, ranks, driver, weighting)
             else:
-                approx = scheme.project(stacked, ranks, driver)
-            for weight, new in zip(weights, approx):
-                weight.copy_(new.to(weight.dtype))
-            norms = stacked.flatten(1).norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
-            errors = (stacked - approx).flatten(1).norm(dim=1) / norms
-            outputs = output_error(stacked, approx, weighting).float() if weighting is not None \
+                approx = scheme.project(original, ranks, driver)
+            projected.append(approx)
+            norms = original.flatten(1).norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+            errors = (original - approx).flatten(1).norm(dim=1) / norms
+            outputs = output_error(original, approx, weighting).float() if weighting is not None \
                 else torch.full_like(errors, float("nan"))
             measured.append(torch.cat([errors, (approx.flatten(1).norm(dim=1) / norms).pow(2), outputs]))
+        projected = moved(projected, [group[0].device for group in weights], non_blocking=True)
+        for group, approx in zip(weights, projected):
+            for weight, new in zip(group, approx):
+                weight.copy_(new.to(weight.dtype))
     stats = {}
-    for (group, _, _), values in zip(batches, host_lists(measured)):
+    for group, values in zip(groups, host_lists(measured)):
         count = len(group)
         for plan, error, energy, output in zip(group, values[:count], values[count:2 * count], values[2 * count:]):
             stats[plan.name] = LayerStats(plan.name, plan.rank, error, min(energy, 1.0),

@@ -13,6 +13,7 @@ of magnitude, which measures the neighbours rather than the method. Usage:
 
     python scripts/bench_projection.py                    # ResNet-32 and ResNet-56, batch 128, 7 repeats
     python scripts/bench_projection.py --quick --threads 2 --out /tmp/bench.json
+    python scripts/bench_projection.py --device cuda --projection-devices same cpu   # decompose on the GPU or the CPU
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from lrlightning.latency import synchronize
 from lrlightning.options import LowRankOptions
 from lrlightning.plan import plan_layers
 from lrlightning.projection import project_planned_
-from lrlightning.schemes import SVD_DRIVERS, resolve_driver
+from lrlightning.schemes import CUSOLVER_DRIVERS, SVD_DRIVERS, resolve_driver
 from lrlightning.summary import format_table
 
 SCHEMES = {
@@ -62,33 +63,45 @@ def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: to
     return step
 
 
-def projection_cases(model: nn.Module) -> list[dict]:
-    """One case per scheme and driver: options, plan (made once) and a function projecting every planned conv."""
+def drivers_on(device: torch.device, drivers: list[str] | None) -> list[str]:
+    """``drivers`` (default: every driver) that run on ``device``: cuSOLVER ones on CUDA only."""
+    return [d for d in drivers or SVD_DRIVERS if device.type == "cuda" or d not in CUSOLVER_DRIVERS]
+
+
+def projection_cases(model: nn.Module, drivers: list[str] | None, projection_devices: list[str]) -> list[dict]:
+    """One case per scheme, projection device and driver: options, plan (made once) and a function projecting
+    every planned conv."""
     cases, device = [], next(model.parameters()).device
     for name, settings in SCHEMES.items():
-        for driver in SVD_DRIVERS:
-            options = LowRankOptions(**settings, svd_driver=driver)
-            start = time.perf_counter()
-            plans, skipped = plan_layers(model, options, warn=False)
-            plan_seconds = time.perf_counter() - start
-            cases.append({
-                "scheme": name, "rank": settings["rank"], "layers": len(plans),
-                "driver": f"auto ({resolve_driver(driver, device)})" if driver == "auto" else driver,
-                "left_dense": len(skipped), "plan_ms": 1000 * plan_seconds,
-                "run": lambda plans=plans, options=options: project_planned_(model, plans, options),
-                "times": [],
-            })
+        for where in projection_devices:
+            decomposed_on = device if where == "same" else torch.device(where)
+            for driver in drivers_on(decomposed_on, drivers):
+                options = LowRankOptions(**settings, svd_driver=driver,
+                                         projection_device=None if where == "same" else where)
+                start = time.perf_counter()
+                plans, skipped = plan_layers(model, options, warn=False)
+                plan_seconds = time.perf_counter() - start
+                copied = decomposed_on.type != device.type
+                cases.append({
+                    "scheme": name, "rank": settings["rank"], "layers": len(plans),
+                    "decomposed_on": f"{decomposed_on.type} (copied)" if copied else decomposed_on.type,
+                    "driver": f"auto ({resolve_driver(driver, decomposed_on)})" if driver == "auto" else driver,
+                    "left_dense": len(skipped), "plan_ms": 1000 * plan_seconds,
+                    "run": lambda plans=plans, options=options: project_planned_(model, plans, options),
+                    "times": [],
+                })
     return cases
 
 
-def bench_backbone(name: str, batch_size: int, repeats: int, warmup: int, device: torch.device) -> dict:
+def bench_backbone(name: str, batch_size: int, repeats: int, warmup: int, device: torch.device,
+                   drivers: list[str] | None = None, projection_devices: tuple[str, ...] = ("same",)) -> dict:
     torch.manual_seed(0)
     model = build_backbone(name, num_classes=10, in_channels=3).to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     images = torch.randn(batch_size, 3, 32, 32, device=device)
     labels = torch.randint(0, 10, (batch_size,), device=device)
     step = training_step(model, optimizer, images, labels)
-    cases = projection_cases(model)
+    cases = projection_cases(model, drivers, list(projection_devices))
     step_times = []
     for index in range(warmup + repeats):
         measured = index >= warmup
@@ -106,11 +119,23 @@ def bench_backbone(name: str, batch_size: int, repeats: int, warmup: int, device
         projection_ms = 1000 * statistics.median(case["times"])
         rows.append({
             "backbone": name, "scheme": case["scheme"], "driver": case["driver"], "rank": case["rank"],
+            "decomposed_on": case["decomposed_on"],
             "layers": case["layers"], "left_dense": case["left_dense"], "plan_ms": case["plan_ms"],
             "projection_ms": projection_ms, "projection_ms_all": [1000 * t for t in case["times"]],
             "step_ms": step_ms, "ratio": projection_ms / step_ms,
         })
     return {"backbone": name, "step_ms": step_ms, "step_ms_all": [1000 * t for t in step_times], "rows": rows}
+
+
+def fastest_line(rows: list[dict], backbone: str, scheme: str) -> str:
+    """Which driver and device project ``scheme`` fastest on ``backbone``, and its time against auto's."""
+    mine = [r for r in rows if r["backbone"] == backbone and r["scheme"] == scheme]
+    best = min(mine, key=lambda r: r["projection_ms"])
+    auto = [r for r in mine if r["driver"].startswith("auto")]
+    versus = ", ".join(f"auto on {r['decomposed_on']} x{r['projection_ms'] / best['projection_ms']:.2f} of it"
+                       for r in auto)
+    return (f"fastest {backbone} {scheme}: {best['driver']} on {best['decomposed_on']} "
+            f"({best['projection_ms']:.1f} ms, {best['ratio']:.3f} of a step); {versus}")
 
 
 def main() -> None:
@@ -121,6 +146,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="3 measured repeats")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--drivers", nargs="+", default=None, choices=SVD_DRIVERS,
+                        help="svd_driver values (default: every one that runs where the weights decompose)")
+    parser.add_argument("--projection-devices", nargs="+", default=["same"],
+                        help="projection_device values side by side ('same': the weights' device, or e.g. cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: 1 on CPU)")
     parser.add_argument("--out", default="results/projection/bench_projection.json",
                         help="result file (see docs/results.md)")
@@ -131,19 +160,25 @@ def main() -> None:
     if threads is not None:
         torch.set_num_threads(threads)
 
-    results = [bench_backbone(name, args.batch_size, repeats, args.warmup, device) for name in args.backbones]
+    results = [bench_backbone(name, args.batch_size, repeats, args.warmup, device, args.drivers,
+                              tuple(args.projection_devices)) for name in args.backbones]
     rows = [row for result in results for row in result["rows"]]
-    header = ["backbone", "scheme", "driver", "rank", "layers", "projection ms", "step ms", "projection/step"]
-    cells = [[r["backbone"], r["scheme"], r["driver"], str(r["rank"]), str(r["layers"]), f"{r['projection_ms']:.1f}",
+    header = ["backbone", "scheme", "decomposed on", "driver", "rank", "layers", "projection ms", "step ms",
+              "projection/step"]
+    cells = [[r["backbone"], r["scheme"], r["decomposed_on"], r["driver"], str(r["rank"]), str(r["layers"]),
+              f"{r['projection_ms']:.1f}",
               f"{r['step_ms']:.1f}", f"{r['ratio']:.3f}"] for r in rows]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     caption = (f"One projection of every selected conv vs one SGD step (batch {args.batch_size}, 3x32x32, {where}, "
                f"median of {repeats})")
     worst = max(rows, key=lambda r: r["ratio"])
-    largest = f"largest ratio: {worst['ratio']:.3f} ({worst['backbone']} {worst['scheme']} {worst['driver']})"
+    largest = (f"largest ratio: {worst['ratio']:.3f} ({worst['backbone']} {worst['scheme']} {worst['driver']} on "
+               f"{worst['decomposed_on']})")
+    fastest = [fastest_line(rows, backbone, scheme) for backbone in args.backbones for scheme in SCHEMES]
     print(caption)
     print(format_table(header, cells))
     print(largest)
+    print("\n".join(fastest))
     payload = {
         "device": where, "batch_size": args.batch_size, "repeats": repeats, "warmup": args.warmup,
         "schemes": {name: {k: v for k, v in s.items()} for name, s in SCHEMES.items()},
@@ -151,7 +186,8 @@ def main() -> None:
         "results": rows,
     }
     write_result(args.out, f"One projection of every selected conv against one training step ({where})", "projection",
-                 [{"caption": caption, "columns": header, "rows": cells, "lines": [largest]}], data=payload)
+                 [{"caption": caption, "columns": header, "rows": cells, "lines": [largest, *fastest]}],
+                 data=payload)
     print(f"wrote {args.out}")
 
 

@@ -342,6 +342,41 @@ def test_non_finite_loss_stops_with_step(tmp_path):
         fast_trainer(tmp_path, [LowRankProjection("svd", 2, every_n_train_steps=4)]).fit(Diverging(), loader())
 
 
+def test_a_loss_that_diverges_between_projections_is_named_at_its_first_step_within_the_check_period(tmp_path):
+    from lrlightning.callback import FINITE_CHECK_STEPS
+
+    class Diverging(TinyCNN):
+        steps = []
+
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.steps.append(self.global_step)
+            return loss * float("inf") if self.global_step in (5, 6) else loss
+
+    model = Diverging()
+    callback = LowRankProjection("svd", 2, every_n_train_steps=1000, final_projection=False,
+                                 validate_projected=False)
+    with pytest.raises(NonFiniteTrainingError, match=r"became (inf|nan) at optimizer step 6\..*HINT"):
+        fast_trainer(tmp_path, [callback], max_epochs=100).fit(model, loader())
+    assert max(model.steps) < FINITE_CHECK_STEPS  # stopped at the first read, not at the (far) next projection
+    fast_trainer(tmp_path, [callback], max_steps=4).fit(TinyCNN(), loader())  # a new fit starts with a clean record
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_recording_the_loss_never_waits_for_the_device():
+    callback = LowRankProjection("svd", 2)
+    loss = torch.tensor(0.5, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(1, 5):
+            callback.record_loss(loss * (float("nan") if step == 3 else 1.0), step)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    with pytest.raises(NonFiniteTrainingError, match=r"nan at optimizer step 3\."):
+        callback.check_loss()
+
+
 def test_non_finite_weight_names_layer_and_step(tmp_path):
     class Poison(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -597,12 +632,13 @@ trainer:
         skip_first_conv: false
         hooi_iters: 0
         svd_driver: gram
+        projection_device: cpu
 """)
     cli = LightningCLI(TinyCNN, args=["--config", str(config)], run=False, save_config_callback=None)
     callback = next(c for c in cli.trainer.callbacks if isinstance(c, LowRankProjection))
     assert callback.options == LowRankOptions(scheme="tiled_svd", rank={"net.2": 2, "net.5": 3}, tile_shape=(6, 27),
                                               exclude=("net.0",), skip_first_conv=False, svd_driver="gram",
-                                              objective="activation")
+                                              projection_device="cpu", objective="activation")
     assert (callback.every_n_train_steps, callback.start_step, callback.stop_step, callback.rank_warmup) == (2, 1, 5, 1)
     assert callback.reset_momentum and not callback.validate_projected and not callback.check_finite
     assert callback.recalibration_step is first_item_forward and callback.bn_recalibration_batches == 2

@@ -471,7 +471,7 @@ INVALID_OPTIONS = [
     (dict(compression=0.5), r"`compression` must be a number > 1 .*got 0\.5"),
     (dict(rank=2, hooi_iters=-1), r"`hooi_iters` must be an int >= 0, got -1"),
     (dict(rank=2, hooi_iters=1.0), r"`hooi_iters` must be an int >= 0, got 1\.0"),
-    (dict(rank=2, svd_driver="lanczos"), r"`svd_driver` must be one of \('auto', 'exact', 'randomized', 'gram'\), got 'lanczos'"),
+    (dict(rank=2, svd_driver="lanczos"), r"`svd_driver` must be one of \('auto', 'exact', 'randomized', 'gram', 'gesvd', 'gesvdj', 'gesvda'\), got 'lanczos'"),
     (dict(rank=2, include=3), r"`include` must be a glob pattern .*got 3"),
     (dict(rank=2, exclude=["ok", 1]), r"`exclude` must be a glob pattern .*got \['ok', 1\]"),
     (dict(rank=2, objective="output"), r"`objective` must be one of \('weight', 'activation'\), got 'output'"),

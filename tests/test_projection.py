@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lrlightning import LowRankOptions, factorize, plan_layers, project_
-from lrlightning.projection import host_lists, project_planned_
+from lrlightning.projection import host_lists, moved, project_planned_
 from lrlightning.schemes import resolve_driver
 
 RANKS = {
@@ -121,3 +121,115 @@ def test_factorize_with_the_activation_objective_is_the_exact_export_of_its_proj
     with torch.no_grad():
         torch.testing.assert_close(small(x), projected(x), rtol=1e-4, atol=1e-5)
         assert not torch.allclose(projected(x), factorize(model, "tucker2", (3, 4)).eval()(x), atol=1e-3)
+
+
+def test_a_cusolver_driver_is_accepted_by_the_options_and_refused_by_name_off_cuda():
+    assert LowRankOptions("svd", 2, svd_driver="gesvdj").svd_driver == "gesvdj"
+    with pytest.raises(ValueError, match=r"`svd_driver`='gesvdj' is a cuSOLVER driver and runs on CUDA only; the "
+                                         r"weights decompose on 'cpu': use one of \('auto', 'exact', 'randomized', "
+                                         r"'gram'\) or `projection_device` 'cuda'"):
+        project_(same_shape_convs(), "svd", 2, svd_driver="gesvdj")
+    with pytest.raises(ValueError, match=r"`svd_driver`='gesvda' is a cuSOLVER driver"):  # when fit starts, too
+        plan_layers(same_shape_convs(), LowRankOptions("tucker2", budget=2.0, svd_driver="gesvda"))
+
+
+@pytest.mark.parametrize("value", ["gpu0", "meta", "cuda:64", 3])
+def test_projection_device_names_what_it_allows(value):
+    with pytest.raises(ValueError, match=rf"`projection_device` must be 'cpu' or a CUDA device of this machine .*"
+                                         rf"got {value!r}"):
+        LowRankOptions("svd", 2, projection_device=value)
+
+
+def test_moved_makes_one_copy_per_source_device_dtype_and_target(monkeypatch):
+    tensors = [torch.randn(2, 3), torch.randn(4), torch.randn(3, dtype=torch.float64), torch.randn(1, 1)]
+    copies = []
+    original = torch.Tensor.to
+
+    def counted(self, *args, **kwargs):
+        copies.append((str(self.dtype), self.numel()))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", counted)
+    out = moved(tensors, ["meta", "meta", "meta", "cpu"])
+    assert sorted(copies) == [("torch.float32", 10), ("torch.float64", 3)]
+    assert [t.device.type for t in out] == ["meta", "meta", "meta", "cpu"] and out[3] is tensors[3]
+    assert [(t.shape, t.dtype) for t in out] == [(t.shape, t.dtype) for t in tensors]
+    copies.clear()
+    assert all(a is b for a, b in zip(moved(tensors, "cpu"), tensors)) and not copies
+
+
+def test_projecting_on_the_cpu_is_projecting_in_place_for_cpu_weights():
+    model, reference = same_shape_convs(), same_shape_convs()
+    stats = project_(model, "tucker2", 0.5, projection_device="cpu")
+    project_(reference, "tucker2", 0.5)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
+    assert [s.name for s in stats] == ["1", "2", "3", "4", "5"]
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@CUDA
+@pytest.mark.parametrize("scheme", sorted(RANKS))
+@pytest.mark.parametrize("objective", ["weight", "activation"])
+def test_projecting_on_another_device_matches_projecting_where_the_weights_are(scheme, objective):
+    extra, ranks = RANKS[scheme]
+    rank = {str(index + 1): r for index, r in enumerate(ranks)} | {"5": ranks[0]}
+    results = {}
+    for where, projection_device in (("cuda", None), ("cuda", "cpu"), ("cpu", "cuda")):
+        model = same_shape_convs().to(where)
+        batches = [x.to(where) for x in calibration_batches(2)] if objective == "activation" else None
+        stats = project_(model, scheme, rank, objective=objective, calibration=batches,
+                         projection_device=projection_device, **extra)
+        assert all(p.device.type == where for p in model.parameters())
+        results[(where, projection_device)] = ([p.detach().cpu() for p in model.parameters()],
+                                               [s.rel_error for s in stats])
+    (reference, errors), *others = results.values()
+    for weights, other_errors in others:
+        for a, b in zip(weights, reference):
+            assert (a - b).norm() <= 1e-5 * b.norm().clamp_min(1e-12)
+        assert other_errors == pytest.approx(errors, rel=1e-4)
+
+
+@CUDA
+@pytest.mark.parametrize("driver", ["gesvd", "gesvdj", "gesvda"])
+def test_each_cusolver_driver_is_eckart_young_optimal(driver):
+    model = same_shape_convs().cuda()
+    weights = {name: m.weight.detach().clone() for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    stats = project_(model, "svd", 3, svd_driver=driver)
+    for s in stats:
+        singular = torch.linalg.svdvals(weights[s.name].double().reshape(weights[s.name].shape[0], -1))
+        best = (singular[3:].pow(2).sum() / singular.pow(2).sum()).sqrt().item()
+        assert s.rel_error == pytest.approx(best, rel=1e-4, abs=1e-6)
+
+
+def synchronizations(function) -> int:
+    """How many times ``function()`` makes the host wait for the CUDA device (``torch.cuda`` sync debug mode)."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            function()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in caught)
+
+
+@CUDA
+@pytest.mark.parametrize("scheme", sorted(RANKS))
+def test_the_host_waits_per_group_of_layers_not_per_layer(scheme):
+    extra, ranks = RANKS[scheme]
+    counts = {}
+    for layers in (2, 8):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 12, 3), *[nn.Conv2d(12, 12, 3) for _ in range(layers)]).cuda()
+        options = LowRankOptions(scheme, ranks[1], **extra)
+        plans = plan_layers(model, options)[0]
+        project_planned_(model, plans, options)  # warm-up: cuSOLVER handles, workspaces
+        counts[layers] = synchronizations(lambda: project_planned_(model, plans, options))
+        offloaded = LowRankOptions(scheme, ranks[1], projection_device="cpu", **extra)
+        assert synchronizations(lambda: project_planned_(model, plans, offloaded)) <= 2
+    assert counts[2] == counts[8]

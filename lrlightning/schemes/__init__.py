@@ -11,6 +11,7 @@ from torch import nn
 
 from .base import MatrixScheme, Rank, Scheme
 from .linalg import (
+    CUSOLVER_DRIVERS,
     SVD_DRIVERS,
     gram_basis,
     low_rank_matrices,
@@ -63,6 +64,7 @@ __all__ = [
     "SCHEMES",
     "SCHEME_NAMES",
     "SVD_DRIVERS",
+    "CUSOLVER_DRIVERS",
     "resolve_driver",
     "LoweredSVD",
     "MatrixScheme",

@@ -6,15 +6,22 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-SVD_DRIVERS = ("auto", "exact", "randomized", "gram")
+CUSOLVER_DRIVERS = ("gesvd", "gesvdj", "gesvda")  # torch.linalg.svd(driver=...), CUDA only
+SVD_DRIVERS = ("auto", "exact", "randomized", "gram", *CUSOLVER_DRIVERS)
 AUTO_DRIVERS = {"cpu": "gram"}  # measured by scripts/bench_projection.py; devices not listed take "exact"
 
 
 def resolve_driver(driver: str, device: torch.device) -> str:
     """The driver that ``driver`` means for matrices on ``device``: ``"auto"`` is ``"gram"`` on the CPU (as fast as
     ``exact`` or faster at every conv shape measured, 1.2-3x on the lowered kernels of CIFAR ResNets, and within
-    1e-4 relative of it) and ``"exact"`` elsewhere; other names are themselves."""
-    return AUTO_DRIVERS.get(torch.device(device).type, "exact") if driver == "auto" else driver
+    1e-4 relative of it) and ``"exact"`` elsewhere; other names are themselves. A cuSOLVER driver
+    (``CUSOLVER_DRIVERS``) on another device than CUDA raises ``ValueError``."""
+    device = torch.device(device)
+    if driver in CUSOLVER_DRIVERS and device.type != "cuda":
+        raise ValueError(f"`svd_driver`={driver!r} is a cuSOLVER driver and runs on CUDA only; the weights decompose "
+                         f"on {device.type!r}: use one of {tuple(d for d in SVD_DRIVERS if d not in CUSOLVER_DRIVERS)} "
+                         "or `projection_device` 'cuda'")
+    return AUTO_DRIVERS.get(device.type, "exact") if driver == "auto" else driver
 
 
 def gram_basis(matrices: Tensor, max_rank: int, left: bool | None = None) -> tuple[Tensor, Tensor, bool]:
@@ -39,6 +46,8 @@ def truncated_svd(matrices: Tensor, max_rank: int, driver: str = "exact") -> tup
     matrices and small ranks, exact when the matrix rank is at most ``max_rank + 8``.
     ``driver="gram"`` takes the shorter side's vectors from ``gram_basis`` and the other side's by one product;
     those are zero where a singular value is numerically zero (below ``max(m, n) · eps(float32) · s_max``).
+    ``"exact"`` is ``torch.linalg.svd`` with torch's choice of method; a name of ``CUSOLVER_DRIVERS`` (CUDA
+    tensors only) is passed to it as its ``driver``.
     """
     k = min(max_rank, *matrices.shape[-2:])
     if driver == "randomized":
@@ -55,7 +64,7 @@ def truncated_svd(matrices: Tensor, max_rank: int, driver: str = "exact") -> tup
         else:
             u, vh = (a @ vectors) * inverse.unsqueeze(-2), vectors.mT
         return u.to(matrices.dtype), s.to(matrices.dtype), vh.to(matrices.dtype)
-    u, s, vh = torch.linalg.svd(matrices, full_matrices=False)
+    u, s, vh = torch.linalg.svd(matrices, full_matrices=False, driver=driver if driver in CUSOLVER_DRIVERS else None)
     return u[..., :k], s[..., :k], vh[..., :k, :]
 
 
@@ -66,9 +75,10 @@ def split_sqrt(u: Tensor, s: Tensor, vh: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def rank_mask(ranks: Sequence[int], width: int, like: Tensor) -> Tensor:
-    """(B, width) float mask with ones in the first ``ranks[b]`` columns of row b."""
-    limits = torch.tensor(list(ranks), device=like.device).unsqueeze(1)
-    return (torch.arange(width, device=like.device).unsqueeze(0) < limits).to(like.dtype)
+    """(B, width) float mask with ones in the first ``ranks[b]`` columns of row b, on ``like``'s device and dtype
+    (made on the host and sent without waiting for the device)."""
+    mask = torch.arange(width).unsqueeze(0) < torch.tensor(list(ranks)).unsqueeze(1)
+    return mask.to(device=like.device, dtype=like.dtype, non_blocking=True)
 
 
 def low_rank_matrices(matrices: Tensor, ranks: Sequence[int], driver: str = "exact") -> Tensor:
