@@ -39,7 +39,8 @@ def recalibrate_batchnorm_(model: nn.Module, inputs: Iterable[Any],
                            forward: Callable[[nn.Module, Any], object] | None = None, seed: int | None = None) -> int:
     """Reset every tracked BatchNorm's running mean/var and recompute them as the plain average over ``inputs``
     (``forward(model, item)``, default ``model(item)``; train mode, no grad; momentum restored afterwards).
-    Weights are untouched and the model's train/eval mode is restored. With ``seed``, torch's CPU generator and
+    Weights are untouched and every submodule's train/eval mode is restored (a frozen submodule left in eval mode
+    stays so). With ``seed``, torch's CPU generator and
     that of the model's CUDA device are seeded for the passes (dropout, random transforms) and restored after,
     so the statistics are reproducible.
     Returns the number of batches used (0 leaves the statistics as they were).
@@ -49,7 +50,7 @@ def recalibrate_batchnorm_(model: nn.Module, inputs: Iterable[Any],
         return 0
     saved = [(m, m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
              for m in layers]
-    was_training = model.training
+    modes = {module: module.training for module in model.modules()}
     used = 0
     try:
         for m in layers:
@@ -67,5 +68,6 @@ def recalibrate_batchnorm_(model: nn.Module, inputs: Iterable[Any],
                 m.running_mean.copy_(mean)
                 m.running_var.copy_(var)
                 m.num_batches_tracked.copy_(count)
-        model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
     return used

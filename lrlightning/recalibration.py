@@ -83,12 +83,14 @@ def reshuffled(loader: DataLoader, count: int, seed: int) -> Iterator[Any]:
 
 
 def training_batches(trainer: Trainer, count: int, seed: int) -> Iterator[Any]:
-    """``reshuffled`` batches of the fit's training DataLoader, on the module's device and precision. Yields
+    """``reshuffled`` batches of the fit's training DataLoader, on the module's device and precision, drawn with
+    seed ``seed · world_size + global_rank``: each process of a distributed fit draws its own batches (what it
+    sums or averages with the others is new data), and a single process draws with ``seed`` itself. Yields
     nothing before the loader exists (sanity validation); raises ``TypeError`` for several training loaders."""
     loader = trainer.train_dataloader
     if loader is None:
         return
     if not isinstance(loader, DataLoader):
         raise TypeError(f"BatchNorm re-estimation needs a single training DataLoader, got {type(loader).__name__}")
-    for batch in reshuffled(loader, count, seed):
+    for batch in reshuffled(loader, count, seed * trainer.world_size + trainer.global_rank):
         yield trainer.strategy.batch_to_device(trainer.precision_plugin.convert_input(batch))

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lrlightning import LowRankProjection
+from lrlightning.allocator import retain_freed_memory
 from lrlightning.app.module import LitClassifier
 from lrlightning.app.provenance import publish_table
 from lrlightning.latency import synchronize
@@ -91,8 +92,11 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
+    parser.add_argument("--retain-freed-memory", action="store_true",
+                        help="keep freed CPU memory in the process (lrlightning.allocator), as lrl-train does")
     parser.add_argument("--out", default="results/overhead/bench_overhead.json", help="result file (see docs/results.md)")
     args = parser.parse_args()
+    retained = args.retain_freed_memory and retain_freed_memory()
 
     generator = torch.Generator().manual_seed(0)
     n = args.batch_size * args.steps
@@ -132,6 +136,7 @@ def main() -> None:
     columns = ["backbone", "svd_driver", "objective", "projection_device", "S_D", "dense step ms", "projection ms",
                "overhead", "step", "how"]
     machine = torch.cuda.get_device_name() if args.accelerator == "gpu" else f"CPU threads {torch.get_num_threads()}"
+    machine += ", freed memory retained" if retained else ""
     footnote = (f"({args.scheme}, rank 0.5, batch {args.batch_size}, {machine}; step: time of a step with the "
                 f"callback / dense, a projection timed with its input statistics; targets: x1.15 at S_D=1, < 1% at "
                 f"S_D=200, < 2% with objective=activation)")

@@ -35,3 +35,10 @@ def test_buffers_are_named_like_the_state_dict():
     names = set(batchnorm_buffers(model()))
     assert names == {"1.running_mean", "1.running_var", "1.num_batches_tracked"}
     assert names <= set(model().state_dict())
+
+
+def test_every_submodule_keeps_its_mode():
+    net = model().train()
+    net[1].eval()  # a frozen BatchNorm inside a training model
+    recalibrate_batchnorm_(net, [torch.randn(4, 2, 6, 6)])
+    assert net.training and not net[1].training and net[0].training

@@ -757,9 +757,10 @@ def test_ddp_processes_sum_their_input_statistics(tmp_path):
     from lrlightning.activations import ROWS_PER_FEATURE, input_statistics
     from lrlightning.recalibration import reshuffled
 
-    (x, _), = reshuffled(loader(), 1, seed=0)
+    drawn = [next(iter(reshuffled(loader(), 1, seed=rank)))[0] for rank in (0, 1)]  # step 0: seed 0 · 2 + rank
+    assert not torch.equal(drawn[0], drawn[1])  # each process draws its own batches
     expected = sum(input_statistics(initial, ["2"], [x * scale], seed=0)["2"].moment_sum  # the rows each rank drew
-                   for scale in (1.0, 3.0))
+                   for x, scale in zip(drawn, (1.0, 3.0)))
     torch.testing.assert_close(seen[0][0, :-1].double(), expected.flatten(), rtol=1e-4, atol=1e-3)
     rows = min(8 * 64, ROWS_PER_FEATURE * 72)  # a batch's rows of conv net.2: all of them, or fewer drawn
     assert seen[0][0, -1].item() == 2 * rows and seen[1][0, -1].item() == 2 * 2 * rows  # rows of both ranks

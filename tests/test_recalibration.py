@@ -289,3 +289,24 @@ def test_a_training_step_without_batch_index_and_its_metrics_are_respected(tmp_p
 def test_reshuffled_keeps_drop_last():
     loader = DataLoader(tensors(20), batch_size=8, drop_last=True)
     assert [len(batch[1]) for batch in reshuffled(loader, 5, seed=0)] == [8, 8]
+
+
+def test_each_process_of_a_distributed_fit_draws_its_own_batches():
+    from types import SimpleNamespace
+
+    from lrlightning.recalibration import training_batches
+
+    def trainer(world_size, global_rank):
+        return SimpleNamespace(train_dataloader=DataLoader(tensors(64), batch_size=8), world_size=world_size,
+                               global_rank=global_rank, strategy=SimpleNamespace(batch_to_device=lambda b: b),
+                               precision_plugin=SimpleNamespace(convert_input=lambda b: b))
+
+    def labels(batches):
+        return [batch[1].tolist() for batch in batches]
+
+    single = labels(training_batches(trainer(1, 0), 2, seed=5))
+    assert single == labels(reshuffled(DataLoader(tensors(64), batch_size=8), 2, seed=5))
+    ranks = [labels(training_batches(trainer(2, rank), 2, seed=5)) for rank in (0, 1)]
+    assert ranks[0] == labels(reshuffled(DataLoader(tensors(64), batch_size=8), 2, seed=10))
+    assert ranks[1] == labels(reshuffled(DataLoader(tensors(64), batch_size=8), 2, seed=11))
+    assert ranks[0] != ranks[1]
