@@ -57,6 +57,21 @@ def fast_trainer(tmp_path, callbacks, **kwargs):
     return L.Trainer(callbacks=callbacks, **args)
 
 
+class EndProcessGroup(L.Callback):
+    """In each ``ddp_spawn`` process, after every other hook: wait for the others, then shut the process group down
+    (spawned processes skip the ``atexit`` handler that would, and gloo may abort a process left holding one)."""
+
+    def teardown(self, trainer, pl_module, stage):
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+
+def ddp_trainer(tmp_path, callbacks, **kwargs):
+    """``fast_trainer`` with two ``ddp_spawn`` processes on the CPU."""
+    return fast_trainer(tmp_path, [*callbacks, EndProcessGroup()], strategy="ddp_spawn", devices=2, **kwargs)
+
+
 class CountingProjection(LowRankProjection):
     """Records the optimizer step of every projection, periodic and final."""
 
@@ -468,8 +483,7 @@ def test_ddp_two_processes_hold_identical_weights(tmp_path, rule):
     callback = LowRankProjection("svd", every_n_train_steps=2, final_projection=False, **rule)
     skew = [SkewedRankOne()] if "budget" in rule else []  # rank 1's own allocation would differ from rank 0's
     check = SameWeightsCheck(str(tmp_path / "spread.txt"))
-    trainer = fast_trainer(tmp_path, [*skew, callback, check], strategy="ddp_spawn", devices=2, max_epochs=1,
-                           limit_train_batches=4)
+    trainer = ddp_trainer(tmp_path, [*skew, callback, check], max_epochs=1, limit_train_batches=4)
     trainer.fit(model, loader())
     spreads = [float(v) for v in (tmp_path / "spread.txt").read_text().split()]
     assert len(spreads) == 2
@@ -745,7 +759,7 @@ def test_ddp_processes_sum_their_input_statistics(tmp_path):
     path = str(tmp_path / "statistics.pt")
     callback = StatisticsRecorder(path, "svd", 2, every_n_train_steps=2, objective="activation",
                                   activation_batches=2, final_projection=False)
-    trainer = fast_trainer(tmp_path, [callback], strategy="ddp_spawn", devices=2, max_epochs=1, limit_train_batches=2)
+    trainer = ddp_trainer(tmp_path, [callback], max_epochs=1, limit_train_batches=2)
     torch.manual_seed(0)
     model = ScaledOnRankOne()
     initial = copy.deepcopy(model.net)
