@@ -139,6 +139,12 @@ def test_a_budget_is_set_on_the_command_line_without_a_plus():
     assert (node.scheme, node.rank, node.budget, node.budget_metric) == ("svd", None, 3, "macs")
 
 
+def test_any_callback_option_is_added_on_the_command_line(tmp_path):
+    cfg = compose_train(["+lowrank.projection_device=cpu", "+lowrank.svd_driver=exact"])
+    _, _, callback, _ = instantiate_job(cfg, tmp_path)
+    assert (callback.options.projection_device, callback.options.svd_driver) == ("cpu", "exact")
+
+
 def test_experiments_that_start_from_a_dense_model_require_init_ckpt():
     cfg = compose_train(["experiment=paper_tucker_resnet32"])
     with pytest.raises(ValueError, match="`init_ckpt` is required"):
