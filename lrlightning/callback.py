@@ -113,8 +113,9 @@ class LowRankProjection(Callback):
             allocation is made on global rank zero and broadcast, so every process projects at the same ranks.
         check_finite: stop with ``NonFiniteTrainingError`` (step, layer, hints) when the loss or a selected
             weight becomes NaN/Inf. The loss is checked on its device at every step and read by the host every
-            ``FINITE_CHECK_STEPS`` (32) optimizer steps, before each projection and at the end of fit, so steps
-            without a projection never wait for the device; the error names the first step whose loss was NaN/Inf.
+            ``FINITE_CHECK_STEPS`` (32) optimizer steps, before each projection and validation, at the end of each
+            epoch and of fit, so other steps never wait for the device: up to 31 steps may run after the loss
+            diverged; the error names the first step whose loss was NaN/Inf.
         objective: ``"activation"`` (default) or ``"weight"``: each projection keeps the layers' outputs on the
             training data (``"weight"``: their weights; see ``LowRankOptions``), from input statistics gathered just
             before it over ``activation_batches`` training batches (default 2; drawn, run and seeded like the
@@ -532,7 +533,13 @@ class LowRankProjection(Callback):
                 for buffer in (layer.running_mean, layer.running_var):
                     buffer.copy_(trainer.strategy.reduce(buffer, reduce_op="mean"))
 
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.check_finite:
+            self.check_loss()
+
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.check_finite and trainer.state.fn == "fit":
+            self.check_loss()  # before validation (and checkpointing or early stopping) sees diverged weights
         if not (self.validate_projected and self.plans and trainer.state.fn == "fit"):
             return
         modules = named_modules(pl_module)

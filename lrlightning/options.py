@@ -171,6 +171,8 @@ class LowRankOptions:
         if self.svd_driver not in SVD_DRIVERS:
             raise ValueError(f"`svd_driver` must be one of {SVD_DRIVERS}, got {self.svd_driver!r}")
         check_device("projection_device", self.projection_device)
+        if self.projection_device is not None:
+            object.__setattr__(self, "projection_device", str(torch.device(self.projection_device)))
         self.check_objective()
 
     def check_objective(self) -> None:

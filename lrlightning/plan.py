@@ -147,7 +147,8 @@ def allocate_plan(model: nn.Module, options: LowRankOptions, warn: bool = True) 
     if not chosen:
         refuse_empty_selection(model, options, skipped)
     allocated, allocation = {}, None
-    driver = resolve_driver(options.svd_driver, options.projection_device or chosen[0][1].weight.device)
+    decomposed_on = chosen[0][1].weight.device if options.projection_device is None else options.projection_device
+    driver = resolve_driver(options.svd_driver, decomposed_on)
     if options.budget is not None:
         layers = [(name, module, scheme_for(tuple(module.weight.shape), options)) for name, module in chosen]
         allocation = budget_ranks(model, layers, options, driver)

@@ -14,6 +14,7 @@ from .names import named_modules
 from .options import LowRankOptions
 from .plan import LayerPlan, NonFiniteWeightError, plan_layers, scheme_for
 from .schemes import Weighting, output_error, resolve_driver
+from .transfer import host_lists, moved
 
 
 @dataclass(frozen=True)
@@ -31,19 +32,6 @@ class LayerStats:
     output_rel_error: float | None = None
 
 
-def host_lists(tensors: list[torch.Tensor]) -> list[list]:
-    """Each 1-D tensor's values as a Python list, with one device-to-host transfer per device (not per tensor)."""
-    by_device: dict[torch.device, list[int]] = defaultdict(list)
-    for index, tensor in enumerate(tensors):
-        by_device[tensor.device].append(index)
-    lists: list[list] = [[] for _ in tensors]
-    for indices in by_device.values():
-        values = torch.cat([tensors[i] for i in indices]).tolist()
-        for i in indices:
-            lists[i], values = values[:tensors[i].numel()], values[tensors[i].numel():]
-    return lists
-
-
 def check_statistics(plans: list[LayerPlan], statistics: dict[str, LayerStatistics] | None,
                      options: LowRankOptions) -> None:
     """Under ``objective="activation"``, raise naming the first planned layer without input statistics."""
@@ -52,34 +40,6 @@ def check_statistics(plans: list[LayerPlan], statistics: dict[str, LayerStatisti
         raise ValueError(f"`objective`='activation' needs the input statistics of layer {missing[0]!r}: pass batches "
                          "whose forward pass runs it (`calibration=` of project_ and factorize, `activation_batches` "
                          "of the callback, `statistics=gather_statistics(...)` of finish)")
-
-
-def concrete(device: torch.device | str) -> torch.device:
-    """``device`` with its index (``"cuda"`` is the current CUDA device), comparable to a tensor's ``.device``."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-def moved(tensors: list[torch.Tensor], devices: torch.device | str | list[torch.device],
-          non_blocking: bool = False) -> list[torch.Tensor]:
-    """Each tensor on its device of ``devices`` (one for all, or one per tensor), with one copy per source device,
-    dtype and target, not per tensor; tensors already there are returned as they are. ``non_blocking``: the host
-    does not wait for copies to CUDA (never towards the CPU, whose values the host reads)."""
-    if isinstance(devices, (str, torch.device)):
-        devices = [devices] * len(tensors)
-    targets = [concrete(device) for device in devices]
-    out = list(tensors)
-    copies: dict[tuple, list[int]] = defaultdict(list)
-    for index, (tensor, device) in enumerate(zip(tensors, targets)):
-        if tensor.device != device:
-            copies[(tensor.device, tensor.dtype, device)].append(index)
-    for (_, _, device), indices in copies.items():
-        flat = torch.cat([tensors[i].reshape(-1) for i in indices]).to(device, non_blocking=non_blocking)
-        for i, part in zip(indices, flat.split([tensors[i].numel() for i in indices])):
-            out[i] = part.view(tensors[i].shape)
-    return out
 
 
 def placed_weightings(groups: list[list[LayerPlan]], devices: list[torch.device],

@@ -156,6 +156,11 @@ def main() -> None:
     args = parser.parse_args()
     repeats = 3 if args.quick else args.repeats
     device = torch.device(args.device)
+    for where in args.projection_devices:
+        decomposed_on = device if where == "same" else torch.device(where)
+        if not drivers_on(decomposed_on, args.drivers):
+            parser.error(f"--drivers {' '.join(args.drivers)} has none that runs on {decomposed_on.type} "
+                         f"(--projection-devices {where}); cuSOLVER drivers {CUSOLVER_DRIVERS} run on CUDA only")
     threads = args.threads if args.threads is not None else 1 if device.type == "cpu" else None
     if threads is not None:
         torch.set_num_threads(threads)

@@ -377,6 +377,24 @@ def test_a_loss_that_diverges_between_projections_is_named_at_its_first_step_wit
     fast_trainer(tmp_path, [callback], max_steps=4).fit(TinyCNN(), loader())  # a new fit starts with a clean record
 
 
+def test_a_diverged_loss_is_named_before_validation_sees_the_weights(tmp_path):
+    class Diverging(TinyCNN):
+        steps = []
+
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.steps.append(self.global_step)
+            return loss * float("nan") if self.global_step == 1 else loss
+
+    model = Diverging()
+    callback = LowRankProjection("svd", 2, every_n_train_steps=1000, final_projection=False)
+    trainer = fast_trainer(tmp_path, [callback], max_epochs=1, limit_val_batches=1, val_check_interval=3,
+                           num_sanity_val_steps=0)
+    with pytest.raises(NonFiniteTrainingError, match=r"nan at optimizer step 2\."):
+        trainer.fit(model, loader(), loader())
+    assert model.steps == [0, 1, 2] and not model.val_acc  # stopped when validation began, after step 3
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_recording_the_loss_never_waits_for_the_device():
     callback = LowRankProjection("svd", 2)

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from lrlightning import LowRankOptions, factorize, plan_layers, project_
-from lrlightning.projection import host_lists, moved, project_planned_
+from lrlightning.projection import gather_statistics, project_planned_
+from lrlightning.transfer import host_lists, moved
 from lrlightning.schemes import resolve_driver
 
 RANKS = {
@@ -133,7 +134,7 @@ def test_a_cusolver_driver_is_accepted_by_the_options_and_refused_by_name_off_cu
         plan_layers(same_shape_convs(), LowRankOptions("tucker2", budget=2.0, svd_driver="gesvda"))
 
 
-@pytest.mark.parametrize("value", ["gpu0", "meta", "cuda:64", 3])
+@pytest.mark.parametrize("value", ["gpu0", "meta", "cuda:64", -1])
 def test_projection_device_names_what_it_allows(value):
     with pytest.raises(ValueError, match=rf"`projection_device` must be 'cpu' or a CUDA device of this machine .*"
                                          rf"got {value!r}"):
@@ -173,21 +174,28 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 @pytest.mark.parametrize("scheme", sorted(RANKS))
 @pytest.mark.parametrize("objective", ["weight", "activation"])
 def test_projecting_on_another_device_matches_projecting_where_the_weights_are(scheme, objective):
+    """Only the devices differ between the cases: the same driver, and the same statistics (gathered once, on
+    the CPU, then moved by the projection to where it decomposes)."""
     extra, ranks = RANKS[scheme]
     rank = {str(index + 1): r for index, r in enumerate(ranks)} | {"5": ranks[0]}
-    results = {}
+    options = dict(objective=objective, svd_driver="exact", **extra)
+    plans = plan_layers(same_shape_convs(), LowRankOptions(scheme, rank, **options))[0]
+    statistics = None
+    if objective == "activation":
+        inputs = [torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+        statistics = gather_statistics(same_shape_convs(), plans, LowRankOptions(scheme, rank, **options), inputs,
+                                       seed=0)
+    results = []
     for where, projection_device in (("cuda", None), ("cuda", "cpu"), ("cpu", "cuda")):
         model = same_shape_convs().to(where)
-        batches = [x.to(where) for x in calibration_batches(2)] if objective == "activation" else None
-        stats = project_(model, scheme, rank, objective=objective, calibration=batches,
-                         projection_device=projection_device, **extra)
+        stats = project_planned_(model, plans, LowRankOptions(scheme, rank, projection_device=projection_device,
+                                                              **options), statistics)
         assert all(p.device.type == where for p in model.parameters())
-        results[(where, projection_device)] = ([p.detach().cpu() for p in model.parameters()],
-                                               [s.rel_error for s in stats])
-    (reference, errors), *others = results.values()
+        results.append(([p.detach().cpu() for p in model.parameters()], [s.rel_error for s in stats]))
+    (reference, errors), *others = results
     for weights, other_errors in others:
         for a, b in zip(weights, reference):
-            assert (a - b).norm() <= 1e-5 * b.norm().clamp_min(1e-12)
+            assert (a - b).norm() <= 1e-4 * b.norm()
         assert other_errors == pytest.approx(errors, rel=1e-4)
 
 

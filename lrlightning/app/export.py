@@ -38,11 +38,16 @@ def replans(chosen: dict) -> bool:
     return "_target_" in chosen or bool(chosen.keys() & RANK_RULES)
 
 
+TRAINING_PLACEMENT = ("projection_device", "svd_driver")  # where and how training decomposed, not what
+
+
 def export_lowrank(chosen: dict, saved: dict) -> dict:
     """The low-rank node of an export: a chosen preset, or the checkpoint's with the chosen keys on top (a chosen
-    rank rule replaces the saved one)."""
+    rank rule replaces the saved one). ``TRAINING_PLACEMENT`` keys are not taken from the checkpoint: they named the
+    training machine's devices (a CUDA driver, say), and the export decomposes on this one."""
     if "_target_" in chosen:
         return chosen
+    saved = {k: v for k, v in saved.items() if k not in TRAINING_PLACEMENT}
     if chosen.keys() & RANK_RULES:
         saved = {k: v for k, v in saved.items() if k not in RANK_RULES}
     return {**saved, **chosen}

@@ -6,6 +6,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ..transfer import sent
+
 CUSOLVER_DRIVERS = ("gesvd", "gesvdj", "gesvda")  # torch.linalg.svd(driver=...), CUDA only
 SVD_DRIVERS = ("auto", "exact", "randomized", "gram", *CUSOLVER_DRIVERS)
 AUTO_DRIVERS = {"cpu": "gram"}  # measured by scripts/bench_projection.py; devices not listed take "exact"
@@ -76,9 +78,9 @@ def split_sqrt(u: Tensor, s: Tensor, vh: Tensor) -> tuple[Tensor, Tensor]:
 
 def rank_mask(ranks: Sequence[int], width: int, like: Tensor) -> Tensor:
     """(B, width) float mask with ones in the first ``ranks[b]`` columns of row b, on ``like``'s device and dtype
-    (made on the host and sent without waiting for the device)."""
-    mask = torch.arange(width).unsqueeze(0) < torch.tensor(list(ranks)).unsqueeze(1)
-    return mask.to(device=like.device, dtype=like.dtype, non_blocking=True)
+    (made on the host and sent without the host waiting, see ``lrlightning.transfer.sent``)."""
+    mask = (torch.arange(width).unsqueeze(0) < torch.tensor(list(ranks)).unsqueeze(1)).to(like.dtype)
+    return sent(mask, like.device, non_blocking=True)
 
 
 def low_rank_matrices(matrices: Tensor, ranks: Sequence[int], driver: str = "exact") -> Tensor:

@@ -17,6 +17,13 @@ def test_export_lowrank_keeps_the_saved_settings_unless_chosen():
     assert export_lowrank({"every_n_train_steps": 5}, SAVED) == {**SAVED, "every_n_train_steps": 5}
 
 
+def test_export_decomposes_on_this_machine_whatever_training_used():
+    trained_on_gpu = {**SAVED, "projection_device": "cuda", "svd_driver": "gesvdj"}
+    assert export_lowrank({}, trained_on_gpu) == SAVED
+    assert instantiate(export_lowrank({}, trained_on_gpu)).options.projection_device is None
+    assert export_lowrank({"svd_driver": "exact"}, trained_on_gpu) == {**SAVED, "svd_driver": "exact"}
+
+
 def test_projection_state_finds_the_callback_state_in_a_checkpoint():
     state = {"last_step": 8, "projections": 4, "ranks": {"backbone.conv": 3}}
     checkpoint = {"callbacks": {"ModelCheckpoint{...}": {"best_model_path": ""}, "LowRankProjection{...}": state}}
