@@ -347,28 +347,30 @@ def test_plan_table_printed_at_fit_start(tmp_path, caplog):
     assert "net.2" in text and "net.5" in text and "first conv" in text and "total" in text
 
 
-def test_non_finite_loss_stops_with_step(tmp_path):
-    class Diverging(TinyCNN):
-        def training_step(self, batch, batch_idx):
-            loss = super().training_step(batch, batch_idx)
-            return loss * float("nan") if self.global_step >= 2 else loss
+class Diverging(TinyCNN):
+    """Multiplies the loss by ``factor`` (NaN or Inf) in the training steps taken at the given ``global_step``s,
+    and records the ``global_step`` of every training step it runs."""
 
+    def __init__(self, bad_steps, factor=float("nan")):
+        super().__init__()
+        self.bad_steps, self.factor, self.steps = set(bad_steps), factor, []
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.steps.append(self.global_step)
+        return loss * self.factor if self.global_step in self.bad_steps else loss
+
+
+def test_non_finite_loss_stops_with_step(tmp_path):
     with pytest.raises(NonFiniteTrainingError, match=r"nan at optimizer step 3\..*HINT"):
-        fast_trainer(tmp_path, [LowRankProjection("svd", 2, every_n_train_steps=4)]).fit(Diverging(), loader())
+        fast_trainer(tmp_path, [LowRankProjection("svd", 2, every_n_train_steps=4)]).fit(Diverging(range(2, 99)),
+                                                                                          loader())
 
 
 def test_a_loss_that_diverges_between_projections_is_named_at_its_first_step_within_the_check_period(tmp_path):
     from lrlightning.callback import FINITE_CHECK_STEPS
 
-    class Diverging(TinyCNN):
-        steps = []
-
-        def training_step(self, batch, batch_idx):
-            loss = super().training_step(batch, batch_idx)
-            self.steps.append(self.global_step)
-            return loss * float("inf") if self.global_step in (5, 6) else loss
-
-    model = Diverging()
+    model = Diverging((5, 6), float("inf"))
     callback = LowRankProjection("svd", 2, every_n_train_steps=1000, final_projection=False,
                                  validate_projected=False)
     with pytest.raises(NonFiniteTrainingError, match=r"became (inf|nan) at optimizer step 6\..*HINT"):
@@ -378,15 +380,7 @@ def test_a_loss_that_diverges_between_projections_is_named_at_its_first_step_wit
 
 
 def test_a_diverged_loss_is_named_before_validation_sees_the_weights(tmp_path):
-    class Diverging(TinyCNN):
-        steps = []
-
-        def training_step(self, batch, batch_idx):
-            loss = super().training_step(batch, batch_idx)
-            self.steps.append(self.global_step)
-            return loss * float("nan") if self.global_step == 1 else loss
-
-    model = Diverging()
+    model = Diverging([1])
     callback = LowRankProjection("svd", 2, every_n_train_steps=1000, final_projection=False)
     trainer = fast_trainer(tmp_path, [callback], max_epochs=1, limit_val_batches=1, val_check_interval=3,
                            num_sanity_val_steps=0)
