@@ -216,7 +216,7 @@ class LowRankProjection(Callback):
         self._projections = 0
         self._restored_ranks: dict | None = None
         self._backup: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._nonfinite_loss: torch.Tensor | None = None
+        self._nonfinite_loss: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def state_key(self) -> str:
@@ -377,23 +377,25 @@ class LowRankProjection(Callback):
             self.log_projection(trainer, metrics)
 
     def record_loss(self, loss: torch.Tensor, step: int) -> None:
-        """Keep the first optimizer step whose training loss holds NaN/Inf, and that loss, in a tensor on the loss's
-        device: recorded without the host waiting for the device (``check_loss`` reads it)."""
-        value = loss.detach().double().sum()
-        record = self._nonfinite_loss
-        if record is None or record.device != value.device:
-            record = torch.full((2,), -1.0, dtype=torch.float64, device=value.device)
-        fresh = ~torch.isfinite(value) & (record[0] < 0)
-        self._nonfinite_loss = torch.where(fresh, torch.stack([torch.full_like(value, step), value]), record)
+        """Keep the first optimizer step whose training loss holds NaN/Inf (int64), and that loss (float32), in
+        tensors on the loss's device: recorded without the host waiting for the device (``check_loss`` reads it)."""
+        value = loss.detach().float().sum()
+        if self._nonfinite_loss is None or self._nonfinite_loss[0].device != value.device:
+            self._nonfinite_loss = (torch.full((), -1, dtype=torch.int64, device=value.device),
+                                    torch.zeros((), device=value.device))
+        first, recorded = self._nonfinite_loss
+        fresh = ~torch.isfinite(value) & (first < 0)
+        self._nonfinite_loss = (torch.where(fresh, step, first), torch.where(fresh, value, recorded))
 
     def check_loss(self) -> None:
-        """Raise ``NonFiniteTrainingError`` naming the first optimizer step whose loss ``record_loss`` found NaN/Inf."""
+        """Raise ``NonFiniteTrainingError`` naming the first optimizer step whose loss ``record_loss`` found NaN/Inf
+        (the host waits for the device once, to read that step)."""
         if self._nonfinite_loss is None:
             return
-        step, value = self._nonfinite_loss.tolist()
+        step = int(self._nonfinite_loss[0].item())
         if step >= 0:
-            raise NonFiniteTrainingError(f"training loss became {value} at optimizer step {int(step)}. "
-                                         + DIVERGENCE_HINT)
+            raise NonFiniteTrainingError(f"training loss became {self._nonfinite_loss[1].item()} at optimizer step "
+                                         f"{step}. " + DIVERGENCE_HINT)
 
     def zero_first_moments(self, trainer: Trainer, pl_module: LightningModule, plans: list[LayerPlan]) -> None:
         """Zero ``momentum_buffer``/``exp_avg`` of the projected weights in every optimizer of ``trainer``."""
