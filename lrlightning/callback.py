@@ -99,7 +99,8 @@ class LowRankProjection(Callback):
         bn_recalibration_batches: after each projection whose weights are evaluated (validation during fit and
             the final projection), re-estimate BatchNorm running statistics over this many training batches
             (default 20; 0 keeps the statistics accumulated on the unprojected weights), drawn by
-            ``recalibration.reshuffled`` with the optimizer step as seed. Each batch runs with no grad, nothing
+            ``recalibration.reshuffled`` with the optimizer step as seed (under DDP, step · world size + rank: each
+            process draws its own batches and their statistics are averaged). Each batch runs with no grad, nothing
             logged and torchmetrics states kept:
             ``recalibration_step(module, batch)`` when given; else ``module(recalibration_input(batch))`` when the
             module defines ``forward`` and the input is a tensor (the first item of a tuple/list batch); else the
