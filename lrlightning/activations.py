@@ -3,7 +3,6 @@ im2col rows, or of its input pixels' channel vectors for schemes that weight cha
 BatchNorm that normalizes its outputs, gathered by forward hooks. Pure torch."""
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, Iterable, Iterator
 
@@ -11,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .batchnorm import BATCHNORMS, batchnorm_buffers, seeded
+from .batchnorm import BATCHNORMS, kept_batchnorm_statistics, kept_modes, seeded
 from .names import named_modules
 from .schemes.tiled_svd import explicit_padding
 
@@ -110,18 +109,6 @@ def batchnorm_scale(norm: nn.modules.batchnorm._BatchNorm) -> Tensor:
     return scale * norm.weight.detach().double().abs() if norm.affine else scale
 
 
-@contextlib.contextmanager
-def kept_batchnorm_statistics(model: nn.Module) -> Iterator[None]:
-    """Every tracked BatchNorm's running statistics are as they were after the block (passes in train mode)."""
-    saved = [(buffer, buffer.detach().clone()) for buffer in batchnorm_buffers(model).values()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buffer, value in saved:
-                buffer.copy_(value)
-
-
 def input_statistics(model: nn.Module, names: Iterable[str], batches: Iterable[Any],
                      forward: Callable[[nn.Module, Any], Any] | None = None, seed: int | None = None,
                      channels: Collection[str] = ()) -> dict[str, LayerStatistics]:
@@ -166,19 +153,16 @@ def input_statistics(model: nn.Module, names: Iterable[str], batches: Iterable[A
     handles = [layer.register_forward_pre_hook(record_inputs(name)) for name, layer in layers.items()]
     handles += [layer.register_forward_hook(record_output(name)) for name, layer in layers.items()]
     handles += [m.register_forward_pre_hook(find_producer(m)) for m in model.modules() if isinstance(m, BATCHNORMS)]
-    modes = {module: module.training for module in model.modules()}
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     try:
-        model.train()
-        with torch.no_grad(), kept_batchnorm_statistics(model), seeded(device, seed):
+        with kept_modes(model), torch.no_grad(), kept_batchnorm_statistics(model), seeded(device, seed):
+            model.train()
             for batch in batches:
                 (forward or (lambda module, item: module(item)))(model, batch)
                 outputs.clear()
     finally:
         for handle in handles:
             handle.remove()
-        for module, training in modes.items():
-            module.training = training
     return {name: LayerStatistics(sums[name], row_sums[name],
                                   torch.tensor(float(counts[name]), dtype=torch.float64, device=sums[name].device),
                                   batchnorm_scale(followers[name]).to(sums[name].device) if name in followers else None)

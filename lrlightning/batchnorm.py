@@ -35,6 +35,29 @@ def seeded(device: torch.device, seed: int | None) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def kept_modes(model: nn.Module) -> Iterator[None]:
+    """Every submodule's train/eval mode is as it was after the block (a frozen submodule in eval mode stays so)."""
+    modes = {module: module.training for module in model.modules()}
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+@contextlib.contextmanager
+def kept_batchnorm_statistics(model: nn.Module) -> Iterator[None]:
+    """Every tracked BatchNorm's running statistics are as they were after the block (passes in train mode)."""
+    saved = [(buffer, buffer.detach().clone()) for buffer in batchnorm_buffers(model).values()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
 def recalibrate_batchnorm_(model: nn.Module, inputs: Iterable[Any],
                            forward: Callable[[nn.Module, Any], object] | None = None, seed: int | None = None) -> int:
     """Reset every tracked BatchNorm's running mean/var and recompute them as the plain average over ``inputs``
@@ -50,17 +73,17 @@ def recalibrate_batchnorm_(model: nn.Module, inputs: Iterable[Any],
         return 0
     saved = [(m, m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
              for m in layers]
-    modes = {module: module.training for module in model.modules()}
     used = 0
     try:
-        for m in layers:
-            m.reset_running_stats()
-            m.momentum = None
-        model.train()
-        with torch.no_grad(), seeded(layers[0].running_mean.device, seed):
-            for item in inputs:
-                (forward or (lambda module, batch: module(batch)))(model, item)
-                used += 1
+        with kept_modes(model):
+            for m in layers:
+                m.reset_running_stats()
+                m.momentum = None
+            model.train()
+            with torch.no_grad(), seeded(layers[0].running_mean.device, seed):
+                for item in inputs:
+                    (forward or (lambda module, batch: module(batch)))(model, item)
+                    used += 1
     finally:
         for m, momentum, mean, var, count in saved:
             m.momentum = momentum
@@ -68,6 +91,4 @@ def recalibrate_batchnorm_(model: nn.Module, inputs: Iterable[Any],
                 m.running_mean.copy_(mean)
                 m.running_var.copy_(var)
                 m.num_batches_tracked.copy_(count)
-        for module, training in modes.items():
-            module.training = training
     return used

@@ -11,21 +11,14 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from .activations import LayerStatistics, kept_batchnorm_statistics
-from .batchnorm import batchnorm_buffers, batchnorm_layers, recalibrate_batchnorm_, seeded
+from .activations import LayerStatistics
+from .batchnorm import batchnorm_buffers, batchnorm_layers, kept_batchnorm_statistics, recalibrate_batchnorm_, seeded
 from .finish import finish_
 from .names import canonical_name, named_modules
 from .options import LowRankOptions, RankSpec, is_int
 from .budget import Allocation
 from .plan import LayerPlan, SkippedLayer, allocate_plan, frozen_ranks, scheme_for
-from .projection import (
-    LayerStats,
-    NonFiniteWeightError,
-    empty_statistics,
-    gather_statistics,
-    host_lists,
-    project_planned_,
-)
+from .projection import LayerStats, NonFiniteWeightError, empty_statistics, gather_statistics, project_planned_
 from .recalibration import (
     defines_forward,
     eager,
@@ -35,6 +28,7 @@ from .recalibration import (
     training_batches,
 )
 from .summary import plan_table
+from .transfer import host_lists
 
 SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 DIVERGENCE_HINT = ("HINT: lower the learning rate, set the Trainer's `gradient_clip_val`, use a larger `rank` or "
@@ -350,7 +344,7 @@ class LowRankProjection(Callback):
         if step <= self._last_step:
             return
         due = any(self.should_project(taken) for taken in range(self._last_step + 1, step + 1))
-        if self.check_finite and (due or step // FINITE_CHECK_STEPS > self._last_step // FINITE_CHECK_STEPS):
+        if due or step // FINITE_CHECK_STEPS > self._last_step // FINITE_CHECK_STEPS:
             self.check_loss()
         self._last_step = step
         if not due:
@@ -390,7 +384,7 @@ class LowRankProjection(Callback):
 
     def check_loss(self) -> None:
         """Raise ``NonFiniteTrainingError`` naming the first optimizer step whose loss ``record_loss`` found NaN/Inf
-        (the host waits for the device once, to read that step)."""
+        (the host waits for the device once, to read that step); nothing to read without ``check_finite``."""
         if self._nonfinite_loss is None:
             return
         step = int(self._nonfinite_loss[0].item())
@@ -448,8 +442,7 @@ class LowRankProjection(Callback):
                                  f"forward pass on a training batch does not run {missing}. {FORWARD_HINT}.")
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.check_finite:
-            self.check_loss()
+        self.check_loss()
         if not (self.final_projection and self.plans):
             return
         statistics = self.gather_statistics(trainer, pl_module)
@@ -537,11 +530,10 @@ class LowRankProjection(Callback):
                     buffer.copy_(trainer.strategy.reduce(buffer, reduce_op="mean"))
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.check_finite:
-            self.check_loss()
+        self.check_loss()
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.check_finite and trainer.state.fn == "fit":
+        if trainer.state.fn == "fit":
             self.check_loss()  # before validation (and checkpointing or early stopping) sees diverged weights
         if not (self.validate_projected and self.plans and trainer.state.fn == "fit"):
             return

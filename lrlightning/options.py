@@ -114,8 +114,8 @@ class LowRankOptions:
     ``objective``: what a projection keeps best, ``"weight"`` (default: the Frobenius error of the weight) or
     ``"activation"`` (the layer's output error E‖(W − W_r)x‖² over its inputs x on data: under their covariance
     when a BatchNorm normalizes the output, else their second moment; with ``bn_weighting`` also each output channel
-    scaled by the following BatchNorm's |γ|/σ), with a ridge of ``activation_ridge`` (default 1e-2) times the mean eigenvalue on each metric; see
-    ``lrlightning.schemes.weighting``. Either way the projected weight is in the same rank set, so the export is
+    scaled by the following BatchNorm's |γ|/σ), with a ridge of ``activation_ridge`` (default 1e-2) times the
+    mean eigenvalue on each metric; see ``lrlightning.schemes.weighting``. Either way the projected weight is in the same rank set, so the export is
     exact. Rank rules (``energy``, ``compression``, ``budget``) stay weight-based.
     """
 

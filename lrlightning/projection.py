@@ -53,10 +53,8 @@ def placed_weightings(groups: list[list[LayerPlan]], devices: list[torch.device]
     if options.bn_weighting:
         tensors += [statistics[plan.name].output_scale if statistics[plan.name].output_scale is not None
                     else torch.ones(plan.shape[0], dtype=torch.float64, device=device) for plan, device in members]
-    targets = [device for _, device in members]
-    placed = iter(moved(tensors, targets * (2 if options.bn_weighting else 1)))
-    metrics = [next(placed) for _ in members]
-    scales = [next(placed) for _ in members] if options.bn_weighting else []
+    placed = moved(tensors, [device for _, device in members] * (2 if options.bn_weighting else 1))
+    metrics, scales = placed[:len(members)], placed[len(members):]
     weightings, start = [], 0
     for group, use in zip(groups, usable):
         if not use:
