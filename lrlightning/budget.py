@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass
 from functools import partial
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from .counting import count_macs, count_params
 from .latency import LatencyTable
+from .names import set_module
 from .schemes import Rank, Scheme
 from .speed import layer_inputs
+from .speedup_check import OutOfReach, SpeedupCheck, checked_ranks
+from .timing import Spread
 
 MAX_CANDIDATES = 32  # ranks tried per layer, evenly spread from the largest that shrinks to the smallest
 LATENCY_CANDIDATES = 16  # fewer when each one is timed
@@ -50,10 +54,13 @@ class Allocation:
     allocated: float
     device: str | None = None
     batch_size: int | None = None
+    check: SpeedupCheck | None = None
+    table: dict | None = None
 
     @property
     def achieved(self) -> float:
-        """Dense / allocated over the whole model (>= ``budget``)."""
+        """Dense / allocated over the whole model, as predicted from the costs (latency: see ``check`` for the
+        speedup measured on the allocated model; ``table``: where its timings came from, ``LatencyTable.facts``)."""
         return self.dense / self.allocated
 
     @property
@@ -124,9 +131,11 @@ def layer_choices(name: str, module: nn.Module, scheme: Scheme, metric: str, inp
                   driver: str, multiple: int = 1, table: LatencyTable | None = None,
                   device: str | torch.device | None = None) -> LayerChoices:
     """The candidates of one layer: ranks whose factorized form has fewer parameters (``rank_choices``), and
-    dense. ``input_shape`` is the layer's own input (C, H, W) for ``metric="macs"`` and ``"latency"``; with
-    ``"latency"`` the costs are ``table``'s measured ms and candidates no faster than dense are dropped. The
-    errors are computed on ``device`` (default: the weight's), with ``driver``."""
+    dense. ``input_shape`` is the layer's own input (C, H, W) for ``metric="macs"`` and ``"latency"``. With
+    ``"latency"`` a candidate costs ``table``'s dense ms times its ratio to dense (paired per round) as fitted over
+    the layer's candidates against their MACs (``fitted_ratios``), kept only when faster beyond the noise (the
+    fitted ratio plus its standard error below 1). The errors are computed on ``device`` (default: the weight's),
+    with ``driver``."""
     weight = module.weight.detach().float()
     shape = tuple(weight.shape)
     ranks = rank_choices(scheme, shape, multiple, LATENCY_CANDIDATES if metric == "latency" else MAX_CANDIDATES)
@@ -136,21 +145,62 @@ def layer_choices(name: str, module: nn.Module, scheme: Scheme, metric: str, inp
         costs = [count_macs(layer_structure(module, scheme, r), input_shape) for r in ranks]
         dense = count_macs(module, input_shape)
     else:
-        layers = {candidate_label(scheme, r): partial(timing_layer, module, scheme, r) for r in ranks}
-        dense, measured = table.layer_ms(module, input_shape, layers)
-        costs = list(measured.values())
-        ranks = [r for r, cost in zip(ranks, costs) if cost < dense]
-        costs = [cost for cost in costs if cost < dense]
+        times = table.layer_times(module, input_shape, timing_candidates(module, scheme, ranks))
+        dense_macs = count_macs(module, input_shape)
+        fractions = [count_macs(layer_structure(module, scheme, r), input_shape) / dense_macs for r in ranks]
+        fitted = fitted_ratios(fractions, list(times.ratios.values()))
+        faster = [(r, ratio) for r, (ratio, error) in zip(ranks, fitted) if ratio + error < 1.0]
+        ranks = [r for r, _ in faster]
+        dense = times.dense.median
+        costs = [dense * ratio for _, ratio in faster]
     with torch.no_grad():
         errors = scheme.rank_errors(weight if device is None else weight.to(device), ranks, driver)
     return LayerChoices(name, (*ranks, None), (*errors, 0.0), tuple(float(c) for c in (*costs, dense)))
 
 
-def in_model_costs(choices: LayerChoices, dense_in_model: float) -> LayerChoices:
-    """A layer's measured costs rescaled so that dense costs what the layer took inside the model's own pass:
-    a layer timed alone on a random input runs with warmer caches than among its neighbours."""
-    scale = dense_in_model / max(choices.costs[-1], 1e-12)
-    return LayerChoices(choices.name, choices.ranks, choices.errors, tuple(cost * scale for cost in choices.costs))
+def fitted_ratios(fractions: Sequence[float], ratios: Sequence[Spread]) -> list[tuple[float, float]]:
+    """(fitted ratio, its standard error) of each candidate of one layer, from a least-squares line
+    ratio = a + b · (candidate MACs / dense MACs) with b >= 0 (a fixed overhead plus a part that scales with the
+    work) through the measured median ratios: sixteen noisy timings of one layer give one smooth, monotone cost
+    curve, so that noise cannot reorder candidates. With fewer than three candidates, the medians themselves, with
+    half their interquartile range as error."""
+    medians = [ratio.median for ratio in ratios]
+    count = len(medians)
+    if count < 3:
+        return [(ratio.median, (ratio.high - ratio.low) / 2) for ratio in ratios]
+    mean_x, mean_y = sum(fractions) / count, sum(medians) / count
+    spread_x = sum((x - mean_x) ** 2 for x in fractions)
+    slope = max(0.0, sum((x - mean_x) * (y - mean_y) for x, y in zip(fractions, medians)) / spread_x) \
+        if spread_x > 0 else 0.0
+    intercept = mean_y - slope * mean_x
+    residual = sum((y - intercept - slope * x) ** 2 for x, y in zip(fractions, medians)) / (count - 2)
+    return [(intercept + slope * x,
+             math.sqrt(residual * (1 / count + ((x - mean_x) ** 2 / spread_x if spread_x > 0 else 0.0))))
+            for x in fractions]
+
+
+def timing_candidates(module: nn.Module, scheme: Scheme, ranks: Sequence[Rank]) -> dict[str, Callable[[], nn.Module]]:
+    """``{latency-table label: a function building the candidate for timing}`` of ``module`` at each of ``ranks``."""
+    return {candidate_label(scheme, r): partial(timing_layer, module, scheme, r) for r in ranks}
+
+
+def timing_model(model: nn.Module, layers: Sequence[tuple[str, nn.Module, Scheme]], ranks: dict[str, Rank | None]) -> nn.Module:
+    """A copy of ``model`` with each of ``layers`` whose rank is not None replaced by its factorized structure at
+    that rank, with random weights (``timing_layer``): what the allocated model costs, without decomposing."""
+    timed = copy.deepcopy(model)
+    for name, module, scheme in layers:
+        if ranks.get(name) is not None:
+            set_module(timed, name, timing_layer(module, scheme, ranks[name]))
+    return timed
+
+
+def in_model_costs(choices: Sequence[LayerChoices], in_model: dict[str, float]) -> list[LayerChoices]:
+    """The layers' measured costs rescaled by one factor, so that their dense layers cost what they took together
+    inside the model's own pass (``in_model``: ms by layer name): a layer timed alone on a random input runs with
+    warmer caches than among its neighbours. One factor over all layers, since each layer's time inside a single
+    pass is noisy."""
+    scale = sum(in_model[c.name] for c in choices) / max(sum(c.costs[-1] for c in choices), 1e-12)
+    return [LayerChoices(c.name, c.ranks, c.errors, tuple(cost * scale for cost in c.costs)) for c in choices]
 
 
 def allocate(layers: Sequence[LayerChoices], fixed: float, target: float, objective: str = "sum") -> dict[
@@ -210,7 +260,9 @@ def lowest_max_error(layers: Sequence[LayerChoices], total, target: float) -> li
 def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], options, driver: str) -> Allocation:
     """Allocate ``options.budget`` (validated ``LowRankOptions``) over ``layers`` (name, module, scheme) of
     ``model``: layers not listed count at their dense cost; errors are computed where projections decompose
-    (``options.projection_device``) with ``driver``. Raises ValueError naming the best reachable ratio."""
+    (``options.projection_device``) with ``driver``. A latency budget checks a cached table for staleness first
+    (``LatencyTable.check``) and its result against dense afterwards (``lrlightning.speedup_check``). Raises
+    ValueError naming the best reachable ratio (for latency: measured, with its spread)."""
     budget, metric, input_shape = options.budget, options.budget_metric, options.input_shape
     names = [name for name, _, _ in layers]
     table, inputs = None, dict.fromkeys(names)
@@ -228,25 +280,47 @@ def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], 
         whole = count_macs(model, input_shape)
     else:
         device = options.latency_device or next(model.parameters()).device
-        table = LatencyTable(device, options.latency_batch_size, options.latency_cache)
+        table = LatencyTable(device, options.latency_batch_size, options.latency_cache, options.latency_remeasure)
+        multiple = options.rank_multiple
+        table.check(model, input_shape, [
+            (module, inputs[name], timing_candidates(module, scheme, rank_choices(
+                scheme, tuple(module.weight.shape), multiple, LATENCY_CANDIDATES))) for name, module, scheme in layers])
         whole, in_model = table.model_ms(model, input_shape, names)
     choices = [layer_choices(name, module, scheme, metric, inputs[name], driver, options.rank_multiple, table,
                              options.projection_device) for name, module, scheme in layers]
     if table is not None:
-        choices = [in_model_costs(c, in_model[c.name]) for c in choices]
+        choices = in_model_costs(choices, in_model)
     fixed = max(0.0, whole - sum(c.costs[-1] for c in choices))
     dense = fixed + sum(c.costs[-1] for c in choices)
+    fastest = fixed + sum(min(c.costs) for c in choices)
+
+    def choose(target: float) -> tuple[dict[str, Rank | None], float]:
+        ranks = allocate(choices, fixed, target, options.budget_objective)
+        return ranks, fixed + sum(c.costs[c.ranks.index(ranks[c.name])] for c in choices)
+
+    check = None
     try:
-        ranks = allocate(choices, fixed, dense / budget, options.budget_objective)
-    except ValueError:
-        best = dense / (fixed + sum(min(c.costs) for c in choices))
-        gain = "faster (measured)" if metric == "latency" else f"smaller in {metric}"
+        if table is None:
+            ranks, _ = choose(dense / budget)
+        else:
+            def measure(ranks: dict[str, Rank | None]):
+                return table.speedup(model, timing_model(model, layers, ranks), input_shape)
+
+            ranks, check = checked_ranks(choose, measure, budget, dense, fastest)
+    except ValueError as error:
+        if isinstance(error, OutOfReach):
+            best = f"{error}, with every selected layer at its fastest candidate"
+        else:
+            best = f"{dense / fastest:.2f}x {'faster (predicted)' if table else f'smaller in {metric}'}"
         raise ValueError(f"`budget`={budget} is out of reach: with the selected layers at their smallest ranks the "
-                         f"model is at most {best:.2f}x {gain} (layers left dense by the selection cap it"
+                         f"model is at most {best} (layers left dense by the selection cap it"
                          f"{'; so do layers no candidate of which runs faster than dense' if table else ''}); "
                          "ask for less, or select more layers") from None
+    if check is not None and check.verdict != "met":
+        warnings.warn(f"`budget`={budget}x latency: {check.text()}", stacklevel=3)
     costs = {c.name: (c.costs[-1], c.costs[c.ranks.index(ranks[c.name])]) for c in choices}
     allocated = fixed + sum(cost for _, cost in costs.values())
     return Allocation(budget, metric, ranks, costs, dense, allocated,
                       device=str(table.device) if table else None,
-                      batch_size=options.latency_batch_size if table else None)
+                      batch_size=options.latency_batch_size if table else None, check=check,
+                      table=table.facts() if table else None)

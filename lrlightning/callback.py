@@ -120,10 +120,10 @@ class LowRankProjection(Callback):
             batches just before and just after it (``training_step`` with no grad; automatic optimization only)
             and, under either objective, the output-space error (default 0).
         energy, compression, budget, budget_metric, input_shape, rank_multiple, budget_objective, latency_batch_size,
-            latency_device, latency_cache, tile_shape, include, exclude, linear, skip_first_conv, hooi_iters,
-            svd_driver, projection_device, activation_ridge, bn_weighting: the rank rules, layer selection and
-            scheme options shared with ``factorize`` (see ``LowRankOptions``). The ranks a ``budget`` allocates are
-            kept in ``ranks`` and in checkpoints.
+            latency_device, latency_cache, latency_remeasure, tile_shape, include, exclude, linear, skip_first_conv,
+            hooi_iters, svd_driver, projection_device, activation_ridge, bn_weighting: the rank rules, layer selection
+            and scheme options shared with ``factorize`` (see ``LowRankOptions``). The ranks a ``budget`` allocates
+            are kept in ``ranks`` and in checkpoints; a latency budget's measured speedup is in ``allocation.check``.
 
     Layer names (``plans``, ``ranks``) are those of the uncompiled module: a ``torch.compile``d submodule's layers
     are named without ``_orig_mod``. With manual optimization, every optimizer step counts (two optimizers stepping
@@ -150,7 +150,8 @@ class LowRankProjection(Callback):
                  budget_metric: str = "params", input_shape: tuple[int, int, int] | None = None,
                  rank_multiple: int = 8, budget_objective: str = "max", latency_batch_size: int = 32,
                  latency_device: str | None = None,
-                 latency_cache: str | None = None, budget_reallocations: int = 0, objective: str = "activation",
+                 latency_cache: str | None = None, latency_remeasure: bool = False, budget_reallocations: int = 0,
+                 objective: str = "activation",
                  activation_batches: int = 2, activation_ridge: float = 1e-2, bn_weighting: bool = False,
                  loss_jump_batches: int = 0):
         super().__init__()
@@ -177,6 +178,7 @@ class LowRankProjection(Callback):
                                       rank_multiple=rank_multiple, budget_objective=budget_objective,
                                       latency_batch_size=latency_batch_size,
                                       latency_device=latency_device, latency_cache=latency_cache,
+                                      latency_remeasure=latency_remeasure,
                                       objective=objective, activation_ridge=activation_ridge,
                                       bn_weighting=bn_weighting)
         for argument, value, least in (("activation_batches", activation_batches, 1 if self.options.weighted else 0),

@@ -1,34 +1,45 @@
 """Measured layer latency for ``budget_metric="latency"``: each layer and each of its factorized candidates timed
-side by side on its real input, on the device the model will run on, cached on disk.
+side by side on its real input, on the device the model will run on, with their spread, cached on disk and checked
+for staleness before a cached table is used.
 
 A table is one JSON file per device (``latency-<device key>.json`` under ``cache_dir``; default
 ``$LRLIGHTNING_CACHE`` or ``~/.cache/lrlightning``). The key names the CPU model and torch's thread count, or the
 CUDA device, and the torch version; an entry is keyed by the layer's geometry, its input (N, C, H, W), dtype and the
-candidate (scheme and rank), never by weight values. Times are milliseconds per forward pass of the whole batch.
+candidate (scheme and rank), never by weight values. Each entry holds a ``Spread`` (median and interquartile range
+over interleaved rounds) of milliseconds per forward pass of the whole batch; a candidate also holds its ratio to
+the dense layer, paired per round. A file that cannot be read, or was written in another format, is measured anew
+and replaced, with a log line saying so.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
+import logging
+import math
 import os
 import platform
 import re
+import statistics
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
-from torch.utils import benchmark
 
 from .allocator import freed_memory_retained
 from .names import named_modules
+from .timing import ROUND_SECONDS, ROUNDS, Spread, interleaved_samples, on_device, paired_ratios, paired_speedup, synchronize
 
-ROUNDS = 5  # interleaved rounds; the fastest round of each variant is kept (noise only adds time)
-ROUND_SECONDS = 0.01  # timed per variant per round
+FORMAT = 2  # of the cache file; a file of another format is measured anew
+STALE_TOLERANCE = 0.2  # a cached table is stale when a re-timed reference is off by more than this fraction
+CHECKED_LAYERS = 2  # layers the staleness check re-times (dense and two cached candidates each), besides the model
+CHECK_ROUNDS = 5  # rounds of each staleness-check timing (of the table's round length, ``ROUND_SECONDS``)
+
+log = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
@@ -69,30 +80,35 @@ def layer_key(module: nn.Module, input_shape: Sequence[int], dtype: torch.dtype)
     return f"{geometry} bias={module.bias is not None} input={tuple(input_shape)} {dtype}".replace(" ", "")
 
 
-def time_interleaved(modules: Sequence[nn.Module], example: torch.Tensor, rounds: int = ROUNDS,
-                     round_seconds: float = ROUND_SECONDS) -> list[float]:
-    """Milliseconds per forward pass of each module on ``example`` (no grad): the fastest of ``rounds``
-    interleaved rounds of about ``round_seconds`` each, timed with ``torch.utils.benchmark`` (CUDA synchronized),
-    so that machine noise hits every module alike."""
-    threads = torch.get_num_threads()
-    timers = [benchmark.Timer("module(x)", globals={"module": m, "x": example}, num_threads=threads)
-              for m in modules]
-    with torch.inference_mode(), on_device(example.device):
-        for module in modules:
-            module(example)
-        probe = timers[0].timeit(1).median
-        number = max(1, int(round_seconds / max(probe, 1e-7)))
-        times: list[list[float]] = [[] for _ in modules]
-        for _ in range(rounds):
-            for index, timer in enumerate(timers):
-                times[index].append(timer.timeit(number).median)
-    return [1000.0 * min(samples) for samples in times]
+def model_key(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype) -> str:
+    """A whole model's cache key: a hash of its structure (its ``repr``), its input (N, C, H, W) and dtype."""
+    digest = hashlib.sha1(repr(model).encode()).hexdigest()[:16]
+    return f"model {digest} input={tuple(input_shape)} {dtype}".replace(" ", "")
+
+
+@dataclass(frozen=True)
+class LayerTimes:
+    """One layer at the table's batch: ``dense`` ms, and each candidate's ``ratios`` to dense (candidate ms / dense
+    ms, paired per round: below 1 runs faster)."""
+
+    dense: Spread
+    ratios: dict[str, Spread]
+
+
+# A layer as the staleness check sees it: the dense module, its input (C, H, W) and its candidates' builders.
+LayerRequest = tuple[nn.Module, Sequence[int], dict[str, Callable[[], nn.Module]]]
 
 
 class LatencyTable:
-    """Per-layer latencies on ``device`` at batch ``batch_size``, read from and written to a JSON cache."""
+    """Per-layer latencies on ``device`` at batch ``batch_size``, read from and written to a JSON cache.
 
-    def __init__(self, device: torch.device | str, batch_size: int, cache_dir: str | os.PathLike | None = None):
+    ``remeasure=True`` ignores the cached entries this run needs: they are timed again and the cache updated.
+    ``check`` (before a cached table is used) does the same when a cheap re-timed reference has moved. ``measured``
+    counts the entries this table timed, ``seconds`` is the time the file's entries took to measure, ``state`` says
+    where the timings come from (``"measured"``, ``"cached"``, ``"stale"`` or ``"remeasured"``)."""
+
+    def __init__(self, device: torch.device | str, batch_size: int, cache_dir: str | os.PathLike | None = None,
+                 remeasure: bool = False):
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -101,68 +117,195 @@ class LatencyTable:
         slug = re.sub(r"[^A-Za-z0-9.]+", "-", self.key).strip("-")
         self.path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.path = self.path / f"latency-{slug}.json"
-        self.entries: dict[str, float] = {}
-        if self.path.exists():
+        self.entries: dict[str, dict[str, Spread]] = {}
+        self.seconds = 0.0
+        self.measured = 0
+        self.check_seconds = 0.0
+        self.trusted = not remeasure  # whether cached entries may be used (else only those timed by this table)
+        self.fresh: set[str] = set()
+        self.state = "remeasured" if remeasure else "measured"
+        self.load()
+
+    def load(self) -> None:
+        """Read the cache file, if any; one that cannot be read, or is of another format, is logged and ignored
+        (replaced when this table is saved)."""
+        if not self.path.exists():
+            return
+        try:
             stored = json.loads(self.path.read_text())
-            if stored.get("device") == self.key:
-                self.entries = dict(stored.get("entries", {}))
-        self.measured = 0  # entries timed by this table (not read from the cache)
+            if stored.get("device") != self.key:
+                return
+            if stored.get("format") != FORMAT:
+                log.warning("latency cache %s was written in format %r, not %d; measuring a new table and replacing "
+                            "it", self.path, stored.get("format"), FORMAT)
+                return
+            entries = {str(key): {str(name): Spread.from_dict(value) for name, value in entry.items()}
+                       for key, entry in stored["entries"].items()}
+            seconds = float(stored.get("seconds", 0.0))
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as error:
+            log.warning("latency cache %s cannot be read (%s: %s); measuring a new table and replacing it",
+                        self.path, type(error).__name__, error)
+            return
+        self.entries, self.seconds = entries, seconds
 
     def save(self) -> None:
         """Write the table (atomically); a cache that cannot be written is warned about, not fatal."""
+        entries = {key: {name: spread.as_dict() for name, spread in entry.items()}
+                   for key, entry in sorted(self.entries.items())}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"device": self.key, "entries": dict(sorted(self.entries.items()))}, indent=1))
+            tmp.write_text(json.dumps({"format": FORMAT, "device": self.key, "seconds": round(self.seconds, 3),
+                                       "entries": entries}, indent=1))
             os.replace(tmp, self.path)
         except OSError as error:
             warnings.warn(f"latency cache {self.path} cannot be written ({error}); timings are kept for this "
                           "process only", stacklevel=2)
 
-    def layer_ms(self, module: nn.Module, input_shape: Sequence[int],
-                 candidates: dict[str, Callable[[], nn.Module]]) -> tuple[float, dict[str, float]]:
-        """(dense ms, {candidate label: ms}) of ``module`` and its factorized ``candidates`` (label: a function
-        building the layer; only those missing from the cache are built) on a random batch of ``batch_size`` inputs
-        of ``input_shape`` (C, H, W); what the cache lacks is timed, dense and candidates interleaved, and stored."""
-        parameter = module.weight
-        base = layer_key(module, (self.batch_size, *input_shape), parameter.dtype)
+    def cached(self, key: str) -> bool:
+        """Whether the entry ``key`` may be used as it is (cached and trusted, or timed by this table)."""
+        return key in self.entries and (self.trusted or key in self.fresh)
+
+    def store(self, key: str, **fields: Spread) -> None:
+        self.entries[key] = fields
+        self.fresh.add(key)
+
+    def example(self, input_shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        return torch.randn(self.batch_size, *input_shape, device=self.device, dtype=dtype)
+
+    def layer_times(self, module: nn.Module, input_shape: Sequence[int],
+                    candidates: dict[str, Callable[[], nn.Module]]) -> LayerTimes:
+        """``LayerTimes`` of ``module`` and its factorized ``candidates`` (label: a function building the layer;
+        only those to be timed are built) on a random batch of ``batch_size`` inputs of ``input_shape`` (C, H, W).
+        What the cache lacks is timed interleaved with the dense layer (so every ratio is paired) and stored."""
+        dtype = module.weight.dtype
+        base = layer_key(module, (self.batch_size, *input_shape), dtype)
         keys = {"dense": base, **{label: f"{base}|{label}" for label in candidates}}
-        missing = [label for label, key in keys.items() if key not in self.entries]
-        if missing:
+        missing = [label for label in candidates if not self.cached(keys[label])]
+        if missing or not self.cached(base):
             build = {"dense": lambda: copy.deepcopy(module), **candidates}
-            timed = [build[label]().to(self.device).eval() for label in missing]
-            example = torch.randn(self.batch_size, *input_shape, device=self.device, dtype=parameter.dtype)
-            for label, ms in zip(missing, time_interleaved(timed, example)):
-                self.entries[keys[label]] = ms
-            self.measured += len(missing)
+            labels = ["dense", *missing]
+            timed = [build[label]().to(self.device).eval() for label in labels]
+            start = time.perf_counter()
+            samples = interleaved_samples(timed, self.example(input_shape, dtype))
+            self.seconds += time.perf_counter() - start
+            self.store(base, ms=Spread.of(samples[0]))
+            for label, times in zip(missing, samples[1:]):
+                self.store(keys[label], ms=Spread.of(times), ratio=paired_ratios(times, samples[0]))
+            self.measured += len(labels)
             self.save()
-        return self.entries[keys["dense"]], {label: self.entries[keys[label]] for label in candidates}
+        return LayerTimes(self.entries[base]["ms"], {label: self.entries[keys[label]]["ratio"] for label in candidates})
 
     def model_ms(self, model: nn.Module, input_shape: Sequence[int], names: Sequence[str] = ()) -> tuple[
             float, dict[str, float]]:
-        """(ms of one forward pass of ``model``, {name: ms spent inside that submodule during the pass}) for the
-        submodules ``names`` (canonical names), so layers are also timed where they run, on the model's own
-        activations. Eval mode (restored after; a copy when the model lives on another device), a random batch,
-        the fastest of ``ROUNDS`` passes for each; cached under a hash of the model's structure (its ``repr``)."""
+        """(median ms of one forward pass of ``model``, {name: median ms spent inside that submodule during a
+        pass}) for the submodules ``names`` (canonical names), so layers are also timed where they run, on the
+        model's own activations. Eval mode (restored after; a copy when the model lives on another device), a random
+        batch; cached under a hash of the model's structure (``model_key``)."""
         parameter = next(model.parameters())
-        digest = hashlib.sha1(repr(model).encode()).hexdigest()[:16]
-        key = f"model {digest} input={(self.batch_size, *input_shape)} {parameter.dtype}".replace(" ", "")
+        key = model_key(model, (self.batch_size, *input_shape), parameter.dtype)
         keys = {name: f"{key}|{name}" for name in names}
-        if key not in self.entries or any(k not in self.entries for k in keys.values()):
+        if not self.cached(key) or any(not self.cached(k) for k in keys.values()):
             timed = model if parameter.device == self.device else copy.deepcopy(model).to(self.device)
-            example = torch.randn(self.batch_size, *input_shape, device=self.device, dtype=parameter.dtype)
-            whole, inside = profile_ms(timed, example, names)
-            self.entries[key] = whole
-            self.entries.update({keys[name]: ms for name, ms in inside.items()})
+            start = time.perf_counter()
+            whole, inside = profile_ms(timed, self.example(input_shape, parameter.dtype), names)
+            self.seconds += time.perf_counter() - start
+            self.store(key, ms=whole)
+            for name, spread in inside.items():
+                self.store(keys[name], ms=spread)
             self.measured += 1
             self.save()
-        return self.entries[key], {name: self.entries[k] for name, k in keys.items()}
+        return self.entries[key]["ms"].median, {name: self.entries[k]["ms"].median for name, k in keys.items()}
+
+    def speedup(self, dense: nn.Module, factorized: nn.Module, input_shape: Sequence[int]) -> Spread:
+        """Dense / factorized whole-model speedup on this table's device and batch, timed interleaved, per-round
+        ratios (``lrlightning.timing.paired_speedup``; eval-mode copies, never cached)."""
+        parameter = next(dense.parameters())
+        copies = [copy.deepcopy(m).to(self.device).eval() for m in (dense, factorized)]
+        return paired_speedup(*copies, self.example(input_shape, parameter.dtype))[2]
+
+    def check(self, model: nn.Module, input_shape: Sequence[int], layers: Sequence[LayerRequest]) -> None:
+        """Before cached entries are used: re-time cheap references (the whole dense ``model`` on ``input_shape``,
+        and ``CHECKED_LAYERS`` of the cached ``layers`` with their smallest and largest cached candidates) and
+        compare them with the cache. When the model, or the median over the layers' times and ratios, is off by more
+        than ``STALE_TOLERANCE``, the table is distrusted for this run: what it needs is timed again and the cache
+        updated, and a log line says so. Nothing is checked when none of it is cached, or under ``remeasure``."""
+        if not self.trusted:
+            return
+        start = time.perf_counter()
+        parameter = next(model.parameters())
+        offs = {}
+        reference = model_key(model, (self.batch_size, *input_shape), parameter.dtype)
+        if self.cached(reference):
+            timed = copy.deepcopy(model).to(self.device).eval()
+            (fresh,) = interleaved_samples([timed], self.example(input_shape, parameter.dtype), CHECK_ROUNDS,
+                                           ROUND_SECONDS, CHECK_ROUNDS)
+            offs["the dense model"] = statistics.median(fresh) / self.entries[reference]["ms"].median
+        layer_offs = [off for request in self.checked_layers(layers) for off in self.layer_offs(*request)]
+        self.check_seconds = time.perf_counter() - start
+        if layer_offs:
+            offs[f"{len(layer_offs)} layer timings (median)"] = math.exp(statistics.median(
+                math.log(off) for off in layer_offs))
+        if not offs:
+            return
+        stale = {what: off for what, off in offs.items() if abs(math.log(off)) > math.log1p(STALE_TOLERANCE)}
+        if stale:
+            self.trusted, self.state = False, "stale"
+            what = ", ".join(f"{what} {off:.2f}x" for what, off in stale.items())
+            log.warning("latency table %s is stale: re-timed, %s the cached time (tolerance %d %%); re-measuring it "
+                        "for this run and updating the cache", self.path, what, round(100 * STALE_TOLERANCE))
+        else:
+            self.state = "cached"
+            log.info("latency table %s: cached timings confirmed in %.2f s (%s)", self.path, self.check_seconds,
+                     ", ".join(f"{what} {off:.2f}x" for what, off in offs.items()))
+
+    def checked_layers(self, layers: Sequence[LayerRequest]) -> list[tuple[nn.Module, Sequence[int], dict]]:
+        """Up to ``CHECKED_LAYERS`` of ``layers`` whose dense time and some candidate are cached, spread evenly
+        over their cached dense times, each with its first and last cached candidate."""
+        found = []
+        for module, input_shape, candidates in layers:
+            base = layer_key(module, (self.batch_size, *input_shape), module.weight.dtype)
+            cached = [label for label in candidates if self.cached(f"{base}|{label}")]
+            if self.cached(base) and cached:
+                chosen = dict.fromkeys([cached[0], cached[-1]])
+                found.append((self.entries[base]["ms"].median, module, input_shape,
+                              {label: candidates[label] for label in chosen}))
+        found.sort(key=lambda item: item[0])
+        if len(found) > CHECKED_LAYERS:
+            step = (len(found) - 1) / max(CHECKED_LAYERS - 1, 1)
+            found = [found[round(i * step)] for i in range(CHECKED_LAYERS)]
+        return [item[1:] for item in found]
+
+    def layer_offs(self, module: nn.Module, input_shape: Sequence[int],
+                   candidates: dict[str, Callable[[], nn.Module]]) -> list[float]:
+        """Re-timed / cached, for the dense layer, each candidate and each candidate's ratio to dense."""
+        base = layer_key(module, (self.batch_size, *input_shape), module.weight.dtype)
+        timed = [copy.deepcopy(module).to(self.device).eval(), *(build().to(self.device).eval()
+                                                                  for build in candidates.values())]
+        samples = interleaved_samples(timed, self.example(input_shape, module.weight.dtype), CHECK_ROUNDS,
+                                      ROUND_SECONDS, CHECK_ROUNDS)
+        offs = [statistics.median(samples[0]) / self.entries[base]["ms"].median]
+        for label, times in zip(candidates, samples[1:]):
+            entry = self.entries[f"{base}|{label}"]
+            offs.append(statistics.median(times) / entry["ms"].median)
+            offs.append(paired_ratios(times, samples[0]).median / entry["ratio"].median)
+        return offs
+
+    def facts(self) -> dict[str, object]:
+        """Where this table's timings came from: ``state``, entries ``measured`` now and how many of those did not
+        settle (``unsettled``), ``seconds`` the file's entries took to measure, ``check_seconds`` of the staleness
+        check, and the cache ``path``."""
+        unsettled = sum(not spread.settled for key in self.fresh for spread in self.entries[key].values())
+        return {"state": self.state, "measured": self.measured, "unsettled": unsettled,
+                "seconds": round(self.seconds, 3), "check_seconds": round(self.check_seconds, 3),
+                "path": str(self.path)}
 
 
 def profile_ms(model: nn.Module, example: torch.Tensor, names: Sequence[str], rounds: int = ROUNDS) -> tuple[
-        float, dict[str, float]]:
-    """(fastest ms of a whole forward pass, {name: fastest ms inside that submodule}) over ``rounds`` passes, in
-    eval mode (restored after), CUDA synchronized around each timed module."""
+        Spread, dict[str, Spread]]:
+    """(ms of a whole forward pass, {name: ms inside that submodule}) over ``rounds`` passes each, in eval mode
+    (restored after), CUDA synchronized around each timed module: the whole pass timed as ``interleaved_samples``
+    does, the submodules by hooks in a second series of passes."""
     modules = named_modules(model)
     started: dict[str, float] = {}
     inside: dict[str, list[float]] = {name: [] for name in names}
@@ -176,24 +319,24 @@ def profile_ms(model: nn.Module, example: torch.Tensor, names: Sequence[str], ro
     def after(name):
         def hook(module, args, output):
             synchronize(example.device)
-            inside[name].append(time.perf_counter() - started[name])
+            inside[name].append(1000.0 * (time.perf_counter() - started[name]))
         return hook
 
     was_training = model.training
     model.eval()
-    wholes = []
-    with torch.inference_mode(), on_device(example.device):
-        model(example)
-        wholes = [1000.0 * t for t in time_passes(model, example, rounds)]
-        hooks = [modules[n].register_forward_pre_hook(before(n)) for n in names]
-        hooks += [modules[n].register_forward_hook(after(n)) for n in names]
-        try:
-            time_passes(model, example, rounds)
-        finally:
-            for hook in hooks:
-                hook.remove()
-            model.train(was_training)
-    return min(wholes), {name: 1000.0 * min(times) for name, times in inside.items()}
+    try:
+        (whole,) = interleaved_samples([model], example, rounds)
+        with torch.inference_mode(), on_device(example.device):
+            hooks = [modules[n].register_forward_pre_hook(before(n)) for n in names]
+            hooks += [modules[n].register_forward_hook(after(n)) for n in names]
+            try:
+                time_passes(model, example, rounds)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+    finally:
+        model.train(was_training)
+    return Spread.of(whole), {name: Spread.of(times) for name, times in inside.items()}
 
 
 def time_passes(model: nn.Module, example: torch.Tensor, rounds: int) -> list[float]:
@@ -206,14 +349,3 @@ def time_passes(model: nn.Module, example: torch.Tensor, rounds: int) -> list[fl
         synchronize(example.device)
         times.append(time.perf_counter() - start)
     return times
-
-
-def on_device(device: torch.device):
-    """Make a CUDA ``device`` current (the benchmark timer synchronizes the current one); nothing on the CPU."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def synchronize(device: torch.device | str) -> None:
-    """Wait for the work queued on a CUDA ``device``, so wall-clock times cover it (no-op on CPU)."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)

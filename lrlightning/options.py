@@ -95,10 +95,13 @@ class LowRankOptions:
       ``budget``: float > 1, the whole model that many times smaller in ``budget_metric`` (``"params"``, default,
         or ``"macs"`` per sample of ``input_shape`` (C, H, W)) or that many times faster (``"latency"``: measured
         per layer on ``latency_device`` (default: the weights' device; CPU at torch's thread count) at batch
-        ``latency_batch_size`` (default 32) of ``input_shape``, cached under ``latency_cache``, see
-        ``lrlightning.latency``), with ranks allocated across the selected layers: the largest normalized error
-        over layers is minimized (``budget_objective="max"``, default) or their sum (``"sum"``); a layer may stay
-        dense, and under ``"latency"`` no layer is factorized into something slower. Candidate ranks are multiples
+        ``latency_batch_size`` (default 32) of ``input_shape``, cached under ``latency_cache`` and checked for
+        staleness before use, re-measured with ``latency_remeasure=True``, see ``lrlightning.latency``; the
+        allocated model is then timed against dense and allocated again while it misses the budget beyond the
+        noise, see ``lrlightning.speedup_check``), with ranks allocated across the selected layers: the largest
+        normalized error over layers is minimized (``budget_objective="max"``, default) or their sum (``"sum"``); a
+        layer may stay dense, and under ``"latency"`` no layer is factorized into something not faster beyond the
+        noise. Candidate ranks are multiples
         of ``rank_multiple`` (default 8) where a layer's full rank is at least 16× that, else of the largest power
         of two fitting 16 times (see ``lrlightning.budget``).
     ``tile_shape`` (rows, cols) is required by ``tiled_svd`` only. Layer selection: every Conv2d with groups == 1
@@ -139,6 +142,7 @@ class LowRankOptions:
     latency_batch_size: int = 32
     latency_device: str | None = None
     latency_cache: str | None = None
+    latency_remeasure: bool = False
     objective: str = "weight"
     activation_ridge: float = 1e-2
     bn_weighting: bool = False
@@ -218,6 +222,8 @@ class LowRankOptions:
         check_device("latency_device", self.latency_device)
         if self.latency_cache is not None and not isinstance(self.latency_cache, (str, os.PathLike)):
             raise ValueError(f"`latency_cache` must be a directory path, got {self.latency_cache!r}")
+        if not isinstance(self.latency_remeasure, bool):
+            raise ValueError(f"`latency_remeasure` must be a bool, got {self.latency_remeasure!r}")
 
     def conv_scheme(self) -> Scheme:
         return scheme_class(self.scheme).from_options(self)

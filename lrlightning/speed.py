@@ -8,9 +8,10 @@ import torch
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
-from .latency import time_interleaved, time_passes
+from .latency import time_passes
 from .layers import FactorizedLayer
 from .names import named_modules, set_module
+from .timing import Spread, paired_speedup
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -38,16 +39,16 @@ def cpu_latency_ms(model: nn.Module, input_shape: tuple[int, ...], batch_size: i
     return latency_ms(copy.deepcopy(model).cpu(), torch.randn(batch_size, *input_shape), repeats, warmup)
 
 
-def paired_latency_ms(models: list[nn.Module], input_shape: tuple[int, ...], batch_size: int = 32,
-                      device: torch.device | str = "cpu") -> list[float]:
-    """Milliseconds per forward pass of each of ``models`` (copies on ``device``, eval mode) on one random batch of
-    ``batch_size`` inputs of ``input_shape`` (C, H, W), timed interleaved (``lrlightning.latency.time_interleaved``,
-    torch's current thread count on CPU). The models themselves are not moved or switched to eval."""
+def measured_speedup(dense: nn.Module, factorized: nn.Module, input_shape: tuple[int, ...], batch_size: int = 32,
+                     device: torch.device | str = "cpu") -> tuple[Spread, Spread, Spread]:
+    """(dense ms, factorized ms, speedup dense / factorized per round) of copies of two models on ``device`` (eval
+    mode) on one random batch of ``batch_size`` inputs of ``input_shape`` (C, H, W), timed interleaved
+    (``lrlightning.timing.paired_speedup``, torch's current thread count on CPU). The models themselves are not
+    moved or switched to eval."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be an int >= 1, got {batch_size!r}")
-    copies = [copy.deepcopy(model).to(device).eval() for model in models]
-    example = torch.randn(batch_size, *input_shape, device=device)
-    return time_interleaved(copies, example)
+    copies = [copy.deepcopy(model).to(device).eval() for model in (dense, factorized)]
+    return paired_speedup(*copies, torch.randn(batch_size, *input_shape, device=device))
 
 
 def layer_inputs(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, torch.Tensor]:

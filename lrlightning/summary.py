@@ -5,6 +5,10 @@ from .budget import Allocation
 from .plan import LayerPlan, SkippedLayer
 
 
+TABLE_STATES = {"measured": "timed now", "cached": "cached, confirmed by re-timing", "stale": "the cached table was "
+                "stale: timed again", "remeasured": "timed again, as `latency_remeasure` asks"}
+
+
 def format_table(header: list[str], rows: list[list[str]]) -> str:
     """Left-aligned columns separated by two spaces, with a rule under the header."""
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
@@ -39,11 +43,13 @@ def plan_table(plans: list[LayerPlan], skipped: list[SkippedLayer], scheme: str,
         rows[-1].append("")
     text = "Low-rank plan\n" + format_table(header, rows)
     if allocation is not None:
-        where = (f" at batch {allocation.batch_size} on {allocation.device}, predicted from measured layer times"
-                 if allocation.metric == "latency" else "")
+        where = (f" at batch {allocation.batch_size} on {allocation.device}, predicted from measured layer times "
+                 f"({TABLE_STATES[allocation.table['state']]})" if allocation.metric == "latency" else "")
         text += (f"\nBudget {allocation.budget:g}x in {allocation.unit}{where}: whole model "
                  f"{cost_text(allocation.dense, allocation.metric)} -> {cost_text(allocation.allocated, allocation.metric)}"
                  f" ({allocation.achieved:.2f}x)")
+        if allocation.check is not None:
+            text += f"\nSpeedup of the allocated model: {allocation.check.text()}"
     if skipped:
         text += "\nLeft dense:\n" + "\n".join(f"  {s.name}: {s.reason}" for s in skipped)
     return text

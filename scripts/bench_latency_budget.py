@@ -24,7 +24,7 @@ from lrlightning import LowRankOptions, count_macs, factorize_planned
 from lrlightning.allocator import retain_freed_memory
 from lrlightning.app.provenance import publish_table
 from lrlightning.backbones import build_backbone
-from lrlightning.latency import time_interleaved
+from lrlightning.timing import time_interleaved
 from lrlightning.plan import allocate_plan
 from lrlightning.projection import project_planned_
 from lrlightning.summary import format_table
@@ -48,10 +48,10 @@ def refusal(message: str) -> str:
 
 def measured_speedup(dense: torch.nn.Module, small: torch.nn.Module, shape: tuple[int, ...], batch: int,
                      rounds: int) -> tuple[float, float]:
-    """(dense ms, factorized ms) as the allocation models them (BatchNorm not folded), timed interleaved over
-    ``rounds`` rounds."""
+    """(dense ms, factorized ms) as the allocation models them (BatchNorm not folded), medians of interleaved
+    rounds (at least ``rounds``)."""
     example = torch.randn(batch, *shape)
-    return tuple(time_interleaved([dense, small], example, rounds=rounds, round_seconds=0.2))
+    return tuple(t.median for t in time_interleaved([dense, small], example, rounds=rounds, round_seconds=0.2))
 
 
 def main() -> None:

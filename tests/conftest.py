@@ -11,6 +11,13 @@ TINY_TRAIN = ["model=simple_cnn", "data=synthetic", "+data.num_samples=192", "+d
               "+trainer.enable_model_summary=false", "latency_batch_size=4"]
 
 
+@pytest.fixture(autouse=True)
+def latency_cache_in_a_temporary_folder(tmp_path_factory, monkeypatch):
+    """Every latency table a test makes without naming its cache is written under a temporary folder, never into
+    the user's ``~/.cache``."""
+    monkeypatch.setenv("LRLIGHTNING_CACHE", str(tmp_path_factory.mktemp("latency-cache")))
+
+
 @pytest.fixture
 def tiny_train() -> list[str]:
     """``lrl-train`` overrides for a run of seconds: SimpleCNN, 192 synthetic 32×32 images, 2 steps, S_D = 1."""
@@ -41,28 +48,49 @@ def synthetic_data():
 
 
 class MacLatencyTable:
-    """A stand-in for ``lrlightning.latency.LatencyTable`` whose "measured" milliseconds are MACs / 1e6, so that
-    latency budgets are tested without timing; ``made`` keeps every table built."""
+    """A stand-in for ``lrlightning.latency.LatencyTable`` whose "measured" milliseconds are MACs / 1e6, with no
+    spread, so that latency budgets are tested without timing; ``made`` keeps every table built."""
 
     made: list["MacLatencyTable"] = []
 
-    def __init__(self, device, batch_size, cache_dir=None):
+    def __init__(self, device, batch_size, cache_dir=None, remeasure=False):
         import torch
 
         self.device, self.batch_size, self.cache_dir = torch.device(device), batch_size, cache_dir
+        self.remeasure, self.state, self.checked = remeasure, "measured", []
         MacLatencyTable.made.append(self)
 
-    def layer_ms(self, module, input_shape, candidates):
-        from lrlightning import count_macs
+    @staticmethod
+    def exact(value):
+        from lrlightning.timing import Spread
 
-        return (count_macs(module, input_shape) / 1e6,
-                {label: count_macs(build(), input_shape) / 1e6 for label, build in candidates.items()})
+        return Spread(value, value, value, 1)
+
+    def check(self, model, input_shape, layers):
+        self.checked.append(len(layers))
+
+    def facts(self):
+        return {"state": self.state, "measured": 0, "unsettled": 0, "seconds": 0.0, "check_seconds": 0.0,
+                "path": str(self.cache_dir)}
+
+    def layer_times(self, module, input_shape, candidates):
+        from lrlightning import count_macs
+        from lrlightning.latency import LayerTimes
+
+        dense = count_macs(module, input_shape) / 1e6
+        return LayerTimes(self.exact(dense), {label: self.exact(count_macs(build(), input_shape) / 1e6 / dense)
+                                              for label, build in candidates.items()})
 
     def model_ms(self, model, input_shape, names=()):
         from lrlightning import count_macs
 
         layers = count_macs(model, input_shape, per_layer=True)
         return sum(layers.values()) / 1e6, {name: layers[name] / 1e6 for name in names}
+
+    def speedup(self, dense, factorized, input_shape):
+        from lrlightning import count_macs
+
+        return self.exact(count_macs(dense, input_shape) / count_macs(factorized, input_shape))
 
 
 @pytest.fixture

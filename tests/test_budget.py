@@ -12,8 +12,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lrlightning import LowRankOptions, LowRankProjection, count_macs, count_params, factorize, plan_layers, project_
 from lrlightning.backbones import build_backbone
-from lrlightning.budget import (LayerChoices, allocate, in_model_costs, layer_multiple, layer_structure, rounded_rank,
-                                timing_layer)
+from lrlightning.budget import (LayerChoices, allocate, fitted_ratios, in_model_costs, layer_multiple, layer_structure,
+                                rounded_rank, timing_layer)
+from lrlightning.timing import Spread
 from lrlightning.plan import allocate_plan
 from lrlightning.summary import plan_table
 
@@ -173,12 +174,12 @@ def test_latency_budget_allocates_measured_costs_and_never_picks_a_slower_layer(
         """MAC-proportional latencies, except that every tucker2 candidate of rank (R, R) with R > 8 in the last
         stage is made slower than dense: the allocation must never pick one."""
 
-        def layer_ms(self, module, input_shape, candidates):
-            dense, costs = super().layer_ms(module, input_shape, candidates)
+        def layer_times(self, module, input_shape, candidates):
+            times = super().layer_times(module, input_shape, candidates)
             if module.out_channels == 4 * WIDTH:
-                costs = {label: 2 * dense if int(label.split("(")[1].split(",")[0]) > 8 else cost
-                         for label, cost in costs.items()}
-            return dense, costs
+                times.ratios.update({label: self.exact(2.0) for label in candidates
+                                     if int(label.split("(")[1].split(",")[0]) > 8})
+            return times
 
     monkeypatch.setattr("lrlightning.budget.LatencyTable", SlowWideTable)
     options = LowRankOptions("tucker2", budget=2.0, budget_metric="latency", input_shape=SHAPE, latency_batch_size=4,
@@ -192,8 +193,68 @@ def test_latency_budget_allocates_measured_costs_and_never_picks_a_slower_layer(
     for plan in plans:
         before, after = allocation.costs[plan.name]
         assert after < before
-    with pytest.raises(ValueError, match=r"`budget`=1000.0 is out of reach: .* at most \d+\.\d\dx faster \(measured\)"):
+    with pytest.raises(ValueError, match=r"`budget`=1000.0 is out of reach: .* at most \d+\.\d\dx \(IQR [\d.-]+\) faster \(measured\)"):
         allocate_plan(resnet, replace(options, budget=1000.0), warn=False)
+
+
+def spread(value, width=0.0):
+    return Spread(value, value - width / 2, value + width / 2, 7)
+
+
+def test_fitted_ratios_recover_a_line_through_noisy_timings_and_never_fall_with_more_work():
+    fractions = [1.0, 0.75, 0.5, 0.25, 0.125]
+    exact = [0.3 + 0.8 * x for x in fractions]
+    fitted = fitted_ratios(fractions, [spread(y) for y in exact])
+    assert [f for f, _ in fitted] == pytest.approx(exact) and all(error < 1e-9 for _, error in fitted)
+    noisy = [y * (1 + 0.05 * sign) for y, sign in zip(exact, (1, -1, 1, -1, 1))]
+    fitted = fitted_ratios(fractions, [spread(y) for y in noisy])
+    assert all(abs(f - y) < abs(n - y) + 1e-9 for (f, _), n, y in zip(fitted, noisy, exact))
+    assert all(0 < error < 0.05 for _, error in fitted)
+    falling = fitted_ratios(fractions, [spread(y) for y in (0.5, 0.6, 0.7, 0.8, 0.9)])  # noise with a negative slope
+    assert [f for f, _ in falling] == pytest.approx([0.7] * 5)
+    assert fitted_ratios([1.0, 0.5], [spread(0.9, 0.2), spread(0.6, 0.1)]) == [pytest.approx((0.9, 0.1)),
+                                                                               pytest.approx((0.6, 0.05))]
+
+
+def test_a_candidate_only_noise_makes_look_faster_is_not_a_candidate(resnet, mac_latency, monkeypatch):
+    class NearlyEqualTable(mac_latency):
+        """The last stage's candidates all time like dense, give or take 3 %: none is faster beyond the noise."""
+
+        def layer_times(self, module, input_shape, candidates):
+            times = super().layer_times(module, input_shape, candidates)
+            if module.out_channels == 4 * WIDTH:
+                times.ratios.update({label: spread(1.0 + 0.03 * (-1) ** i, 0.06)
+                                     for i, label in enumerate(candidates)})
+            return times
+
+    monkeypatch.setattr("lrlightning.budget.LatencyTable", NearlyEqualTable)
+    options = LowRankOptions("tucker2", budget=1.3, budget_metric="latency", input_shape=SHAPE, latency_batch_size=4,
+                             latency_device="cpu")
+    plans, skipped, allocation = allocate_plan(resnet, options, warn=False)
+    last_stage = {name for name, module in resnet.named_modules() if isinstance(module, nn.Conv2d)
+                  and module.out_channels == 4 * WIDTH and module.kernel_size == (3, 3)}
+    assert last_stage and not last_stage & {p.name for p in plans}
+    assert all(allocation.ranks[name] is None for name in last_stage)
+
+
+def test_a_latency_budget_is_allocated_again_until_the_allocated_model_measures_the_speedup(resnet, mac_latency,
+                                                                                            monkeypatch):
+    class SlowerThanPredicted(mac_latency):
+        """Whole models gain only MAC reduction ** 0.7: the per-layer costs overrate the factorized model."""
+
+        def speedup(self, dense, factorized, input_shape):
+            return self.exact(super().speedup(dense, factorized, input_shape).median ** 0.7)
+
+    monkeypatch.setattr("lrlightning.budget.LatencyTable", SlowerThanPredicted)
+    options = LowRankOptions("tucker2", budget=1.5, budget_metric="latency", input_shape=SHAPE, latency_batch_size=4,
+                             latency_device="cpu")
+    plans, _, allocation = allocate_plan(resnet, options, warn=False)
+    check = allocation.check
+    assert check.verdict == "met" and check.attempts >= 2 and abs(check.measured.median / 1.5 - 1) <= 0.03
+    assert allocation.achieved > 1.6  # predicted from the layer costs, which the measurement corrected
+    table = plan_table(plans, [], "tucker2", allocation)
+    assert f"Speedup of the allocated model: measured {check.measured.median:.2f}x" in table
+    assert f"as asked ({check.attempts} allocations timed)" in table
 
 
 def test_plan_table_shows_each_layers_cost_and_the_whole_model(resnet):
@@ -261,10 +322,12 @@ def test_candidate_structures_count_the_macs_of_the_real_factorized_layer(resnet
     assert timed(torch.randn(2, 16, 16, 16)).shape == real(torch.randn(2, 16, 16, 16)).shape
 
 
-def test_in_model_costs_rescale_every_candidate_by_the_dense_layers_time_in_the_model():
-    choices = LayerChoices("a", (4, 2, None), (0.1, 0.4, 0.0), (1.0, 0.5, 2.0))
-    scaled = in_model_costs(choices, 3.0)
-    assert scaled.costs == (1.5, 0.75, 3.0) and scaled.errors == choices.errors and scaled.ranks == choices.ranks
+def test_in_model_costs_rescale_every_candidate_by_one_factor_the_dense_layers_took_in_the_model():
+    a = LayerChoices("a", (4, 2, None), (0.1, 0.4, 0.0), (1.0, 0.5, 2.0))
+    b = LayerChoices("b", (8, None), (0.2, 0.0), (1.0, 4.0))
+    scaled = in_model_costs([a, b], {"a": 5.0, "b": 4.0})  # 9 ms in the model against 6 ms alone: 1.5x
+    assert [c.costs for c in scaled] == [(1.5, 0.75, 3.0), (1.5, 6.0)]
+    assert [(c.name, c.ranks, c.errors) for c in scaled] == [(c.name, c.ranks, c.errors) for c in (a, b)]
 
 
 def test_a_budget_that_selects_nothing_or_a_layer_the_forward_skips_is_refused(resnet):

@@ -1,11 +1,15 @@
-"""Latency tables: layers and their candidates timed side by side, cached on disk per device and never re-timed."""
+"""Latency tables: layers and their candidates timed side by side with their spread, cached on disk per device,
+checked for staleness before a cached table is used, re-measured on request; unreadable caches are replaced."""
 import json
+import logging
 
 import pytest
 import torch
 from torch import nn
 
-from lrlightning.latency import LatencyTable, device_key, layer_key, time_interleaved
+from lrlightning import count_macs, latency
+from lrlightning.layers import FactorizedLayer
+from lrlightning.latency import FORMAT, LatencyTable, device_key, layer_key, model_key
 from lrlightning.schemes.tucker2 import Tucker2
 
 
@@ -14,31 +18,76 @@ def conv():
     return nn.Conv2d(8, 8, 3, padding=1, bias=False)
 
 
-def test_time_interleaved_gives_one_positive_time_per_module():
-    modules = [nn.Conv2d(4, 4, 3), nn.Identity()]
-    times = time_interleaved(modules, torch.randn(2, 4, 8, 8), rounds=2, round_seconds=0.001)
-    assert len(times) == 2 and all(t > 0 for t in times)
+def candidates(layer, ranks=((4, 4), (2, 2))):
+    return {f"tucker2:{rank}".replace(" ", ""): (lambda r=rank: Tucker2().factorized_layer(layer, r)) for rank in ranks}
 
 
-def test_a_table_times_what_it_lacks_and_reads_the_rest_from_disk(tmp_path):
+class MacClock:
+    """Stands in for ``lrlightning.latency.interleaved_samples``: each module takes its MACs / 1e3 ms times
+    ``slowdown`` (``candidate_slowdown`` for factorized layers), in every round; ``calls`` counts the timings."""
+
+    def __init__(self):
+        self.slowdown, self.candidate_slowdown, self.calls = 1.0, 1.0, 0
+
+    def __call__(self, modules, example, rounds=7, round_seconds=0.01, max_rounds=14, tolerance=0.1):
+        self.calls += 1
+        shape = tuple(example.shape[1:])
+        factor = [self.candidate_slowdown if isinstance(m, FactorizedLayer) else 1.0 for m in modules]
+        return [[count_macs(m, shape) / 1e3 * self.slowdown * f] * rounds for m, f in zip(modules, factor)]
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    fake = MacClock()
+    monkeypatch.setattr(latency, "interleaved_samples", fake)
+    return fake
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, padding=1, bias=False)).eval()
+
+
+def requests(model, shape=(8, 6, 6)):
+    """What a budget hands ``LatencyTable.check``: every conv with its input shape and two candidates."""
+    inputs = {"0": shape, "2": (16, *shape[1:]), "4": (16, *shape[1:])}
+    return [(model.get_submodule(name), inputs[name], candidates(model.get_submodule(name), ((8, 8), (4, 4))))
+            for name in ("0", "2", "4")]
+
+
+def fill(table, model, shape=(8, 6, 6)):
+    table.model_ms(model, shape, ["0", "2", "4"])
+    for module, input_shape, built in requests(model, shape):
+        table.layer_times(module, input_shape, built)
+
+
+def test_a_table_times_what_it_lacks_with_its_spread_and_reads_the_rest_from_disk(tmp_path):
     layer = conv()
-    candidates = {"tucker2:(4,4)": lambda: Tucker2().factorized_layer(layer, (4, 4))}
     table = LatencyTable("cpu", 2, tmp_path)
-    dense, timed = table.layer_ms(layer, (8, 6, 6), candidates)
-    assert table.measured == 2 and dense > 0 and timed["tucker2:(4,4)"] > 0
+    times = table.layer_times(layer, (8, 6, 6), candidates(layer, ((4, 4),)))
+    assert table.measured == 2 and table.seconds > 0 and table.state == "measured"
+    assert times.dense.median > 0 and times.dense.low <= times.dense.median <= times.dense.high
+    ratio = times.ratios["tucker2:(4,4)"]
+    assert ratio.rounds == times.dense.rounds >= 7 and ratio.low <= ratio.median <= ratio.high
     stored = json.loads(table.path.read_text())
-    assert stored["device"] == device_key(torch.device("cpu")) and len(stored["entries"]) == 2
+    assert (stored["format"], stored["device"]) == (FORMAT, device_key(torch.device("cpu")))
+    assert len(stored["entries"]) == 2 and stored["seconds"] > 0
+    assert set(stored["entries"][layer_key(layer, (2, 8, 6, 6), torch.float32) + "|tucker2:(4,4)"]) == {"ms", "ratio"}
     assert str(torch.get_num_threads()) in table.path.name
 
     again = LatencyTable("cpu", 2, tmp_path)
+
     def never_built():
         raise AssertionError("a cached candidate is not built")
 
-    more = {"tucker2:(4,4)": never_built, "tucker2:(2,2)": lambda: Tucker2().factorized_layer(layer, (2, 2))}
-    assert again.layer_ms(layer, (8, 6, 6), more)[0] == dense
-    assert again.measured == 1  # only the new candidate
+    more = {"tucker2:(4,4)": never_built, **candidates(layer, ((2, 2),))}
+    assert again.layer_times(layer, (8, 6, 6), more).ratios["tucker2:(4,4)"] == ratio
+    assert again.measured == 2  # the new candidate, with dense again beside it (ratios are paired per round)
     other_batch = LatencyTable("cpu", 3, tmp_path)
-    other_batch.layer_ms(layer, (8, 6, 6), {})
+    other_batch.layer_times(layer, (8, 6, 6), {})
     assert other_batch.measured == 1
 
 
@@ -55,11 +104,97 @@ def test_the_whole_model_and_its_layers_in_place_are_cached_by_structure_and_its
     assert fresh.measured == 1
 
 
-def test_a_cache_written_for_another_device_is_not_used(tmp_path):
+def test_a_valid_cached_table_is_confirmed_without_re_measuring(tmp_path, clock, model, caplog):
+    fill(LatencyTable("cpu", 2, tmp_path), model)
+    caplog.set_level(logging.INFO, "lrlightning.latency")
+    table = LatencyTable("cpu", 2, tmp_path)
+    calls = clock.calls
+    table.check(model, (8, 6, 6), requests(model))
+    assert table.state == "cached" and table.trusted
+    assert clock.calls - calls == 3  # the dense model, then two layers with two candidates each
+    fill(table, model)
+    assert table.measured == 0 and clock.calls - calls == 3
+    assert "cached timings confirmed" in caplog.text and "the dense model 1.00x" in caplog.text
+
+
+def test_a_table_whose_reference_time_is_off_is_re_measured_and_the_cache_updated(tmp_path, clock, model, caplog):
+    fill(LatencyTable("cpu", 2, tmp_path), model)
+    path = LatencyTable("cpu", 2, tmp_path).path
+    stored = json.loads(path.read_text())
+    reference = model_key(model, (2, 8, 6, 6), torch.float32)
+    cached = stored["entries"][reference]["ms"]
+    stored["entries"][reference]["ms"] = {**cached, **{k: cached[k] * 3 for k in ("median", "low", "high")}}
+    path.write_text(json.dumps(stored))
+
+    caplog.set_level(logging.INFO, "lrlightning.latency")
+    table = LatencyTable("cpu", 2, tmp_path)
+    table.check(model, (8, 6, 6), requests(model))
+    assert table.state == "stale" and not table.trusted
+    assert "is stale: re-timed, the dense model 0.33x the cached time (tolerance 20 %); re-measuring it" in caplog.text
+    fill(table, model)
+    assert table.measured == 7  # the model pass, then dense and two candidates of each of the two layer shapes
+    assert json.loads(path.read_text())["entries"][reference]["ms"]["median"] == pytest.approx(cached["median"])
+    assert table.facts()["state"] == "stale" and table.facts()["measured"] == 7
+
+
+def test_a_machine_that_slowed_down_or_candidates_cached_too_fast_make_a_table_stale(tmp_path, clock, model, caplog):
+    fill(LatencyTable("cpu", 2, tmp_path), model)
+    clock.slowdown = 2.0  # another job now keeps the cores busy
+    loaded = LatencyTable("cpu", 2, tmp_path)
+    loaded.check(model, (8, 6, 6), requests(model))
+    assert loaded.state == "stale"
+    clock.slowdown = 1.0
+    fill(LatencyTable("cpu", 2, tmp_path, remeasure=True), model)
+
+    clock.candidate_slowdown = 2.5  # the cached candidates read 2.5x faster than they now run
+    caplog.set_level(logging.WARNING, "lrlightning.latency")
+    table = LatencyTable("cpu", 2, tmp_path)
+    table.check(model, (8, 6, 6), requests(model))
+    assert table.state == "stale" and "layer timings (median) 2.5" in caplog.text
+
+
+def test_remeasure_times_every_entry_again_and_skips_the_check(tmp_path, clock, model):
+    fill(LatencyTable("cpu", 2, tmp_path), model)
+    table = LatencyTable("cpu", 2, tmp_path, remeasure=True)
+    calls = clock.calls
+    table.check(model, (8, 6, 6), requests(model))
+    assert clock.calls == calls and table.state == "remeasured"
+    fill(table, model)
+    assert table.measured == 7 and table.facts()["state"] == "remeasured"
+    fill(table, model)  # what this table timed itself is used as it is
+    assert table.measured == 7
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"format": 2, "device": "%s", "entries": {"x": 1}}',
+                                     '{"format": 2, "device": "%s", "entries": {"x": {"ms": {"median": 1}}}}'])
+def test_an_unreadable_cache_is_measured_anew_and_replaced(tmp_path, clock, content, caplog):
+    layer = conv()
     table = LatencyTable("cpu", 2, tmp_path)
     table.path.parent.mkdir(parents=True, exist_ok=True)
-    table.path.write_text(json.dumps({"device": "another machine", "entries": {"x": 1.0}}))
+    table.path.write_text(content.replace("%s", table.key))
+    caplog.set_level(logging.WARNING, "lrlightning.latency")
+    fresh = LatencyTable("cpu", 2, tmp_path)
+    assert fresh.entries == {} and f"latency cache {fresh.path} cannot be read" in caplog.text
+    fresh.layer_times(layer, (8, 6, 6), {})
+    assert json.loads(fresh.path.read_text())["format"] == FORMAT
+
+
+def test_a_cache_of_an_older_format_or_another_device_is_not_used(tmp_path, caplog):
+    table = LatencyTable("cpu", 2, tmp_path)
+    table.path.parent.mkdir(parents=True, exist_ok=True)
+    table.path.write_text(json.dumps({"device": table.key, "entries": {"x": 1.0}}))
+    caplog.set_level(logging.WARNING, "lrlightning.latency")
     assert LatencyTable("cpu", 2, tmp_path).entries == {}
+    assert "was written in format None, not 2; measuring a new table" in caplog.text
+    table.path.write_text(json.dumps({"format": FORMAT, "device": "another machine", "entries": {}}))
+    assert LatencyTable("cpu", 2, tmp_path).entries == {}
+
+
+def test_a_table_without_a_named_cache_writes_under_lrlightning_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LRLIGHTNING_CACHE", str(tmp_path / "cache"))
+    table = LatencyTable("cpu", 2)
+    table.layer_times(conv(), (8, 6, 6), {})
+    assert table.path.parent == tmp_path / "cache" and table.path.is_file()
 
 
 def test_layer_keys_name_geometry_input_and_dtype_not_weights():

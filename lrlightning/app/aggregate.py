@@ -33,6 +33,7 @@ CALLBACK_KEYS = frozenset(
 # Job settings that change how fast a run goes, and its result only under a latency budget (they choose the
 # latency table the ranks are allocated from).
 SPEED_KEYS = {"latency_batch_size", "retain_freed_memory"}
+SPEEDUP_KEYS = ("speedup", "speedup_low", "speedup_high")  # measured speedup and its interquartile range
 # Options of how a projection is made, not of the plan: runs differing in them are variants at one point.
 OBJECTIVE_KEYS = frozenset({"lowrank.objective", "lowrank.activation_ridge", "lowrank.bn_weighting"})
 HIDDEN_KEYS = {"seed", "model.lr", "baseline", "lowrank._target_", "lowrank.scheme",
@@ -156,11 +157,14 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         test_mean, test_std = mean_std([v for v in tests if math.isfinite(v)])
         ratios = [float(r["model_compression_ratio"]) for r in finished if r.get("model_compression_ratio")]
         jumps = {key: [r[key] for r in finished if r.get(key) is not None] for key in ("first_loss_jump", "loss_jump")}
+        speed = {key: [float(r[key]) for r in finished if r.get(key) not in (None, "")] for key in SPEEDUP_KEYS}
         cells.append({"point": point, "method": method, "variant": variant, "lr": lr, "runs": len(runs),
                       "seeds": len(finished), "failed": sum(r["status"] != OK for r in runs),
                       "val_mean": mean_std([v for v in vals if math.isfinite(v)])[0], "test_mean": test_mean,
                       "test_std": test_std, "model_compression_ratio": statistics.fmean(ratios) if ratios else None,
-                      **{key: statistics.fmean(values) if values else None for key, values in jumps.items()}})
+                      **{key: statistics.fmean(values) if values else None for key, values in jumps.items()},
+                      **{key: statistics.fmean(values) if len(values) == len(finished) and values else None
+                         for key, values in speed.items()}})
     for family in {(c["point"], c["method"], c["variant"]) for c in cells}:
         members = sorted((c for c in cells if (c["point"], c["method"], c["variant"]) == family),
                          key=lambda c: lr_order(c["lr"]))
@@ -238,6 +242,16 @@ def fmt_acc(mean: float, std: float | None = None) -> str:
     return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
 
 
+def fmt_speedup(cell: dict[str, Any]) -> str:
+    """A cell's measured speedup (mean over its seeds) with the mean interquartile range of its runs, e.g.
+    ``1.31x (1.27-1.34)``; ``-`` when a run recorded none, the range left out where runs did not record it."""
+    if cell.get("speedup") is None:
+        return "-"
+    if cell.get("speedup_low") is None or cell.get("speedup_high") is None:
+        return f"{cell['speedup']:.2f}x"
+    return f"{cell['speedup']:.2f}x ({cell['speedup_low']:.2f}-{cell['speedup_high']:.2f})"
+
+
 def chosen_table(cells: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the chosen-lr table."""
     header = ["point", "model ratio", "method", "variant", "lr", "val acc %", "test acc %", "seeds", "failed",
@@ -246,6 +260,10 @@ def chosen_table(cells: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
              c["variant"] or "-", fmt_lr(c["lr"]), fmt_acc(c["val_mean"]), fmt_acc(c["test_mean"], c["test_std"]),
              f"{c['seeds']}/{c['runs']}", f"{c['failed']}/{c['runs']}", f"{c['failed_all_lrs']}/{c['runs_all_lrs']}"]
             for c in cells if c["chosen"]]
+    if any(c.get("speedup") is not None for c in cells if c["chosen"]):
+        header += ["speedup (IQR)"]
+        for row, c in zip(rows, [c for c in cells if c["chosen"]]):
+            row.append(fmt_speedup(c))
     if any(c.get("loss_jump") is not None for c in cells if c["chosen"]):
         header += ["loss jump (first / mean)"]
         jumps = [c for c in cells if c["chosen"]]

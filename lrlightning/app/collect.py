@@ -24,10 +24,11 @@ COLUMNS = ["run", "status", "overrides", "method", "point", "variant", "seed", "
            "compression_ratio", "model_compression_ratio", "mac_reduction", "params_dense", "params_factorized",
            "macs_dense", "macs_factorized", "val_acc_factorized", "test_acc_projected", "test_acc_factorized",
            "max_abs_logit_diff", "latency_ms_dense", "latency_ms_factorized", "latency_batch_size", "speedup",
-           "budget", "budget_metric", "every_n_train_steps", "epochs", "global_step", "diverged", "first_loss_jump",
+           "speedup_low", "speedup_high", "speedup_distinguishable", "budget", "budget_metric", "every_n_train_steps", "epochs", "global_step", "diverged", "first_loss_jump",
            "loss_jump", "date", "commit"]
 AGGREGATE_COLUMNS = ["point", "model_compression_ratio", "method", "variant", "lr", "chosen", "runs", "seeds",
-                     "failed", "failed_all_lrs", "val_mean", "test_mean", "test_std", "first_loss_jump", "loss_jump"]
+                     "failed", "failed_all_lrs", "val_mean", "test_mean", "test_std", "speedup", "speedup_low",
+                     "speedup_high", "first_loss_jump", "loss_jump"]
 AXES = ("compression_ratio", "model_compression_ratio", "mac_reduction", "speedup")
 
 
@@ -131,8 +132,14 @@ def plot(rows: list[dict[str, Any]], path: Path, x_key: str = "compression_ratio
     points = [(float(r[x_key]), 100 * float(r["test_acc_factorized"])) for r in done]
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for group in sorted({(label(r), r["scheme"]) for r in done}, key=str):
-        chosen = [p for p, r in zip(points, done) if (label(r), r["scheme"]) == group]
-        ax.scatter(*zip(*chosen), label=f"{group[0]} / {group[1]}", alpha=0.8)
+        members = [(p, r) for p, r in zip(points, done) if (label(r), r["scheme"]) == group]
+        marks = ax.scatter(*zip(*[p for p, _ in members]), label=f"{group[0]} / {group[1]}", alpha=0.8)
+        ranged = [(p, r) for p, r in members if r.get(f"{x_key}_low") is not None and r.get(f"{x_key}_high") is not None]
+        if ranged:  # the measured speedup's interquartile range
+            xs = [p[0] for p, _ in ranged]
+            ax.errorbar(xs, [p[1] for p, _ in ranged], fmt="none", ecolor=marks.get_facecolor()[0], alpha=0.6,
+                        xerr=[[x - float(r[f"{x_key}_low"]) for x, (_, r) in zip(xs, ranged)],
+                              [float(r[f"{x_key}_high"]) - x for x, (_, r) in zip(xs, ranged)]])
     for (x, y), row in zip(points, done):
         if row.get("rank") is not None:
             ax.annotate(str(row["rank"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize="x-small")
@@ -141,7 +148,7 @@ def plot(rows: list[dict[str, Any]], path: Path, x_key: str = "compression_ratio
             label="Pareto front")
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}x"))
-    what = "measured speedup" if x_key == "speedup" else x_key.replace("_", " ")
+    what = "measured speedup (bars: interquartile range)" if x_key == "speedup" else x_key.replace("_", " ")
     ax.set_xlabel(what + " (dense / factorized)")
     ax.set_ylabel("test accuracy of the factorized model (%)")
     ax.set_title(f"accuracy vs {'speed' if x_key == 'speedup' else 'compression'} ({len(done)} runs)")

@@ -17,7 +17,8 @@ from ..counting import count_macs, count_params
 from ..export import save_factorized
 from ..options import LowRankOptions
 from ..plan import LayerPlan
-from ..speed import paired_latency_ms
+from ..budget import Allocation
+from ..speed import measured_speedup
 from ..summary import format_table
 from .provenance import provenance
 
@@ -40,6 +41,15 @@ def rank_rule(options: LowRankOptions | None) -> Any:
     return f"energy={options.energy}" if options.energy is not None else f"compression={options.compression}"
 
 
+def allocation_facts(allocation: Allocation | None) -> dict[str, Any]:
+    """What a latency budget's allocation found when it was made: ``budget_check`` (the allocated model's speedup
+    measured against dense, see ``lrlightning.speedup_check``) and ``latency_table`` (where its timings came from);
+    empty otherwise."""
+    if allocation is None or allocation.check is None:
+        return {}
+    return {"budget_check": allocation.check.as_dict(), "latency_table": allocation.table}
+
+
 def training_facts(trainer: Trainer, seconds: float) -> dict[str, Any]:
     """Epochs, steps, training time (s), last training loss and whether it diverged (non-finite)."""
     loss = trainer.callback_metrics.get("train/loss")
@@ -53,11 +63,14 @@ def summarize(method: str, options: LowRankOptions | None, plans: list[LayerPlan
               extra: dict) -> dict[str, Any]:
     """The fields of ``summary.json`` (``extra`` last): ``plans`` are the factorized layers of ``dense``, whose
     factorized copy is ``small``; ``metrics`` come from ``run_test`` and ``val_accuracy``. Latency: dense and
-    factorized timed interleaved at ``latency_batch_size``, on the CPU, or on the budget's ``latency_device``."""
+    factorized timed interleaved at ``latency_batch_size``, on the CPU, or on the budget's ``latency_device``:
+    medians over the rounds, the speedup as the median of per-round ratios with its interquartile range
+    (``speedup_low``, ``speedup_high``) and whether that range excludes 1.0 (``speedup_distinguishable``)."""
     device = "cpu"
     if options is not None and options.budget is not None and options.budget_metric == "latency":
         device = options.latency_device or "cpu"
-    latency_dense, latency_factorized = paired_latency_ms([dense, small], input_shape, latency_batch_size, device)
+    latency_dense, latency_factorized, speedup = measured_speedup(dense, small, input_shape, latency_batch_size,
+                                                                  device)
     weights_dense = sum(p.params_dense for p in plans)
     weights_factorized = sum(p.params_factorized for p in plans)
     params_dense, params_factorized = count_params(dense), count_params(small)
@@ -79,9 +92,13 @@ def summarize(method: str, options: LowRankOptions | None, plans: list[LayerPlan
         "test_acc_factorized": metrics.get("acc_factorized"),
         "max_abs_logit_diff": metrics.get("max_abs_logit_diff"),
         **{f"test_{k}": v for k, v in metrics.items() if k in ("acc_dense", "acc_decomposed")},
-        "latency_ms_dense": latency_dense,
-        "latency_ms_factorized": latency_factorized,
-        "speedup": latency_dense / latency_factorized,
+        "latency_ms_dense": latency_dense.median,
+        "latency_ms_factorized": latency_factorized.median,
+        "speedup": speedup.median,
+        "speedup_low": speedup.low,
+        "speedup_high": speedup.high,
+        "speedup_rounds": speedup.rounds,
+        "speedup_distinguishable": speedup.excludes(1.0),
         "latency_batch_size": latency_batch_size,
         "latency_device": str(device),
         "latency_threads": torch.get_num_threads(),
@@ -94,6 +111,15 @@ def summarize(method: str, options: LowRankOptions | None, plans: list[LayerPlan
     }
 
 
+def speedup_text(s: dict[str, Any]) -> str:
+    """The measured speedup with its interquartile range, and a note when it is not distinguishable from 1.0."""
+    speedup = s.get("speedup") or s["latency_ms_dense"] / s["latency_ms_factorized"]
+    if s.get("speedup_low") is None:
+        return f"{speedup:.2f}x"
+    text = f"{speedup:.2f}x (IQR {s['speedup_low']:.2f}-{s['speedup_high']:.2f})"
+    return text if s.get("speedup_distinguishable") else text + ", not distinguishable from 1.0"
+
+
 def summary_table(s: dict[str, Any]) -> str:
     """A summary as a headline and a dense-vs-factorized table: parameters, MACs, CPU latency, test accuracy."""
     def pct(value: float | None) -> str:
@@ -104,7 +130,7 @@ def summary_table(s: dict[str, Any]) -> str:
         ["parameters", f"{s['params_dense']:,}", f"{s['params_factorized']:,}", f"{s['model_compression_ratio']:.2f}x"],
         ["MACs per image", f"{s['macs_dense']:,}", f"{s['macs_factorized']:,}", f"{s['mac_reduction']:.2f}x"],
         [f"{s.get('latency_device', 'cpu').upper()} latency, batch {s['latency_batch_size']}", f"{s['latency_ms_dense']:.1f} ms",
-         f"{s['latency_ms_factorized']:.1f} ms", f"{s['latency_ms_dense'] / s['latency_ms_factorized']:.2f}x"],
+         f"{s['latency_ms_factorized']:.1f} ms", speedup_text(s)],
         ["test accuracy", pct(dense_acc), pct(s["test_acc_factorized"]), ""],
     ]
     head = f"{s['method']}: no low-rank layers"
@@ -115,6 +141,11 @@ def summary_table(s: dict[str, Any]) -> str:
         head += f"; max |logit diff| dense vs factorized {s['max_abs_logit_diff']:.1e}"
     if s.get("test_acc_decomposed") is not None:
         head += f"; {pct(s['test_acc_decomposed'])} right after decomposition"
+    check = s.get("budget_check")
+    if check is not None:
+        head += (f"\nlatency budget {check['budget']:g}x, when fit started: {check['verdict']} "
+                 f"(measured {check['measured']['median']:.2f}x, IQR {check['measured']['low']:.2f}-"
+                 f"{check['measured']['high']:.2f})")
     dense_label = "dense (projected)" if s["test_acc_projected"] is not None else "dense"
     return head + "\n" + format_table(["", dense_label, "factorized", "ratio"], rows)
 

@@ -17,7 +17,7 @@ from ..plan import relative_plans
 from .baseline import BASELINES, decompose
 from .job import build_model, evaluate_and_export, finish_backbone, fit, load_weights, make_trainer, resume_path, run_facts
 from .ranks import BACKBONE, with_budget_defaults
-from .report import METHOD, SUMMARY
+from .report import METHOD, SUMMARY, allocation_facts
 
 REQUIRED = "required"  # value of `init_ckpt` in experiments that start from a dense checkpoint
 
@@ -65,6 +65,6 @@ def train(cfg: DictConfig, run_dir: Path) -> dict | None:
         small = finish_backbone(model, datamodule, plans, options, projection.bn_recalibration_batches,
                                 trainer.global_step, projection.activation_batches)
     extra = {"every_n_train_steps": projection.every_n_train_steps, "num_projections": projection.num_projections,
-             "projection_log": projection.history, **facts}
+             "projection_log": projection.history, **allocation_facts(projection.allocation), **facts}
     return evaluate_and_export(trainer, datamodule, model, options, plans, small, run_dir, METHOD,
                                cfg.latency_batch_size, extra)

@@ -25,7 +25,16 @@ def test_a_latency_budget_is_allocated_at_the_jobs_batch_on_the_cpu_and_recorded
     assert summary["ranks"] and summary["latency_device"] == "cpu" and summary["latency_batch_size"] == 4
     assert summary["mac_reduction"] >= 1.5  # the stand-in's latency is MACs, so the MACs meet the budget
     assert json.loads((tmp_path / "summary.json").read_text())["budget"] == 1.5
-    assert "Budget 1.5x in ms per batch at batch 4 on cpu, predicted from measured layer times: whole model" in caplog.text
+    assert ("Budget 1.5x in ms per batch at batch 4 on cpu, predicted from measured layer times (timed now): whole "
+            "model") in caplog.text
+    check = summary["budget_check"]  # the tiny model's ranks cannot land within 3 % of 1.5x: the closest above
+    assert (check["verdict"], check["attempts"], check["distinguishable_from_dense"]) == ("missed", 1, True)
+    measured = check["measured"]["median"]
+    assert measured == summary["mac_reduction"] and 1.5 < measured < 1.7
+    assert summary["latency_table"]["state"] == "measured"
+    assert (f"Speedup of the allocated model: missed: measured {measured:.2f}x (IQR {measured:.2f}-{measured:.2f}) "
+            "against dense, asked 1.5x (1 allocation timed)") in caplog.text
+    assert f"latency budget 1.5x, when fit started: missed (measured {measured:.2f}x" in caplog.text
 
 
 def test_a_mac_budget_from_the_command_line(tmp_path, tiny_train):

@@ -139,6 +139,17 @@ def test_a_budget_is_set_on_the_command_line_without_a_plus():
     assert (node.scheme, node.rank, node.budget, node.budget_metric) == ("svd", None, 3, "macs")
 
 
+def test_a_latency_table_is_re_measured_on_request_from_the_command_line():
+    class Images:
+        in_channels, image_size = 1, 28
+
+    node = compose_train(["point=tucker2_faster", "lowrank.latency_remeasure=true"]).lowrank
+    callback = instantiate(with_budget_defaults(OmegaConf.to_container(node), Images(), 32), _convert_="all")
+    assert callback.options.latency_remeasure is True
+    default = compose_train(["point=tucker2_faster"]).lowrank
+    assert default.latency_remeasure is False
+
+
 def test_any_callback_option_is_added_on_the_command_line(tmp_path):
     cfg = compose_train(["+lowrank.projection_device=cpu", "+lowrank.svd_driver=exact"])
     _, _, callback, _ = instantiate_job(cfg, tmp_path)

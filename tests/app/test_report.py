@@ -45,7 +45,8 @@ def test_summarize_counts_the_factorized_layers_and_the_whole_model(dense_and_sm
     assert s["model_compression_ratio"] == pytest.approx(s["params_dense"] / s["params_factorized"])
     assert s["test_acc_factorized"] == 0.5 and "test_acc_dense" not in s
     assert s["latency_ms_dense"] > 0 and s["latency_batch_size"] == 2 and s["latency_device"] == "cpu"
-    assert s["speedup"] == pytest.approx(s["latency_ms_dense"] / s["latency_ms_factorized"])
+    assert s["speedup_low"] <= s["speedup"] <= s["speedup_high"] and s["speedup_rounds"] >= 9
+    assert s["speedup_distinguishable"] == (s["speedup_low"] > 1 or s["speedup_high"] < 1)
     assert (s["budget"], s["budget_metric"]) == (None, None)
     assert s["ranks"] == {"features.4": 4, "features.8": 4}
     assert list(s)[-1] == "config"

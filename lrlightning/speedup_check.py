@@ -1,0 +1,112 @@
+"""A latency budget's promise, checked on its result: the allocated model is timed against dense (whole models,
+interleaved) before it is used; one that misses the requested speedup beyond the noise, too slow or faster than
+asked (compressed more than needed), is allocated again from a corrected target, a bounded number of times, and a
+machine too noisy to tell is said to be so. Pure Python."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .timing import Spread
+
+CHECK_ATTEMPTS = 4  # allocations timed at most
+SPEEDUP_TOLERANCE = 0.03  # a measured speedup within this fraction of the budget meets it
+NOISY_SPREAD = 0.2  # a measured speedup whose interquartile range exceeds this fraction of its median cannot tell
+
+
+@dataclass(frozen=True)
+class SpeedupCheck:
+    """What timing the allocated model against dense found: ``measured`` (the per-round speedup dense /
+    factorized) and the ``verdict``: ``"met"`` (its median within ``SPEEDUP_TOLERANCE`` of ``budget``), ``"noisy"`` (a range wider than ``NOISY_SPREAD`` of the median: the machine is too
+    noisy to tell) or ``"missed"`` (still off after ``attempts`` allocations, or no other allocation lies closer;
+    ``closest`` is kept)."""
+
+    budget: float
+    measured: Spread
+    verdict: str
+    attempts: int
+
+    @property
+    def distinguishable(self) -> bool:
+        """Whether the measured speedup differs from 1.0 (no speedup) beyond the noise."""
+        return self.measured.excludes(1.0)
+
+    def text(self) -> str:
+        measured = self.measured.text(suffix="x")
+        tries = f"{self.attempts} allocation{'s' if self.attempts > 1 else ''} timed"
+        if self.verdict == "met":
+            return f"measured {measured} against dense, as asked ({tries})"
+        if self.verdict == "noisy":
+            return (f"the machine is too noisy to tell: measured {measured} against dense "
+                    f"{'' if self.distinguishable else '(not distinguishable from 1.0) '}({tries})")
+        return f"missed: measured {measured} against dense, asked {self.budget:g}x ({tries})"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"budget": self.budget, "measured": self.measured.as_dict(), "verdict": self.verdict,
+                "attempts": self.attempts, "distinguishable_from_dense": self.distinguishable}
+
+
+class OutOfReach(ValueError):
+    """The fastest allocation measured short of the budget; ``measured`` is its speedup."""
+
+    def __init__(self, measured: Spread):
+        super().__init__(f"{measured.text(suffix='x')} faster (measured)")
+        self.measured = measured
+
+
+def judged(measured: Spread, budget: float) -> str | None:
+    """``"noisy"``, ``"met"``, or None when ``measured`` misses ``budget`` beyond the noise."""
+    if measured.relative > NOISY_SPREAD:
+        return "noisy"
+    if abs(measured.median / budget - 1.0) <= SPEEDUP_TOLERANCE:
+        return "met"
+    return None
+
+
+def checked_ranks(choose: Callable[[float], tuple[dict, float]], measure: Callable[[dict], Spread], budget: float,
+                  dense: float, fastest: float) -> tuple[dict, SpeedupCheck]:
+    """Ranks meeting a speedup ``budget`` as measured, and the check that says so.
+
+    ``choose(target)`` allocates ranks whose predicted total cost is at most ``target`` and returns (ranks, that
+    total); ``dense`` is the predicted dense total, ``fastest`` the smallest reachable. ``measure(ranks)`` times the
+    model at those ranks against dense. Each miss corrects the target (``corrected``: measured against predicted
+    speedup), so the next allocation aims where the measurement would meet the budget; ranks already timed end the
+    search. Raises ``OutOfReach`` when the fastest
+    allocation measures short of the budget beyond the noise."""
+    target, tried, points = dense / budget, [], []
+    for attempt in range(1, CHECK_ATTEMPTS + 1):
+        target = min(max(target, fastest), dense)
+        ranks, total = choose(target)
+        if any(ranks == earlier for earlier, _ in tried):
+            break  # the corrected target gives ranks already timed: no allocation lies closer
+        measured = measure(ranks)
+        tried.append((ranks, measured))
+        verdict = judged(measured, budget)
+        if verdict is not None:
+            return ranks, SpeedupCheck(budget, measured, verdict, attempt)
+        if measured.median < budget and target <= fastest * (1 + 1e-9):
+            raise OutOfReach(measured)
+        points.append((math.log(dense / total), math.log(measured.median)))
+        target = dense / math.exp(corrected(points, math.log(budget)))
+    ranks, measured = closest(tried, budget)
+    return ranks, SpeedupCheck(budget, measured, "missed", len(tried))
+
+
+def corrected(points: list[tuple[float, float]], goal: float) -> float:
+    """The log predicted speedup whose measurement should be ``goal`` (a log speedup), from the (log predicted,
+    log measured) ``points`` so far: through the last two by a secant when they rise, else by the last one's
+    measured / predicted ratio."""
+    predicted, measured = points[-1]
+    if len(points) > 1:
+        before, measured_before = points[-2]
+        if predicted != before and (measured - measured_before) / (predicted - before) > 0:
+            slope = (measured - measured_before) / (predicted - before)
+            return predicted + (goal - measured) / slope
+    return predicted + goal - measured
+
+
+def closest(tried: list[tuple[dict, Spread]], budget: float) -> tuple[dict, Spread]:
+    """Of the timed allocations, the slowest one that meets ``budget`` (within the tolerance), else the fastest."""
+    meeting = [item for item in tried if item[1].median >= budget * (1 - SPEEDUP_TOLERANCE)]
+    return min(meeting, key=lambda item: item[1].median) if meeting else max(tried, key=lambda item: item[1].median)
