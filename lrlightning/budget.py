@@ -163,7 +163,7 @@ def fitted_ratios(fractions: Sequence[float], ratios: Sequence[Spread]) -> list[
     ratio = a + b · (candidate MACs / dense MACs) with b >= 0 (a fixed overhead plus a part that scales with the
     work) through the measured median ratios: sixteen noisy timings of one layer give one smooth, monotone cost
     curve, so that noise cannot reorder candidates. With fewer than three candidates, the medians themselves, with
-    half their interquartile range as error."""
+    half their interquartile range as error. No fitted ratio falls below the smallest measured one."""
     medians = [ratio.median for ratio in ratios]
     count = len(medians)
     if count < 3:
@@ -174,7 +174,8 @@ def fitted_ratios(fractions: Sequence[float], ratios: Sequence[Spread]) -> list[
         if spread_x > 0 else 0.0
     intercept = mean_y - slope * mean_x
     residual = sum((y - intercept - slope * x) ** 2 for x, y in zip(fractions, medians)) / (count - 2)
-    return [(intercept + slope * x,
+    floor = min(medians)  # the line may cross zero where timings flatten out (launch-bound layers)
+    return [(max(intercept + slope * x, floor),
              math.sqrt(residual * (1 / count + ((x - mean_x) ** 2 / spread_x if spread_x > 0 else 0.0))))
             for x in fractions]
 
@@ -300,6 +301,8 @@ def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], 
 
     check = None
     try:
+        if table is not None and fastest >= dense:
+            raise ValueError("no candidate of any selected layer runs faster than dense")
         if table is None:
             ranks, _ = choose(dense / budget)
         else:

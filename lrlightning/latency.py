@@ -141,6 +141,10 @@ class LatencyTable:
                 return
             entries = {str(key): {str(name): Spread.from_dict(value) for name, value in entry.items()}
                        for key, entry in stored["entries"].items()}
+            for key, entry in entries.items():
+                needed = {"ms", "ratio"} if "|" in key and not key.startswith("model") else {"ms"}
+                if not needed <= entry.keys() or any(spread.median <= 0 for spread in entry.values()):
+                    raise ValueError(f"entry {key!r} lacks {sorted(needed - entry.keys())} or holds a time <= 0")
             seconds = float(stored.get("seconds", 0.0))
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as error:
             log.warning("latency cache %s cannot be read (%s: %s); measuring a new table and replacing it",
@@ -261,20 +265,20 @@ class LatencyTable:
 
     def checked_layers(self, layers: Sequence[LayerRequest]) -> list[tuple[nn.Module, Sequence[int], dict]]:
         """Up to ``CHECKED_LAYERS`` of ``layers`` whose dense time and some candidate are cached, spread evenly
-        over their cached dense times, each with its first and last cached candidate."""
+        over their cached dense times (one per layer shape), each with its first and last cached candidate."""
         found = []
         for module, input_shape, candidates in layers:
             base = layer_key(module, (self.batch_size, *input_shape), module.weight.dtype)
             cached = [label for label in candidates if self.cached(f"{base}|{label}")]
-            if self.cached(base) and cached:
+            if self.cached(base) and cached and all(base != item[1] for item in found):
                 chosen = dict.fromkeys([cached[0], cached[-1]])
-                found.append((self.entries[base]["ms"].median, module, input_shape,
+                found.append((self.entries[base]["ms"].median, base, module, input_shape,
                               {label: candidates[label] for label in chosen}))
         found.sort(key=lambda item: item[0])
         if len(found) > CHECKED_LAYERS:
             step = (len(found) - 1) / max(CHECKED_LAYERS - 1, 1)
             found = [found[round(i * step)] for i in range(CHECKED_LAYERS)]
-        return [item[1:] for item in found]
+        return [item[2:] for item in found]
 
     def layer_offs(self, module: nn.Module, input_shape: Sequence[int],
                    candidates: dict[str, Callable[[], nn.Module]]) -> list[float]:
@@ -292,9 +296,10 @@ class LatencyTable:
         return offs
 
     def facts(self) -> dict[str, object]:
-        """Where this table's timings came from: ``state``, entries ``measured`` now and how many of those did not
-        settle (``unsettled``), ``seconds`` the file's entries took to measure, ``check_seconds`` of the staleness
-        check, and the cache ``path``."""
+        """Where this table's timings came from: ``state``, ``measured`` (layers and candidates timed now, a model
+        pass counting once), ``unsettled`` (how many spreads timed now stayed wider than the tolerance), ``seconds``
+        spent measuring the file's entries (over every run that measured some), ``check_seconds`` of the
+        staleness check, and the cache ``path``."""
         unsettled = sum(not spread.settled for key in self.fresh for spread in self.entries[key].values())
         return {"state": self.state, "measured": self.measured, "unsettled": unsettled,
                 "seconds": round(self.seconds, 3), "check_seconds": round(self.check_seconds, 3),

@@ -13,14 +13,18 @@ from .timing import Spread
 CHECK_ATTEMPTS = 4  # allocations timed at most
 SPEEDUP_TOLERANCE = 0.03  # a measured speedup within this fraction of the budget meets it
 NOISY_SPREAD = 0.2  # a measured speedup whose interquartile range exceeds this fraction of its median cannot tell
+PRECISE_SPREAD = 0.1  # a measured speedup this precise whose range holds the budget misses it only by noise
+MAX_STEP = 1.2  # one correction changes the predicted speedup aimed at by at most this factor
 
 
 @dataclass(frozen=True)
 class SpeedupCheck:
     """What timing the allocated model against dense found: ``measured`` (the per-round speedup dense /
-    factorized) and the ``verdict``: ``"met"`` (its median within ``SPEEDUP_TOLERANCE`` of ``budget``), ``"noisy"`` (a range wider than ``NOISY_SPREAD`` of the median: the machine is too
-    noisy to tell) or ``"missed"`` (still off after ``attempts`` allocations, or no other allocation lies closer;
-    ``closest`` is kept)."""
+    factorized) and the ``verdict``: ``"met"`` (its median within ``SPEEDUP_TOLERANCE`` of ``budget``, or
+    ``budget`` inside an interquartile range at most ``PRECISE_SPREAD`` of the median: off only by the noise),
+    ``"noisy"`` (a range wider than ``NOISY_SPREAD`` of the median that holds the budget: the machine is too noisy
+    to tell) or ``"missed"`` (still off after ``attempts`` allocations, or no other allocation lies closer; the
+    ``closest`` one is kept)."""
 
     budget: float
     measured: Spread
@@ -56,10 +60,13 @@ class OutOfReach(ValueError):
 
 
 def judged(measured: Spread, budget: float) -> str | None:
-    """``"noisy"``, ``"met"``, or None when ``measured`` misses ``budget`` beyond the noise."""
-    if measured.relative > NOISY_SPREAD:
+    """``"noisy"`` (too wide to tell, the budget inside the range), ``"met"``, or None when ``measured`` misses
+    ``budget``."""
+    if measured.relative > NOISY_SPREAD and not measured.excludes(budget):
         return "noisy"
     if abs(measured.median / budget - 1.0) <= SPEEDUP_TOLERANCE:
+        return "met"
+    if measured.relative <= PRECISE_SPREAD and not measured.excludes(budget):
         return "met"
     return None
 
@@ -79,6 +86,8 @@ def checked_ranks(choose: Callable[[float], tuple[dict, float]], measure: Callab
         target = min(max(target, fastest), dense)
         ranks, total = choose(target)
         if any(ranks == earlier for earlier, _ in tried):
+            if target <= fastest * (1 + 1e-9) and all(m.median < budget for _, m in tried):
+                raise OutOfReach(next(m for r, m in tried if r == ranks))
             break  # the corrected target gives ranks already timed: no allocation lies closer
         measured = measure(ranks)
         tried.append((ranks, measured))
@@ -96,14 +105,16 @@ def checked_ranks(choose: Callable[[float], tuple[dict, float]], measure: Callab
 def corrected(points: list[tuple[float, float]], goal: float) -> float:
     """The log predicted speedup whose measurement should be ``goal`` (a log speedup), from the (log predicted,
     log measured) ``points`` so far: through the last two by a secant when they rise, else by the last one's
-    measured / predicted ratio."""
+    measured / predicted ratio; one step moves the log prediction by at most log ``MAX_STEP``, so that a noisy
+    measurement cannot send the next allocation far off."""
     predicted, measured = points[-1]
+    step = goal - measured
     if len(points) > 1:
         before, measured_before = points[-2]
         if predicted != before and (measured - measured_before) / (predicted - before) > 0:
-            slope = (measured - measured_before) / (predicted - before)
-            return predicted + (goal - measured) / slope
-    return predicted + goal - measured
+            step = (goal - measured) / ((measured - measured_before) / (predicted - before))
+    limit = math.log(MAX_STEP)
+    return predicted + min(max(step, -limit), limit)
 
 
 def closest(tried: list[tuple[dict, Spread]], budget: float) -> tuple[dict, Spread]:

@@ -52,9 +52,6 @@ class Spread:
         """Whether ``value`` lies outside the interquartile range (distinguishable from it beyond the noise)."""
         return value < self.low or value > self.high
 
-    def scaled(self, factor: float) -> "Spread":
-        return Spread(self.median * factor, self.low * factor, self.high * factor, self.rounds, self.settled)
-
     def text(self, digits: int = 2, suffix: str = "") -> str:
         """``"1.31x (IQR 1.28-1.34)"`` for ``suffix="x"``."""
         return (f"{self.median:.{digits}f}{suffix} (IQR {self.low:.{digits}f}-{self.high:.{digits}f}"
@@ -90,7 +87,8 @@ def interleaved_samples(modules: Sequence[nn.Module], example: torch.Tensor, rou
                         round_seconds: float = ROUND_SECONDS, max_rounds: int = MAX_ROUNDS,
                         tolerance: float = SETTLED_SPREAD) -> list[list[float]]:
     """Milliseconds per forward pass of each module on ``example`` (no grad), one sample per round: every round
-    times each module for about ``round_seconds`` (``torch.utils.benchmark``, CUDA synchronized), the modules in an
+    times each module over the same number of passes, as many as the fastest module runs in about
+    ``round_seconds`` (``torch.utils.benchmark``, CUDA synchronized), the modules in an
     order rotated each round, so that machine noise hits every module alike. After ``rounds`` rounds, more are run
     (as many again, up to ``max_rounds``) while some module's interquartile range exceeds ``tolerance`` × its
     median."""
@@ -122,8 +120,8 @@ def time_interleaved(modules: Sequence[nn.Module], example: torch.Tensor, rounds
     return [Spread.of(s, tolerance) for s in samples]
 
 
-MODEL_ROUNDS = 7  # rounds of whole-model timings (up to three times as many while unsettled)
-MODEL_ROUND_SECONDS = 0.02  # a whole pass of a quickstart-sized model takes longer: one pass a round
+MODEL_ROUNDS = 11  # rounds of whole-model timings (up to three times as many while unsettled)
+MODEL_ROUND_SECONDS = 0.02  # a model pass longer than this is timed once a round
 
 
 def paired_speedup(dense: nn.Module, factorized: nn.Module, example: torch.Tensor, rounds: int = MODEL_ROUNDS,

@@ -181,6 +181,9 @@ def main() -> None:
                            tables, data={"fresh": fresh, "cached": stale, "budget": args.budget,
                                          "batch_size": args.batch_size})
     print(f"wrote {written}")
+    for folder in Path(tempfile.gettempdir()).glob("lrl-*-*"):
+        if folder.is_dir() and folder.name.split("-")[1] in ("fresh", "valid", "loaded", "skewed"):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":
