@@ -24,7 +24,8 @@ COLUMNS = ["run", "status", "overrides", "method", "point", "variant", "seed", "
            "compression_ratio", "model_compression_ratio", "mac_reduction", "params_dense", "params_factorized",
            "macs_dense", "macs_factorized", "val_acc_factorized", "test_acc_projected", "test_acc_factorized",
            "max_abs_logit_diff", "latency_ms_dense", "latency_ms_factorized", "latency_batch_size", "speedup",
-           "speedup_low", "speedup_high", "speedup_distinguishable", "budget", "budget_metric", "every_n_train_steps", "epochs", "global_step", "diverged", "first_loss_jump",
+           "speedup_low", "speedup_high", "speedup_distinguishable",
+           "budget", "budget_metric", "every_n_train_steps", "epochs", "global_step", "diverged", "first_loss_jump",
            "loss_jump", "date", "commit"]
 AGGREGATE_COLUMNS = ["point", "model_compression_ratio", "method", "variant", "lr", "chosen", "runs", "seeds",
                      "failed", "failed_all_lrs", "val_mean", "test_mean", "test_std", "speedup", "speedup_low",
