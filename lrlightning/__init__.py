@@ -8,10 +8,12 @@ from typing import TYPE_CHECKING
 from .counting import count_macs, count_params
 from .export import factorize, factorize_planned, load_factorized, save_factorized
 from .finish import finish, finish_
-from .options import LowRankOptions
+from .objectives import Activation
+from .options import LowRankOptions, Selection, Solver
 from .plan import LayerPlan, plan_layers, relative_plans, relative_ranks
 from .projection import LayerStats, NonFiniteWeightError, gather_statistics, project_
-from .schemes import SCHEME_NAMES
+from .rules import Budget, Compression, Energy
+from .schemes import SCHEME_NAMES, LoweredSVD, SpatialSVD, TiledSVD, Tucker2, register
 
 if TYPE_CHECKING:
     from .callback import LowRankProjection, NonFiniteTrainingError
@@ -19,6 +21,17 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "Activation",
+    "Budget",
+    "Compression",
+    "Energy",
+    "LoweredSVD",
+    "Selection",
+    "Solver",
+    "SpatialSVD",
+    "TiledSVD",
+    "Tucker2",
+    "register",
     "LayerPlan",
     "LayerStats",
     "LowRankOptions",

@@ -19,6 +19,7 @@ from torch import nn
 from .counting import count_macs, count_params
 from .latency import LatencyTable
 from .names import set_module
+from .rules import Budget
 from .schemes import Rank, Scheme
 from .speed import layer_inputs
 from .speedup_check import OutOfReach, SpeedupCheck, checked_ranks
@@ -258,19 +259,25 @@ def lowest_max_error(layers: Sequence[LayerChoices], total, target: float) -> li
     return choose(thresholds[low])
 
 
-def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], options, driver: str) -> Allocation:
-    """Allocate ``options.budget`` (validated ``LowRankOptions``) over ``layers`` (name, module, scheme) of
-    ``model``: layers not listed count at their dense cost; errors are computed where projections decompose
-    (``options.projection_device``) with ``driver``. A latency budget checks a cached table for staleness first
+def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], rule: Budget, driver: str,
+                 projection_device: str | None = None) -> Allocation:
+    """Allocate the ``rule``'s budget over ``layers`` (name, module, scheme) of ``model``: layers not listed count
+    at their dense cost; errors are computed where projections decompose (``projection_device``, default the
+    weights' device) with ``driver``. A latency budget checks a cached table for staleness first
     (``LatencyTable.check``) and its result against dense afterwards (``lrlightning.speedup_check``). Raises
     ValueError naming the best reachable ratio (for latency: measured, with its spread)."""
-    budget, metric, input_shape = options.budget, options.budget_metric, options.input_shape
+    budget, metric, input_shape = rule.factor, rule.metric, rule.input_shape
     names = [name for name, _, _ in layers]
     table, inputs = None, dict.fromkeys(names)
     if metric != "params":
         parameter = next(model.parameters())
         example = torch.zeros((1, *input_shape), device=parameter.device, dtype=parameter.dtype)
-        inputs = {name: tuple(x.shape[1:]) for name, x in layer_inputs(model, names, example).items()}
+        try:
+            inputs = {name: tuple(x.shape[1:]) for name, x in layer_inputs(model, names, example).items()}
+        except (RuntimeError, ValueError, IndexError, TypeError) as error:
+            raise ValueError(f"`Budget.input_shape`={input_shape} does not fit {type(model).__name__}: its forward pass "
+                             f"on a batch of one zero sample of that shape fails ({type(error).__name__}: {error}). "
+                             "It must be one sample's shape without the batch dimension, e.g. (C, H, W)") from None
         unused = [name for name in names if name not in inputs]
         if unused:
             raise ValueError(f"`budget_metric`={metric!r} needs every selected layer to run in the model's forward "
@@ -280,15 +287,15 @@ def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], 
     elif metric == "macs":
         whole = count_macs(model, input_shape)
     else:
-        device = options.latency_device or next(model.parameters()).device
-        table = LatencyTable(device, options.latency_batch_size, options.latency_cache, options.latency_remeasure)
-        multiple = options.rank_multiple
+        device = rule.latency_device or next(model.parameters()).device
+        table = LatencyTable(device, rule.latency_batch_size, rule.latency_cache, rule.latency_remeasure)
+        multiple = rule.rank_multiple
         table.check(model, input_shape, [
             (module, inputs[name], timing_candidates(module, scheme, rank_choices(
                 scheme, tuple(module.weight.shape), multiple, LATENCY_CANDIDATES))) for name, module, scheme in layers])
         whole, in_model = table.model_ms(model, input_shape, names)
-    choices = [layer_choices(name, module, scheme, metric, inputs[name], driver, options.rank_multiple, table,
-                             options.projection_device) for name, module, scheme in layers]
+    choices = [layer_choices(name, module, scheme, metric, inputs[name], driver, rule.rank_multiple, table,
+                             projection_device) for name, module, scheme in layers]
     if table is not None:
         choices = in_model_costs(choices, in_model)
     fixed = max(0.0, whole - sum(c.costs[-1] for c in choices))
@@ -296,7 +303,7 @@ def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], 
     fastest = fixed + sum(min(c.costs) for c in choices)
 
     def choose(target: float) -> tuple[dict[str, Rank | None], float]:
-        ranks = allocate(choices, fixed, target, options.budget_objective)
+        ranks = allocate(choices, fixed, target, rule.objective)
         return ranks, fixed + sum(c.costs[c.ranks.index(ranks[c.name])] for c in choices)
 
     check = None
@@ -315,15 +322,15 @@ def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], 
             best = f"{error}, with every selected layer at its fastest candidate"
         else:
             best = f"{dense / fastest:.2f}x {'faster (predicted)' if table else f'smaller in {metric}'}"
-        raise ValueError(f"`budget`={budget} is out of reach: with the selected layers at their smallest ranks the "
+        raise ValueError(f"`Budget.factor`={budget} ({metric}) is out of reach: with the selected layers at their smallest ranks the "
                          f"model is at most {best} (layers left dense by the selection cap it"
                          f"{'; so do layers no candidate of which runs faster than dense' if table else ''}); "
                          "ask for less, or select more layers") from None
     if check is not None and check.verdict != "met":
-        warnings.warn(f"`budget`={budget}x latency: {check.text()}", stacklevel=3)
+        warnings.warn(f"Budget({budget}, metric='latency'): {check.text()}", stacklevel=3)
     costs = {c.name: (c.costs[-1], c.costs[c.ranks.index(ranks[c.name])]) for c in choices}
     allocated = fixed + sum(cost for _, cost in costs.values())
     return Allocation(budget, metric, ranks, costs, dense, allocated,
                       device=str(table.device) if table else None,
-                      batch_size=options.latency_batch_size if table else None, check=check,
+                      batch_size=rule.latency_batch_size if table else None, check=check,
                       table=table.facts() if table else None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import pickle
 from typing import Any, Callable, Iterable
 
 import torch
@@ -11,28 +12,33 @@ from torch import nn
 
 from .layers import FactorizedLayer
 from .names import canonical_name, canonical_state_dict, get_module, load_canonical_state_dict, set_module
-from .options import LowRankOptions
+from .objectives import WEIGHT, Objective
+from .options import LowRankOptions, Selection, Solver
+from .rules import DEFAULT_RULE, RankRule
 from .plan import LayerPlan, plan_layers, scheme_for
 from .projection import calibration_statistics, project_planned_
-from .schemes import layer_from_spec
+from .schemes import Scheme, layer_from_spec
 
 FORMAT = "lrlightning.factorized/1"
 
 
-def factorize(model: nn.Module, scheme: str = "svd", rank=None, *, calibration: Iterable[Any] | None = None,
-              forward: Callable[[nn.Module, Any], Any] | None = None, **options) -> nn.Module:
+def factorize(model: nn.Module, scheme: Scheme | str = "svd", rank: RankRule = DEFAULT_RULE, *,
+              objective: Objective = WEIGHT, layers: Selection | None = None, solver: Solver | None = None,
+              calibration: Iterable[Any] | None = None,
+              forward: Callable[[nn.Module, Any], Any] | None = None) -> nn.Module:
     """A copy of ``model`` whose selected layers are replaced by factorized modules; ``model`` is untouched.
 
-    Options and rank rules are those of ``LowRankOptions`` (shared with ``LowRankProjection``). Each replaced
+    ``scheme``, ``rank``, ``objective``, ``layers`` and ``solver`` as in ``LowRankOptions`` (shared with
+    ``LowRankProjection``; a trained callback's own ``factorize`` reuses its plans). Each replaced
     layer computes exactly what the dense layer computes with its weight projected at that rank, so a model
     trained with the callback gives the same outputs (float32: max abs logit difference ~1e-5). Layers that
     would not shrink stay dense, with a warning naming them. A ``torch.compile``d ``model`` gives a compiled copy;
     layer names never contain ``_orig_mod`` (see ``lrlightning.names``). Raises ``NonFiniteWeightError`` naming
     the first selected layer whose weight holds NaN or Inf.
-    With ``objective="activation"`` the weights are first projected (on a copy) to keep the layers' outputs on
+    With an ``Activation`` objective the weights are first projected (on a copy) to keep the layers' outputs on
     ``calibration`` batches (``forward(model, batch)``, default ``model(batch)``; see ``project_``).
     """
-    opts = LowRankOptions(scheme=scheme, rank=rank, **options)
+    opts = LowRankOptions(scheme, rank, objective, layers, solver)
     plans = plan_layers(model, opts)[0]
     if opts.weighted:
         statistics = calibration_statistics(model, plans, opts, calibration, forward)
@@ -84,15 +90,37 @@ def save_factorized(model: nn.Module, path: str | os.PathLike, backbone: dict[st
     os.replace(tmp, path)
 
 
+def read_factorized(path: str | os.PathLike, map_location="cpu") -> dict[str, Any]:
+    """The payload ``save_factorized`` wrote to ``path``; a ValueError naming the path when the file is missing,
+    unreadable, truncated or not a factorized model saved by lrlightning."""
+    name = os.fspath(path)
+    if not os.path.isfile(name):
+        raise ValueError(f"{name!r} is not a file: `path` must name a factorized model written by save_factorized")
+    try:
+        payload = torch.load(name, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{name!r} is not a factorized model saved by lrlightning: it holds Python objects that "
+                         "are not plain tensors (a pickled module or a Lightning checkpoint?); "
+                         "save factorized models with save_factorized") from None
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError) as error:
+        raise ValueError(f"{name!r} cannot be read as a factorized model (truncated, corrupt or not a torch file: "
+                         f"{type(error).__name__}: {error})") from None
+    keys = ("format", "layers", "backbone", "state_dict")
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT or any(k not in payload for k in keys):
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(f"{name!r} is not a factorized model saved by lrlightning (format {FORMAT!r}, "
+                         f"found {found!r})")
+    return payload
+
+
 def load_factorized(path: str | os.PathLike, model: nn.Module | None = None, map_location="cpu") -> nn.Module:
     """Rebuild a factorized model saved by ``save_factorized``.
 
     ``model``: a dense model of the same architecture, plain or ``torch.compile``d (copied, not modified); when
-    None, the saved ``backbone`` entry is built with ``lrlightning.backbones.build_backbone``.
+    None, the saved ``backbone`` entry is built with ``lrlightning.backbones.build_backbone``. Raises a ValueError
+    naming ``path`` when it is not such a file (see ``read_factorized``).
     """
-    payload = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{os.fspath(path)!r} is not a factorized model saved by lrlightning (format {FORMAT!r})")
+    payload = read_factorized(path, map_location)
     if model is None:
         if not payload["backbone"]:
             raise ValueError(f"{os.fspath(path)!r} records no `backbone`; pass the dense `model` to load_factorized")

@@ -19,7 +19,7 @@ def finish_(model: nn.Module, plans: list[LayerPlan], options: LowRankOptions, b
             synchronize: Callable[[nn.Module], None] | None = None,
             statistics: dict[str, LayerStatistics] | None = None) -> list[LayerStats]:
     """Project ``model``'s planned weights in place (``statistics``: the layers' input statistics, needed by
-    ``objective="activation"``), call ``synchronize(model)`` if given (e.g. to share one
+    an ``Activation`` objective), call ``synchronize(model)`` if given (e.g. to share one
     process's weights under DDP), then re-estimate its BatchNorm statistics over ``batches`` (``forward(model,
     batch)``, default ``model(batch)``; torch's generators seeded with ``seed``; no batches: statistics kept).
     Returns the projection's ``LayerStats``."""

@@ -1,4 +1,4 @@
-"""Measured layer latency for ``budget_metric="latency"``: each layer and each of its factorized candidates timed
+"""Measured layer latency for ``Budget(metric="latency")``: each layer and each of its factorized candidates timed
 side by side on its real input, on the device the model will run on, with their spread, cached on disk and checked
 for staleness before a cached table is used.
 

@@ -12,6 +12,7 @@ from torch import nn
 from .budget import Allocation, budget_ranks
 from .names import canonical_name, named_modules
 from .options import LowRankOptions
+from .rules import Budget, Compression, Energy, rule_label, rule_record
 from .schemes import LoweredSVD, Rank, Scheme, resolve_driver
 
 
@@ -56,30 +57,31 @@ def is_candidate(module: nn.Module, linear: bool) -> bool:
 
 def scheme_for(shape: tuple[int, ...], options: LowRankOptions) -> Scheme:
     """The scheme a weight of ``shape`` uses: Linear weights (2-D) always ``svd``, conv kernels the chosen one."""
-    return LoweredSVD() if len(shape) == 2 else options.conv_scheme()
+    return LoweredSVD() if len(shape) == 2 else options.scheme
 
 
 def candidate_layers(model: nn.Module, options: LowRankOptions) -> tuple[list[tuple[str, nn.Module]], list[SkippedLayer]]:
     """Layers eligible under the options (canonical names, see ``lrlightning.names``), and the ones left out for a
     reason worth telling."""
     chosen, skipped = [], []
+    selection = options.layers
     modules = named_modules(model)
     first_conv = next((name for name, m in modules.items() if isinstance(m, nn.Conv2d)), None)
     for name, module in modules.items():
         if not isinstance(module, (nn.Conv2d, nn.Linear)):
             continue
-        if options.include and not any(fnmatchcase(name, p) for p in options.include):
+        if selection.include and not any(fnmatchcase(name, p) for p in selection.include):
             continue
-        if any(fnmatchcase(name, p) for p in options.exclude):
+        if any(fnmatchcase(name, p) for p in selection.exclude):
             skipped.append(SkippedLayer(name, "excluded by `exclude`"))
         elif isinstance(module, nn.Conv2d) and module.groups != 1:
             skipped.append(SkippedLayer(name, f"grouped conv (groups={module.groups})"))
         elif isinstance(module, nn.Conv2d) and math.prod(module.kernel_size) == 1:
             skipped.append(SkippedLayer(name, "1x1 conv"))
-        elif isinstance(module, nn.Linear) and not options.linear:
+        elif isinstance(module, nn.Linear) and not selection.linear:
             continue
-        elif name == first_conv and options.skip_first_conv and not options.include:
-            skipped.append(SkippedLayer(name, "first conv (`skip_first_conv=True`)"))
+        elif name == first_conv and selection.skip_first_conv and not selection.include:
+            skipped.append(SkippedLayer(name, "first conv (`Selection.skip_first_conv=True`)"))
         else:
             chosen.append((name, module))
     return chosen, skipped
@@ -93,7 +95,7 @@ def resolve_rank(name: str, module: nn.Module, scheme: Scheme, options: LowRankO
         rank = rank[name]
     if isinstance(rank, float):
         return scheme.rank_from_fraction(shape, rank)
-    if rank is not None:
+    if not isinstance(rank, (Energy, Compression)):
         if isinstance(scheme, LoweredSVD) and isinstance(rank, tuple):
             rank = min(rank)
         clamped = scheme.clamp(shape, rank)
@@ -102,15 +104,15 @@ def resolve_rank(name: str, module: nn.Module, scheme: Scheme, options: LowRankO
             warnings.warn(f"rank {rank} of layer {name!r} exceeds its full rank {scheme.full_rank(shape)} "
                           f"under scheme {scheme.name!r}; clamped to {clamped}", stacklevel=3)
         return clamped
-    if options.energy is not None:
+    if isinstance(rank, Energy):
         with torch.no_grad():
-            return scheme.energy_rank(module.weight.detach().float(), options.energy)
+            return scheme.energy_rank(module.weight.detach().float(), rank.fraction)
     dense = math.prod(shape)
     candidates = list(scheme.rank_candidates(shape))
     for candidate in candidates:
-        if dense >= options.compression * scheme.factorized_params(shape, candidate):
+        if dense >= rank.factor * scheme.factorized_params(shape, candidate):
             return candidate
-    warnings.warn(f"layer {name!r} cannot reach `compression`={options.compression} under scheme "
+    warnings.warn(f"layer {name!r} cannot reach {rank} under scheme "
                   f"{scheme.name!r}; using its smallest rank {candidates[-1]}", stacklevel=3)
     return candidates[-1]
 
@@ -127,7 +129,7 @@ def plan_layers(model: nn.Module, options: LowRankOptions, warn: bool = True) ->
 
 def allocate_plan(model: nn.Module, options: LowRankOptions, warn: bool = True) -> tuple[
         list[LayerPlan], list[SkippedLayer], Allocation | None]:
-    """``plan_layers``, with the ``Allocation`` a ``budget`` made (per-layer and whole-model costs; else None)."""
+    """``plan_layers``, with the ``Allocation`` a ``Budget`` made (per-layer and whole-model costs; else None)."""
     chosen, skipped = candidate_layers(model, options)
     if isinstance(options.rank, dict):
         selectable = [name for name, _ in chosen]
@@ -147,20 +149,21 @@ def allocate_plan(model: nn.Module, options: LowRankOptions, warn: bool = True) 
     if not chosen:
         refuse_empty_selection(model, options, skipped)
     allocated, allocation = {}, None
-    decomposed_on = chosen[0][1].weight.device if options.projection_device is None else options.projection_device
-    driver = resolve_driver(options.svd_driver, decomposed_on)
-    if options.budget is not None:
+    budget = options.rank if isinstance(options.rank, Budget) else None
+    decomposed_on = chosen[0][1].weight.device if options.solver.device is None else options.solver.device
+    driver = resolve_driver(options.solver.driver, decomposed_on)
+    if budget is not None:
         layers = [(name, module, scheme_for(tuple(module.weight.shape), options)) for name, module in chosen]
-        allocation = budget_ranks(model, layers, options, driver)
+        allocation = budget_ranks(model, layers, budget, driver, options.solver.device)
         allocated = allocation.ranks
     plans = []
     for name, module in chosen:
         shape = tuple(module.weight.shape)
         scheme = scheme_for(shape, options)
-        if options.budget is not None and allocated[name] is None:
-            skipped.append(SkippedLayer(name, f"kept dense by `budget`={options.budget}"))
+        if budget is not None and allocated[name] is None:
+            skipped.append(SkippedLayer(name, f"kept dense by {rule_label(rule_record(budget))}"))
             continue
-        rank = allocated[name] if options.budget is not None else resolve_rank(name, module, scheme, options)
+        rank = allocated[name] if budget is not None else resolve_rank(name, module, scheme, options)
         dense, factorized = math.prod(shape), scheme.factorized_params(shape, rank)
         if factorized >= dense:
             reason = f"break-even: rank {rank} gives {factorized} >= {dense} dense params"
@@ -176,10 +179,9 @@ def allocate_plan(model: nn.Module, options: LowRankOptions, warn: bool = True) 
 
 def refuse_empty_selection(model: nn.Module, options: LowRankOptions, skipped: list[SkippedLayer]) -> None:
     """Raise the ValueError of a plan without layers: the selection options, the skipped layers and the candidates."""
-    what = "low-rank" if options.budget is None else f"`budget`={options.budget}"
+    what = rule_label(rule_record(options.rank)) if isinstance(options.rank, Budget) else "low-rank"
     candidates = [n for n, m in named_modules(model).items() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    raise ValueError(f"no layer selected for {what} (include={list(options.include)}, "
-                     f"exclude={list(options.exclude)}, linear={options.linear}); skipped: "
+    raise ValueError(f"no layer selected for {what} ({options.layers}); skipped: "
                      f"{[(s.name, s.reason) for s in skipped]}. HINT: candidate layers are {candidates}")
 
 
@@ -210,3 +212,36 @@ def relative_plans(plans: list[LayerPlan], prefix: str) -> list[LayerPlan]:
 def frozen_ranks(plans: list[LayerPlan]) -> dict[str, Rank]:
     """``{layer name: rank}`` of a plan, usable as ``rank=`` to reproduce it exactly (e.g. at export)."""
     return {p.name: p.rank for p in plans}
+
+
+def annealed_plans(plans: list[LayerPlan], options: LowRankOptions, index: int, warmup: int) -> list[LayerPlan]:
+    """Plans of the ``index``-th projection (0-based) of a rank warm-up over ``warmup`` projections: ranks annealed
+    from full down to the target on a cubic schedule; the plans themselves from the ``warmup``-th on."""
+    if index >= warmup:
+        return plans
+    remaining = (1.0 - (index + 1) / (warmup + 1)) ** 3
+    annealed = []
+    for plan in plans:
+        scheme = scheme_for(plan.shape, options)
+        full, target = scheme.full_rank(plan.shape), plan.rank
+        if isinstance(target, tuple):
+            rank = tuple(t + math.floor((f - t) * remaining) for t, f in zip(target, full))
+        else:
+            rank = target + math.floor((full - target) * remaining)
+        annealed.append(replace(plan, rank=rank, params_factorized=scheme.factorized_params(plan.shape, rank)))
+    return annealed
+
+
+def plans_within(plans: list[LayerPlan], model: nn.Module, trained: nn.Module | None = None) -> list[LayerPlan]:
+    """``plans`` (named in ``trained``) for ``model``: as they are when ``model`` holds layers of those names and
+    shapes, named relative to ``model`` when it is a submodule of ``trained``; a ValueError otherwise."""
+    if not plans:
+        raise ValueError("no plans yet: fit with the callback first, or load a checkpoint's state into it")
+    modules = named_modules(model)
+    if all(p.name in modules and tuple(modules[p.name].weight.shape) == p.shape for p in plans):
+        return plans
+    for name, module in (named_modules(trained) if trained is not None else {}).items():
+        if module is model and name:
+            return relative_plans(plans, name)
+    raise ValueError(f"`model` ({type(model).__name__}) does not hold the planned layers "
+                     f"{[p.name for p in plans][:4]}: pass the module the callback trained or a submodule of it")

@@ -11,9 +11,11 @@ from torch import nn
 
 from .activations import LayerStatistics, input_statistics
 from .names import named_modules
-from .options import LowRankOptions
+from .objectives import WEIGHT, Activation, Objective
+from .options import LowRankOptions, Selection, Solver
+from .rules import DEFAULT_RULE, RankRule
 from .plan import LayerPlan, NonFiniteWeightError, plan_layers, scheme_for
-from .schemes import Weighting, output_error, resolve_driver
+from .schemes import Scheme, Weighting, output_error, resolve_driver
 from .transfer import host_lists, moved
 
 
@@ -23,7 +25,7 @@ class LayerStats:
     ``energy`` = ||W'||_F² / ||W||_F² (both 0..1; they add up in squares for the orthogonal projection of
     ``objective="weight"``) and, when input statistics were given, ``output_rel_error`` = sqrt(E‖D(W − W')x‖² /
     E‖D·W·x‖²) over the layer's inputs x (centred when a BatchNorm normalizes the output; D: the BatchNorm scales
-    under ``bn_weighting``, else I)."""
+    under ``Activation.bn_weighting``, else I)."""
 
     name: str
     rank: int | tuple[int, int]
@@ -37,8 +39,8 @@ def check_statistics(plans: list[LayerPlan], statistics: dict[str, LayerStatisti
     """Under ``objective="activation"``, raise naming the first planned layer without input statistics."""
     missing = [p.name for p in plans if statistics is None or p.name not in statistics]
     if options.weighted and missing:
-        raise ValueError(f"`objective`='activation' needs the input statistics of layer {missing[0]!r}: pass batches "
-                         "whose forward pass runs it (`calibration=` of project_ and factorize, `activation_batches` "
+        raise ValueError(f"`objective`={options.objective} needs the input statistics of layer {missing[0]!r}: pass batches "
+                         "whose forward pass runs it (`calibration=` of project_ and factorize, `Activation.batches` "
                          "of the callback, `statistics=gather_statistics(...)` of finish)")
 
 
@@ -49,11 +51,13 @@ def placed_weightings(groups: list[list[LayerPlan]], devices: list[torch.device]
     group has statistics); the statistics travel with one copy per device and dtype (``moved``)."""
     usable = [statistics is not None and all(p.name in statistics for p in group) for group in groups]
     members = [(plan, device) for group, device, use in zip(groups, devices, usable) if use for plan in group]
+    bn_weighting = options.weighted and options.objective.bn_weighting
+    ridge = options.objective.ridge if options.weighted else Activation().ridge
     tensors = [statistics[plan.name].input_metric for plan, _ in members]
-    if options.bn_weighting:
+    if bn_weighting:
         tensors += [statistics[plan.name].output_scale if statistics[plan.name].output_scale is not None
                     else torch.ones(plan.shape[0], dtype=torch.float64, device=device) for plan, device in members]
-    placed = moved(tensors, [device for _, device in members] * (2 if options.bn_weighting else 1))
+    placed = moved(tensors, [device for _, device in members] * (2 if bn_weighting else 1))
     metrics, scales = placed[:len(members)], placed[len(members):]
     weightings, start = [], 0
     for group, use in zip(groups, usable):
@@ -62,8 +66,7 @@ def placed_weightings(groups: list[list[LayerPlan]], devices: list[torch.device]
             continue
         end = start + len(group)
         weightings.append(Weighting(torch.stack(metrics[start:end]),
-                                    torch.stack(scales[start:end]) if options.bn_weighting else None,
-                                    options.activation_ridge))
+                                    torch.stack(scales[start:end]) if bn_weighting else None, ridge))
         start = end
     return weightings
 
@@ -72,7 +75,7 @@ def project_planned_(model: nn.Module, plans: list[LayerPlan], options: LowRankO
                      statistics: dict[str, LayerStatistics] | None = None) -> list[LayerStats]:
     """Overwrite each planned layer's weight by its low-rank projection, in place, under ``torch.no_grad``.
 
-    Layers of equal shape, dtype and device share one batched decomposition, on ``options.projection_device``
+    Layers of equal shape, dtype and device share one batched decomposition, on ``options.solver.device``
     (default: their own device). The host waits for the device once per device for the finite check and once
     for the statistics, plus whatever the decompositions themselves wait (on CUDA ``torch.linalg.svd``/``eigh``
     check their convergence on the host: once per group); on another projection device, the weights travel there
@@ -92,8 +95,8 @@ def project_planned_(model: nn.Module, plans: list[LayerPlan], options: LowRankO
     with torch.no_grad():
         weights = [[modules[p.name].weight for p in group] for group in groups]
         stacked = [torch.stack([w.detach().float() for w in group]) for group in weights]
-        if options.projection_device is not None:
-            stacked = moved(stacked, options.projection_device)
+        if options.solver.device is not None:
+            stacked = moved(stacked, options.solver.device)
         devices = [tensor.device for tensor in stacked]
         finite = host_lists([torch.isfinite(tensor.flatten(1)).all(1) for tensor in stacked])
         for group, flags in zip(groups, finite):
@@ -103,7 +106,7 @@ def project_planned_(model: nn.Module, plans: list[LayerPlan], options: LowRankO
         measured, projected = [], []
         for group, original, weighting in zip(groups, stacked, weightings):
             scheme = scheme_for(group[0].shape, options)
-            driver = resolve_driver(options.svd_driver, original.device)
+            driver = resolve_driver(options.solver.driver, original.device)
             ranks = [p.rank for p in group]
             if options.weighted:
                 approx = scheme.project_weighted(original, ranks, driver, weighting)
@@ -157,20 +160,23 @@ def calibration_statistics(model: nn.Module, plans: list[LayerPlan], options: Lo
     ``model(batch)``), or None without batches; ``objective="activation"`` requires them."""
     if calibration is None:
         if options.weighted:
-            raise ValueError("`objective`='activation' needs `calibration`: an iterable of input batches (e.g. a few "
+            raise ValueError(f"`objective`={options.objective} needs `calibration`: an iterable of input batches (e.g. a few "
                              "training batches; `forward(model, batch)` runs one, default `model(batch)`), got None")
         return None
     return gather_statistics(model, plans, options, calibration, forward)
 
 
-def project_(model: nn.Module, scheme: str = "svd", rank=None, *, calibration: Iterable[Any] | None = None,
-             forward: Callable[[nn.Module, Any], Any] | None = None, **options) -> list[LayerStats]:
-    """Project the selected layers of ``model`` in place (see ``LowRankOptions`` for every option).
+def project_(model: nn.Module, scheme: Scheme | str = "svd", rank: RankRule = DEFAULT_RULE, *,
+             objective: Objective = WEIGHT, layers: Selection | None = None, solver: Solver | None = None,
+             calibration: Iterable[Any] | None = None,
+             forward: Callable[[nn.Module, Any], Any] | None = None) -> list[LayerStats]:
+    """Project the selected layers of ``model`` in place; ``scheme``, ``rank``, ``objective``, ``layers`` and
+    ``solver`` as in ``LowRankOptions``.
 
-    ``calibration``/``forward``: batches whose forward passes give the input statistics of ``objective=
-    "activation"`` (see ``calibration_statistics``); optional otherwise (then ``output_rel_error`` is measured).
-    Returns one ``LayerStats`` per projected layer, in model order.
+    ``calibration``/``forward``: batches whose forward passes (``forward(model, batch)``, default ``model(batch)``)
+    give the input statistics of an ``Activation`` objective; optional otherwise (then ``output_rel_error`` is
+    measured). Returns one ``LayerStats`` per projected layer, in model order.
     """
-    opts = LowRankOptions(scheme=scheme, rank=rank, **options)
+    opts = LowRankOptions(scheme, rank, objective, layers, solver)
     plans, _ = plan_layers(model, opts)
     return project_planned_(model, plans, opts, calibration_statistics(model, plans, opts, calibration, forward))

@@ -53,3 +53,18 @@ def plan_table(plans: list[LayerPlan], skipped: list[SkippedLayer], scheme: str,
     if skipped:
         text += "\nLeft dense:\n" + "\n".join(f"  {s.name}: {s.reason}" for s in skipped)
     return text
+
+
+def projection_metrics(plans: list[LayerPlan], stats: list, seconds: float) -> dict[str, float]:
+    """What the callback logs for one projection (``lowrank/``): mean ``rel_error``, ``energy`` and (with input
+    statistics) ``output_rel_error`` over ``stats`` (``LayerStats``), ``compression`` of ``plans`` and ``seconds``."""
+    metrics = {
+        "lowrank/rel_error": sum(s.rel_error for s in stats) / len(stats),
+        "lowrank/energy": sum(s.energy for s in stats) / len(stats),
+        "lowrank/compression": sum(p.params_dense for p in plans) / sum(p.params_factorized for p in plans),
+        "lowrank/seconds": seconds,
+    }
+    outputs = [s.output_rel_error for s in stats if s.output_rel_error is not None]
+    if outputs:
+        metrics["lowrank/output_rel_error"] = sum(outputs) / len(outputs)
+    return metrics

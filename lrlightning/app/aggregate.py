@@ -8,15 +8,13 @@ and ``settings`` (its flattened config without seed and lr). The ``variant`` of 
 that varies across the sweep outside the point (e.g. ``lowrank.every_n_train_steps=50``)."""
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import statistics
 from collections.abc import Iterable
 from typing import Any
 
-from ..callback import LowRankProjection
-from ..options import LowRankOptions
+from ..rules import rule_label
 
 METHOD = "lowrank_projection"
 BASELINE = "decompose_finetune"
@@ -24,20 +22,78 @@ METHOD_ALIASES = {"deeptwist": METHOD}  # names older summaries used for the met
 METHOD_ORDER = (METHOD, BASELINE, "decompose", "dense")
 OK, COLLAPSED, DIVERGED = "ok", "collapsed", "diverged"
 FINISHED = (OK, COLLAPSED)  # statuses whose accuracy counts in the mean
-RULE_KEYS = ("rank", "energy", "compression", "budget", "budget_metric")
-# Options of the callback alone (schedule, stabilizers): they do not change the plan, so they are no part of the
-# point, and runs of the other methods ignore them.
-CALLBACK_KEYS = frozenset(
-    f"lowrank.{name}" for name in inspect.signature(LowRankProjection).parameters
-    if name not in LowRankOptions.__dataclass_fields__)
+# A train config's ``lowrank`` node: the plan is its scheme, rank rule, layer selection and solver; the objective is
+# how projections are made; everything else is the callback's schedule and stabilizers, which do not change the plan
+# (so they are no part of the point, and runs of the other methods ignore them). Configs of older runs named these
+# options flat (``lowrank.budget``, ``lowrank.tile_shape``, ...): ``LEGACY_*`` reads them.
+PLAN_GROUPS = frozenset({"scheme", "rank", "layers", "solver"})
+OBJECTIVE_GROUPS = frozenset({"objective"})
+LEGACY_RULE_KEYS = ("energy", "compression", "budget", "budget_metric")
+LEGACY_PLAN_KEYS = frozenset({*LEGACY_RULE_KEYS, "tile_shape", "include", "exclude", "linear", "skip_first_conv",
+                              "hooi_iters", "svd_driver", "projection_device", "input_shape", "rank_multiple",
+                              "budget_objective", "latency_batch_size", "latency_device", "latency_cache",
+                              "latency_remeasure"})
+LEGACY_OBJECTIVE_KEYS = frozenset({"activation_ridge", "bn_weighting"})
 # Job settings that change how fast a run goes, and its result only under a latency budget (they choose the
 # latency table the ranks are allocated from).
 SPEED_KEYS = {"latency_batch_size", "retain_freed_memory"}
 SPEEDUP_KEYS = ("speedup", "speedup_low", "speedup_high")  # measured speedup and its interquartile range
-# Options of how a projection is made, not of the plan: runs differing in them are variants at one point.
-OBJECTIVE_KEYS = frozenset({"lowrank.objective", "lowrank.activation_ridge", "lowrank.bn_weighting"})
-HIDDEN_KEYS = {"seed", "model.lr", "baseline", "lowrank._target_", "lowrank.scheme",
-               *(f"lowrank.{key}" for key in RULE_KEYS)}
+RULE_FIELDS = ("lowrank.rank", "lowrank.rank._target_", "lowrank.rank.factor", "lowrank.rank.metric",
+               "lowrank.rank.fraction")
+HIDDEN_KEYS = {"seed", "model.lr", "baseline", "lowrank._target_", "lowrank.scheme", "lowrank.scheme._target_",
+               *RULE_FIELDS, *(f"lowrank.{key}" for key in LEGACY_RULE_KEYS)}
+
+
+def lowrank_group(key: str) -> str | None:
+    """The option of a ``lowrank`` node a flattened key belongs to (``lowrank.rank.factor`` -> ``rank``)."""
+    return key.split(".")[1] if key.startswith("lowrank.") and key.count(".") >= 1 else None
+
+
+def is_callback_key(key: str) -> bool:
+    """Whether a flattened config key is a setting of the callback alone (schedule, stabilizers)."""
+    group = lowrank_group(key)
+    return group is not None and group != "_target_" and group not in (
+        PLAN_GROUPS | OBJECTIVE_GROUPS | LEGACY_PLAN_KEYS | LEGACY_OBJECTIVE_KEYS)
+
+
+def is_objective_key(key: str) -> bool:
+    return lowrank_group(key) in OBJECTIVE_GROUPS | LEGACY_OBJECTIVE_KEYS
+
+
+def target_name(node: Any) -> str:
+    """The class name a ``_target_`` node builds (``lrlightning.Budget`` -> ``Budget``)."""
+    return str(node.get("_target_", "")).rsplit(".", 1)[-1] if isinstance(node, dict) else ""
+
+
+def config_rule(lowrank: dict[str, Any]) -> dict[str, Any] | None:
+    """The rank rule of a ``lowrank`` config as ``lrlightning.rules.rule_record`` writes it; None without one."""
+    rank = lowrank.get("rank")
+    kind = target_name(rank)
+    if kind == "Budget":
+        return {"budget": rank.get("factor"), "metric": rank.get("metric", "params")}
+    if kind == "Energy":
+        return {"energy": rank.get("fraction")}
+    if kind == "Compression":
+        return {"compression": rank.get("factor")}
+    if lowrank.get("budget") is not None:
+        return {"budget": lowrank["budget"], "metric": lowrank.get("budget_metric", "params")}
+    if rank is not None:
+        return {"rank": rank}
+    for key in ("compression", "energy"):
+        if lowrank.get(key) is not None:
+            return {key: lowrank[key]}
+    return None
+
+
+def config_scheme(lowrank: dict[str, Any]) -> str | None:
+    """The scheme name of a ``lowrank`` config: a name, or the registered name of the class a node builds."""
+    scheme = lowrank.get("scheme")
+    if isinstance(scheme, dict):
+        from ..schemes import SCHEMES
+
+        names = {cls.__name__: name for name, cls in SCHEMES.items()}
+        return names.get(target_name(scheme), target_name(scheme) or None)
+    return scheme
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -58,38 +114,32 @@ def method_of(config: dict[str, Any]) -> str:
     return METHOD if config.get("lowrank") else "dense"
 
 
-def point_of(lowrank: dict[str, Any]) -> str | None:
-    """A compression point from low-rank settings (``scheme`` and one rank rule): ``scheme:rank``, ``scheme:Nx``
-    (compression), ``scheme:budget=Bx METRIC`` or ``scheme:energy=e``; None without a scheme."""
-    scheme = lowrank.get("scheme")
-    if scheme is None:
+def point_label(scheme: str | None, rule: dict[str, Any] | None) -> str | None:
+    """A compression point: ``scheme:rank``, ``scheme:Nx`` (compression), ``scheme:budget=Bx METRIC`` or
+    ``scheme:energy=e`` (``rule_label``); None without a scheme or rule."""
+    if scheme is None or rule is None:
         return None
-    budget = lowrank.get("budget")
-    if budget is not None:
-        rule = budget if isinstance(budget, str) else f"{float(budget):g}x {lowrank.get('budget_metric', 'params')}"
-        return f"{scheme}:budget={rule}"
-    if lowrank.get("rank") is not None:
-        rank = lowrank["rank"]
-        return f"{scheme}:{'x'.join(map(str, rank)) if isinstance(rank, list) else rank}"
-    if lowrank.get("compression") is not None:
-        return f"{scheme}:{float(lowrank['compression']):g}x"
-    return f"{scheme}:energy={lowrank.get('energy')}"
+    return f"{scheme}:{rule_label(rule)}"
+
+
+def point_of(lowrank: dict[str, Any]) -> str | None:
+    """The compression point of a ``lowrank`` config."""
+    return point_label(config_scheme(lowrank), config_rule(lowrank))
 
 
 def summary_point(summary: dict[str, Any]) -> str | None:
-    """The point of a summary whose config holds no scheme (``lrl-export`` runs): from its scheme and rank rule."""
-    rule = summary.get("rank")
-    name, _, value = rule.partition("=") if isinstance(rule, str) else ("rank", "", rule)
-    return point_of({"scheme": summary.get("scheme"), name: value if value != "" else rule})
+    """The point of a summary whose config holds no scheme (``lrl-export`` runs): its scheme and rule record."""
+    rule = summary.get("rule") or ({"rank": summary["rank"]} if summary.get("rank") is not None else None)
+    return point_label(summary.get("scheme"), rule)
 
 
 def describe_run(config: dict[str, Any]) -> dict[str, Any]:
     """``method``, ``point``, ``seed``, ``lr`` and ``settings`` of a run from its resolved train config."""
     method = method_of(config)
     flat = flatten(config)
-    latency = flat.get("lowrank.budget") is not None and flat.get("lowrank.budget_metric") == "latency"
+    latency = (config_rule(config.get("lowrank") or {}) or {}).get("metric") == "latency"
     settings = {k: v for k, v in flat.items()
-                if k not in ("seed", "model.lr") and (method == METHOD or k not in CALLBACK_KEYS)
+                if k not in ("seed", "model.lr") and (method == METHOD or not is_callback_key(k))
                 and (latency or k not in SPEED_KEYS)}
     return {"method": method, "point": point_of(config.get("lowrank") or {}), "seed": flat.get("seed"), "lr": flat.get("model.lr"),
             "settings": settings}
@@ -102,7 +152,7 @@ def varies(key: str, rows: list[dict[str, Any]]) -> bool:
         return {json.dumps(row.get("settings", {}).get(key, "-"), default=str) for row in group}
     methods = {row["method"] for row in rows}
     return (any(len(values([r for r in rows if r["method"] == m])) > 1 for m in methods)
-            or (key not in CALLBACK_KEYS and len(values(rows)) > 1))
+            or (not is_callback_key(key) and len(values(rows)) > 1))
 
 
 def label_variants(rows: list[dict[str, Any]]) -> None:
@@ -114,8 +164,8 @@ def label_variants(rows: list[dict[str, Any]]) -> None:
     varying = [k for k in keys if k not in HIDDEN_KEYS and varies(k, compressed)]
     for row in rows:
         settings = row.get("settings", {})
-        plan = [k for k in varying if k.startswith("lowrank.") and k not in CALLBACK_KEYS | OBJECTIVE_KEYS
-                and k in settings]
+        plan = [k for k in varying if k.startswith("lowrank.") and not is_callback_key(k)
+                and not is_objective_key(k) and k in settings]
         if row.get("point") and plan:
             row["point"] += " " + " ".join(f"{k.removeprefix('lowrank.')}={settings[k]}" for k in plan)
         row["variant"] = " ".join(f"{k}={settings[k]}" for k in varying if k in settings and k not in plan)
@@ -179,7 +229,7 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def shared_variant(variant: str) -> str:
     """A variant without the callback-only settings: what a baseline run must share to be compared with it."""
-    return " ".join(item for item in variant.split() if item.split("=", 1)[0] not in CALLBACK_KEYS)
+    return " ".join(item for item in variant.split() if not is_callback_key(item.split("=", 1)[0]))
 
 
 def label(cell: dict[str, Any]) -> str:

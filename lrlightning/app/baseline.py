@@ -10,29 +10,29 @@ from omegaconf import DictConfig
 
 from .evaluation import run_test, val_accuracy
 from .job import backbone_spec, finish_backbone, fit, input_shape, make_trainer, resume_path, run_facts
-from .ranks import backbone_plans, callback_setting, lowrank_options, recalibration_batches
+from ..callback import LowRankProjection
+from .ranks import backbone_plans
 from .report import summarize, write_outputs
 
 BASELINES = ("decompose_finetune", "decompose")
 
 
 def decompose(cfg: DictConfig, run_dir: Path, datamodule, model: LightningModule, config: dict,
-              lowrank: dict | None) -> dict | None:
+              projection: LowRankProjection | None) -> dict | None:
     """Finish the dense model (``init_ckpt``, else trained first with the same Trainer settings under ``dense/``)
-    at the ``lowrank`` settings: project, re-estimate BatchNorm, factorize; then, for ``decompose_finetune``,
+    as ``projection`` (the job's ``lowrank`` callback) finishes training: project, re-estimate BatchNorm, factorize; then, for ``decompose_finetune``,
     fine-tune the factorized structure. Tests it; returns the summary on global rank zero."""
-    if lowrank is None:
+    if projection is None:
         raise ValueError(f"`baseline`={cfg.baseline!r} needs a low-rank preset (lowrank=tucker2, svd, ...), "
                          "got lowrank=none")
-    options = lowrank_options(lowrank)
+    options = projection.options
     if not cfg.init_ckpt:
         dense_trainer = make_trainer(cfg, run_dir / "dense", [], {**config, "baseline": None, "lowrank": None})
         fit(dense_trainer, model, datamodule, resume_path(None, run_dir / "dense"))
     plans = backbone_plans(model, options)
     trainer = make_trainer(cfg, run_dir, [], config)
     metrics = run_test(trainer, datamodule, dense=model.backbone)
-    small = finish_backbone(model, datamodule, plans, options, recalibration_batches(lowrank), cfg.seed,
-                            callback_setting(lowrank, "activation_batches"))
+    small = finish_backbone(model, datamodule, plans, projection, cfg.seed)
     metrics.update(run_test(trainer, datamodule, decomposed=small))
     tuned, seconds = cfg.baseline == "decompose_finetune", 0.0
     if tuned:

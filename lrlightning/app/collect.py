@@ -16,6 +16,8 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ..rules import rule_label
+
 from .aggregate import (COLLAPSED, DIVERGED, METHOD_ALIASES, OK, aggregate, describe_run, label,
                                    label_variants, report, summary_point)
 
@@ -89,6 +91,9 @@ def collect_rows(sweep_dir: Path, collapse: float | None = None) -> list[dict[st
             row.update({key: summary.get(key) for key in COLUMNS if key in summary}, status=status_of(summary, collapse))
             row["method"] = METHOD_ALIASES.get(row["method"], row["method"])
             row["point"] = row["point"] or summary_point(summary)
+            if summary.get("rule"):
+                rule = summary["rule"]
+                row.update(rank=rule_label(rule), budget=rule.get("budget"), budget_metric=rule.get("metric"))
             row["machine"] = summary.get("machine")
             if row.get("speedup") is None and summary.get("latency_ms_dense") and summary.get("latency_ms_factorized"):
                 row["speedup"] = summary["latency_ms_dense"] / summary["latency_ms_factorized"]

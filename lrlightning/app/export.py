@@ -12,10 +12,9 @@ from lightning.pytorch import seed_everything
 from omegaconf import DictConfig, OmegaConf
 
 from ..allocator import retain_freed_memory
-from ..options import RANK_RULES
 from .job import CONFIG_KEY, build_model, evaluate_and_export, finish_backbone
 from .module import LitClassifier
-from .ranks import backbone_plans, callback_setting, lowrank_options, recalibration_batches, with_budget_defaults
+from .ranks import backbone_plans, projection_of
 from .report import FACTORIZED, METHOD, SUMMARY
 
 
@@ -33,12 +32,12 @@ def container(node: DictConfig | None) -> dict:
 
 
 def replans(chosen: dict) -> bool:
-    """Whether the chosen low-rank keys change the plan (another preset or rank rule), so that the checkpoint's
-    ranks no longer apply; other keys (``bn_recalibration_batches``, ``svd_driver``, ...) keep them."""
-    return "_target_" in chosen or bool(chosen.keys() & RANK_RULES)
+    """Whether the chosen low-rank keys change the plan (another preset, scheme or rank rule), so that the
+    checkpoint's ranks no longer apply; other keys (``bn_recalibration_batches``, ``solver``, ...) keep them."""
+    return bool(chosen.keys() & {"_target_", "scheme", "rank"})
 
 
-TRAINING_PLACEMENT = ("projection_device", "svd_driver")  # where and how training decomposed, not what
+TRAINING_PLACEMENT = ("solver",)  # where and how training decomposed, not what
 
 
 def export_lowrank(chosen: dict, saved: dict) -> dict:
@@ -48,9 +47,17 @@ def export_lowrank(chosen: dict, saved: dict) -> dict:
     if "_target_" in chosen:
         return chosen
     saved = {k: v for k, v in saved.items() if k not in TRAINING_PLACEMENT}
-    if chosen.keys() & RANK_RULES:
-        saved = {k: v for k, v in saved.items() if k not in RANK_RULES}
-    return {**saved, **chosen}
+    return merged(saved, chosen)
+
+
+def merged(saved: dict, chosen: dict) -> dict:
+    """``chosen`` over ``saved``, nested nodes key by key (``lowrank.scheme.tile_shape=[8,8]`` keeps the saved
+    scheme's ``_target_``); a chosen ``rank`` replaces the saved rule whole."""
+    result = dict(saved)
+    for key, value in chosen.items():
+        nested = isinstance(value, dict) and isinstance(saved.get(key), dict) and key != "rank"
+        result[key] = merged(saved[key], value) if nested else value
+    return result
 
 
 def export(cfg: DictConfig, run_dir: Path) -> dict | None:
@@ -81,15 +88,14 @@ def export(cfg: DictConfig, run_dir: Path) -> dict | None:
         model.load_state_dict(checkpoint["state_dict"])
     else:
         model = LitClassifier.load_from_checkpoint(path, map_location="cpu")
-    lowrank_cfg = with_budget_defaults(lowrank_cfg, datamodule, cfg.latency_batch_size)
-    options = lowrank_options(lowrank_cfg)
+    projection = projection_of(lowrank_cfg, datamodule, cfg.latency_batch_size)
+    options = projection.options
     state = {} if replans(chosen) else projection_state(checkpoint)
     plans = backbone_plans(model, options, state.get("ranks") or None)
     step = checkpoint.get("global_step") or 0
-    small = finish_backbone(model, datamodule, plans, options, recalibration_batches(lowrank_cfg), step,
-                            callback_setting(lowrank_cfg, "activation_batches"))
+    small = finish_backbone(model, datamodule, plans, projection, step)
     trainer = instantiate(cfg.trainer, default_root_dir=str(run_dir), logger=False, enable_checkpointing=False)
-    extra = {"every_n_train_steps": callback_setting(lowrank_cfg, "every_n_train_steps") if state else None,
+    extra = {"every_n_train_steps": projection.every_n_train_steps if state else None,
              "num_projections": state.get("projections", 0), "epochs": checkpoint.get("epoch"),
              "global_step": checkpoint.get("global_step"), "ckpt": str(path.resolve()),
              "config": OmegaConf.to_container(cfg, resolve=True), "ckpt_config": checkpoint.get(CONFIG_KEY)}

@@ -15,10 +15,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 from torch import nn
 
-from ..finish import finish
+from ..callback import LowRankProjection
+from ..export import factorize_planned
 from ..options import LowRankOptions
+from ..passes import Passes
 from ..plan import LayerPlan
-from ..projection import gather_statistics
 from ..recalibration import reshuffled
 from .evaluation import run_test, val_accuracy
 from .report import summarize, training_facts, write_outputs
@@ -105,22 +106,23 @@ def input_shape(datamodule) -> tuple[int, int, int]:
     return datamodule.in_channels, datamodule.image_size, datamodule.image_size
 
 
-def finish_backbone(model: LightningModule, datamodule, plans: list[LayerPlan], options: LowRankOptions,
-                    batches: int, seed: int, activation_batches: int) -> nn.Module:
-    """``finish`` on ``model.backbone`` as ``LowRankProjection`` ends training: project (under ``objective=
-    "activation"`` from the input statistics of ``activation_batches`` training batches), re-estimate BatchNorm
-    statistics on ``batches`` training batches, each drawn with ``seed`` (the optimizer step), factorize a copy."""
+def data_passes(datamodule) -> Passes:
+    """``Passes`` of a backbone on the datamodule's training batches (``reshuffled`` by seed), ``backbone(x)``."""
     datamodule.setup("fit")
 
-    def forward(backbone, batch):
-        return backbone(batch[0])
+    def forward(backbone: nn.Module, batch: Any, index: int) -> None:
+        backbone(batch[0])
 
-    statistics = None
-    if options.weighted:
-        drawn = reshuffled(datamodule.train_dataloader(), activation_batches, seed)
-        statistics = gather_statistics(model.backbone, plans, options, drawn, forward, seed)
-    loader = reshuffled(datamodule.train_dataloader(), batches, seed) if batches else ()
-    return finish(model.backbone, plans, options, loader, forward=forward, seed=seed, statistics=statistics)
+    return Passes(lambda count, seed: reshuffled(datamodule.train_dataloader(), count, seed), forward)
+
+
+def finish_backbone(model: LightningModule, datamodule, plans: list[LayerPlan], projection: LowRankProjection,
+                    seed: int) -> nn.Module:
+    """The end of training of ``projection`` (``Passes.finish``) on ``model.backbone``, with batches drawn from the
+    datamodule with ``seed`` (the optimizer step), then its factorized copy at ``plans``."""
+    data_passes(datamodule).finish(model.backbone, plans, projection.options, projection.bn_recalibration_batches,
+                                   seed)
+    return factorize_planned(model.backbone, plans, projection.options)
 
 
 def evaluate_and_export(trainer: Trainer, datamodule, model: LightningModule, options: LowRankOptions | None,

@@ -1,52 +1,46 @@
-"""What a job factorizes: the low-rank options of its ``lowrank`` config and the plans of its model's ``backbone``
-(layers and ranks, named relative to the backbone it exports)."""
+"""What a job factorizes: the ``LowRankProjection`` its ``lowrank`` config builds (scheme, rank rule, objective,
+selection, and the callback's own settings, one owner each) and the plans of its model's ``backbone`` (layers and
+ranks, named relative to the backbone it exports)."""
 from __future__ import annotations
 
-import inspect
 from typing import Any, Mapping
 
+from hydra.utils import instantiate
 from torch import nn
 
 from ..callback import LowRankProjection
-from ..options import LowRankOptions, is_int
+from ..options import LowRankOptions
 from ..plan import LayerPlan, plan_layers, relative_plans
 
 BACKBONE = "backbone"
 
 
 def with_budget_defaults(node: Mapping[str, Any], datamodule, latency_batch_size: int) -> dict[str, Any]:
-    """A ``lowrank`` config as a dict, completed for a MAC or latency budget: ``input_shape`` from the datamodule's
-    images (C, H, W), and for latency the job's ``latency_batch_size`` and the CPU as ``latency_device``, where the
-    config gives none."""
+    """A ``lowrank`` config as a dict whose ``Budget`` rule (its ``rank`` node) on MACs or latency is completed
+    where it gives none: ``input_shape`` from the datamodule's images (C, H, W), and for latency the job's
+    ``latency_batch_size`` and the CPU as ``latency_device``."""
     node = dict(node)
-    if node.get("budget") is not None and node.get("budget_metric") in ("macs", "latency"):
-        if node.get("input_shape") is None:
-            node["input_shape"] = [datamodule.in_channels, datamodule.image_size, datamodule.image_size]
-        if node["budget_metric"] == "latency":
-            node.setdefault("latency_batch_size", latency_batch_size)
-            if node.get("latency_device") is None:
-                node["latency_device"] = "cpu"
+    rule = node.get("rank")
+    if isinstance(rule, Mapping) and rule.get("metric") in ("macs", "latency"):
+        rule = dict(rule)
+        if rule.get("input_shape") is None:
+            rule["input_shape"] = [datamodule.in_channels, datamodule.image_size, datamodule.image_size]
+        if rule["metric"] == "latency":
+            rule.setdefault("latency_batch_size", latency_batch_size)
+            if rule.get("latency_device") is None:
+                rule["latency_device"] = "cpu"
+        node["rank"] = rule
     return node
 
 
-def lowrank_options(node: Mapping[str, Any]) -> LowRankOptions:
-    """The ``LowRankOptions`` of a ``lowrank`` config (``LowRankProjection``'s arguments: scheme, rank rule, layer
-    selection); the callback's schedule and stabilizers are left out."""
-    fields = LowRankOptions.__dataclass_fields__
-    return LowRankOptions(**{key: value for key, value in node.items() if key in fields})
-
-
-def callback_setting(node: Mapping[str, Any], name: str) -> Any:
-    """The ``LowRankProjection`` argument ``name`` of a ``lowrank`` config (the callback's default when unset)."""
-    return node.get(name, inspect.signature(LowRankProjection).parameters[name].default)
-
-
-def recalibration_batches(node: Mapping[str, Any]) -> int:
-    """``bn_recalibration_batches`` of a ``lowrank`` config (the callback's default when unset)."""
-    count = callback_setting(node, "bn_recalibration_batches")
-    if not (is_int(count) and count >= 0):
-        raise ValueError(f"`lowrank.bn_recalibration_batches` must be an int >= 0, got {count!r}")
-    return count
+def projection_of(node: Mapping[str, Any], datamodule, latency_batch_size: int) -> LowRankProjection:
+    """The ``LowRankProjection`` a ``lowrank`` config (a ``_target_`` node with nested ``_target_`` nodes for the
+    scheme, rule and objective) builds, completed by ``with_budget_defaults``."""
+    projection = instantiate(with_budget_defaults(node, datamodule, latency_batch_size), _convert_="all")
+    if not isinstance(projection, LowRankProjection):
+        raise ValueError(f"`lowrank` must build a lrlightning.LowRankProjection (its `_target_`), got "
+                         f"{type(projection).__name__}")
+    return projection
 
 
 def backbone_plans(model: nn.Module, options: LowRankOptions, ranks: dict[str, Any] | None = None) -> list[LayerPlan]:

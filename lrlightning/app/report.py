@@ -18,6 +18,7 @@ from ..export import save_factorized
 from ..options import LowRankOptions
 from ..plan import LayerPlan
 from ..budget import Allocation
+from ..rules import Budget, rule_label, rule_record
 from ..speed import measured_speedup
 from ..summary import format_table
 from .provenance import provenance
@@ -27,18 +28,6 @@ log = logging.getLogger(__name__)
 SUMMARY = "summary.json"
 METHOD = "lowrank_projection"  # the method's name in summaries
 FACTORIZED = "factorized.pt"
-
-
-def rank_rule(options: LowRankOptions | None) -> Any:
-    """The rank rule as ``summary.json`` records it: the rank, ``"energy=E"``, ``"compression=C"`` or
-    ``"budget=Bx METRIC"``; None when dense."""
-    if options is None:
-        return None
-    if options.rank is not None:
-        return list(options.rank) if isinstance(options.rank, tuple) else options.rank
-    if options.budget is not None:
-        return f"budget={options.budget:g}x {options.budget_metric}"
-    return f"energy={options.energy}" if options.energy is not None else f"compression={options.compression}"
 
 
 def allocation_facts(allocation: Allocation | None) -> dict[str, Any]:
@@ -67,8 +56,9 @@ def summarize(method: str, options: LowRankOptions | None, plans: list[LayerPlan
     medians over the rounds, the speedup as the median of per-round ratios with its interquartile range
     (``speedup_low``, ``speedup_high``) and whether that range excludes 1.0 (``speedup_distinguishable``)."""
     device = "cpu"
-    if options is not None and options.budget is not None and options.budget_metric == "latency":
-        device = options.latency_device or "cpu"
+    rule = options.rank if options is not None else None
+    if isinstance(rule, Budget) and rule.metric == "latency":
+        device = rule.latency_device or "cpu"
     latency_dense, latency_factorized, speedup = measured_speedup(dense, small, input_shape, latency_batch_size,
                                                                   device)
     weights_dense = sum(p.params_dense for p in plans)
@@ -77,8 +67,9 @@ def summarize(method: str, options: LowRankOptions | None, plans: list[LayerPlan
     macs_dense, macs_factorized = count_macs(dense, input_shape), count_macs(small, input_shape)
     return {
         "method": method,
-        "scheme": options.scheme if options else None,
-        "rank": rank_rule(options),
+        "scheme": options.scheme.name if options else None,
+        "scheme_options": options.scheme.options() if options else None,
+        "rule": rule_record(rule) if options else None,
         "layers_compressed": len(plans),
         "params_dense": params_dense,
         "params_factorized": params_factorized,
@@ -102,9 +93,7 @@ def summarize(method: str, options: LowRankOptions | None, plans: list[LayerPlan
         "latency_batch_size": latency_batch_size,
         "latency_device": str(device),
         "latency_threads": torch.get_num_threads(),
-        "objective": options.objective if options is not None else None,
-        "budget": options.budget if options is not None else None,
-        "budget_metric": options.budget_metric if options is not None and options.budget is not None else None,
+        "objective": (("activation" if options.weighted else "weight") if options is not None else None),
         "ranks": {p.name: list(p.rank) if isinstance(p.rank, tuple) else p.rank for p in plans},
         **provenance(),
         **extra,
@@ -135,7 +124,7 @@ def summary_table(s: dict[str, Any]) -> str:
     ]
     head = f"{s['method']}: no low-rank layers"
     if s["scheme"] is not None:
-        head = (f"{s['method']}: {s['scheme']} rank {s['rank']} on {s['layers_compressed']} layers, "
+        head = (f"{s['method']}: {s['scheme']} {rule_label(s['rule'])} on {s['layers_compressed']} layers, "
                 f"{s['compression_ratio']:.2f}x smaller over those layers")
     if s["scheme"] is not None and s["max_abs_logit_diff"] is not None:
         head += f"; max |logit diff| dense vs factorized {s['max_abs_logit_diff']:.1e}"

@@ -10,13 +10,11 @@ from lightning.pytorch import seed_everything
 from omegaconf import DictConfig, OmegaConf
 
 from ..allocator import retain_freed_memory
-from ..callback import LowRankProjection
-from ..export import factorize_planned
-from ..options import is_int
+from ..rules import is_int
 from ..plan import relative_plans
 from .baseline import BASELINES, decompose
 from .job import build_model, evaluate_and_export, finish_backbone, fit, load_weights, make_trainer, resume_path, run_facts
-from .ranks import BACKBONE, with_budget_defaults
+from .ranks import BACKBONE, projection_of
 from .report import METHOD, SUMMARY, allocation_facts
 
 REQUIRED = "required"  # value of `init_ckpt` in experiments that start from a dense checkpoint
@@ -43,27 +41,27 @@ def train(cfg: DictConfig, run_dir: Path) -> dict | None:
     seed_everything(cfg.seed, workers=True)
     config = OmegaConf.to_container(cfg, resolve=True)
     datamodule = instantiate(cfg.data)
-    lowrank = with_budget_defaults(config["lowrank"], datamodule, cfg.latency_batch_size) if cfg.get("lowrank") is not None else None
-    callbacks = [instantiate(lowrank, _convert_="all")] if lowrank is not None else []
+    projection = None
+    if cfg.get("lowrank") is not None:
+        projection = projection_of(config["lowrank"], datamodule, cfg.latency_batch_size)
+    callbacks = [projection] if projection is not None else []
     model = build_model(cfg.model, datamodule)
     if cfg.init_ckpt:
         load_weights(model, cfg.init_ckpt)
     if cfg.baseline:
-        return decompose(cfg, run_dir, datamodule, model, config, lowrank)
+        return decompose(cfg, run_dir, datamodule, model, config, projection)
     trainer = make_trainer(cfg, run_dir, callbacks, config)
     seconds = fit(trainer, model, datamodule, resume_path(cfg.ckpt_path, run_dir))
     facts = run_facts(trainer, seconds, cfg.init_ckpt, config)
-    projection = next((cb for cb in trainer.callbacks if isinstance(cb, LowRankProjection)), None)
     if projection is None:
         extra = {"every_n_train_steps": None, "num_projections": 0, **facts}
         return evaluate_and_export(trainer, datamodule, model, None, [], model.backbone, run_dir, "dense",
                                    cfg.latency_batch_size, extra)
     plans, options = relative_plans(projection.plans, BACKBONE), projection.options
     if projection.final_projection:
-        small = factorize_planned(model.backbone, plans, options)
+        small = projection.factorize(model.backbone)
     else:
-        small = finish_backbone(model, datamodule, plans, options, projection.bn_recalibration_batches,
-                                trainer.global_step, projection.activation_batches)
+        small = finish_backbone(model, datamodule, plans, projection, trainer.global_step)
     extra = {"every_n_train_steps": projection.every_n_train_steps, "num_projections": projection.num_projections,
              "projection_log": projection.history, **allocation_facts(projection.allocation), **facts}
     return evaluate_and_export(trainer, datamodule, model, options, plans, small, run_dir, METHOD,

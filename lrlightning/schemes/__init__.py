@@ -3,7 +3,9 @@ projection, its rank rules and its exact factorized module.
 
 A scheme is added with ``register(MyScheme)``; from then on its ``name`` is accepted wherever a scheme is
 (``LowRankOptions``, ``project_``, ``factorize``, ``LowRankProjection``) and ``load_factorized`` rebuilds its
-layers from their spec.
+layers from their spec. A scheme with options of its own validates them in ``__init__`` and reports them in
+``options()``; users pass it configured (``TiledSVD(tile_shape=(32, 32))``), or by name when every option has a
+default. See docs/adding-a-scheme.md.
 """
 from __future__ import annotations
 
@@ -45,8 +47,25 @@ def register(scheme: type[Scheme]) -> type[Scheme]:
 def scheme_class(name: str) -> type[Scheme]:
     """The registered scheme called ``name``; a ValueError naming the registered ones otherwise."""
     if not isinstance(name, str) or name not in SCHEMES:
-        raise ValueError(f"`scheme` must be one of {tuple(SCHEMES)}, got {name!r}")
+        raise ValueError(f"`scheme` must be one of {tuple(SCHEMES)} or a configured Scheme such as "
+                         f"Tucker2(hooi_iters=1), got {name!r}")
     return SCHEMES[name]
+
+
+def scheme_of(value: str | Scheme) -> Scheme:
+    """A configured scheme from ``value``: a registered ``Scheme`` instance as it is, or a registered name built
+    with its default options; a ValueError naming what is allowed otherwise."""
+    if isinstance(value, Scheme):
+        if SCHEMES.get(value.name) is not type(value):
+            raise ValueError(f"`scheme` {value!r} is not registered under its name {value.name!r}; call "
+                             f"lrlightning.schemes.register({type(value).__name__}) first")
+        return value
+    cls = scheme_class(value)
+    try:
+        return cls()
+    except TypeError as error:
+        raise ValueError(f"`scheme`={value!r} needs options of its own ({error}): pass a configured scheme, e.g. "
+                         f"{cls.__name__}(...)") from None
 
 
 def layer_from_spec(spec: dict) -> nn.Module:
@@ -81,6 +100,7 @@ __all__ = [
     "rank_mask",
     "register",
     "scheme_class",
+    "scheme_of",
     "smallest_rank_for_energy",
     "split_sqrt",
     "truncated_svd",

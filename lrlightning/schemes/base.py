@@ -32,10 +32,19 @@ class Scheme:
     input_statistic = "im2col"  # the input moments it weights by: of im2col rows, or of pixels' "channels"
     layer_types: tuple[type[FactorizedLayer], ...] = (LowRankConv2d,)
 
-    @classmethod
-    def from_options(cls, options: Any) -> "Scheme":
-        """The scheme configured by validated ``LowRankOptions`` (a scheme reads only the options it takes)."""
-        return cls()
+    def options(self) -> dict[str, Any]:
+        """The scheme's own options as JSON-ready values, as its constructor takes them (default: none).
+        Schemes with options validate them in ``__init__`` and override this; equality and ``repr`` use it."""
+        return {}
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.options() == self.options()
+
+    def __hash__(self) -> int:
+        return hash((type(self), repr(self)))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.options().items())})"
 
     def full_rank(self, shape: tuple[int, ...]) -> Rank:
         """The largest meaningful rank for a weight of ``shape``."""

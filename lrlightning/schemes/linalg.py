@@ -20,9 +20,9 @@ def resolve_driver(driver: str, device: torch.device) -> str:
     (``CUSOLVER_DRIVERS``) on another device than CUDA raises ``ValueError``."""
     device = torch.device(device)
     if driver in CUSOLVER_DRIVERS and device.type != "cuda":
-        raise ValueError(f"`svd_driver`={driver!r} is a cuSOLVER driver and runs on CUDA only; the weights decompose "
+        raise ValueError(f"`Solver.driver`={driver!r} is a cuSOLVER driver and runs on CUDA only; the weights decompose "
                          f"on {device.type!r}: use one of {tuple(d for d in SVD_DRIVERS if d not in CUSOLVER_DRIVERS)} "
-                         "or `projection_device` 'cuda'")
+                         "or `Solver.device` 'cuda'")
     return AUTO_DRIVERS.get(device.type, "exact") if driver == "auto" else driver
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -98,11 +99,14 @@ class TiledSVD(Scheme):
     weighted = True
 
     def __init__(self, tile_shape: tuple[int, int]):
-        self.tile_shape = tuple(int(v) for v in tile_shape)
+        """``tile_shape``: (rows, cols) of each tile of the lowered matrix, ints >= 1 (required)."""
+        if not (isinstance(tile_shape, Sequence) and not isinstance(tile_shape, str) and len(tile_shape) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in tile_shape)):
+            raise ValueError(f"`tile_shape` of TiledSVD must be a pair (rows, cols) of ints >= 1, got {tile_shape!r}")
+        self.tile_shape = (int(tile_shape[0]), int(tile_shape[1]))
 
-    @classmethod
-    def from_options(cls, options):
-        return cls(options.tile_shape)
+    def options(self):
+        return {"tile_shape": list(self.tile_shape)}
 
     def grid(self, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
         """(tile rows, tile cols, row tiles, col tiles) for a weight of ``shape``."""

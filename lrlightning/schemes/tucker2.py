@@ -24,11 +24,13 @@ class Tucker2(Scheme):
     input_statistic = "channels"
 
     def __init__(self, hooi_iters: int = 0):
-        self.hooi_iters = int(hooi_iters)
+        """``hooi_iters``: rounds of higher-order orthogonal iteration after the HOSVD (int >= 0, default 0)."""
+        if not (isinstance(hooi_iters, int) and not isinstance(hooi_iters, bool) and hooi_iters >= 0):
+            raise ValueError(f"`hooi_iters` of Tucker2 must be an int >= 0, got {hooi_iters!r}")
+        self.hooi_iters = hooi_iters
 
-    @classmethod
-    def from_options(cls, options):
-        return cls(options.hooi_iters)
+    def options(self):
+        return {"hooi_iters": self.hooi_iters}
 
     def full_rank(self, shape):
         return (shape[1], shape[0])

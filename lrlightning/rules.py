@@ -1,0 +1,169 @@
+"""Rank rules: how each selected layer's rank is chosen. A rule is a fixed rank (a number, a tucker2 pair or a
+mapping of layer names to ranks), ``Energy``, ``Compression`` or ``Budget``; each validates itself."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from .devices import check_device
+
+RankSpec = int | float | tuple[int, int] | dict[str, int | tuple[int, int]]
+BUDGET_METRICS = ("params", "macs", "latency")
+BUDGET_OBJECTIVES = ("max", "sum")
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Energy:
+    """The smallest rank keeping ``fraction`` (in (0, 1]) of each layer's squared singular-value energy, resolved
+    once from the weights when the plan is made."""
+
+    fraction: float
+
+    def __post_init__(self):
+        if not (is_number(self.fraction) and 0.0 < self.fraction <= 1.0):
+            raise ValueError(f"`Energy.fraction` must be a number in (0, 1], got {self.fraction!r}")
+
+
+@dataclass(frozen=True)
+class Compression:
+    """Per layer, the largest rank whose factorized layer has at least ``factor`` (> 1) times fewer weight
+    parameters than the dense layer."""
+
+    factor: float
+
+    def __post_init__(self):
+        if not (is_number(self.factor) and self.factor > 1.0):
+            raise ValueError(f"`Compression.factor` must be a number > 1 (dense / factorized params per layer), "
+                             f"got {self.factor!r}")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The whole model ``factor`` (> 1) times smaller in ``metric``, or that many times faster, with ranks
+    allocated across the selected layers (``lrlightning.budget``); a layer may stay dense.
+
+    ``metric``: ``"params"`` (default), ``"macs"`` per sample of ``input_shape`` (one sample's (C, H, W)), or
+    ``"latency"``: measured per layer on ``latency_device`` (default: the weights' device; the CPU at torch's thread
+    count) at batch ``latency_batch_size`` (default 32), cached under ``latency_cache`` (default
+    ``$LRLIGHTNING_CACHE`` or ~/.cache/lrlightning), checked for staleness before use and timed anew with
+    ``latency_remeasure=True`` (``lrlightning.latency``); the allocated model is then timed against dense and
+    allocated again while it misses beyond the noise (``lrlightning.speedup_check``), and no layer is factorized
+    into something not faster beyond the noise.
+    ``objective``: minimize the largest normalized weight error over layers (``"max"``, default) or their sum
+    (``"sum"``). Candidate ranks are multiples of ``rank_multiple`` (default 8) where a layer's full rank is at
+    least 16× that, else of the largest power of two fitting 16 times.
+    ``reallocations``: the callback allocates again from the current weights before each of its first
+    ``reallocations`` periodic projections (default 0: once, when fit starts).
+    """
+
+    factor: float
+    metric: str = "params"
+    input_shape: tuple[int, ...] | None = None
+    objective: str = "max"
+    rank_multiple: int = 8
+    reallocations: int = 0
+    latency_batch_size: int = 32
+    latency_device: str | None = None
+    latency_cache: str | None = None
+    latency_remeasure: bool = False
+
+    def __post_init__(self):
+        if not (is_number(self.factor) and self.factor > 1.0):
+            raise ValueError(f"`Budget.factor` must be a number > 1 (dense / compressed, over the whole model), "
+                             f"got {self.factor!r}")
+        if self.metric not in BUDGET_METRICS:
+            raise ValueError(f"`Budget.metric` must be one of {BUDGET_METRICS}, got {self.metric!r}")
+        shape = self.input_shape
+        if shape is not None:
+            if not (isinstance(shape, Sequence) and not isinstance(shape, str) and len(shape) >= 1
+                    and all(is_int(v) and v >= 1 for v in shape)):
+                raise ValueError(f"`Budget.input_shape` must be the (C, H, W) of one sample, ints >= 1, got {shape!r}")
+            object.__setattr__(self, "input_shape", tuple(int(v) for v in shape))
+        elif self.metric != "params":
+            raise ValueError(f"`Budget.metric`={self.metric!r} needs `input_shape`, the (C, H, W) of one sample, "
+                             "got None")
+        if self.objective not in BUDGET_OBJECTIVES:
+            raise ValueError(f"`Budget.objective` must be one of {BUDGET_OBJECTIVES}, got {self.objective!r}")
+        for argument, least in (("rank_multiple", 1), ("latency_batch_size", 1), ("reallocations", 0)):
+            value = getattr(self, argument)
+            if not (is_int(value) and value >= least):
+                raise ValueError(f"`Budget.{argument}` must be an int >= {least}, got {value!r}")
+        check_device("Budget.latency_device", self.latency_device)
+        if self.latency_cache is not None:
+            if not isinstance(self.latency_cache, (str, os.PathLike)):
+                raise ValueError(f"`Budget.latency_cache` must be a directory path, got {self.latency_cache!r}")
+            object.__setattr__(self, "latency_cache", os.fspath(self.latency_cache))
+        if not isinstance(self.latency_remeasure, bool):
+            raise ValueError(f"`Budget.latency_remeasure` must be a bool, got {self.latency_remeasure!r}")
+
+
+RankRule = RankSpec | Energy | Compression | Budget
+RULE_TYPES = (Energy, Compression, Budget)
+DEFAULT_RULE = Compression(2.0)
+
+
+def check_layer_rank(argument: str, value: Any, allow_pair: bool) -> int | tuple[int, int]:
+    """A positive int, or (tucker2) a pair of positive ints; returns it normalized."""
+    if is_int(value) and value >= 1:
+        return int(value)
+    if allow_pair and isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
+        if all(is_int(v) and v >= 1 for v in value):
+            return (int(value[0]), int(value[1]))
+    allowed = "an int >= 1 or a pair (R_in, R_out) of ints >= 1" if allow_pair else "an int >= 1"
+    raise ValueError(f"`{argument}` must be {allowed}, got {value!r}")
+
+
+def rank_rule(rank: Any, pair: bool) -> RankRule:
+    """Validate a rank rule for a scheme taking pair ranks (``pair``) or not; returns it normalized (lists to
+    tuples, mappings to dicts of str)."""
+    if isinstance(rank, RULE_TYPES):
+        return rank
+    if isinstance(rank, float):
+        if 0.0 < rank <= 1.0:
+            return rank
+        raise ValueError(f"`rank` as a float is a fraction of the layer's full rank and must be in (0, 1], got {rank!r}")
+    if isinstance(rank, Mapping):
+        return {str(name): check_layer_rank(f"rank[{name!r}]", value, pair) for name, value in rank.items()}
+    if is_int(rank) and rank >= 1 or (pair and isinstance(rank, Sequence) and not isinstance(rank, str)):
+        return check_layer_rank("rank", rank, pair)
+    allowed = "an int >= 1, a float in (0, 1]" + (", a pair (R_in, R_out)" if pair else "")
+    raise ValueError(f"`rank` must be {allowed}, a mapping of layer names to ranks, Energy(fraction), "
+                     f"Compression(factor) or Budget(factor, ...); got {rank!r}")
+
+
+def rule_record(rule: RankRule) -> dict[str, Any]:
+    """The rule as ``summary.json`` records it: ``{"rank": ...}``, ``{"energy": f}``, ``{"compression": c}`` or
+    ``{"budget": b, "metric": m}`` (JSON values: tuples as lists)."""
+    if isinstance(rule, Energy):
+        return {"energy": rule.fraction}
+    if isinstance(rule, Compression):
+        return {"compression": float(rule.factor)}
+    if isinstance(rule, Budget):
+        return {"budget": float(rule.factor), "metric": rule.metric}
+    if isinstance(rule, dict):
+        return {"rank": {name: list(r) if isinstance(r, tuple) else r for name, r in rule.items()}}
+    return {"rank": list(rule) if isinstance(rule, tuple) else rule}
+
+
+def rule_label(record: Mapping[str, Any]) -> str:
+    """A short text of a ``rule_record``: the rank (``0.5``, ``6x8``), ``4x`` (compression), ``budget=2x macs``,
+    ``energy=0.9``, or ``per-layer`` for a mapping."""
+    if "budget" in record:
+        return f"budget={float(record['budget']):g}x {record.get('metric', 'params')}"
+    if "compression" in record:
+        return f"{float(record['compression']):g}x"
+    if "energy" in record:
+        return f"energy={record['energy']}"
+    rank = record.get("rank")
+    if isinstance(rank, dict):
+        return "per-layer"
+    return "x".join(map(str, rank)) if isinstance(rank, (list, tuple)) else str(rank)
