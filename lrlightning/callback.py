@@ -186,13 +186,13 @@ class LowRankProjection(Callback):
         if trainer.is_global_zero:
             rank_zero_info(plan_table(self.plans, self.skipped, self.options.scheme.name, self.allocation))
 
-    def _make_plan(self, pl_module: LightningModule, trainer: Trainer, reallocate: bool = False) -> None:
+    def _make_plan(self, pl_module: LightningModule, trainer: Trainer | None = None, reallocate: bool = False) -> None:
         """Resolve the layers and ranks (restored ranks win unless ``reallocate``); a ``Budget`` under
         torch.distributed is allocated on global rank zero and broadcast."""
         options = self.options
         if self._restored_ranks and not reallocate:
             options = options.replace_rank(self._restored_ranks)
-        if trainer.world_size > 1 and isinstance(options.rank, Budget):
+        if trainer is not None and trainer.world_size > 1 and isinstance(options.rank, Budget):
             planned = made_on_rank_zero(trainer.strategy, trainer.is_global_zero, lambda: allocate_plan(pl_module, options))
         else:
             planned = allocate_plan(pl_module, options)
@@ -235,7 +235,8 @@ class LowRankProjection(Callback):
                 passes.check(pl_module, "BatchNorm re-estimation", RECALIBRATION_HINT, step)
         if self.options.weighted and self.plans:
             passes.check(pl_module, f"objective={self.options.objective}", FORWARD_HINT + ".", step)
-            missing = [p.name for p in self.plans if p.name not in self._statistics(trainer, pl_module, count=1)]
+            gathered = self._statistics(trainer, pl_module, count=1)
+            missing = [p.name for p in self.plans if p.name not in gathered]
             if missing:
                 raise ValueError(f"`objective`={self.options.objective} needs the inputs of every projected layer, "
                                  f"but the forward pass on a training batch does not run {missing}. {FORWARD_HINT}.")

@@ -9,7 +9,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lrlightning import LowRankOptions, LowRankProjection, NonFiniteTrainingError, factorize
+from lrlightning import (Activation, Budget, Compression, Energy, LowRankOptions, LowRankProjection,
+                         NonFiniteTrainingError, Selection, Solver, TiledSVD, Tucker2, factorize)
+from lrlightning.plan import annealed_plans
 from lrlightning.callback import SHARDED_STRATEGIES
 
 
@@ -79,9 +81,9 @@ class CountingProjection(LowRankProjection):
         super().__init__(*args, **kwargs)
         self.steps = []
 
-    def project(self, pl_module, step, plans=None, statistics=None):
+    def _project(self, pl_module, step, plans, statistics):
         self.steps.append(step)
-        return super().project(pl_module, step, plans, statistics)
+        return super()._project(pl_module, step, plans, statistics)
 
     def on_train_end(self, trainer, pl_module):
         before = self.last_stats
@@ -152,7 +154,8 @@ def test_start_and_stop_steps(tmp_path):
 ])
 def test_weights_end_exactly_low_rank(tmp_path, scheme, rank, options, objective):
     model = TinyCNN()
-    callback = LowRankProjection(scheme, rank, every_n_train_steps=5, objective=objective, **options)
+    configured = TiledSVD(**options) if scheme == "tiled_svd" else scheme
+    callback = LowRankProjection(configured, rank, every_n_train_steps=5, objective=objective)
     fast_trainer(tmp_path, [callback]).fit(model, loader())
     assert all((s.output_rel_error is not None) == (objective == "activation") for s in callback.last_stats)
     assert len(callback.history) == 3 and all(("output_rel_error" in h) == (objective == "activation")
@@ -208,8 +211,8 @@ def test_validation_sees_the_projected_weights(tmp_path):
     assert torch.equal(model.net[2].weight, weights_after_fit)
 
 
-@pytest.mark.parametrize("rule", [dict(rank=0.5), dict(budget=2.0, budget_reallocations=4),
-                                  dict(rank=0.5, objective="activation", bn_weighting=True)])
+@pytest.mark.parametrize("rule", [dict(rank=0.5), dict(rank=Budget(2.0, reallocations=4)),
+                                  dict(rank=0.5, objective=Activation(bn_weighting=True))])
 def test_resume_between_projections_matches_uninterrupted_run(tmp_path, rule):
     def make():
         torch.manual_seed(0)
@@ -251,8 +254,8 @@ def test_resume_between_projections_matches_uninterrupted_run(tmp_path, rule):
 
 def test_rank_warmup_anneals_down_to_target():
     callback = LowRankProjection("tucker2", 0.25, every_n_train_steps=1, rank_warmup=3)
-    callback.make_plan(TinyCNN())
-    schedule = [[p.rank for p in callback.plans_for(i)] for i in range(5)]
+    callback._make_plan(TinyCNN())
+    schedule = [[p.rank for p in annealed_plans(callback.plans, callback.options, i, 3)] for i in range(5)]
     assert schedule[3] == schedule[4] == [p.rank for p in callback.plans]
     for layer in range(2):
         out_ranks = [ranks[layer][1] for ranks in schedule]
@@ -397,11 +400,11 @@ def test_recording_the_loss_never_waits_for_the_device():
     torch.cuda.set_sync_debug_mode("error")
     try:
         for step in range(1, 5):
-            callback.record_loss(loss * (float("nan") if step == 3 else 1.0), step)
+            callback._losses.add(loss * (float("nan") if step == 3 else 1.0), step)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     with pytest.raises(NonFiniteTrainingError, match=r"nan at optimizer step 3\."):
-        callback.check_loss()
+        callback._losses.check()
 
 
 def test_non_finite_weight_names_layer_and_step(tmp_path):
@@ -427,8 +430,8 @@ def test_bf16_true_precision_keeps_dtype(tmp_path):
 
 
 def test_two_instances_coexist_and_pickle(tmp_path):
-    first = LowRankProjection("svd", 2, every_n_train_steps=2, include="net.2")
-    second = LowRankProjection("tucker2", 0.5, every_n_train_steps=3, include="net.5")
+    first = LowRankProjection("svd", 2, every_n_train_steps=2, layers=Selection(include="net.2"))
+    second = LowRankProjection("tucker2", 0.5, every_n_train_steps=3, layers={"include": "net.5"})
     assert first.state_key != second.state_key
     model = TinyCNN()
     trainer = fast_trainer(tmp_path, [first, second], max_epochs=1)
@@ -440,13 +443,17 @@ def test_two_instances_coexist_and_pickle(tmp_path):
 
 
 def test_restored_ranks_win_over_rule():
-    callback = LowRankProjection("svd", energy=0.5, every_n_train_steps=2)
+    callback = LowRankProjection("svd", Energy(0.5), every_n_train_steps=2)
     callback.load_state_dict({"last_step": 4, "projections": 2, "ranks": {"net.2": 3, "net.5": 5}})
-    callback.make_plan(TinyCNN())
+    callback._make_plan(TinyCNN())
     assert callback.ranks == {"net.2": 3, "net.5": 5}
-    fresh = LowRankProjection("svd", 2, every_n_train_steps=2)
-    fresh.load_state_dict({})
-    assert fresh.state_dict()["last_step"] == 0
+    assert callback.state_dict() == {"last_step": 4, "projections": 2, "ranks": {"net.2": 3, "net.5": 5}}
+    callback.load_state_dict({})  # a checkpoint without the callback's state: a fresh start under the rule
+    callback._make_plan(TinyCNN())
+    assert callback.state_dict()["last_step"] == 0 and callback.num_projections == 0
+    fresh = LowRankProjection("svd", Energy(0.5), every_n_train_steps=2)
+    fresh._make_plan(TinyCNN())
+    assert callback.ranks == fresh.ranks != {"net.2": 3, "net.5": 5}
 
 
 def test_sharded_strategy_rejected():
@@ -456,19 +463,19 @@ def test_sharded_strategy_rejected():
 
 
 def test_no_layer_selected_lists_candidates(tmp_path):
-    callback = LowRankProjection("svd", 2, include="backbone.*")
+    callback = LowRankProjection("svd", 2, layers=Selection(include="backbone.*"))
     with pytest.raises(ValueError, match=r"no layer selected.*net\.0"):
         fast_trainer(tmp_path, [callback], max_epochs=1).fit(TinyCNN(), loader())
 
 
 def test_rank_above_full_rank_is_clamped_with_warning(tmp_path):
-    callback = LowRankProjection("tucker2", (100, 3), every_n_train_steps=2, include="net.5")
+    callback = LowRankProjection("tucker2", (100, 3), every_n_train_steps=2, layers=Selection(include="net.5"))
     with pytest.warns(UserWarning, match=r"rank \(100, 3\) of layer 'net\.5'.*clamped to \(12, 3\)"):
-        callback.make_plan(TinyCNN())
+        callback._make_plan(TinyCNN())
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"scheme": "cp", "rank": 2}, r"`scheme` must be one of .* got 'cp'"),
+    ({"scheme": "cp", "rank": 2}, r"`scheme` must be one of .* or a configured Scheme .* got 'cp'"),
     ({"rank": 0}, r"`rank` must be .* got 0"),
     ({"rank": 1.5}, r"`rank` .* \(0, 1\], got 1.5"),
     ({"rank": 2, "every_n_train_steps": 0}, r"`every_n_train_steps` must be an int >= 1, got 0"),
@@ -477,23 +484,25 @@ def test_rank_above_full_rank_is_clamped_with_warning(tmp_path):
     ({"rank": 2, "start_step": 5, "stop_step": 2}, r"`stop_step` must be None or an int >= `start_step` \(5\), got 2"),
     ({"rank": 2, "rank_warmup": -2}, r"`rank_warmup` must be an int >= 0, got -2"),
     ({"rank": 2, "reset_momentum": "yes"}, r"`reset_momentum` must be a bool, got 'yes'"),
-    ({"scheme": "tiled_svd", "rank": 2}, r"`tile_shape` must be a pair .* got None"),
-    ({"scheme": "tiled_svd", "rank": 2, "tile_shape": (0, 4)}, r"`tile_shape` .* got \(0, 4\)"),
-    ({"rank": 2, "objective": "activation", "activation_batches": 0},
-     r"`activation_batches` must be an int >= 1 under objective='activation', got 0"),
+    ({"scheme": "tiled_svd", "rank": 2}, r"`scheme`='tiled_svd' needs options of its own .*tile_shape.*TiledSVD"),
+    ({"rank": 2, "objective": {"batches": 0}}, r"`Activation.batches` must be an int >= 1, got 0"),
+    ({"rank": 2, "layers": {"include": 3}}, r"`Selection.include` must be a glob pattern .* got 3"),
+    ({"rank": 2, "layers": Solver()}, r"`layers` must be a Selection or a mapping of its fields, got Solver"),
+    ({"rank": 2, "solver": {"driver": "lapack"}}, r"`Solver.driver` must be one of .* got 'lapack'"),
+    ({"rank": None}, r"`rank` must be .* Energy\(fraction\), Compression\(factor\) or Budget"),
     ({"rank": 2, "loss_jump_batches": -1}, r"`loss_jump_batches` must be an int >= 0, got -1"),
-    ({"rank": 2, "objective": "outputs"}, r"`objective` must be one of \('weight', 'activation'\), got 'outputs'"),
+    ({"rank": 2, "objective": "outputs"}, r"`objective` must be 'weight', 'activation' or Activation\(.*got 'outputs'"),
 ])
 def test_constructor_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LowRankProjection(**kwargs)
 
 
-@pytest.mark.parametrize("rule", [dict(rank=2), dict(budget=2.0, budget_reallocations=2)])
+@pytest.mark.parametrize("rule", [dict(rank=2), dict(rank=Budget(2.0, reallocations=2))])
 def test_ddp_two_processes_hold_identical_weights(tmp_path, rule):
     model = TinyCNN()
     callback = LowRankProjection("svd", every_n_train_steps=2, final_projection=False, **rule)
-    skew = [SkewedRankOne()] if "budget" in rule else []  # rank 1's own allocation would differ from rank 0's
+    skew = [SkewedRankOne()] if isinstance(rule["rank"], Budget) else []  # rank 1's own allocation would differ from rank 0's
     check = SameWeightsCheck(str(tmp_path / "spread.txt"))
     trainer = ddp_trainer(tmp_path, [*skew, callback, check], max_epochs=1, limit_train_batches=4)
     trainer.fit(model, loader())
@@ -550,10 +559,15 @@ class SameWeightsCheck(L.Callback):
 
 def test_callback_copy_is_independent():
     callback = LowRankProjection("svd", 2)
-    callback.make_plan(TinyCNN())
+    callback.load_state_dict({"last_step": 4, "projections": 2, "ranks": {"net.2": 3, "net.5": 2}})
+    callback._make_plan(TinyCNN())
+    plans, state = list(callback.plans), callback.state_dict()
     clone = copy.deepcopy(callback)
-    clone.plans = []
-    assert callback.plans
+    clone.plans.clear()  # changed in place: a shallow copy would share the list
+    clone.load_state_dict({"last_step": 9, "projections": 5, "ranks": {"net.2": 1}})
+    clone._make_plan(TinyCNN())
+    assert callback.plans == plans and callback.state_dict() == state
+    assert clone.ranks == {"net.2": 1} and clone.state_dict()["last_step"] == 9
 
 
 def test_final_projection_recalibrates_batchnorm_on_projected_weights(tmp_path):
@@ -640,9 +654,10 @@ trainer:
   callbacks:
     - class_path: lrlightning.LowRankProjection
       init_args:
-        scheme: tiled_svd
+        scheme:
+          class_path: lrlightning.TiledSVD
+          init_args: {{tile_shape: [6, 27]}}
         rank: {{net.2: 2, net.5: 3}}
-        tile_shape: [6, 27]
         every_n_train_steps: 2
         start_step: 1
         stop_step: 5
@@ -653,36 +668,42 @@ trainer:
         bn_recalibration_batches: 2
         recalibration_step: test_callback.first_item_forward
         check_finite: false
-        exclude: [net.0]
-        linear: false
-        skip_first_conv: false
-        hooi_iters: 0
-        svd_driver: gram
-        projection_device: cpu
+        objective:
+          class_path: lrlightning.Activation
+          init_args: {{batches: 3, ridge: 0.05}}
+        layers: {{exclude: [net.0], linear: false, skip_first_conv: false}}
+        solver: {{driver: gram, device: cpu}}
+        loss_jump_batches: 1
 """)
     cli = LightningCLI(TinyCNN, args=["--config", str(config)], run=False, save_config_callback=None)
     callback = next(c for c in cli.trainer.callbacks if isinstance(c, LowRankProjection))
-    assert callback.options == LowRankOptions(scheme="tiled_svd", rank={"net.2": 2, "net.5": 3}, tile_shape=(6, 27),
-                                              exclude=("net.0",), skip_first_conv=False, svd_driver="gram",
-                                              projection_device="cpu", objective="activation")
+    assert callback.options == LowRankOptions(TiledSVD(tile_shape=(6, 27)), {"net.2": 2, "net.5": 3},
+                                              Activation(batches=3, ridge=0.05),
+                                              Selection(exclude=("net.0",), skip_first_conv=False),
+                                              Solver(driver="gram", device="cpu"))
     assert (callback.every_n_train_steps, callback.start_step, callback.stop_step, callback.rank_warmup) == (2, 1, 5, 1)
     assert callback.reset_momentum and not callback.validate_projected and not callback.check_finite
     assert callback.recalibration_step is first_item_forward and callback.bn_recalibration_batches == 2
+    assert callback.loss_jump_batches == 1
     cli.trainer.fit(cli.model, loader())
     assert callback.ranks == {"net.2": 2, "net.5": 3}
 
-    flags = LightningCLI(TinyCNN, run=False, save_config_callback=None, args=[
-        "--trainer.logger=false", "--trainer.callbacks+=lrlightning.LowRankProjection",
-        "--trainer.callbacks.scheme=tucker2", "--trainer.callbacks.energy=0.9", "--trainer.callbacks.include=[net.5]",
-        "--trainer.callbacks.hooi_iters=1", "--trainer.callbacks.linear=true"])
-    callback = next(c for c in flags.trainer.callbacks if isinstance(c, LowRankProjection))
-    assert callback.options == LowRankOptions(scheme="tucker2", energy=0.9, include=("net.5",), hooi_iters=1,
-                                              linear=True, objective="activation")
-    flags = LightningCLI(TinyCNN, run=False, save_config_callback=None, args=[
-        "--trainer.logger=false", "--trainer.callbacks+=lrlightning.LowRankProjection",
-        "--trainer.callbacks.compression=3.5", "--trainer.callbacks.rank=null"])
-    callback = next(c for c in flags.trainer.callbacks if isinstance(c, LowRankProjection))
-    assert callback.options == LowRankOptions(scheme="svd", compression=3.5, objective="activation")
+    def from_flags(*flags):
+        cli = LightningCLI(TinyCNN, run=False, save_config_callback=None, args=[
+            "--trainer.logger=false", "--trainer.callbacks+=lrlightning.LowRankProjection", *flags])
+        return next(c for c in cli.trainer.callbacks if isinstance(c, LowRankProjection))
+
+    callback = from_flags("--trainer.callbacks.scheme=lrlightning.Tucker2", "--trainer.callbacks.scheme.hooi_iters=1",
+                          "--trainer.callbacks.rank=lrlightning.Energy", "--trainer.callbacks.rank.fraction=0.9",
+                          "--trainer.callbacks.layers.include=[net.5]", "--trainer.callbacks.layers.linear=true")
+    assert callback.options == LowRankOptions(Tucker2(hooi_iters=1), Energy(0.9), layers=Selection(("net.5",), linear=True))
+    callback = from_flags("--trainer.callbacks.rank={class_path: lrlightning.Budget, init_args: {factor: 3.5, "
+                          "metric: macs, input_shape: [3, 8, 8], reallocations: 2}}")
+    assert callback.options == LowRankOptions("svd", Budget(3.5, metric="macs", input_shape=(3, 8, 8), reallocations=2))
+    assert callback.budget_reallocations == 2
+    assert from_flags("--trainer.callbacks.scheme=spatial_svd", "--trainer.callbacks.rank=4").options == \
+        LowRankOptions("spatial_svd", 4)
+    assert from_flags().options == LowRankOptions()  # every default: svd at Compression(2.0), the weight objective
 
 
 def mean_loss(model, step, count=2):
@@ -751,8 +772,8 @@ class StatisticsRecorder(LowRankProjection):
         super().__init__(*args, **kwargs)
         self.path, self.seen = path, []
 
-    def gather_statistics(self, trainer, pl_module, count=None, always=False):
-        statistics = super().gather_statistics(trainer, pl_module, count, always)
+    def _statistics(self, trainer, pl_module, count=None):
+        statistics = super()._statistics(trainer, pl_module, count)
         if statistics:
             layer = statistics["net.2"]
             vector = torch.cat([layer.moment_sum.flatten(), layer.rows.view(1)]).float()
@@ -769,8 +790,8 @@ class StatisticsRecorder(LowRankProjection):
 
 def test_ddp_processes_sum_their_input_statistics(tmp_path):
     path = str(tmp_path / "statistics.pt")
-    callback = StatisticsRecorder(path, "svd", 2, every_n_train_steps=2, objective="activation",
-                                  activation_batches=2, final_projection=False)
+    callback = StatisticsRecorder(path, "svd", 2, every_n_train_steps=2, objective=Activation(batches=2),
+                                  final_projection=False)
     trainer = ddp_trainer(tmp_path, [callback], max_epochs=1, limit_train_batches=2)
     torch.manual_seed(0)
     model = ScaledOnRankOne()
@@ -800,3 +821,44 @@ def test_the_sanity_check_validates_weights_projected_from_training_statistics(t
     trainer.fit(model, loader(), loader())
     assert len(model.val_acc) == 2  # the sanity check and the epoch's validation, both on projected weights
     assert callback.num_projections == 2
+
+
+def test_the_callback_factorizes_and_saves_what_it_trained(tmp_path):
+    from lrlightning import load_factorized
+
+    model = TinyCNN()
+    callback = LowRankProjection(TiledSVD(tile_shape=(6, 27)), 2, every_n_train_steps=4)
+    with pytest.raises(ValueError, match=r"no plans yet: fit with the callback first"):
+        callback.factorize(model)
+    fast_trainer(tmp_path, [callback], max_epochs=1).fit(model, loader())
+    model.eval()
+    x = torch.randn(5, 3, 8, 8)
+    small = callback.factorize(model).eval()
+    head = callback.factorize(model.net).eval()  # a submodule: the plans named relative to it
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(head(x), model.net(x), atol=1e-5, rtol=1e-4)
+    assert type(small.net[2]) is not nn.Conv2d and type(small.net[0]) is nn.Conv2d
+    path = tmp_path / "small.pt"
+    callback.save(model.net, path)
+    with torch.no_grad():
+        torch.testing.assert_close(load_factorized(path, TinyCNN().net).eval()(x), model.net(x), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"`model` \(Sequential\) does not hold the planned layers \['net.2', 'net.5'\]"):
+        callback.factorize(nn.Sequential(nn.Conv2d(3, 4, 3)))
+
+    restored = LowRankProjection(TiledSVD(tile_shape=(6, 27)), 2, every_n_train_steps=4)  # another process
+    restored.load_state_dict(pickle.loads(pickle.dumps(callback)).state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(restored.factorize(model).eval()(x), model(x), atol=1e-5, rtol=1e-4)
+
+
+def test_no_arguments_project_every_conv_but_the_first_at_half_the_parameters(tmp_path):
+    model = TinyCNN()
+    callback = LowRankProjection(every_n_train_steps=4)
+    assert callback.options == LowRankOptions("svd", Compression(2.0), "weight")
+    fast_trainer(tmp_path, [callback], max_epochs=1).fit(model, loader())
+    assert [p.name for p in callback.plans] == ["net.2", "net.5"]
+    assert all(2 * p.params_factorized <= p.params_dense for p in callback.plans)
+    for plan in callback.plans:
+        w = model.get_submodule(plan.name).weight.detach().flatten(1)
+        assert torch.linalg.matrix_rank(w).item() == plan.rank < min(w.shape)
