@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from lrlightning import LowRankOptions, count_macs, count_params, factorize, plan_layers, project_
+from lrlightning import Budget, LowRankOptions, count_macs, count_params, factorize, plan_layers, project_
 from lrlightning.app.provenance import publish_table
 from lrlightning.backbones import build_backbone
 
@@ -37,8 +37,8 @@ def measure(model: torch.nn.Module, options: LowRankOptions, metric: str, shape:
     plans = plan_layers(model, options, warn=False)[0]
     seconds = time.perf_counter() - start
     projected = copy.deepcopy(model)
-    stats = project_(projected, options.scheme, rank={p.name: p.rank for p in plans}, tile_shape=options.tile_shape)
-    small = factorize(projected, options.scheme, rank={p.name: p.rank for p in plans}, tile_shape=options.tile_shape)
+    stats = project_(projected, options.scheme, rank={p.name: p.rank for p in plans})
+    small = factorize(projected, options.scheme, rank={p.name: p.rank for p in plans})
     ratio = (count_params(model) / count_params(small) if metric == "params"
              else count_macs(model, shape) / count_macs(small, shape))
     return {"ratio": ratio, "error": sum(s.rel_error ** 2 for s in stats), "layers": len(plans), "seconds": seconds}
@@ -64,7 +64,7 @@ def main() -> None:
             for metric in args.metrics:
                 for fraction in args.fractions:
                     uniform = measure(model, LowRankOptions(scheme, fraction), metric, shape)
-                    options = LowRankOptions(scheme, budget=uniform["ratio"], budget_metric=metric, input_shape=shape)
+                    options = LowRankOptions(scheme, Budget(uniform["ratio"], metric=metric, input_shape=shape))
                     allocated = measure(model, options, metric, shape)
                     data.append({"backbone": backbone, "scheme": scheme, "metric": metric, "fraction": fraction,
                                  "uniform": uniform, "budget": allocated})

@@ -20,7 +20,7 @@ import warnings
 
 import torch
 
-from lrlightning import LowRankOptions, count_macs, factorize_planned
+from lrlightning import Budget, LowRankOptions, count_macs, factorize_planned
 from lrlightning.allocator import retain_freed_memory
 from lrlightning.app.provenance import publish_table
 from lrlightning.backbones import build_backbone
@@ -85,8 +85,8 @@ def main() -> None:
             asks = [("latency", budget, 8) for budget in args.speedups]
             asks += [("macs", budget, multiple) for budget in args.mac_budgets for multiple in args.rank_multiples]
             for metric, budget, multiple in asks:
-                options = LowRankOptions(scheme, budget=budget, budget_metric=metric, input_shape=shape,
-                                         rank_multiple=multiple, **latency)
+                options = LowRankOptions(scheme, Budget(budget, metric=metric, input_shape=shape,
+                                                        rank_multiple=multiple, **latency))
                 try:
                     small, allocation, seconds = exported(dense, options)
                 except ValueError as error:

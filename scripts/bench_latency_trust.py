@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from lrlightning import LowRankOptions, count_macs, factorize_planned
+from lrlightning import Budget, LowRankOptions, count_macs, factorize_planned
 from lrlightning.allocator import retain_freed_memory
 from lrlightning.app.provenance import write_result
 from lrlightning.backbones import build_backbone
@@ -126,8 +126,9 @@ def main() -> None:
     dense = build_backbone("resnet20", num_classes=10, in_channels=1).eval()
 
     def options(cache: Path) -> LowRankOptions:
-        return LowRankOptions("tucker2", budget=args.budget, budget_metric="latency", input_shape=shape,
-                              latency_batch_size=args.batch_size, latency_device="cpu", latency_cache=str(cache))
+        return LowRankOptions("tucker2", Budget(args.budget, metric="latency", input_shape=shape,
+                                                latency_batch_size=args.batch_size, latency_device="cpu",
+                                                latency_cache=str(cache)))
 
     fresh, caches = [], []
     for index in range(args.runs):

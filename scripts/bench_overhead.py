@@ -20,7 +20,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lrlightning import LowRankProjection
+from lrlightning import LowRankProjection, Solver
 from lrlightning.allocator import retain_freed_memory
 from lrlightning.app.module import LitClassifier
 from lrlightning.app.provenance import publish_table
@@ -54,8 +54,8 @@ def step_seconds(backbone: str, loader: DataLoader, steps: int, skip: int, every
     projection = None
     if every is not None:
         projection = LowRankProjection(scheme, 0.5, every_n_train_steps=every, final_projection=False,
-                                       validate_projected=False, svd_driver=driver, objective=objective,
-                                       projection_device=projection_device)
+                                       validate_projected=False, objective=objective,
+                                       solver=Solver(driver=driver, device=projection_device))
         callbacks.insert(0, projection)
     trainer = L.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=False, accelerator=accelerator, devices=1, callbacks=callbacks)

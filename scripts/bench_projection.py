@@ -27,7 +27,7 @@ from torch import nn
 from lrlightning.app.provenance import write_result
 from lrlightning.backbones import build_backbone
 from lrlightning.latency import synchronize
-from lrlightning.options import LowRankOptions
+from lrlightning import LowRankOptions, Solver, TiledSVD
 from lrlightning.plan import plan_layers
 from lrlightning.projection import project_planned_
 from lrlightning.schemes import CUSOLVER_DRIVERS, SVD_DRIVERS, resolve_driver
@@ -37,7 +37,7 @@ SCHEMES = {
     "svd": dict(scheme="svd", rank=0.5),
     "tucker2": dict(scheme="tucker2", rank=0.5),
     "spatial_svd": dict(scheme="spatial_svd", rank=0.45),
-    "tiled_svd": dict(scheme="tiled_svd", rank=4, tile_shape=(16, 16)),
+    "tiled_svd": dict(scheme=TiledSVD(tile_shape=(16, 16)), rank=4),
 }
 
 
@@ -76,8 +76,7 @@ def projection_cases(model: nn.Module, drivers: list[str] | None, projection_dev
         for where in projection_devices:
             decomposed_on = device if where == "same" else torch.device(where)
             for driver in drivers_on(decomposed_on, drivers):
-                options = LowRankOptions(**settings, svd_driver=driver,
-                                         projection_device=None if where == "same" else where)
+                options = LowRankOptions(**settings, solver=Solver(driver, None if where == "same" else where))
                 start = time.perf_counter()
                 plans, skipped = plan_layers(model, options, warn=False)
                 plan_seconds = time.perf_counter() - start

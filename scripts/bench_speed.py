@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from lrlightning import LowRankOptions, count_macs, count_params, factorize_planned, plan_layers
+from lrlightning import Budget, Compression, LowRankOptions, TiledSVD, count_macs, count_params, factorize_planned, plan_layers
 from lrlightning.allocator import retain_freed_memory
 from lrlightning.app.provenance import publish_table
 from lrlightning.backbones import BACKBONES, build_backbone
@@ -44,7 +44,7 @@ from lrlightning.latency import synchronize
 from lrlightning.projection import project_planned_
 from lrlightning.speed import fold_batchnorm, keep_faster_layers
 
-SCHEME_OPTIONS = {"svd": {}, "tucker2": {}, "spatial_svd": {}, "tiled_svd": {"tile_shape": (16, 16)}}
+SCHEMES = {"svd": "svd", "tucker2": "tucker2", "spatial_svd": "spatial_svd", "tiled_svd": TiledSVD(tile_shape=(16, 16))}
 MODES = ("eager", "channels_last", "jit", "compile", "onnxruntime")
 IMAGENET_BACKBONES = ("resnet18", "resnet50")
 BUDGET_METRICS = ("params", "macs", "latency")
@@ -120,12 +120,11 @@ def timed_pair(dense: Callable[[], object], factorized: Callable[[], object], re
 
 
 def target_options(scheme: str, target: float, args: argparse.Namespace, shape: tuple[int, int, int]) -> LowRankOptions:
-    """The rank rule of one target: ``compression=target`` per layer, or a whole-model ``budget=target``."""
+    """The rank rule of one target: ``Compression(target)`` per layer, or a whole-model ``Budget(target)``."""
     if args.budget is None:
-        return LowRankOptions(scheme=scheme, compression=target, **SCHEME_OPTIONS[scheme])
+        return LowRankOptions(SCHEMES[scheme], Compression(target))
     extra = {"latency_batch_size": max(args.batch_sizes)} if args.budget_metric == "latency" else {}
-    return LowRankOptions(scheme=scheme, budget=target, budget_metric=args.budget_metric, input_shape=shape,
-                          **SCHEME_OPTIONS[scheme], **extra)
+    return LowRankOptions(SCHEMES[scheme], Budget(target, metric=args.budget_metric, input_shape=shape, **extra))
 
 
 def compressed_pair(base: torch.nn.Module, options: LowRankOptions, guard_input: torch.Tensor | None, repeats: int):
@@ -148,7 +147,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--image-size", type=positive_int, default=None,
                         help="height = width in px (default: 32 for CIFAR backbones, 224 for resnet18/resnet50)")
     parser.add_argument("--batch-sizes", nargs="+", type=positive_int, default=[1, 32])
-    parser.add_argument("--schemes", nargs="+", default=list(SCHEME_OPTIONS), choices=list(SCHEME_OPTIONS))
+    parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
     targets = parser.add_mutually_exclusive_group()
     targets.add_argument("--ratios", nargs="+", type=float, default=None,
                          help="per-layer compression (dense / factorized params of each layer; default 2 4)")
