@@ -96,6 +96,11 @@ def read_factorized(path: str | os.PathLike, map_location="cpu") -> dict[str, An
     name = os.fspath(path)
     if not os.path.isfile(name):
         raise ValueError(f"{name!r} is not a file: `path` must name a factorized model written by save_factorized")
+    with open(name, "rb") as handle:
+        head = handle.read(4)
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":  # neither torch's zip archive nor its legacy pickle
+        raise ValueError(f"{name!r} is not a torch file (it starts with {head!r}): `path` must name a factorized "
+                         "model written by save_factorized")
     try:
         payload = torch.load(name, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:

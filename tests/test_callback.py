@@ -499,6 +499,7 @@ def test_constructor_validation(kwargs, match):
 
 
 @pytest.mark.parametrize("rule", [dict(rank=2), dict(rank=Budget(2.0, reallocations=2))])
+@pytest.mark.slow  # two spawned processes
 def test_ddp_two_processes_hold_identical_weights(tmp_path, rule):
     model = TinyCNN()
     callback = LowRankProjection("svd", every_n_train_steps=2, final_projection=False, **rule)
@@ -788,6 +789,7 @@ class StatisticsRecorder(LowRankProjection):
             torch.save(self.seen, self.path)
 
 
+@pytest.mark.slow  # two spawned processes
 def test_ddp_processes_sum_their_input_statistics(tmp_path):
     path = str(tmp_path / "statistics.pt")
     callback = StatisticsRecorder(path, "svd", 2, every_n_train_steps=2, objective=Activation(batches=2),

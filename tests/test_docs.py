@@ -20,6 +20,7 @@ def empty_folder(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.mark.slow  # trains for about a minute
 def test_readme_first_example_trains_factorizes_saves_and_loads(empty_folder):
     namespace = {}
     exec(compile(python_blocks(ROOT / "README.md")[0], "README.md", "exec"), namespace)

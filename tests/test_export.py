@@ -8,8 +8,15 @@ import torch
 from torch import nn
 
 from lrlightning import (
+    Activation,
+    Compression,
+    Energy,
     LowRankOptions,
     NonFiniteWeightError,
+    Selection,
+    Solver,
+    TiledSVD,
+    Tucker2,
     count_macs,
     count_params,
     factorize,
@@ -43,8 +50,8 @@ SCHEME_OPTIONS = {
     "svd": dict(scheme="svd", rank=3),
     "spatial_svd": dict(scheme="spatial_svd", rank=3),
     "tucker2": dict(scheme="tucker2", rank=(3, 4)),
-    "tucker2_hooi": dict(scheme="tucker2", rank=(3, 4), hooi_iters=2),
-    "tiled_svd_ragged": dict(scheme="tiled_svd", rank=2, tile_shape=(5, 7)),
+    "tucker2_hooi": dict(scheme=Tucker2(hooi_iters=2), rank=(3, 4)),
+    "tiled_svd_ragged": dict(scheme=TiledSVD(tile_shape=(5, 7)), rank=2),
 }
 
 
@@ -100,7 +107,7 @@ def test_aligned_tiled_svd_takes_the_grouped_conv_and_channel_shuffle_path(confi
     """Tile columns a multiple of kh·kw that divide the matrix: grouped conv, ChannelShuffle, grouped 1×1 conv."""
     seeded(1)
     model = conv_model(out_channels=16, **CONV_CONFIGS[config])
-    options = dict(scheme="tiled_svd", rank=2, tile_shape=(8, 18))
+    options = dict(scheme=TiledSVD(tile_shape=(8, 18)), rank=2)
     factorized = assert_projected_equals_factorized(model, options, torch.randn(2, 3, 11, 13))
     body = factorized.body
     assert isinstance(body, LowRankConv2d)
@@ -111,7 +118,7 @@ def test_aligned_tiled_svd_takes_the_grouped_conv_and_channel_shuffle_path(confi
 def test_aligned_tiles_with_reflect_padding_fall_back_to_im2col():
     seeded(2)
     model = conv_model(out_channels=16, **CONV_CONFIGS["reflect"])
-    options = dict(scheme="tiled_svd", rank=2, tile_shape=(8, 18))
+    options = dict(scheme=TiledSVD(tile_shape=(8, 18)), rank=2)
     factorized = assert_projected_equals_factorized(model, options, torch.randn(2, 3, 9, 9))
     assert isinstance(factorized.body, TiledSVDConv2d)
 
@@ -119,7 +126,7 @@ def test_aligned_tiles_with_reflect_padding_fall_back_to_im2col():
 def test_tiles_larger_than_the_matrix_are_clamped():
     seeded(3)
     model = conv_model(out_channels=16, kernel_size=3, padding=1)
-    options = dict(scheme="tiled_svd", rank=3, tile_shape=(100, 36))
+    options = dict(scheme=TiledSVD(tile_shape=(100, 36)), rank=3)
     factorized = assert_projected_equals_factorized(model, options, torch.randn(2, 3, 8, 8))
     assert [type(m) for m in factorized.body] == [nn.Conv2d, nn.ChannelShuffle, nn.Conv2d]
 
@@ -129,8 +136,8 @@ def test_factorized_linear_equals_the_projected_dense_linear(bias):
     seeded(4)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 25, 30, bias=bias), nn.ReLU(),
                           nn.Linear(30, 10, bias=bias))
-    factorized = assert_projected_equals_factorized(model, dict(scheme="tucker2", rank=4, linear=True),
-                                                    torch.randn(3, 3, 5, 5))
+    options = dict(scheme="tucker2", rank=4, layers=Selection(linear=True))
+    factorized = assert_projected_equals_factorized(model, options, torch.randn(3, 3, 5, 5))
     assert isinstance(factorized[2], LowRankLinear) and isinstance(factorized[4], LowRankLinear)
     assert factorized[2].rank == 4 and (factorized[4][1].bias is not None) == bias
     assert type(factorized[0]) is nn.Conv2d
@@ -171,7 +178,7 @@ def test_depthwise_grouped_pointwise_and_first_conv_are_left_alone_and_reported(
 
 def test_first_conv_is_projected_when_skip_first_conv_is_false():
     model = mixed_model()
-    plans, _ = plan_layers(model, LowRankOptions("svd", rank=2, skip_first_conv=False))
+    plans, _ = plan_layers(model, LowRankOptions("svd", rank=2, layers=Selection(skip_first_conv=False)))
     assert [p.name for p in plans] == ["stem", "full"]
 
 
@@ -213,21 +220,22 @@ def named_blocks_model():
 
 def test_include_and_exclude_patterns_select_layers_by_name():
     model = named_blocks_model()
-    plans, _ = plan_layers(model, LowRankOptions("svd", rank=2, include="layer2.*"))
+    plans, _ = plan_layers(model, LowRankOptions("svd", rank=2, layers=Selection(include="layer2.*")))
     assert [p.name for p in plans] == ["layer2.conv1", "layer2.conv2"]
-    plans, skipped = plan_layers(model, LowRankOptions("svd", rank=2, exclude=["*.conv2"]))
+    plans, skipped = plan_layers(model, LowRankOptions("svd", rank=2, layers=Selection(exclude=["*.conv2"])))
     assert [p.name for p in plans] == ["layer1.conv1", "layer2.conv1"]
     assert {s.name for s in skipped if "exclude" in s.reason} == {"layer1.conv2", "layer2.conv2"}
-    plans, _ = plan_layers(model, LowRankOptions("svd", rank=2, include=["stem", "layer1.*"], exclude="*.conv1"))
+    plans, _ = plan_layers(model, LowRankOptions("svd", rank=2, layers=Selection(include=["stem", "layer1.*"],
+                                                                               exclude="*.conv1")))
     assert [p.name for p in plans] == ["stem", "layer1.conv2"]
-    factorized = factorize(model, "svd", rank=2, include="layer2.*")
+    factorized = factorize(model, "svd", rank=2, layers=Selection(include="layer2.*"))
     assert type(factorized.layer1.conv1) is nn.Conv2d and isinstance(factorized.layer2.conv1, LowRankConv2d)
 
 
 def test_no_layer_selected_raises_listing_the_candidates():
     model = named_blocks_model()
     with pytest.raises(ValueError, match=r"no layer selected.*candidate layers are \['stem', 'layer1.conv1'"):
-        factorize(model, "svd", rank=2, include="layer3.*")
+        factorize(model, "svd", rank=2, layers=Selection(include="layer3.*"))
     with pytest.raises(ValueError, match=r"candidate layers are \['0'\]"):
         project_(nn.Sequential(nn.Conv2d(3, 8, 3)), "svd", rank=2)
 
@@ -250,8 +258,8 @@ PARAM_CASES = {
     "svd": dict(scheme="svd", rank=5),
     "spatial_svd": dict(scheme="spatial_svd", rank=5),
     "tucker2": dict(scheme="tucker2", rank=(3, 6)),
-    "tiled_svd_aligned": dict(scheme="tiled_svd", rank=2, tile_shape=(8, 18)),
-    "tiled_svd_ragged": dict(scheme="tiled_svd", rank=2, tile_shape=(5, 7)),
+    "tiled_svd_aligned": dict(scheme=TiledSVD(tile_shape=(8, 18)), rank=2),
+    "tiled_svd_ragged": dict(scheme=TiledSVD(tile_shape=(5, 7)), rank=2),
 }
 
 
@@ -273,7 +281,7 @@ def test_planned_factorized_params_equal_the_factorized_module_weights(case):
 @pytest.mark.parametrize("tile_shape, rank, ratio", [((64, 64), 16, 2.0), ((64, 64), 8, 4.0), ((8, 8), 1, 4.0)])
 def test_tiled_svd_compression_of_paper_table_1(tile_shape, rank, ratio):
     model = conv_model(in_channels=64, out_channels=64, kernel_size=3, padding=1, bias=False)
-    options = dict(scheme="tiled_svd", rank=rank, tile_shape=tile_shape)
+    options = dict(scheme=TiledSVD(tile_shape=tile_shape), rank=rank)
     (plan,), _ = plan_layers(model, LowRankOptions(**options))
     assert plan.compression == ratio
     factorized = factorize(model, **options)
@@ -306,17 +314,17 @@ def test_factorized_svd_macs_follow_the_formula():
 
 def test_factorized_tiled_macs_are_positions_times_stored_factors():
     model = conv_model(in_channels=8, out_channels=12, kernel_size=3, padding=1)
-    factorized = factorize(model, "tiled_svd", rank=2, tile_shape=(5, 7))
-    (plan,), _ = plan_layers(model, LowRankOptions("tiled_svd", rank=2, tile_shape=(5, 7)))
+    factorized = factorize(model, TiledSVD(tile_shape=(5, 7)), rank=2)
+    (plan,), _ = plan_layers(model, LowRankOptions(TiledSVD(tile_shape=(5, 7)), rank=2))
     assert count_macs(factorized, (3, 9, 9), per_layer=True)["body"] == 9 * 9 * plan.params_factorized
 
 
 SAVE_CASES = {
-    "svd_linear": dict(scheme="svd", rank=3, linear=True),
+    "svd_linear": dict(scheme="svd", rank=3, layers=Selection(linear=True)),
     "spatial_svd": dict(scheme="spatial_svd", rank=3),
     "tucker2": dict(scheme="tucker2", rank=(3, 4)),
-    "tiled_svd_aligned": dict(scheme="tiled_svd", rank=2, tile_shape=(8, 24)),
-    "tiled_svd_ragged": dict(scheme="tiled_svd", rank=2, tile_shape=(5, 7)),
+    "tiled_svd_aligned": dict(scheme=TiledSVD(tile_shape=(8, 24)), rank=2),
+    "tiled_svd_ragged": dict(scheme=TiledSVD(tile_shape=(5, 7)), rank=2),
 }
 
 
@@ -364,6 +372,84 @@ def test_load_factorized_rejects_other_files(tmp_path):
         load_factorized(other_format, model=nn.Linear(2, 2))
 
 
+def saved_factorized_file(path):
+    save_factorized(factorize(named_blocks_model(), "svd", rank=2), path)
+    return path
+
+
+def test_load_factorized_of_a_file_that_is_not_a_torch_file_raises_naming_the_path(tmp_path):
+    for name, data, says in (("notes.txt", b"hello, not a torch file\n", r"is not a torch file \(it starts with b'hell'\)"),
+                             ("empty.pt", b"", r"is not a torch file \(it starts with b''\)"),
+                             ("zip.pt", b"PK\x03\x04 not really a zip archive",
+                              r"cannot be read as a factorized model \(truncated, corrupt or not a torch file")):
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match=re.escape(repr(str(path))) + " " + says):
+            load_factorized(path, model=named_blocks_model())
+
+
+def test_load_factorized_of_a_truncated_file_raises_naming_the_path(tmp_path):
+    whole = saved_factorized_file(tmp_path / "whole.pt").read_bytes()
+    for cut in (len(whole) // 2, len(whole) - 1, 10):
+        path = tmp_path / f"truncated_{cut}.pt"
+        path.write_bytes(whole[:cut])
+        message = re.escape(repr(str(path))) + r" cannot be read as a factorized model \(truncated, corrupt or not a " \
+            r"torch file: "
+        with pytest.raises(ValueError, match=message):
+            load_factorized(path, model=named_blocks_model())
+    assert isinstance(load_factorized(tmp_path / "whole.pt", model=named_blocks_model()).layer1.conv1, LowRankConv2d)
+
+
+def test_load_factorized_of_a_missing_file_raises_naming_the_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for path in (tmp_path / "missing.pt", tmp_path):
+        message = re.escape(repr(str(path))) + r" is not a file: `path` must name a factorized model written by " \
+            r"save_factorized"
+        with pytest.raises(ValueError, match=message):
+            load_factorized(path, model=named_blocks_model())
+    with pytest.raises(ValueError, match=r"'missing\.pt' is not a file"):
+        load_factorized("missing.pt")
+
+
+def test_load_factorized_of_a_torch_file_not_saved_by_lrlightning_raises_naming_the_path(tmp_path):
+    pickled_module = tmp_path / "module.pt"
+    torch.save(nn.Linear(2, 2), pickled_module)
+    message = re.escape(repr(str(pickled_module))) + r" is not a factorized model saved by lrlightning: it holds " \
+        r"Python objects"
+    with pytest.raises(ValueError, match=message):
+        load_factorized(pickled_module, model=nn.Linear(2, 2))
+    for name, payload, found in (("list.pt", [torch.zeros(2)], "'list'"), ("no_format.pt", {"weight": torch.zeros(2)},
+                                 "None"), ("old_format.pt", {"format": "lrlightning.factorized/0"},
+                                 "'lrlightning.factorized/0'")):
+        path = tmp_path / name
+        torch.save(payload, path)
+        with pytest.raises(ValueError, match=re.escape(repr(str(path))) + r" is not a factorized model saved by "
+                           r"lrlightning \(format 'lrlightning\.factorized/1', found " + re.escape(found) + r"\)"):
+            load_factorized(path, model=nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("scheme", [TiledSVD(tile_shape=(4, 4)), Tucker2(hooi_iters=1)], ids=repr)
+def test_scheme_with_its_own_option_round_trips_through_save_and_load(scheme, tmp_path):
+    seeded(13)
+    model = save_load_model()
+    rank = 1 if isinstance(scheme, TiledSVD) else (3, 4)
+    factorized = factorize(model, scheme, rank).eval()
+    project_(model, scheme, rank)
+    path = tmp_path / "model.pt"
+    save_factorized(factorized, path)
+    loaded = load_factorized(path, model=save_load_model()).eval()
+    inputs = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(inputs), factorized(inputs))
+        torch.testing.assert_close(loaded(inputs), model.eval()(inputs), atol=1e-4, rtol=0)
+    assert [(n, type(m)) for n, m in loaded.named_modules()] == [(n, type(m)) for n, m in factorized.named_modules()]
+    assert set(torch.load(path, weights_only=True)["layers"]) == {"reflect", "same"}
+    if isinstance(scheme, TiledSVD):
+        assert loaded.reflect.tile_shape == factorized.reflect.tile_shape == (4, 4)
+    for key, value in factorized.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
+
+
 def test_load_factorized_without_backbone_or_model_raises(tmp_path):
     path = tmp_path / "model.pt"
     save_factorized(factorize(named_blocks_model(), "svd", rank=2), path)
@@ -375,7 +461,7 @@ RESNET_OPTIONS = {
     "svd": dict(scheme="svd", rank=0.25),
     "spatial_svd": dict(scheme="spatial_svd", rank=0.25),
     "tucker2": dict(scheme="tucker2", rank=0.25),
-    "tiled_svd": dict(scheme="tiled_svd", rank=4, tile_shape=(16, 16)),
+    "tiled_svd": dict(scheme=TiledSVD(tile_shape=(16, 16)), rank=4),
 }
 
 
@@ -430,7 +516,7 @@ def test_non_finite_weight_raises_naming_the_layer_and_writes_nothing():
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-@pytest.mark.parametrize("rule", [dict(rank=2), dict(energy=0.9), dict(compression=2.0)])
+@pytest.mark.parametrize("rule", [dict(rank=2), dict(rank=Energy(0.9)), dict(rank=Compression(2.0))])
 def test_factorize_of_a_non_finite_weight_raises_naming_the_layer(value, rule):
     model = named_blocks_model()
     with torch.no_grad():
@@ -441,43 +527,40 @@ def test_factorize_of_a_non_finite_weight_raises_naming_the_layer(value, rule):
         assert raised.value.layer == "layer2.conv1"
     left_out = factorize(model, "svd", rank={"layer1.conv1": 2, "layer2.conv2": 2})
     assert type(left_out.layer2.conv1) is nn.Conv2d and isinstance(left_out.layer2.conv2, LowRankConv2d)
-    assert isinstance(factorize(model, "svd", exclude="layer2.conv1", **rule).layer1.conv1, LowRankConv2d)
+    excluded = factorize(model, "svd", layers=Selection(exclude="layer2.conv1"), **rule)
+    assert isinstance(excluded.layer1.conv1, LowRankConv2d)
 
 
 INVALID_OPTIONS = [
     (dict(scheme="tucker3", rank=2), r"`scheme` must be one of .*got 'tucker3'"),
+    (dict(scheme=TiledSVD, rank=2), r"`scheme` must be one of .*a configured Scheme.*got <class .*TiledSVD'>"),
     (dict(rank=0), r"`rank` must be .*got 0$"),
     (dict(rank=-1), r"`rank` must be .*got -1$"),
     (dict(rank=1.5), r"`rank` .*must be in \(0, 1\], got 1\.5"),
     (dict(rank=0.0), r"`rank` .*must be in \(0, 1\], got 0\.0"),
     (dict(rank=True), r"`rank` must be .*got True"),
     (dict(rank="half"), r"`rank` must be .*got 'half'"),
+    (dict(rank=None), r"`rank` must be .*Energy\(fraction\), Compression\(factor\) or Budget\(factor, \.\.\.\); "
+                      r"got None$"),
     (dict(rank=(2, 3)), r"`rank` must be .*got \(2, 3\)"),
     (dict(scheme="tucker2", rank=(0, 3)), r"`rank` must be .*pair \(R_in, R_out\).*got \(0, 3\)"),
     (dict(scheme="tucker2", rank=(2, 3, 4)), r"`rank` must be .*got \(2, 3, 4\)"),
     (dict(rank={"layer1.conv1": 0}), r"`rank\['layer1\.conv1'\]` must be an int >= 1, got 0"),
-    (dict(scheme="tiled_svd", rank=2), r"`tile_shape` must be a pair .*got None"),
-    (dict(scheme="tiled_svd", rank=2, tile_shape=(0, 4)), r"`tile_shape` must be a pair .*got \(0, 4\)"),
-    (dict(scheme="tiled_svd", rank=2, tile_shape=(4,)), r"`tile_shape` must be a pair .*got \(4,\)"),
-    (dict(scheme="tiled_svd", rank=2, tile_shape=(4.0, 4)), r"`tile_shape` must be a pair .*got \(4\.0, 4\)"),
-    (dict(scheme="svd", rank=2, tile_shape=(4, 4)), r"`tile_shape` applies to .*'tiled_svd' only, got \(4, 4\) "
-                                                    r"with scheme 'svd'"),
-    (dict(rank=2, energy=0.9), r"exactly one rank rule of `rank`, `energy`, `compression`, `budget`; got \['rank', 'energy'\]"),
-    (dict(energy=0.9, compression=2.0), r"exactly one rank rule.*got \['energy', 'compression'\]"),
-    (dict(), r"exactly one rank rule of `rank`, `energy`, `compression`, `budget`; got none"),
-    (dict(energy=0), r"`energy` must be a float in \(0, 1\], got 0$"),
-    (dict(energy=1.2), r"`energy` must be a float in \(0, 1\], got 1\.2"),
-    (dict(compression=1), r"`compression` must be a number > 1 .*got 1$"),
-    (dict(compression=0.5), r"`compression` must be a number > 1 .*got 0\.5"),
-    (dict(rank=2, hooi_iters=-1), r"`hooi_iters` must be an int >= 0, got -1"),
-    (dict(rank=2, hooi_iters=1.0), r"`hooi_iters` must be an int >= 0, got 1\.0"),
-    (dict(rank=2, svd_driver="lanczos"), r"`svd_driver` must be one of \('auto', 'exact', 'randomized', 'gram', 'gesvd', 'gesvdj', 'gesvda'\), got 'lanczos'"),
-    (dict(rank=2, include=3), r"`include` must be a glob pattern .*got 3"),
-    (dict(rank=2, exclude=["ok", 1]), r"`exclude` must be a glob pattern .*got \['ok', 1\]"),
-    (dict(rank=2, objective="output"), r"`objective` must be one of \('weight', 'activation'\), got 'output'"),
-    (dict(rank=2, objective="activation", activation_ridge=0), r"`activation_ridge` must be a number > 0 .*got 0$"),
-    (dict(rank=2, bn_weighting=True), r"`bn_weighting`=True weights .*objective='activation'.*got `objective`='weight'"),
-    (dict(rank=2, objective="activation", bn_weighting=1), r"`bn_weighting` must be a bool, got 1"),
+    (dict(scheme="tiled_svd", rank=2), r"`scheme`='tiled_svd' needs options of its own \(.*'tile_shape'\): pass a "
+                                       r"configured scheme, e\.g\. TiledSVD\(\.\.\.\)"),
+    (dict(rank=2, solver={"driver": "lanczos"}), r"`Solver\.driver` must be one of \('auto', 'exact', 'randomized', "
+                                                 r"'gram', 'gesvd', 'gesvdj', 'gesvda'\), got 'lanczos'"),
+    (dict(rank=2, solver={"device": "tpu:3"}), r"`Solver\.device` must be 'cpu' or a CUDA device .*got 'tpu:3'"),
+    (dict(rank=2, solver="gram"), r"`solver` must be a Solver or a mapping of its fields, got 'gram'"),
+    (dict(rank=2, layers={"include": 3}), r"`Selection\.include` must be a glob pattern .*got 3"),
+    (dict(rank=2, layers={"exclude": ["ok", 1]}), r"`Selection\.exclude` must be a glob pattern .*got \['ok', 1\]"),
+    (dict(rank=2, layers={"linear": 1}), r"`Selection\.linear` must be a bool, got 1"),
+    (dict(rank=2, layers=3), r"`layers` must be a Selection or a mapping of its fields, got 3"),
+    (dict(rank=2, objective="output"), r"`objective` must be 'weight', 'activation' or Activation\(batches=\.\.\., "
+                                       r"ridge=\.\.\., bn_weighting=\.\.\.\), got 'output'"),
+    (dict(rank=2, objective={"ridge": 0}), r"`Activation\.ridge` must be a number > 0 .*got 0$"),
+    (dict(rank=2, objective={"batches": 0}), r"`Activation\.batches` must be an int >= 1, got 0$"),
+    (dict(rank=2, objective={"bn_weighting": 1}), r"`Activation\.bn_weighting` must be a bool, got 1"),
 ]
 
 
@@ -486,6 +569,60 @@ INVALID_OPTIONS = [
 def test_invalid_options_name_the_argument_and_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LowRankOptions(**kwargs)
+
+
+INVALID_PARTS = [
+    (TiledSVD, dict(tile_shape=(0, 4)), r"`tile_shape` of TiledSVD must be a pair .*got \(0, 4\)"),
+    (TiledSVD, dict(tile_shape=(4,)), r"`tile_shape` of TiledSVD must be a pair .*got \(4,\)"),
+    (TiledSVD, dict(tile_shape=(4.0, 4)), r"`tile_shape` of TiledSVD must be a pair .*got \(4\.0, 4\)"),
+    (Tucker2, dict(hooi_iters=-1), r"`hooi_iters` of Tucker2 must be an int >= 0, got -1"),
+    (Tucker2, dict(hooi_iters=1.0), r"`hooi_iters` of Tucker2 must be an int >= 0, got 1\.0"),
+    (Energy, dict(fraction=0), r"`Energy\.fraction` must be a number in \(0, 1\], got 0$"),
+    (Energy, dict(fraction=1.2), r"`Energy\.fraction` must be a number in \(0, 1\], got 1\.2"),
+    (Compression, dict(factor=1), r"`Compression\.factor` must be a number > 1 .*got 1$"),
+    (Compression, dict(factor=0.5), r"`Compression\.factor` must be a number > 1 .*got 0\.5"),
+    (Solver, dict(driver="lanczos"), r"`Solver\.driver` must be one of \('auto', 'exact', 'randomized', 'gram', "
+                                     r"'gesvd', 'gesvdj', 'gesvda'\), got 'lanczos'"),
+    (Selection, dict(include=3), r"`Selection\.include` must be a glob pattern .*got 3"),
+    (Selection, dict(exclude=["ok", 1]), r"`Selection\.exclude` must be a glob pattern .*got \['ok', 1\]"),
+    (Selection, dict(skip_first_conv=None), r"`Selection\.skip_first_conv` must be a bool, got None"),
+    (Activation, dict(ridge=0), r"`Activation\.ridge` must be a number > 0 .*got 0$"),
+    (Activation, dict(batches=0), r"`Activation\.batches` must be an int >= 1, got 0$"),
+    (Activation, dict(bn_weighting=1), r"`Activation\.bn_weighting` must be a bool, got 1"),
+]
+
+
+@pytest.mark.parametrize("part, kwargs, message", INVALID_PARTS,
+                         ids=[f"{part.__name__}-" + re.sub(r"\W+", "-", str(kwargs))
+                              for part, kwargs, _ in INVALID_PARTS])
+def test_invalid_scheme_rule_selection_solver_and_objective_options_name_the_argument_and_the_value(part, kwargs,
+                                                                                                   message):
+    with pytest.raises(ValueError, match=message):
+        part(**kwargs)
+
+
+@pytest.mark.parametrize("flat", [dict(tile_shape=(4, 4)), dict(energy=0.9), dict(compression=2.0),
+                                  dict(hooi_iters=1), dict(include="layer1.*"), dict(svd_driver="gram"),
+                                  dict(bn_weighting=True)])
+def test_flat_options_are_gone_each_option_has_one_owner(flat):
+    """Old flat options (a tile shape on a non-tiled scheme, two rank rules at once, ...) cannot be passed at all."""
+    (argument,) = flat
+    with pytest.raises(TypeError, match=rf"unexpected keyword argument '{argument}'"):
+        LowRankOptions("svd", rank=2, **flat)
+    with pytest.raises(TypeError, match=rf"unexpected keyword argument '{argument}'"):
+        factorize(named_blocks_model(), "svd", rank=2, **flat)
+
+
+def test_default_rank_rule_is_compression_two_and_groups_are_coerced():
+    """Without a rank rule the options compress each layer 2x; mappings become the typed groups."""
+    options = LowRankOptions(TiledSVD(tile_shape=(4, 4)), layers={"linear": True, "include": "layer*"},
+                             solver={"driver": "gram"}, objective={"ridge": 0.5})
+    assert options.rank == Compression(2.0) and LowRankOptions().rank == Compression(2.0)
+    assert options.scheme == TiledSVD(tile_shape=(4, 4)) and options.scheme.name == "tiled_svd"
+    assert options.layers == Selection(include=("layer*",), linear=True)
+    assert options.solver == Solver(driver="gram")
+    assert options.objective == Activation(ridge=0.5) and options.weighted
+    assert LowRankOptions("tucker2").scheme == Tucker2(hooi_iters=0) and not LowRankOptions().weighted
 
 
 def test_project_and_factorize_validate_like_low_rank_options():

@@ -28,6 +28,7 @@ def loaded_after(setup: str, code: str) -> set[str]:
     return set(fresh_interpreter(probe).stdout.split())
 
 
+@pytest.mark.slow  # fresh interpreters
 def test_the_library_loads_no_app_dependency():
     export = loaded_after("", "import lrlightning\nfrom lrlightning import factorize, load_factorized, save_factorized")
     assert "torch" in export and not export & (APP_ONLY | {"lightning", "torchmetrics"})
@@ -35,6 +36,7 @@ def test_the_library_loads_no_app_dependency():
     assert "lrlightning" in callback and not callback & APP_ONLY
 
 
+@pytest.mark.slow  # builds and installs a wheel, then trains in a subprocess
 def test_the_wheel_ships_conf_and_lrl_train_runs_outside_the_checkout(tmp_path, tiny_train):
     pytest.importorskip("setuptools", minversion="70.1", reason="building a wheel without isolation needs setuptools"
                         " >= 70.1 in the environment (torch >= 2.6 requires it)")

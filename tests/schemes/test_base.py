@@ -3,7 +3,7 @@ factorized module with the parameter count it plans, rebuilt from its spec, and 
 import pytest
 import torch
 
-from lrlightning import LowRankOptions, plan_layers, project_
+from lrlightning import Compression, LowRankOptions, Solver, plan_layers, project_
 from lrlightning.schemes import SCHEME_NAMES, layer_from_spec
 from lrlightning.schemes.spatial_svd import SpatialSVD
 from lrlightning.schemes.svd import LoweredSVD
@@ -11,24 +11,25 @@ from lrlightning.schemes.tiled_svd import TiledSVD
 from lrlightning.schemes.tucker2 import Tucker2
 
 EXAMPLES = {
-    "svd": (dict(scheme="svd"), 3),
-    "spatial_svd": (dict(scheme="spatial_svd"), 3),
-    "tiled_svd": (dict(scheme="tiled_svd", tile_shape=(4, 8)), 2),
-    "tiled_svd_aligned": (dict(scheme="tiled_svd", tile_shape=(5, 18)), 2),
-    "tucker2": (dict(scheme="tucker2"), (3, 4)),
-    "tucker2_hooi": (dict(scheme="tucker2", hooi_iters=3), (3, 4)),
+    "svd": ("svd", 3),
+    "spatial_svd": ("spatial_svd", 3),
+    "tiled_svd": (TiledSVD(tile_shape=(4, 8)), 2),
+    "tiled_svd_aligned": (TiledSVD(tile_shape=(5, 18)), 2),
+    "tucker2": ("tucker2", (3, 4)),
+    "tucker2_hooi": (Tucker2(hooi_iters=3), (3, 4)),
 }
 
 
 def example(key):
     """(scheme object, rank, options) of an example."""
-    settings, rank = EXAMPLES[key]
-    options = LowRankOptions(rank=rank, **settings)
-    return options.conv_scheme(), rank, options
+    scheme, rank = EXAMPLES[key]
+    options = LowRankOptions(scheme=scheme, rank=rank)
+    return options.scheme, rank, options
 
 
 def test_the_examples_cover_every_built_in_scheme():
-    assert {settings["scheme"] for settings, _ in EXAMPLES.values()} == set(SCHEME_NAMES)
+    assert {example(key)[0].name for key in EXAMPLES} == set(SCHEME_NAMES)
+    assert example("tucker2_hooi")[0].hooi_iters == 3 and example("tiled_svd")[0].tile_shape == (4, 8)
 
 
 @pytest.mark.parametrize("key", sorted(EXAMPLES))
@@ -85,22 +86,20 @@ def test_factorized_layer_is_exact_counted_and_rebuilt_from_its_spec(conv_model,
         assert torch.equal(rebuilt(x), module(x))
 
 
-@pytest.mark.parametrize("scheme, tile_shape", [("svd", None), ("spatial_svd", None), ("tiled_svd", (16, 16)),
-                                                ("tucker2", None)])
+@pytest.mark.parametrize("scheme", ["svd", "spatial_svd", TiledSVD(tile_shape=(16, 16)), "tucker2"], ids=str)
 @pytest.mark.parametrize("target", [1.5, 3.0, 7.0])
-def test_compression_rule_reaches_the_target_and_the_next_larger_rank_would_not(conv_model, scheme, tile_shape,
-                                                                               target):
+def test_compression_rule_reaches_the_target_and_the_next_larger_rank_would_not(conv_model, scheme, target):
     model = conv_model(out_channels=32, in_channels=24)
-    options = LowRankOptions(scheme, compression=target, tile_shape=tile_shape)
+    options = LowRankOptions(scheme, rank=Compression(target))
     (plan,), _ = plan_layers(model, options, warn=False)
     assert plan.params_dense / plan.params_factorized >= target
-    conv_scheme = options.conv_scheme()
+    conv_scheme = options.scheme
     candidates = list(conv_scheme.rank_candidates(plan.shape))
     position = candidates.index(plan.rank)
     assert position > 0
     larger = candidates[position - 1]
     assert plan.params_dense < target * conv_scheme.factorized_params(plan.shape, larger)
-    if scheme != "tucker2":
+    if conv_scheme.name != "tucker2":
         assert larger == plan.rank + 1
 
 
@@ -117,7 +116,7 @@ def test_projection_keeps_parameter_identity_and_device(conv_model, device, driv
     weight = model.body.weight
     pointer = weight.data_ptr()
     expected = scheme.project(weight.detach().float().unsqueeze(0).cpu(), [rank])[0]
-    project_(model, options.scheme, rank=rank, tile_shape=options.tile_shape, svd_driver=driver)
+    project_(model, options.scheme, rank=rank, solver=Solver(driver=driver))
     assert model.body.weight is weight and weight.data_ptr() == pointer
     assert weight.device.type == device
     torch.testing.assert_close(weight.detach().cpu(), expected, atol=1e-5, rtol=1e-4)

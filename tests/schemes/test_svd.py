@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from lrlightning import LowRankOptions, plan_layers, project_
+from lrlightning import Compression, Energy, LowRankOptions, Solver, plan_layers, project_
 from lrlightning.layers import LowRankConv2d, LowRankLinear
 from lrlightning.schemes import LoweredSVD
 
@@ -87,7 +87,7 @@ def test_energy_rule_gives_the_smallest_rank_keeping_that_energy(conv_model, ene
     model = decaying_spectrum_model(conv_model, out_channels=24, in_channels=12)
     singular = torch.linalg.svdvals(model.body.weight.detach().reshape(24, -1))
     expected = smallest_rank_by_hand(singular, energy)
-    (plan,), _ = plan_layers(model, LowRankOptions("svd", energy=energy), warn=False)
+    (plan,), _ = plan_layers(model, LowRankOptions("svd", rank=Energy(energy)), warn=False)
     assert plan.rank == expected
     power = singular.double().pow(2)
     assert power[:expected].sum() >= energy * power.sum() * (1 - 1e-12)
@@ -97,7 +97,7 @@ def test_energy_rule_gives_the_smallest_rank_keeping_that_energy(conv_model, ene
 
 def test_compression_rule_svd_rank_by_hand(conv_model):
     model = conv_model(out_channels=32, in_channels=16)
-    (plan,), _ = plan_layers(model, LowRankOptions("svd", compression=3.0), warn=False)
+    (plan,), _ = plan_layers(model, LowRankOptions("svd", rank=Compression(3.0)), warn=False)
     dense = 32 * 16 * 9
     assert plan.rank == math.floor(dense / (3.0 * (32 + 16 * 9)))
     assert plan.params_factorized == plan.rank * (32 + 16 * 9)
@@ -131,6 +131,6 @@ def test_randomized_driver_through_project_(conv_model, low_rank_matrix):
     with torch.no_grad():
         model.body.weight.copy_(low_rank_matrix(20, 72, 3, seed=30).reshape(20, 8, 3, 3))
     before = model.body.weight.detach().clone()
-    (stats,) = project_(model, "svd", rank=3, svd_driver="randomized")
+    (stats,) = project_(model, "svd", rank=3, solver=Solver(driver="randomized"))
     torch.testing.assert_close(model.body.weight.detach(), before, atol=1e-4, rtol=1e-4)
     assert stats.rel_error < 1e-5

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from lrlightning import LowRankOptions, plan_layers
+from lrlightning import Energy, LowRankOptions, plan_layers
 from lrlightning.layers import LowRankConv2d
 from lrlightning.schemes import TiledSVD
 from lrlightning.schemes.tiled_svd import TiledSVDConv2d
@@ -40,7 +40,7 @@ def test_energy_rule_for_tiled_svd_takes_the_largest_tile_rank(conv_model):
     power = torch.linalg.svdvals(tiles).double().pow(2)
     kept = power.cumsum(1) / power.sum(1, keepdim=True)
     expected = int((kept < 0.6 - 1e-12).sum(1).max().item()) + 1
-    (plan,), _ = plan_layers(model, LowRankOptions("tiled_svd", energy=0.6, tile_shape=(8, 24)), warn=False)
+    (plan,), _ = plan_layers(model, LowRankOptions(TiledSVD(tile_shape=(8, 24)), rank=Energy(0.6)), warn=False)
     assert plan.rank == expected
 
 

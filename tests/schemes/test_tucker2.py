@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lrlightning import LowRankOptions, plan_layers, project_
+from lrlightning import Energy, LowRankOptions, Solver, plan_layers, project_
 from lrlightning.layers import LowRankConv2d
 from lrlightning.schemes import Tucker2
 
@@ -55,7 +55,7 @@ def test_energy_rule_for_tucker2_uses_each_channel_mode(conv_model):
         power = torch.linalg.svdvals(matrix[0]).double().pow(2)
         return int((power.cumsum(0) < energy * power.sum() - 1e-12).sum().item()) + 1
 
-    (plan,), _ = plan_layers(model, LowRankOptions("tucker2", energy=0.8), warn=False)
+    (plan,), _ = plan_layers(model, LowRankOptions("tucker2", rank=Energy(0.8)), warn=False)
     assert plan.rank == (smallest(mode_in), smallest(mode_out))
 
 
@@ -70,7 +70,7 @@ def test_fraction_rule_takes_that_fraction_of_each_channel_dimension(fraction, e
 def test_gram_driver_through_project_(conv_model):
     model = conv_model(out_channels=20, in_channels=8)
     expected = Tucker2().project(model.body.weight.detach().unsqueeze(0), [(3, 5)])[0]
-    (stats,) = project_(model, "tucker2", rank=(3, 5), svd_driver="gram")
+    (stats,) = project_(model, "tucker2", rank=(3, 5), solver=Solver(driver="gram"))
     torch.testing.assert_close(model.body.weight.detach(), expected, atol=1e-5, rtol=1e-4)
     assert stats.rank == (3, 5) and 0 < stats.rel_error < 1
 
