@@ -280,8 +280,8 @@ def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], 
                              "It must be one sample's shape without the batch dimension, e.g. (C, H, W)") from None
         unused = [name for name in names if name not in inputs]
         if unused:
-            raise ValueError(f"`budget_metric`={metric!r} needs every selected layer to run in the model's forward "
-                             f"pass; these do not: {unused}. HINT: leave them out with `exclude`")
+            raise ValueError(f"`Budget.metric`={metric!r} needs every selected layer to run in the model's forward "
+                             f"pass; these do not: {unused}. HINT: leave them out with `Selection.exclude`")
     if metric == "params":
         whole = count_params(model)
     elif metric == "macs":

@@ -127,8 +127,8 @@ class LatencyTable:
         self.load()
 
     def load(self) -> None:
-        """Read the cache file, if any; one that cannot be read, or is of another format, is logged and ignored
-        (replaced when this table is saved)."""
+        """Read the cache file, if any; one that cannot be read, or is of another format, is warned about and
+        ignored (replaced, atomically, when this table is saved)."""
         if not self.path.exists():
             return
         try:
@@ -136,8 +136,8 @@ class LatencyTable:
             if stored.get("device") != self.key:
                 return
             if stored.get("format") != FORMAT:
-                log.warning("latency cache %s was written in format %r, not %d; measuring a new table and replacing "
-                            "it", self.path, stored.get("format"), FORMAT)
+                warnings.warn(f"latency cache {self.path} was written in format {stored.get('format')!r}, not "
+                              f"{FORMAT}; measuring a new table and replacing it")
                 return
             entries = {str(key): {str(name): Spread.from_dict(value) for name, value in entry.items()}
                        for key, entry in stored["entries"].items()}
@@ -147,8 +147,8 @@ class LatencyTable:
                     raise ValueError(f"entry {key!r} lacks {sorted(needed - entry.keys())} or holds a time <= 0")
             seconds = float(stored.get("seconds", 0.0))
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as error:
-            log.warning("latency cache %s cannot be read (%s: %s); measuring a new table and replacing it",
-                        self.path, type(error).__name__, error)
+            warnings.warn(f"latency cache {self.path} cannot be read ({type(error).__name__}: {error}); measuring a "
+                          "new table and replacing it")
             return
         self.entries, self.seconds = entries, seconds
 

@@ -2,6 +2,7 @@
 with less summed error than uniform ranks of the same size, and clear errors for bad or unreachable budgets."""
 import copy
 import random
+import re
 from dataclasses import replace
 
 import lightning as L
@@ -10,7 +11,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lrlightning import LowRankOptions, LowRankProjection, count_macs, count_params, factorize, plan_layers, project_
+from lrlightning import (Budget, LowRankOptions, LowRankProjection, Selection, count_macs, count_params, factorize,
+                         plan_layers, project_)
 from lrlightning.backbones import build_backbone
 from lrlightning.budget import (LayerChoices, allocate, fitted_ratios, in_model_costs, layer_multiple, layer_structure,
                                 rounded_rank, timing_layer)
@@ -93,7 +95,7 @@ def test_allocate_never_exceeds_the_budget_and_spends_it(objective):
 @pytest.mark.parametrize("scheme", ["svd", "tucker2", "spatial_svd"])
 @pytest.mark.parametrize("metric, budget", [("params", 2.0), ("params", 4.0), ("macs", 3.0)])
 def test_the_whole_model_meets_the_budget_within_five_percent(resnet, scheme, metric, budget):
-    small = factorize(resnet, scheme, budget=budget, budget_metric=metric, input_shape=SHAPE)
+    small = factorize(resnet, scheme, Budget(budget, metric=metric, input_shape=SHAPE))
     assert budget <= whole_ratio(resnet, small, metric) <= 1.05 * budget
 
 
@@ -102,41 +104,73 @@ def test_allocated_ranks_err_less_than_uniform_ranks_of_the_same_size(resnet, ob
     uniform = factorize(resnet, "tucker2", 0.3)
     budget = whole_ratio(resnet, uniform, "params")
     errors = {}
-    for name, options in (("uniform", dict(rank=0.3)), ("budget", dict(budget=budget, budget_objective=objective))):
+    for name, rank in (("uniform", 0.3), ("budget", Budget(budget, objective=objective))):
         model = build_backbone("resnet20", num_classes=10, in_channels=3, width=WIDTH)
         model.load_state_dict(resnet.state_dict())
-        plans = plan_layers(model, LowRankOptions("tucker2", **options), warn=False)[0]
+        plans = plan_layers(model, LowRankOptions("tucker2", rank), warn=False)[0]
         stats = project_(model, "tucker2", rank={p.name: p.rank for p in plans})
         squared = [s.rel_error ** 2 for s in stats]
         errors[name] = sum(squared) if objective == "sum" else max(squared)
-    small = factorize(resnet, "tucker2", budget=budget, budget_objective=objective)
+    small = factorize(resnet, "tucker2", Budget(budget, objective=objective))
     assert whole_ratio(resnet, small, "params") >= budget
     assert errors["budget"] < (0.8 if objective == "sum" else 1.0) * errors["uniform"]
 
 
 def test_an_unreachable_budget_names_the_best_reachable(resnet):
-    with pytest.raises(ValueError, match=r"`budget`=50.0 is out of reach: .* at most \d+\.\d\dx smaller in params"):
-        factorize(resnet, "svd", budget=50.0)
+    with pytest.raises(ValueError, match=r"`Budget.factor`=50.0 \(params\) is out of reach: .* at most \d+\.\d\dx "
+                                         r"smaller in params"):
+        factorize(resnet, "svd", Budget(50.0))
 
 
 @pytest.mark.parametrize("options, match", [
-    (dict(budget=1.0), r"`budget` must be a number > 1 .* got 1.0"),
-    (dict(budget=2.0, budget_metric="flops"),
-     r"`budget_metric` must be one of \('params', 'macs', 'latency'\), got 'flops'"),
-    (dict(budget=2.0, budget_metric="macs"), r"`budget_metric`='macs' needs `input_shape`"),
-    (dict(budget=2.0, input_shape=(3, 0, 16)), r"`input_shape` must be the \(C, H, W\) of one sample"),
-    (dict(budget=2.0, rank=0.5), r"give exactly one rank rule of `rank`, `energy`, `compression`, `budget`"),
+    (dict(factor=1.0), r"`Budget.factor` must be a number > 1 .* got 1.0"),
+    (dict(factor=2.0, metric="flops"),
+     r"`Budget.metric` must be one of \('params', 'macs', 'latency'\), got 'flops'"),
+    (dict(factor=2.0, metric="macs"), r"`Budget.metric`='macs' needs `input_shape`"),
+    (dict(factor=2.0, input_shape=(3, 0, 16)), r"`Budget.input_shape` must be the \(C, H, W\) of one sample"),
 ])
 def test_bad_budgets_are_refused(options, match):
     with pytest.raises(ValueError, match=match):
-        LowRankOptions("svd", **options)
+        LowRankOptions("svd", Budget(**options))
+
+
+def test_a_rank_rule_is_one_argument_and_the_old_flat_budget_keywords_are_gone():
+    # the old "give exactly one rank rule of `rank`, `energy`, `compression`, `budget`" check: the rule is now the
+    # single `rank` argument, which refuses what is no rule and names the rules it takes
+    with pytest.raises(ValueError, match=r"`rank` must be an int >= 1, a float in \(0, 1\], a mapping of layer names "
+                                         r"to ranks, Energy\(fraction\), Compression\(factor\) or "
+                                         r"Budget\(factor, \.\.\.\); got None"):
+        LowRankOptions("svd", None)
+    with pytest.raises(TypeError, match="budget"):
+        LowRankOptions("svd", 0.5, budget=2.0)
+    assert LowRankOptions("svd", Budget(2.0)).rank == Budget(2.0, metric="params")
+
+
+@pytest.mark.parametrize("metric", ["macs", "latency"])
+@pytest.mark.parametrize("shape", [(3, 8), (1, 16, 16)])
+def test_an_input_shape_the_model_cannot_take_is_refused_before_anything_is_projected(resnet, metric, shape,
+                                                                                        mac_latency, monkeypatch):
+    def never_reached(*args, **kwargs):
+        raise AssertionError("the layers' candidates are costed only once the input shape fits the model")
+
+    monkeypatch.setattr("lrlightning.budget.layer_choices", never_reached)
+    model = copy.deepcopy(resnet)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"`Budget.input_shape`={re.escape(str(shape))} does not fit CifarResNet: "
+                                         r"its forward pass on a batch of one zero sample of that shape fails .* "
+                                         r"It must be one sample's shape without the batch dimension, e.g. \(C, H, W\)"):
+        project_(model, "svd", Budget(2.0, metric=metric, input_shape=shape, latency_device="cpu"))
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
+    assert mac_latency.made == []  # not even a latency table was made
 
 
 def test_callback_allocates_once_at_fit_start_and_ends_low_rank(tmp_path, resnet):
     model = Classifier()
     model.backbone.load_state_dict(resnet.state_dict())
-    before = plan_layers(model, LowRankOptions("svd", budget=3.0), warn=False)[0]
-    callback = LowRankProjection("svd", budget=3.0, every_n_train_steps=2, bn_recalibration_batches=2)
+    before = plan_layers(model, LowRankOptions("svd", Budget(3.0)), warn=False)[0]
+    # the callback's old default objective was "activation": kept explicit so the same projection is tested
+    callback = LowRankProjection("svd", Budget(3.0), every_n_train_steps=2, bn_recalibration_batches=2,
+                                 objective="activation")
     data = TensorDataset(torch.randn(32, *SHAPE), torch.randint(0, 10, (32,)))
     L.Trainer(callbacks=[callback], logger=False, enable_progress_bar=False, enable_checkpointing=False,
               max_epochs=1, default_root_dir=tmp_path).fit(model, DataLoader(data, batch_size=8))
@@ -158,11 +192,11 @@ def test_rank_steps_follow_the_layer_width():
 
 @pytest.mark.parametrize("scheme", ["svd", "tucker2", "spatial_svd"])
 def test_allocated_ranks_are_multiples_where_layers_are_wide(resnet, scheme):
-    options = LowRankOptions(scheme, budget=3.0)
+    options = LowRankOptions(scheme, Budget(3.0))
     plans, _, allocation = allocate_plan(resnet, options, warn=False)
     assert allocation.achieved >= 3.0
     for plan in plans:
-        full = options.conv_scheme().full_rank(plan.shape)
+        full = options.scheme.full_rank(plan.shape)
         for rank, limit in zip(plan.rank if isinstance(plan.rank, tuple) else (plan.rank,),
                                full if isinstance(full, tuple) else (full,)):
             step = layer_multiple(limit, 8)
@@ -182,8 +216,8 @@ def test_latency_budget_allocates_measured_costs_and_never_picks_a_slower_layer(
             return times
 
     monkeypatch.setattr("lrlightning.budget.LatencyTable", SlowWideTable)
-    options = LowRankOptions("tucker2", budget=2.0, budget_metric="latency", input_shape=SHAPE, latency_batch_size=4,
-                             latency_device="cpu")
+    options = LowRankOptions("tucker2", Budget(2.0, metric="latency", input_shape=SHAPE, latency_batch_size=4,
+                                               latency_device="cpu"))
     plans, _, allocation = allocate_plan(resnet, options, warn=False)
     assert mac_latency.made[-1].batch_size == 4 and mac_latency.made[-1].device == torch.device("cpu")
     assert 2.0 <= allocation.achieved <= 2.1 and allocation.metric == "latency"
@@ -193,8 +227,9 @@ def test_latency_budget_allocates_measured_costs_and_never_picks_a_slower_layer(
     for plan in plans:
         before, after = allocation.costs[plan.name]
         assert after < before
-    with pytest.raises(ValueError, match=r"`budget`=1000.0 is out of reach: .* at most \d+\.\d\dx \(IQR [\d.-]+\) faster \(measured\)"):
-        allocate_plan(resnet, replace(options, budget=1000.0), warn=False)
+    with pytest.raises(ValueError, match=r"`Budget.factor`=1000.0 \(latency\) is out of reach: .* at most "
+                                         r"\d+\.\d\dx \(IQR [\d.-]+\) faster \(measured\)"):
+        allocate_plan(resnet, options.replace_rank(replace(options.rank, factor=1000.0)), warn=False)
 
 
 def spread(value, width=0.0):
@@ -228,8 +263,8 @@ def test_a_candidate_only_noise_makes_look_faster_is_not_a_candidate(resnet, mac
             return times
 
     monkeypatch.setattr("lrlightning.budget.LatencyTable", NearlyEqualTable)
-    options = LowRankOptions("tucker2", budget=1.3, budget_metric="latency", input_shape=SHAPE, latency_batch_size=4,
-                             latency_device="cpu")
+    options = LowRankOptions("tucker2", Budget(1.3, metric="latency", input_shape=SHAPE, latency_batch_size=4,
+                                               latency_device="cpu"))
     plans, skipped, allocation = allocate_plan(resnet, options, warn=False)
     last_stage = {name for name, module in resnet.named_modules() if isinstance(module, nn.Conv2d)
                   and module.out_channels == 4 * WIDTH and module.kernel_size == (3, 3)}
@@ -246,8 +281,8 @@ def test_a_latency_budget_is_allocated_again_until_the_allocated_model_measures_
             return self.exact(super().speedup(dense, factorized, input_shape).median ** 0.7)
 
     monkeypatch.setattr("lrlightning.budget.LatencyTable", SlowerThanPredicted)
-    options = LowRankOptions("tucker2", budget=1.5, budget_metric="latency", input_shape=SHAPE, latency_batch_size=4,
-                             latency_device="cpu")
+    options = LowRankOptions("tucker2", Budget(1.5, metric="latency", input_shape=SHAPE, latency_batch_size=4,
+                                               latency_device="cpu"))
     plans, _, allocation = allocate_plan(resnet, options, warn=False)
     check = allocation.check
     assert check.verdict == "met" and check.attempts >= 2 and abs(check.measured.median / 1.5 - 1) <= 0.03
@@ -258,7 +293,7 @@ def test_a_latency_budget_is_allocated_again_until_the_allocated_model_measures_
 
 
 def test_plan_table_shows_each_layers_cost_and_the_whole_model(resnet):
-    options = LowRankOptions("tucker2", budget=3.0, budget_metric="macs", input_shape=SHAPE)
+    options = LowRankOptions("tucker2", Budget(3.0, metric="macs", input_shape=SHAPE))
     plans, skipped, allocation = allocate_plan(resnet, options, warn=False)
     text = plan_table(plans, skipped, "tucker2", allocation)
     assert "macs dense -> allocated" in text
@@ -267,58 +302,63 @@ def test_plan_table_shows_each_layers_cost_and_the_whole_model(resnet):
 
 
 @pytest.mark.parametrize("options, match", [
-    (dict(budget=2.0, rank_multiple=0), r"`rank_multiple` must be an int >= 1, got 0"),
-    (dict(budget=2.0, budget_objective="mean"), r"`budget_objective` must be one of \('max', 'sum'\), got 'mean'"),
-    (dict(budget=2.0, latency_batch_size=2.5), r"`latency_batch_size` must be an int >= 1, got 2.5"),
-    (dict(budget=2.0, budget_metric="latency"), r"`budget_metric`='latency' needs `input_shape`"),
-    (dict(budget=2.0, latency_device="gpu0"), r"`latency_device` must be 'cpu' or a CUDA device .* got 'gpu0'"),
-    (dict(budget=2.0, latency_device="meta"), r"`latency_device` must be 'cpu' or a CUDA device .* got 'meta'"),
-    (dict(budget=2.0, latency_device="cuda:64"), r"`latency_device` must be 'cpu' or a CUDA device .* got 'cuda:64'"),
+    (dict(rank_multiple=0), r"`Budget.rank_multiple` must be an int >= 1, got 0"),
+    (dict(objective="mean"), r"`Budget.objective` must be one of \('max', 'sum'\), got 'mean'"),
+    (dict(latency_batch_size=2.5), r"`Budget.latency_batch_size` must be an int >= 1, got 2.5"),
+    (dict(metric="latency"), r"`Budget.metric`='latency' needs `input_shape`"),
+    (dict(latency_device="gpu0"), r"`Budget.latency_device` must be 'cpu' or a CUDA device .* got 'gpu0'"),
+    (dict(latency_device="meta"), r"`Budget.latency_device` must be 'cpu' or a CUDA device .* got 'meta'"),
+    (dict(latency_device="cuda:64"), r"`Budget.latency_device` must be 'cpu' or a CUDA device .* got 'cuda:64'"),
 ])
 def test_bad_latency_options_are_refused(options, match):
     with pytest.raises(ValueError, match=match):
-        LowRankOptions("svd", **options)
+        LowRankOptions("svd", Budget(2.0, **options))
 
 
 def test_the_callback_reallocates_from_the_current_weights_for_k_projections_then_keeps_the_ranks(tmp_path, resnet):
     class Recording(LowRankProjection):
         allocations = []
 
-        def make_plan(self, pl_module, trainer=None, reallocate=False):
+        def _make_plan(self, pl_module, trainer=None, reallocate=False):
             expected = allocate_plan(copy.deepcopy(pl_module), self.options, warn=False)[0] if reallocate else None
-            super().make_plan(pl_module, trainer, reallocate)
+            super()._make_plan(pl_module, trainer, reallocate)
             if reallocate:
                 Recording.allocations.append((trainer.global_step, self.ranks))
                 assert self.ranks == {p.name: p.rank for p in expected}
 
     model = Classifier()
     model.backbone.load_state_dict(resnet.state_dict())
-    callback = Recording("tucker2", budget=3.0, budget_reallocations=2, every_n_train_steps=2,
-                         bn_recalibration_batches=0)
+    callback = Recording("tucker2", Budget(3.0, reallocations=2), every_n_train_steps=2, bn_recalibration_batches=0,
+                         objective="activation")  # the callback's old default objective
     data = TensorDataset(torch.randn(64, *SHAPE), torch.randint(0, 10, (64,)))
     L.Trainer(callbacks=[callback], logger=False, enable_progress_bar=False, enable_checkpointing=False,
               max_epochs=1, default_root_dir=tmp_path).fit(model, DataLoader(data, batch_size=8))
     assert [step for step, _ in Recording.allocations] == [2, 4]
+    assert callback.budget_reallocations == 2
     assert callback.num_projections == 4 and callback.ranks == Recording.allocations[-1][1]
     assert callback.allocation.achieved >= 3.0
 
 
 def test_reallocations_need_a_budget():
-    with pytest.raises(ValueError, match=r"`budget_reallocations`=2 re-allocates a `budget`; give `budget`"):
+    # reallocations are a field of the Budget now: no other rank rule can carry them, and the flat keyword is gone
+    with pytest.raises(TypeError, match="budget_reallocations"):
         LowRankProjection("svd", rank=2, budget_reallocations=2)
-    with pytest.raises(ValueError, match=r"`budget_reallocations` must be an int >= 0, got -1"):
-        LowRankProjection("svd", budget=2.0, budget_reallocations=-1)
+    assert LowRankProjection("svd", rank=2).budget_reallocations == 0
+    assert LowRankProjection("svd", Budget(2.0)).budget_reallocations == 0
+    assert LowRankProjection("svd", Budget(2.0, reallocations=2)).budget_reallocations == 2
+    with pytest.raises(ValueError, match=r"`Budget.reallocations` must be an int >= 0, got -1"):
+        LowRankProjection("svd", Budget(2.0, reallocations=-1))
 
 
 @pytest.mark.parametrize("scheme, rank", [("svd", 8), ("tucker2", (8, 16)), ("spatial_svd", 8)])
 def test_candidate_structures_count_the_macs_of_the_real_factorized_layer(resnet, scheme, rank):
     options = LowRankOptions(scheme, rank=2)
     layer = resnet.layer2[0].conv1
-    structure = layer_structure(layer, options.conv_scheme(), rank)
+    structure = layer_structure(layer, options.scheme, rank)
     assert next(structure.parameters()).device.type == "meta"
-    real = options.conv_scheme().factorized_layer(layer, rank)
+    real = options.scheme.factorized_layer(layer, rank)
     assert count_macs(structure, (16, 16, 16)) == count_macs(real, (16, 16, 16))
-    timed = timing_layer(layer, options.conv_scheme(), rank)
+    timed = timing_layer(layer, options.scheme, rank)
     assert timed(torch.randn(2, 16, 16, 16)).shape == real(torch.randn(2, 16, 16, 16)).shape
 
 
@@ -331,8 +371,8 @@ def test_in_model_costs_rescale_every_candidate_by_one_factor_the_dense_layers_t
 
 
 def test_a_budget_that_selects_nothing_or_a_layer_the_forward_skips_is_refused(resnet):
-    with pytest.raises(ValueError, match=r"no layer selected for `budget`=2.0 \(include=\['nomatch\*'\]"):
-        plan_layers(resnet, LowRankOptions("svd", budget=2.0, include="nomatch*"))
+    with pytest.raises(ValueError, match=r"no layer selected for budget=2x params \(Selection\(include=\('nomatch\*',\)"):
+        plan_layers(resnet, LowRankOptions("svd", Budget(2.0), layers=Selection(include="nomatch*")))
 
     class WithHead(nn.Module):
         def __init__(self):
@@ -344,8 +384,8 @@ def test_a_budget_that_selects_nothing_or_a_layer_the_forward_skips_is_refused(r
             return self.body(x)
 
     with pytest.raises(ValueError, match=r"these do not: \['head'\]. HINT: leave them out with `exclude`"):
-        plan_layers(WithHead(), LowRankOptions("svd", budget=2.0, budget_metric="macs", input_shape=SHAPE,
-                                               skip_first_conv=False))
+        plan_layers(WithHead(), LowRankOptions("svd", Budget(2.0, metric="macs", input_shape=SHAPE),
+                                               layers=Selection(skip_first_conv=False)))
 
 
 def test_a_reallocation_follows_weights_that_moved(tmp_path, resnet):
@@ -362,11 +402,11 @@ def test_a_reallocation_follows_weights_that_moved(tmp_path, resnet):
 
     model = Classifier()
     model.backbone.load_state_dict(resnet.state_dict())
-    callback = LowRankProjection("svd", budget=2.0, budget_reallocations=2, every_n_train_steps=2,
-                                 bn_recalibration_batches=0)
+    callback = LowRankProjection("svd", Budget(2.0, reallocations=2), every_n_train_steps=2,
+                                 bn_recalibration_batches=0, objective="activation")  # the old default objective
     data = TensorDataset(torch.randn(32, *SHAPE), torch.randint(0, 10, (32,)))
     trainer = L.Trainer(callbacks=[Skew(), callback], logger=False, enable_progress_bar=False,
                         enable_checkpointing=False, max_steps=4, default_root_dir=tmp_path)
-    first = plan_layers(model, LowRankOptions("svd", budget=2.0), warn=False)[0]
+    first = plan_layers(model, LowRankOptions("svd", Budget(2.0)), warn=False)[0]
     trainer.fit(model, DataLoader(data, batch_size=8))
     assert callback.ranks["backbone.layer3.2.conv2"] < {p.name: p.rank for p in first}["backbone.layer3.2.conv2"]

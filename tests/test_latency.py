@@ -2,6 +2,7 @@
 checked for staleness before a cached table is used, re-measured on request; unreadable caches are replaced."""
 import json
 import logging
+import re
 
 import pytest
 import torch
@@ -167,25 +168,24 @@ def test_remeasure_times_every_entry_again_and_skips_the_check(tmp_path, clock, 
 
 @pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"format": 2, "device": "%s", "entries": {"x": 1}}',
                                      '{"format": 2, "device": "%s", "entries": {"x": {"ms": {"median": 1}}}}'])
-def test_an_unreadable_cache_is_measured_anew_and_replaced(tmp_path, clock, content, caplog):
+def test_an_unreadable_cache_is_measured_anew_and_replaced(tmp_path, clock, content):
     layer = conv()
     table = LatencyTable("cpu", 2, tmp_path)
     table.path.parent.mkdir(parents=True, exist_ok=True)
     table.path.write_text(content.replace("%s", table.key))
-    caplog.set_level(logging.WARNING, "lrlightning.latency")
-    fresh = LatencyTable("cpu", 2, tmp_path)
-    assert fresh.entries == {} and f"latency cache {fresh.path} cannot be read" in caplog.text
+    with pytest.warns(UserWarning, match=rf"latency cache {re.escape(str(table.path))} cannot be read"):
+        fresh = LatencyTable("cpu", 2, tmp_path)
+    assert fresh.entries == {}
     fresh.layer_times(layer, (8, 6, 6), {})
     assert json.loads(fresh.path.read_text())["format"] == FORMAT
 
 
-def test_a_cache_of_an_older_format_or_another_device_is_not_used(tmp_path, caplog):
+def test_a_cache_of_an_older_format_or_another_device_is_not_used(tmp_path):
     table = LatencyTable("cpu", 2, tmp_path)
     table.path.parent.mkdir(parents=True, exist_ok=True)
     table.path.write_text(json.dumps({"device": table.key, "entries": {"x": 1.0}}))
-    caplog.set_level(logging.WARNING, "lrlightning.latency")
-    assert LatencyTable("cpu", 2, tmp_path).entries == {}
-    assert "was written in format None, not 2; measuring a new table" in caplog.text
+    with pytest.warns(UserWarning, match=r"was written in format None, not 2; measuring a new table"):
+        assert LatencyTable("cpu", 2, tmp_path).entries == {}
     table.path.write_text(json.dumps({"format": FORMAT, "device": "another machine", "entries": {}}))
     assert LatencyTable("cpu", 2, tmp_path).entries == {}
 
@@ -207,3 +207,21 @@ def test_layer_keys_name_geometry_input_and_dtype_not_weights():
     assert layer_key(a, (2, 8, 6, 6), torch.float32) != layer_key(strided, (2, 8, 6, 6), torch.float32)
     with pytest.raises(ValueError, match="time Conv2d and Linear layers, got ReLU"):
         layer_key(nn.ReLU(), (1,), torch.float32)
+
+
+def test_a_corrupt_cache_file_warns_and_is_measured_anew_and_rewritten_as_valid_json(tmp_path, clock):
+    layer = conv()
+    cache = tmp_path / "cache"
+    path = LatencyTable("cpu", 2, cache).path
+    assert path.parent == cache and path.name.startswith("latency-") and path.suffix == ".json"
+    cache.mkdir()
+    path.write_bytes(b"\x00\xffgarbage{{{ not json")
+    with pytest.warns(UserWarning, match=rf"latency cache {re.escape(str(path))} cannot be read"):
+        table = LatencyTable("cpu", 2, cache)
+    assert table.entries == {}
+    times = table.layer_times(layer, (8, 6, 6), candidates(layer, ((4, 4),)))
+    assert table.measured == 2 and times.dense.median > 0
+    stored = json.loads(path.read_text())
+    assert (stored["format"], stored["device"]) == (FORMAT, table.key)
+    assert set(stored["entries"]) == {layer_key(layer, (2, 8, 6, 6), torch.float32),
+                                      layer_key(layer, (2, 8, 6, 6), torch.float32) + "|tucker2:(4,4)"}

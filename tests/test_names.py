@@ -15,6 +15,7 @@ from lrlightning import (
     relative_ranks,
     save_factorized,
 )
+from lrlightning.export import structure_spec
 from lrlightning.names import canonical_name, get_module, set_module
 
 
@@ -74,7 +75,8 @@ def test_plans_of_compiled_and_plain_models_agree():
 
 def test_callback_ranks_factorize_compiled_and_plain_models(tmp_path):
     model = CompiledNet()
-    callback = LowRankProjection("tucker2", (3, 4), every_n_train_steps=2, bn_recalibration_batches=2)
+    callback = LowRankProjection("tucker2", (3, 4), every_n_train_steps=2, bn_recalibration_batches=2,
+                                 objective="activation")  # the callback's old default objective
     data = TensorDataset(torch.randn(32, 3, 8, 8), torch.randint(0, 4, (32,)))
     L.Trainer(callbacks=[callback], logger=False, enable_progress_bar=False, enable_checkpointing=False,
               max_epochs=1, default_root_dir=tmp_path).fit(model, DataLoader(data, batch_size=8))
@@ -124,5 +126,10 @@ def test_relative_ranks_refuses_layers_outside_the_prefix(prefix, match):
 def test_restored_ranks_of_a_compiled_run_take_canonical_names():
     callback = LowRankProjection("svd", 2)
     callback.load_state_dict({"last_step": 2, "projections": 1, "ranks": {"_orig_mod.2": 3, "_orig_mod.5": 4}})
-    callback.make_plan(net())
+    callback._make_plan(net())
     assert callback.ranks == {"2": 3, "5": 4}
+    fresh = LowRankProjection("svd", 2)  # the public path: factorizing from restored state, without a fit
+    fresh.load_state_dict({"last_step": 2, "projections": 1, "ranks": {"_orig_mod.2": 3, "_orig_mod.5": 4}})
+    small = fresh.factorize(net())
+    assert sorted(structure_spec(small)) == ["2", "5"]
+    assert structure_spec(small) == structure_spec(factorize(net(), "svd", rank={"2": 3, "5": 4}))

@@ -7,16 +7,16 @@ onnx = pytest.importorskip("onnx", reason="needs the `onnx` extra")
 pytest.importorskip("onnxscript", reason="needs the `onnx` extra")
 from onnx.reference import ReferenceEvaluator  # noqa: E402
 
-from lrlightning import factorize, project_  # noqa: E402
+from lrlightning import TiledSVD, factorize, project_  # noqa: E402
 from lrlightning.backbones import build_backbone  # noqa: E402
 
 
-@pytest.mark.parametrize("scheme, rank, options", [("tucker2", 0.5, {}), ("tiled_svd", 2, {"tile_shape": (8, 12)})])
-def test_factorized_model_exports_to_onnx_with_same_outputs(tmp_path, scheme, rank, options):
+@pytest.mark.parametrize("scheme, rank", [("tucker2", 0.5), (TiledSVD(tile_shape=(8, 12)), 2)], ids=["tucker2", "tiled_svd"])
+def test_factorized_model_exports_to_onnx_with_same_outputs(tmp_path, scheme, rank):
     torch.manual_seed(0)
     dense = build_backbone("resnet20", num_classes=10, in_channels=1, width=8).eval()
-    project_(dense, scheme, rank, **options)
-    small = factorize(dense, scheme, rank, **options).eval()
+    project_(dense, scheme, rank)
+    small = factorize(dense, scheme, rank).eval()
     x = torch.randn(2, 1, 16, 16)
     path = tmp_path / "small.onnx"
     with warnings.catch_warnings():

@@ -3,6 +3,8 @@ options, and summary.json records what was asked and what was measured."""
 import json
 import logging
 
+import pytest
+
 from hydra import compose, initialize_config_dir
 
 from lrlightning.app.cli import CONF_DIR
@@ -18,13 +20,13 @@ def run_job(tmp_path, overrides):
 def test_a_latency_budget_is_allocated_at_the_jobs_batch_on_the_cpu_and_recorded(tmp_path, tiny_train, mac_latency,
                                                                                   caplog):
     caplog.set_level(logging.INFO)
-    summary = run_job(tmp_path, [*tiny_train, "point=tucker2_faster", "lowrank.budget=1.5"])
+    summary = run_job(tmp_path, [*tiny_train, "point=tucker2_faster", "lowrank.rank.factor=1.5"])
     [table] = mac_latency.made
     assert (table.batch_size, str(table.device)) == (4, "cpu")
-    assert (summary["budget"], summary["budget_metric"], summary["rank"]) == (1.5, "latency", "budget=1.5x latency")
+    assert summary["rule"] == {"budget": 1.5, "metric": "latency"}
     assert summary["ranks"] and summary["latency_device"] == "cpu" and summary["latency_batch_size"] == 4
     assert summary["mac_reduction"] >= 1.5  # the stand-in's latency is MACs, so the MACs meet the budget
-    assert json.loads((tmp_path / "summary.json").read_text())["budget"] == 1.5
+    assert json.loads((tmp_path / "summary.json").read_text())["rule"] == {"budget": 1.5, "metric": "latency"}
     assert ("Budget 1.5x in ms per batch at batch 4 on cpu, predicted from measured layer times (timed now): whole "
             "model") in caplog.text
     check = summary["budget_check"]  # the tiny model's ranks cannot land within 3 % of 1.5x: the closest above
@@ -38,6 +40,6 @@ def test_a_latency_budget_is_allocated_at_the_jobs_batch_on_the_cpu_and_recorded
 
 
 def test_a_mac_budget_from_the_command_line(tmp_path, tiny_train):
-    summary = run_job(tmp_path, [*tiny_train, "lowrank.rank=null", "lowrank.budget=2", "lowrank.budget_metric=macs"])
-    assert (summary["budget"], summary["budget_metric"]) == (2, "macs")
+    summary = run_job(tmp_path, [*tiny_train, "lowrank.rank={_target_:lrlightning.Budget,factor:2,metric:macs}"])
+    assert summary["rule"] == {"budget": 2.0, "metric": "macs"}
     assert 2.0 <= summary["mac_reduction"] <= 2.1

@@ -17,7 +17,7 @@ from lrlightning.app.collect import main as collect_main
 from lrlightning.app.data import DEBIAN_FASHION_MNIST
 
 REPO = Path(__file__).resolve().parents[2]
-REQUIRED = {"scheme", "rank", "params_dense", "params_factorized", "macs_dense", "macs_factorized",
+REQUIRED = {"scheme", "scheme_options", "rule", "objective", "params_dense", "params_factorized", "macs_dense", "macs_factorized",
             "compression_ratio", "model_compression_ratio", "test_acc_projected", "test_acc_factorized",
             "max_abs_logit_diff", "latency_ms_dense", "latency_ms_factorized", "latency_batch_size", "config"}
 
@@ -37,6 +37,7 @@ def summary(run_dir: Path) -> dict:
 
 
 @pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason="Fashion-MNIST not installed (dataset-fashion-mnist)")
+@pytest.mark.slow
 def test_train_on_fashion_mnist_then_export_the_checkpoint(tmp_path):
     small = ["trainer.max_epochs=1", "trainer.limit_train_batches=4", "+trainer.limit_val_batches=2",
              "+trainer.limit_test_batches=3", "lowrank.every_n_train_steps=2"]
@@ -44,7 +45,9 @@ def test_train_on_fashion_mnist_then_export_the_checkpoint(tmp_path):
     out = run("lrl-train", *small, f"hydra.run.dir={train_dir}")
     s = summary(train_dir)
     assert REQUIRED <= s.keys()
-    assert (s["method"], s["scheme"], s["rank"], s["layers_compressed"]) == ("lowrank_projection", "tucker2", 0.5, 18)
+    assert (s["method"], s["scheme"], s["rule"], s["layers_compressed"]) == ("lowrank_projection", "tucker2",
+                                                                           {"rank": 0.5}, 18)
+    assert (s["scheme_options"], s["objective"]) == ({"hooi_iters": 0}, "activation")
     assert (s["global_step"], s["num_projections"]) == (4, 2)
     assert s["compression_ratio"] == pytest.approx(2.75, abs=0.01)
     assert s["params_factorized"] < s["params_dense"] and s["macs_factorized"] < s["macs_dense"]
@@ -77,10 +80,12 @@ def test_train_on_fashion_mnist_then_export_the_checkpoint(tmp_path):
     run("lrl-export", f"ckpt={train_dir / 'checkpoints' / 'last.ckpt'}", "lowrank.rank=0.25",
         "+trainer.limit_test_batches=1", f"hydra.run.dir={other}")
     o = summary(other)
-    assert (o["method"], o["scheme"], o["rank"]) == ("decompose", "tucker2", 0.25) and o["max_abs_logit_diff"] < 1e-3
+    assert (o["method"], o["scheme"], o["rule"]) == ("decompose", "tucker2", {"rank": 0.25})
+    assert o["max_abs_logit_diff"] < 1e-3
     assert o["compression_ratio"] > s["compression_ratio"]
 
 
+@pytest.mark.slow
 def test_resume_baseline_and_basic_multirun(tmp_path, tiny_train):
     first = tmp_path / "first"
     run("lrl-train", *tiny_train, f"hydra.run.dir={first}")
@@ -109,6 +114,7 @@ def test_resume_baseline_and_basic_multirun(tmp_path, tiny_train):
     assert count_params(load_factorized(sweep / "1" / "factorized.pt")) == baseline["params_factorized"]
 
 
+@pytest.mark.slow
 def test_submitit_local_multirun_then_collect(tmp_path, tiny_train):
     sweep = tmp_path / "sweep"
     run("lrl-train", "-m", "hydra/launcher=local", *tiny_train, "lowrank.rank=0.25,0.5", f"hydra.sweep.dir={sweep}")
@@ -126,6 +132,7 @@ def test_submitit_local_multirun_then_collect(tmp_path, tiny_train):
     assert (sweep / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["lowrank=foo"], "Could not find 'lowrank/foo'"),
     (["lowrank.rank=abc"], "`rank` must be an int >= 1, a float in (0, 1]"),
@@ -141,6 +148,7 @@ def test_train_bad_input_fails_without_a_result(tmp_path, args, message):
         assert "Available options in 'lowrank'" in result.stderr and not run_dir.exists()
 
 
+@pytest.mark.slow
 def test_export_and_collect_bad_input(tmp_path, capsys):
     result = run("lrl-export", f"ckpt={tmp_path / 'missing.ckpt'}", f"hydra.run.dir={tmp_path / 'e'}", expect=1)
     assert "`ckpt` must be an existing checkpoint file" in result.stderr

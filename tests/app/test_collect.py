@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,14 +22,18 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def write_run(run_dir: Path, method: str, seed: int, lr: float, val: float, test: float, scheme: str = "tucker2",
-              rank: float = 0.3, diverged: bool = False, projection_log: list | None = None, **callback) -> None:
-    """A run dir as lrl-train leaves it: summary.json with the resolved config and the accuracies (fractions)."""
+              rank: Any = 0.3, diverged: bool = False, projection_log: list | None = None, rule: dict | None = None,
+              **callback) -> None:
+    """A run dir as lrl-train leaves it: summary.json with the resolved config (``scheme`` and ``rank`` as the
+    config gives them: a name or number, or a ``_target_`` node), the recorded rule (``rule``, default
+    ``{"rank": rank}``) and the accuracies (fractions)."""
     baseline = None if method in ("lowrank_projection", "deeptwist") else method
     lowrank = {"_target_": "lrlightning.LowRankProjection", "scheme": scheme, "rank": rank,
                "every_n_train_steps": 200, **callback}
     config = {"seed": seed, "baseline": baseline, "init_ckpt": "/dense.ckpt", "model": {"backbone": "resnet20", "lr": lr},
               "lowrank": lowrank}
-    summary = {"method": method, "scheme": scheme, "rank": rank, "config": config, "val_acc_factorized": val / 100,
+    name = scheme if isinstance(scheme, str) else scheme["_target_"].rsplit(".", 1)[-1].lower().replace("svd", "_svd")
+    summary = {"method": method, "scheme": name, "rule": rule or {"rank": rank}, "config": config, "val_acc_factorized": val / 100,
                "test_acc_factorized": test / 100, "model_compression_ratio": 6.35, "compression_ratio": 6.8,
                "diverged": diverged, "date": "2026-01-02T03:04:05+00:00", "commit": "a" * 40,
                "latency_ms_dense": 8.0, "latency_ms_factorized": 4.0,
@@ -131,6 +136,23 @@ def test_older_summaries_that_say_deeptwist_are_the_same_method(tmp_path):
 
 
 def test_points_keep_schemes_and_plan_settings_apart(tmp_path):
+    four = {"_target_": "lrlightning.Compression", "factor": 4.0}
+    write_run(tmp_path / "0", "lowrank_projection", 0, 0.03, 90.0, 91.0, scheme="svd", rank=four,
+              rule={"compression": 4.0})
+    for index, tile in ((1, [16, 16]), (2, [8, 8])):
+        write_run(tmp_path / str(index), "lowrank_projection", 0, 0.03, 90.0, 91.0, rank=four,
+                  scheme={"_target_": "lrlightning.TiledSVD", "tile_shape": tile}, rule={"compression": 4.0})
+    export = tmp_path / "export"  # lrl-export: the rank rule is in the summary, the config holds only overrides
+    export.mkdir()
+    (export / "summary.json").write_text(json.dumps({
+        "method": "decompose", "scheme": "svd", "rule": {"compression": 2.0}, "test_acc_factorized": 0.5,
+        "config": {"ckpt": "/run/last.ckpt", "lowrank": {"rank": {"_target_": "lrlightning.Compression",
+                                                                  "factor": 2.0}}}}))
+    assert [r["point"] for r in collect_rows(tmp_path)] == [
+        "svd:4x", "tiled_svd:4x scheme.tile_shape=[16, 16]", "tiled_svd:4x scheme.tile_shape=[8, 8]", "svd:2x"]
+
+
+def test_legacy_flat_configs_keep_schemes_and_plan_settings_apart(tmp_path):
     write_run(tmp_path / "0", "lowrank_projection", 0, 0.03, 90.0, 91.0, scheme="svd", rank=None, compression=4.0)
     write_run(tmp_path / "1", "lowrank_projection", 0, 0.03, 90.0, 91.0, scheme="tiled_svd", rank=None,
               compression=4.0, tile_shape=[16, 16])
@@ -139,19 +161,35 @@ def test_points_keep_schemes_and_plan_settings_apart(tmp_path):
     export = tmp_path / "export"  # lrl-export: the rank rule is in the summary, the config holds only overrides
     export.mkdir()
     (export / "summary.json").write_text(json.dumps({
-        "method": "decompose", "scheme": "svd", "rank": "compression=2.0", "test_acc_factorized": 0.5,
+        "method": "decompose", "scheme": "svd", "rule": {"compression": 2.0}, "test_acc_factorized": 0.5,
         "config": {"ckpt": "/run/last.ckpt", "lowrank": {"rank": None, "compression": 2.0}}}))
     assert [r["point"] for r in collect_rows(tmp_path)] == [
         "svd:4x", "tiled_svd:4x tile_shape=[16, 16]", "tiled_svd:4x tile_shape=[8, 8]", "svd:2x"]
 
 
 def test_a_budget_is_a_point_of_its_own(tmp_path):
+    budget = {"_target_": "lrlightning.Budget", "factor": 4.0}
+    write_run(tmp_path / "0", "lowrank_projection", 0, 0.03, 90.0, 91.0, rank=budget,
+              rule={"budget": 4.0, "metric": "params"})
+    write_run(tmp_path / "1", "lowrank_projection", 0, 0.03, 90.0, 91.0, rank={**budget, "metric": "macs"},
+              rule={"budget": 4.0, "metric": "macs"})
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "summary.json").write_text(json.dumps({
+        "method": "decompose", "scheme": "svd", "rule": {"budget": 2.0, "metric": "macs"}, "test_acc_factorized": 0.5,
+        "config": {"ckpt": "/run/last.ckpt", "lowrank": {"rank": {**budget, "factor": 2.0, "metric": "macs"}}}}))
+    rows = collect_rows(tmp_path)
+    assert [r["point"] for r in rows] == ["tucker2:budget=4x params", "tucker2:budget=4x macs", "svd:budget=2x macs"]
+    assert [(r["budget"], r["budget_metric"]) for r in rows] == [(4.0, "params"), (4.0, "macs"), (2.0, "macs")]
+
+
+def test_a_legacy_flat_budget_is_a_point_of_its_own(tmp_path):
     write_run(tmp_path / "0", "lowrank_projection", 0, 0.03, 90.0, 91.0, rank=None, budget=4.0)
     write_run(tmp_path / "1", "lowrank_projection", 0, 0.03, 90.0, 91.0, rank=None, budget=4.0, budget_metric="macs")
     export = tmp_path / "export"
     export.mkdir()
     (export / "summary.json").write_text(json.dumps({
-        "method": "decompose", "scheme": "svd", "rank": "budget=2x macs", "test_acc_factorized": 0.5,
+        "method": "decompose", "scheme": "svd", "rule": {"budget": 2.0, "metric": "macs"}, "test_acc_factorized": 0.5,
         "config": {"ckpt": "/run/last.ckpt", "lowrank": {"rank": None, "budget": 2.0, "budget_metric": "macs"}}}))
     assert [r["point"] for r in collect_rows(tmp_path)] == [
         "tucker2:budget=4x params", "tucker2:budget=4x macs", "svd:budget=2x macs"]
@@ -203,6 +241,7 @@ def test_every_result_file_states_date_commit_and_machine():
         assert fields["date"] and re.fullmatch(r"[0-9a-f]{40}", fields["commit"]) and fields["machine"]["cpu_count"]
 
 
+@pytest.mark.slow
 def test_a_benchmark_writes_a_result_file_the_document_shows(tmp_path):
     out = tmp_path / "results" / "data" / "bench.json"
     command = [sys.executable, "scripts/bench_data.py", "--dataset", "synthetic", "--backbone", "simple_cnn",
@@ -254,8 +293,9 @@ def test_settings_that_only_change_speed_make_no_variant(tmp_path):
 
 def test_under_a_latency_budget_the_latency_batch_makes_a_variant(tmp_path):
     for index, batch in enumerate((32, 32, 128)):
-        write_run(tmp_path / str(index), "lowrank_projection", index, 0.03, 90.0, 91.0, rank=None, budget=1.3,
-                  budget_metric="latency")
+        write_run(tmp_path / str(index), "lowrank_projection", index, 0.03, 90.0, 91.0,
+                  rank={"_target_": "lrlightning.Budget", "factor": 1.3, "metric": "latency"},
+                  rule={"budget": 1.3, "metric": "latency"})
         path = tmp_path / str(index) / "summary.json"
         summary = json.loads(path.read_text())
         summary["config"]["latency_batch_size"] = batch

@@ -16,7 +16,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.loggers import Logger
 from omegaconf import OmegaConf
 
-from lrlightning import LowRankProjection, plan_layers
+from lrlightning import Activation, Budget, Compression, LowRankProjection, Solver, TiledSVD, plan_layers
 from lrlightning.app.cli import CONF_DIR
 from lrlightning.app.ranks import with_budget_defaults
 from lrlightning.app.train import check_job
@@ -51,12 +51,14 @@ def test_default_job(tmp_path):
     check_job(cfg)
     assert cfg.model == {"_target_": "lrlightning.app.module.LitClassifier", "backbone": "resnet20"}
     assert cfg.lowrank == {"_target_": "lrlightning.LowRankProjection", "scheme": "tucker2", "rank": 0.5,
-                           "budget": None, "budget_metric": "params", "objective": "activation", "every_n_train_steps": 100}
+                           "objective": {"_target_": "lrlightning.Activation"}, "every_n_train_steps": 100}
     assert (cfg.seed, cfg.init_ckpt, cfg.ckpt_path, cfg.baseline) == (0, None, None, None)
     data, model, callback, trainer = instantiate_job(cfg, tmp_path)
     assert type(data).__name__ == "FashionMNISTDataModule" and (data.num_classes, data.in_channels) == (10, 1)
     assert isinstance(model, LightningModule) and type(model.backbone).__name__ == "CifarResNet"
     assert isinstance(callback, LowRankProjection) and callback.every_n_train_steps == 100
+    assert (callback.options.scheme.name, callback.options.rank, callback.options.objective) == (
+        "tucker2", 0.5, Activation())
     assert (trainer.max_epochs, trainer.limit_train_batches) == (3, 150)
     assert type(trainer.accelerator).__name__ == "CPUAccelerator"
 
@@ -73,7 +75,7 @@ def test_every_group_option_composes_and_instantiates(group, tmp_path):
         if group == "lowrank":
             assert (callback is None) == (option == "none")
             if callback is not None:
-                assert callback.options.scheme == option
+                assert callback.options.scheme.name == option
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -109,7 +111,9 @@ def test_study_sweeps_points_methods_lrs_and_seeds_from_one_checkpoint():
         check_job(cfg)
         callback = instantiate(cfg.lowrank, _convert_="all")
         assert (cfg.baseline, callback.every_n_train_steps, callback.reset_momentum) == (baseline, period, reset)
-        assert (callback.options.scheme, callback.options.compression, cfg.model.lr, cfg.seed) == ("svd", 4.0, 0.01, 2)
+        assert (callback.options.scheme.name, callback.options.rank, cfg.model.lr, cfg.seed) == (
+            "svd", Compression(4.0), 0.01, 2)
+        assert callback.options.objective == "weight"  # the study's objective, over the preset's Activation
         assert cfg.init_ckpt == "/dense/last.ckpt" and cfg.trainer.max_epochs == 3
 
 
@@ -118,42 +122,67 @@ def test_every_point_selects_its_scheme_and_rank_rule(point):
     class Images:
         in_channels, image_size = 1, 28
 
-    node = OmegaConf.to_container(compose_train([f"point={point}"]).lowrank)
+    node = OmegaConf.to_container(compose_train([f"point={point}"]), resolve=True)["lowrank"]  # as the job reads it
     callback = instantiate(with_budget_defaults(node, Images(), 32), _convert_="all")
     scheme, rule = point.rsplit("_", 1)
-    assert callback.options.scheme == scheme
+    assert callback.options.scheme.name == scheme
+    rank = callback.options.rank
     if rule in ("budget", "faster"):
-        options = callback.options
-        assert options.rank is None and (options.budget, options.budget_metric) == (
+        assert isinstance(rank, Budget) and (rank.factor, rank.metric) == (
             (6.35, "params") if rule == "budget" else (1.3, "latency"))
+        if rule == "faster":  # completed from the data and the job
+            assert (rank.input_shape, rank.latency_batch_size, rank.latency_device) == ((1, 28, 28), 128, "cpu")
     elif rule.endswith("x"):
-        assert callback.options.rank is None and callback.options.compression == float(rule[:-1])
+        assert rank == Compression(float(rule[:-1]))
     else:
-        assert callback.options.rank == float(rule)
+        assert rank == float(rule)
+    if scheme == "tiled_svd":
+        assert callback.options.scheme == TiledSVD(tile_shape=(16, 16))
 
 
 def test_a_budget_is_set_on_the_command_line_without_a_plus():
-    node = compose_train(["point=tucker2_budget", "lowrank.budget=4", "lowrank.budget_metric=latency"]).lowrank
-    assert (node.rank, node.budget, node.budget_metric) == (None, 4, "latency")
-    node = compose_train(["lowrank=svd", "lowrank.rank=null", "lowrank.budget=3", "lowrank.budget_metric=macs"]).lowrank
-    assert (node.scheme, node.rank, node.budget, node.budget_metric) == ("svd", None, 3, "macs")
+    node = compose_train(["point=tucker2_budget", "lowrank.rank.factor=4", "lowrank.rank.metric=latency"]).lowrank
+    assert node.rank == {"_target_": "lrlightning.Budget", "factor": 4, "metric": "latency"}
+    node = compose_train(["lowrank=svd", "lowrank.rank={_target_:lrlightning.Budget,factor:3,metric:macs}"]).lowrank
+    assert (node.scheme, node.rank) == ("svd", {"_target_": "lrlightning.Budget", "factor": 3, "metric": "macs"})
+
+
+def test_nested_nodes_are_overridden_key_by_key_on_the_command_line():
+    class Images:
+        in_channels, image_size = 1, 28
+
+    def callback(overrides):
+        node = OmegaConf.to_container(compose_train(overrides), resolve=True)["lowrank"]
+        return instantiate(with_budget_defaults(node, Images(), 32), _convert_="all")
+
+    assert callback(["point=svd_4x", "lowrank.rank.factor=8"]).options.rank == Compression(8.0)
+    tiles = callback(["lowrank=tiled_svd", "lowrank.scheme.tile_shape=[8,8]"]).options
+    assert (tiles.scheme, tiles.rank) == (TiledSVD(tile_shape=(8, 8)), 8)
+    assert callback(["point=tiled_svd_4x", "lowrank.scheme.tile_shape=[4,8]"]).options.scheme == TiledSVD(
+        tile_shape=(4, 8))
+    assert callback(["lowrank.objective=weight"]).options.objective == "weight"
+    batches = callback(["+lowrank.objective.batches=4", "+lowrank.objective.ridge=0.1"]).options.objective
+    assert batches == Activation(batches=4, ridge=0.1)
 
 
 def test_a_latency_table_is_re_measured_on_request_from_the_command_line():
     class Images:
         in_channels, image_size = 1, 28
 
-    node = compose_train(["point=tucker2_faster", "lowrank.latency_remeasure=true"]).lowrank
-    callback = instantiate(with_budget_defaults(OmegaConf.to_container(node), Images(), 32), _convert_="all")
-    assert callback.options.latency_remeasure is True
+    cfg = compose_train(["point=tucker2_faster", "lowrank.rank.latency_remeasure=true"])
+    node = OmegaConf.to_container(cfg, resolve=True)["lowrank"]
+    callback = instantiate(with_budget_defaults(node, Images(), 32), _convert_="all")
+    assert callback.options.rank.latency_remeasure is True
     default = compose_train(["point=tucker2_faster"]).lowrank
-    assert default.latency_remeasure is False
+    assert default.rank.latency_remeasure is False
 
 
 def test_any_callback_option_is_added_on_the_command_line(tmp_path):
-    cfg = compose_train(["+lowrank.projection_device=cpu", "+lowrank.svd_driver=exact"])
+    cfg = compose_train(["+lowrank.solver.device=cpu", "+lowrank.solver.driver=exact", "+lowrank.layers.linear=true",
+                         "+lowrank.rank_warmup=2"])
     _, _, callback, _ = instantiate_job(cfg, tmp_path)
-    assert (callback.options.projection_device, callback.options.svd_driver) == ("cpu", "exact")
+    assert callback.options.solver == Solver(driver="exact", device="cpu")
+    assert callback.options.layers.linear is True and callback.rank_warmup == 2
 
 
 def test_experiments_that_start_from_a_dense_model_require_init_ckpt():
@@ -202,7 +231,7 @@ def test_paper_tiled_sweep_gives_table1_ranks_on_the_nine_64x64_convs():
         model = instantiate(cfg.model, num_classes=10, in_channels=3)
         ratio, plans = compression_over_plans(model, instantiate(cfg.lowrank, _convert_="all"))
         assert all(p.shape == (64, 64, 3, 3) for p in plans) and len(plans) == 9
-        tile, target = cfg.lowrank.tile_shape[0], cfg.lowrank.compression
+        tile, target = cfg.lowrank.scheme.tile_shape[0], cfg.lowrank.rank.factor
         assert {p.rank for p in plans} == {table1[(tile, target)]}
         assert ratio == pytest.approx(target)
 
@@ -228,7 +257,7 @@ def test_export_config_takes_settings_from_the_checkpoint_unless_chosen():
         cfg = compose("export", overrides=["ckpt=x.ckpt"])
         chosen = compose("export", overrides=["ckpt=x.ckpt", "lowrank=svd", "lowrank.rank=0.25", "data=mnist"])
     assert cfg.lowrank == {"rank": None} and "data" not in cfg
-    assert chosen.lowrank.rank == 0.25 and instantiate(chosen.lowrank).options.scheme == "svd"
+    assert chosen.lowrank.rank == 0.25 and instantiate(chosen.lowrank).options.scheme.name == "svd"
     assert instantiate(chosen.data).name == "MNIST"
 
 

@@ -14,7 +14,8 @@ def run_job(run_dir, overrides):
 
 
 def test_the_method_and_decompose_take_the_activation_objective(tmp_path, tiny_train):
-    method = run_job(tmp_path / "method", [*tiny_train, "lowrank.objective=activation", "+lowrank.loss_jump_batches=1"])
+    method = run_job(tmp_path / "method", [*tiny_train, "+lowrank.objective.batches=2",
+                                           "+lowrank.loss_jump_batches=1"])
     assert method["objective"] == "activation" and method["max_abs_logit_diff"] < 1e-4
     assert [entry["step"] for entry in method["projection_log"]] == [1, 2]
     for entry in method["projection_log"]:

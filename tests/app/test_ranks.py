@@ -1,31 +1,53 @@
-"""What a job factorizes: the options of its ``lowrank`` config and the plans of its backbone."""
+"""What a job factorizes: the LowRankProjection its ``lowrank`` config builds and the plans of its backbone."""
 import pytest
 import torch
+from hydra.errors import InstantiationException
 
-from lrlightning import LowRankOptions, factorize_planned, finish, plan_layers
-from lrlightning.app.module import LitClassifier
-from lrlightning.app.ranks import (
-    backbone_plans,
-    callback_setting,
-    lowrank_options,
-    recalibration_batches,
-    with_budget_defaults,
+from lrlightning import (
+    Activation,
+    Budget,
+    LowRankOptions,
+    LowRankProjection,
+    Selection,
+    TiledSVD,
+    factorize_planned,
+    finish,
+    plan_layers,
 )
+from lrlightning.app.module import LitClassifier
+from lrlightning.app.ranks import backbone_plans, projection_of, with_budget_defaults
+
+TARGET = "lrlightning.LowRankProjection"
 
 
-def test_lowrank_options_read_the_option_fields_of_a_lowrank_config():
-    node = {"_target_": "lrlightning.LowRankProjection", "scheme": "tiled_svd", "rank": 2, "tile_shape": [6, 27],
-            "every_n_train_steps": 50, "bn_recalibration_batches": 4, "include": ["backbone.*"]}
-    assert lowrank_options(node) == LowRankOptions("tiled_svd", 2, tile_shape=(6, 27), include=("backbone.*",))
-    with pytest.raises(ValueError, match="`rank` must be"):
-        lowrank_options({"scheme": "svd", "rank": 0})
+class Images:
+    in_channels, image_size = 1, 28
+
+
+def test_projection_of_builds_the_options_and_the_callback_settings_of_a_lowrank_config():
+    node = {"_target_": TARGET, "scheme": {"_target_": "lrlightning.TiledSVD", "tile_shape": [6, 27]}, "rank": 2,
+            "every_n_train_steps": 50, "bn_recalibration_batches": 4, "layers": {"include": ["backbone.*"]}}
+    projection = projection_of(node, Images(), 8)
+    assert isinstance(projection, LowRankProjection)
+    assert projection.options == LowRankOptions(TiledSVD(tile_shape=(6, 27)), 2,
+                                                layers=Selection(include=("backbone.*",)))
+    assert (projection.every_n_train_steps, projection.bn_recalibration_batches) == (50, 4)
+    activation = projection_of({"_target_": TARGET, "scheme": "tucker2", "rank": 0.5,
+                                "objective": {"_target_": "lrlightning.Activation", "batches": 3}}, Images(), 8)
+    assert activation.options == LowRankOptions("tucker2", 0.5, objective=Activation(batches=3))
+    with pytest.raises(InstantiationException, match="`rank` must be"):
+        projection_of({"_target_": TARGET, "scheme": "svd", "rank": 0}, Images(), 8)
+    with pytest.raises(ValueError, match="`lowrank` must build a lrlightning.LowRankProjection"):
+        projection_of({"_target_": "lrlightning.Selection"}, Images(), 8)
 
 
 def test_callback_settings_fall_back_to_the_callbacks_defaults():
-    assert callback_setting({}, "every_n_train_steps") == 200 and recalibration_batches({}) == 20
-    assert recalibration_batches({"bn_recalibration_batches": 0}) == 0
-    with pytest.raises(ValueError, match=r"`lowrank.bn_recalibration_batches` must be an int >= 0, got -1"):
-        recalibration_batches({"bn_recalibration_batches": -1})
+    projection = projection_of({"_target_": TARGET}, Images(), 8)
+    assert (projection.every_n_train_steps, projection.bn_recalibration_batches) == (200, 20)
+    assert projection.options == LowRankOptions()
+    assert projection_of({"_target_": TARGET, "bn_recalibration_batches": 0}, Images(), 8).bn_recalibration_batches == 0
+    with pytest.raises(InstantiationException, match=r"`bn_recalibration_batches` must be an int >= 0, got -1"):
+        projection_of({"_target_": TARGET, "bn_recalibration_batches": -1}, Images(), 8)
 
 
 def test_backbone_plans_are_the_given_ranks_else_the_plan_of_the_options():
@@ -40,7 +62,7 @@ def test_backbone_plans_are_the_given_ranks_else_the_plan_of_the_options():
 
 def test_backbone_plans_reproduce_the_ranks_on_the_backbone_exactly():
     model = LitClassifier("simple_cnn", num_classes=10, in_channels=3).eval()
-    options = LowRankOptions(scheme="tucker2", rank=0.5, linear=True)
+    options = LowRankOptions(scheme="tucker2", rank=0.5, layers=Selection(linear=True))
     plans = backbone_plans(model, options, {"backbone.features.4": (3, 5)})
     small = finish(model.backbone, plans, options)
     assert type(small.features[8]) is torch.nn.Conv2d and type(small.fc) is torch.nn.Linear
@@ -51,15 +73,21 @@ def test_backbone_plans_reproduce_the_ranks_on_the_backbone_exactly():
 
 
 def test_a_mac_or_latency_budget_takes_its_input_shape_from_the_datamodule():
-    class Images:
-        in_channels, image_size = 1, 28
-
-    node = {"scheme": "svd", "rank": None, "budget": 2.0, "budget_metric": "macs"}
-    assert lowrank_options(with_budget_defaults(node, Images(), 8)).input_shape == (1, 28, 28)
-    assert with_budget_defaults({**node, "input_shape": [3, 8, 8]}, Images(), 8)["input_shape"] == [3, 8, 8]
-    assert "input_shape" not in with_budget_defaults({"scheme": "svd", "rank": 0.5}, Images(), 8)
-    latency = lowrank_options(with_budget_defaults({**node, "budget_metric": "latency"}, Images(), 8))
+    rule = {"_target_": "lrlightning.Budget", "factor": 2.0, "metric": "macs"}
+    node = {"_target_": TARGET, "scheme": "svd", "rank": rule}
+    macs = projection_of(node, Images(), 8).options.rank
+    assert macs == Budget(2.0, metric="macs", input_shape=(1, 28, 28))
+    assert node["rank"] == rule and "input_shape" not in rule  # the given node is left as it was
+    given_shape = {**node, "rank": {**rule, "input_shape": [3, 8, 8]}}
+    assert with_budget_defaults(given_shape, Images(), 8)["rank"]["input_shape"] == [3, 8, 8]
+    fixed = {"_target_": TARGET, "scheme": "svd", "rank": 0.5}
+    assert with_budget_defaults(fixed, Images(), 8) == fixed
+    params = {**node, "rank": {"_target_": "lrlightning.Budget", "factor": 2.0}}
+    assert with_budget_defaults(params, Images(), 8) == params
+    latency_rule = {**rule, "metric": "latency"}
+    latency = projection_of({**node, "rank": latency_rule}, Images(), 8).options.rank
     assert (latency.input_shape, latency.latency_batch_size, latency.latency_device) == ((1, 28, 28), 8, "cpu")
-    given = {**node, "budget_metric": "latency", "latency_batch_size": 2, "latency_device": "cuda"}
-    assert with_budget_defaults(given, Images(), 8) == {**given, "input_shape": [1, 28, 28]}
-    assert "latency_device" not in with_budget_defaults(node, Images(), 8)
+    given = {**rule, "metric": "latency", "latency_batch_size": 2, "latency_device": "cuda"}
+    assert with_budget_defaults({**node, "rank": given}, Images(), 8) == {
+        **node, "rank": {**given, "input_shape": [1, 28, 28]}}
+    assert "latency_device" not in with_budget_defaults(node, Images(), 8)["rank"]
