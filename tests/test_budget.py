@@ -383,7 +383,7 @@ def test_a_budget_that_selects_nothing_or_a_layer_the_forward_skips_is_refused(r
         def forward(self, x):
             return self.body(x)
 
-    with pytest.raises(ValueError, match=r"these do not: \['head'\]. HINT: leave them out with `exclude`"):
+    with pytest.raises(ValueError, match=r"these do not: \['head'\]. HINT: leave them out with `Selection.exclude`"):
         plan_layers(WithHead(), LowRankOptions("svd", Budget(2.0, metric="macs", input_shape=SHAPE),
                                                layers=Selection(skip_first_conv=False)))
 
