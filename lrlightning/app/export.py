@@ -32,9 +32,10 @@ def container(node: DictConfig | None) -> dict:
 
 
 def replans(chosen: dict) -> bool:
-    """Whether the chosen low-rank keys change the plan (another preset, scheme or rank rule), so that the
-    checkpoint's ranks no longer apply; other keys (``bn_recalibration_batches``, ``solver``, ...) keep them."""
-    return bool(chosen.keys() & {"_target_", "scheme", "rank"})
+    """Whether the chosen low-rank keys change the plan (another preset, scheme, rank rule or layer selection), so
+    that the checkpoint's ranks no longer apply; other keys (``bn_recalibration_batches``, ``solver``, ...) keep
+    them."""
+    return bool(chosen.keys() & {"_target_", "scheme", "rank", "layers"})
 
 
 TRAINING_PLACEMENT = ("solver",)  # where and how training decomposed, not what

@@ -49,8 +49,8 @@ def test_projection_state_finds_the_callback_state_in_a_checkpoint():
 
 
 @pytest.mark.parametrize("chosen", [{"rank": 0.3}, {"rank": {"factor": 4.0}}, {"scheme": {"tile_shape": [4, 4]}},
-                                    {"_target_": "x", "scheme": "svd"}])
-def test_a_preset_a_scheme_or_a_rank_rule_replaces_the_trained_ranks(chosen):
+                                    {"_target_": "x", "scheme": "svd"}, {"layers": {"linear": True}}])
+def test_a_preset_a_scheme_a_rank_rule_or_a_selection_replaces_the_trained_ranks(chosen):
     assert replans(chosen)
 
 
@@ -73,13 +73,15 @@ def test_lrl_export_with_a_nested_override_replans(tmp_path, tiny_train):
     trained = train(config("train", [*tiny_train, "lowrank=tiled_svd", "lowrank.rank=2",
                                      "lowrank.scheme.tile_shape=[8,8]", "lowrank.objective=weight"]), tmp_path / "t")
     ckpt = f"ckpt={tmp_path / 't' / 'checkpoints' / 'last.ckpt'}"
+    for name in ("same", "tiles", "rank"):
+        (tmp_path / name).mkdir()  # Hydra's run dir
     common = ["latency_batch_size=4", "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false"]
     same = export(config("export", [ckpt, *common]), tmp_path / "same")
     assert (same["method"], same["scheme_options"], same["ranks"]) == (
         "lowrank_projection", {"tile_shape": [8, 8]}, trained["ranks"])
-    tiles = export(config("export", [ckpt, *common, "+lowrank.scheme.tile_shape=[4,4]"]), tmp_path / "tiles")
+    tiles = export(config("export", [ckpt, *common, "+lowrank.scheme.tile_shape=[16,16]"]), tmp_path / "tiles")
     assert (tiles["method"], tiles["scheme"], tiles["scheme_options"], tiles["rule"]) == (
-        "decompose", "tiled_svd", {"tile_shape": [4, 4]}, {"rank": 2})
+        "decompose", "tiled_svd", {"tile_shape": [16, 16]}, {"rank": 2})
     assert tiles["ranks"].keys() == trained["ranks"].keys() and tiles["compression_ratio"] != trained["compression_ratio"]
     rank = export(config("export", [ckpt, *common, "lowrank.rank={_target_:lrlightning.Compression,factor:4.0}"]),
                   tmp_path / "rank")
