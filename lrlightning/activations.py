@@ -3,6 +3,7 @@ im2col rows, or of its input pixels' channel vectors for schemes that weight cha
 BatchNorm that normalizes its outputs, gathered by forward hooks. Pure torch."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, Iterable, Iterator
 
@@ -22,7 +23,7 @@ ROWS_PER_FEATURE = 4  # a batch adds at most this many im2col rows per feature (
 class LayerStatistics:
     """One layer's inputs over the batches seen: ``moment_sum`` (n, n) float64, the sum of x·xᵀ over its ``rows``
     input rows x (im2col rows: n = S·kh·kw, in the column order of ``weight.reshape(T, -1)``; pixels' channel
-    vectors: n = S; Linear: in features),
+    vectors: n = S; Linear: in features; a grouped conv's per group, (g, n/g, n/g), its ``row_sum`` (g, n/g)),
     ``row_sum`` (n,) the sum of x, and ``output_scale`` (T,) |γ|/sqrt(running_var + eps) of the BatchNorm fed
     directly by the layer's output (None: no BatchNorm normalizes it)."""
 
@@ -44,7 +45,7 @@ class LayerStatistics:
         moment = self.moment_sum / count
         if self.normalized:
             mean = self.row_sum / count
-            moment = moment - torch.outer(mean, mean)
+            moment = moment - mean.unsqueeze(-1) * mean.unsqueeze(-2)
         return moment
 
     def tensors(self) -> list[Tensor]:
@@ -52,50 +53,48 @@ class LayerStatistics:
         return [self.moment_sum, self.row_sum, self.rows]
 
 
-def output_size(module: nn.Conv2d, size: tuple[int, int]) -> tuple[int, int]:
-    """(height, width) of ``module``'s output on an input of spatial ``size`` that is already padded."""
+def output_size(module: nn.Module, size: tuple[int, ...]) -> tuple[int, ...]:
+    """The spatial size of ``module``'s output on an input of spatial ``size`` that is already padded."""
     return tuple((length - dilation * (kernel - 1) - 1) // stride + 1 for length, kernel, stride, dilation
                  in zip(size, module.kernel_size, module.stride, module.dilation))
 
 
+def patches(module: nn.Module, x: Tensor) -> Tensor:
+    """The padded input ``x`` (N, S, *size) of a Conv1d/2d/3d as a view (N, S, *output size, *kernel) of every
+    patch its kernel meets (``Tensor.unfold``, no copy)."""
+    pads = explicit_padding(module.padding, module.kernel_size, module.dilation)
+    if any(pads):
+        x = F.pad(x, pads, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
+    for dim, (kernel, stride, dilation) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
+        x = x.unfold(2 + dim, dilation * (kernel - 1) + 1, stride)[..., ::dilation]
+    return x
+
+
 def input_rows(module: nn.Module, x: Tensor, channels: bool = False) -> Iterator[Tensor]:
-    """``module``'s input ``x`` as im2col rows (rows, n): all of them in chunks bounded by ``CHUNK_ELEMENTS``, or,
-    where there are more than ``ROWS_PER_FEATURE``·n, that many drawn uniformly (torch's generator) and lowered
-    alone; with ``channels`` a conv's input pixels' channel vectors (N·H·W, S), all of them, instead."""
+    """``module``'s input ``x`` as im2col rows (rows, n), n = S·prod(kernel) in the column order of
+    ``weight.reshape(T, -1)`` for each group side by side: all of them in chunks bounded by ``CHUNK_ELEMENTS``, or,
+    where there are more than ``ROWS_PER_FEATURE`` times a group's n, that many drawn uniformly (torch's
+    generator); with ``channels`` a conv's input pixels' channel vectors (rows, S), all of them, instead."""
     if isinstance(module, nn.Linear):
         yield x.reshape(-1, x.shape[-1])
         return
     if channels:
         yield x.movedim(1, -1).reshape(-1, x.shape[1])
         return
-    pads = explicit_padding(module.padding, module.kernel_size, module.dilation)
-    if any(pads):
-        x = F.pad(x, pads, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
-    features = x.shape[1] * module.kernel_size[0] * module.kernel_size[1]
-    positions = output_size(module, x.shape[-2:])
-    count = ROWS_PER_FEATURE * features
-    if x.shape[0] * positions[0] * positions[1] > count:
-        yield sampled_rows(module, x, positions, count)
+    view = patches(module, x)
+    dims = len(module.kernel_size)
+    positions = view.shape[2:2 + dims]
+    kernel = math.prod(module.kernel_size)
+    count = ROWS_PER_FEATURE * x.shape[1] // module.groups * kernel
+    if x.shape[0] * math.prod(positions) > count:
+        drawn = torch.randperm(x.shape[0] * math.prod(positions), device=x.device)[:count]
+        index = torch.unravel_index(drawn, (x.shape[0], *positions))
+        yield view[(index[0], slice(None), *index[1:])].reshape(count, -1)
         return
-    step = max(1, CHUNK_ELEMENTS // max(1, x[0].numel() * module.kernel_size[0] * module.kernel_size[1]))
+    order = (0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims))
+    step = max(1, CHUNK_ELEMENTS // max(1, x[0].numel() * kernel))
     for start in range(0, x.shape[0], step):
-        cols = F.unfold(x[start:start + step], module.kernel_size, dilation=module.dilation, stride=module.stride)
-        yield cols.transpose(1, 2).reshape(-1, cols.shape[1])
-
-
-def sampled_rows(module: nn.Conv2d, x: Tensor, positions: tuple[int, int], count: int) -> Tensor:
-    """``count`` im2col rows (count, S·kh·kw) of the padded input ``x`` at output positions drawn uniformly without
-    replacement, gathered directly (no full lowering)."""
-    (height, width), device = positions, x.device
-    drawn = torch.randperm(x.shape[0] * height * width, device=device)[:count]
-    sample, pixel = drawn // (height * width), drawn % (height * width)
-    kernel = [torch.arange(k, device=device) * d for k, d in zip(module.kernel_size, module.dilation)]
-    rows = (pixel // width * module.stride[0]).unsqueeze(1) + kernel[0]
-    cols = (pixel % width * module.stride[1]).unsqueeze(1) + kernel[1]
-    channel = torch.arange(x.shape[1], device=device)
-    patches = x[sample[:, None, None, None], channel[None, :, None, None], rows[:, None, :, None],
-                cols[:, None, None, :]]
-    return patches.reshape(count, -1)
+        yield view[start:start + step].permute(order).reshape(-1, x.shape[1] * kernel)
 
 
 def batchnorm_scale(norm: nn.modules.batchnorm._BatchNorm) -> Tensor:
@@ -128,14 +127,17 @@ def input_statistics(model: nn.Module, names: Iterable[str], batches: Iterable[A
 
     def record_inputs(name: str):
         def hook(module, args):
+            groups = getattr(module, "groups", 1)
             for rows in input_rows(module, args[0].detach(), name in channels):
                 with torch.autocast(rows.device.type, enabled=False):  # fp16/bf16 sums overflow or round
                     rows = rows.double() if rows.dtype == torch.float64 else rows.float()
+                    if groups > 1:  # each group's moments (g, n/g, n/g), never the full (n, n)
+                        rows = rows.reshape(rows.shape[0], groups, -1).transpose(0, 1)
                     gram = (rows.mT @ rows).double()
-                total = rows.sum(0).double()
+                total = rows.sum(-2).double()
                 sums[name] = sums[name] + gram if name in sums else gram
                 row_sums[name] = row_sums[name] + total if name in row_sums else total
-                counts[name] = counts.get(name, 0) + rows.shape[0]
+                counts[name] = counts.get(name, 0) + rows.shape[-2]
         return hook
 
     def record_output(name: str):

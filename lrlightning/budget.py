@@ -132,7 +132,7 @@ def layer_choices(name: str, module: nn.Module, scheme: Scheme, metric: str, inp
                   driver: str, multiple: int = 1, table: LatencyTable | None = None,
                   device: str | torch.device | None = None) -> LayerChoices:
     """The candidates of one layer: ranks whose factorized form has fewer parameters (``rank_choices``), and
-    dense. ``input_shape`` is the layer's own input (C, H, W) for ``metric="macs"`` and ``"latency"``. With
+    dense. ``input_shape`` is the layer's own input (C, *size) for ``metric="macs"`` and ``"latency"``. With
     ``"latency"`` a candidate costs ``table``'s dense ms times its ratio to dense (paired per round) as fitted over
     the layer's candidates against their MACs (``fitted_ratios``), kept only when faster beyond the noise (the
     fitted ratio plus its standard error below 1). The errors are computed on ``device`` (default: the weight's),
@@ -277,7 +277,8 @@ def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], 
         except (RuntimeError, ValueError, IndexError, TypeError) as error:
             raise ValueError(f"`Budget.input_shape`={input_shape} does not fit {type(model).__name__}: its forward pass "
                              f"on a batch of one zero sample of that shape fails ({type(error).__name__}: {error}). "
-                             "It must be one sample's shape without the batch dimension, e.g. (C, H, W)") from None
+                             "It must be one sample's shape without the batch dimension: (C, H, W), (C, L) for Conv1d or "
+                             "(C, D, H, W) for Conv3d models") from None
         unused = [name for name in names if name not in inputs]
         if unused:
             raise ValueError(f"`Budget.metric`={metric!r} needs every selected layer to run in the model's forward "

@@ -6,6 +6,7 @@ import math
 import torch
 from torch import nn
 
+from .layers import is_conv
 from .schemes.tiled_svd import TiledSVDConv2d
 
 
@@ -16,7 +17,7 @@ def count_params(model: nn.Module) -> int:
 
 def module_macs(module: nn.Module, output: torch.Tensor) -> int:
     """MACs of one leaf computation for one sample, given its output."""
-    if isinstance(module, nn.Conv2d):
+    if is_conv(module):
         per_output = module.in_channels // module.groups * math.prod(module.kernel_size)
         return output[0].numel() * per_output
     if isinstance(module, nn.Linear):
@@ -28,8 +29,8 @@ def module_macs(module: nn.Module, output: torch.Tensor) -> int:
 
 
 def count_macs(model: nn.Module, input_shape: tuple[int, ...], per_layer: bool = False) -> int | dict[str, int]:
-    """MACs of one forward pass for one sample of ``input_shape`` (C, H, W), counting Conv2d, Linear and
-    tiled-SVD layers (normalization, activations and pooling are not counted).
+    """MACs of one forward pass for one sample of ``input_shape`` ((C, L), (C, H, W) or (C, D, H, W): what one
+    sample of the model's input is), counting Conv1d/2d/3d (grouped ones too), Linear and tiled-SVD layers (normalization, activations and pooling are not counted).
 
     Runs one forward pass in eval mode under ``torch.no_grad`` on the model's device; the mode is restored.
     With ``per_layer=True`` returns ``{module name: MACs}``.
@@ -37,7 +38,7 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...], per_layer: bool =
     counts: dict[str, int] = {}
     hooks = []
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear, TiledSVDConv2d)):
+        if is_conv(module) or isinstance(module, (nn.Linear, TiledSVDConv2d)):
             hooks.append(module.register_forward_hook(
                 lambda m, _inputs, out, name=name: counts.__setitem__(name, counts.get(name, 0) + module_macs(m, out))))
     parameter = next(model.parameters(), None)

@@ -15,7 +15,7 @@ from .names import canonical_name, canonical_state_dict, get_module, load_canoni
 from .objectives import WEIGHT, Objective
 from .options import LowRankOptions, Selection, Solver
 from .rules import DEFAULT_RULE, RankRule
-from .plan import LayerPlan, plan_layers, scheme_for
+from .plan import LayerPlan, plan_layers, plan_scheme
 from .projection import calibration_statistics, project_planned_
 from .schemes import Scheme, layer_from_spec
 
@@ -53,7 +53,7 @@ def factorize_planned(model: nn.Module, plans: list[LayerPlan], options: LowRank
     result = copy.deepcopy(model)
     for plan in plans:
         dense = get_module(result, plan.name)
-        set_module(result, plan.name, scheme_for(plan.shape, options).factorized_layer(dense, plan.rank))
+        set_module(result, plan.name, plan_scheme(plan, options).factorized_layer(dense, plan.rank))
     return result
 
 

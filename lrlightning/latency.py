@@ -4,7 +4,7 @@ for staleness before a cached table is used.
 
 A table is one JSON file per device (``latency-<device key>.json`` under ``cache_dir``; default
 ``$LRLIGHTNING_CACHE`` or ``~/.cache/lrlightning``). The key names the CPU model and torch's thread count, or the
-CUDA device, and the torch version; an entry is keyed by the layer's geometry, its input (N, C, H, W), dtype and the
+CUDA device, and the torch version; an entry is keyed by the layer's geometry, its input (N, C, *size), dtype and the
 candidate (scheme and rank), never by weight values. Each entry holds a ``Spread`` (median and interquartile range
 over interleaved rounds) of milliseconds per forward pass of the whole batch; a candidate also holds its ratio to
 the dense layer, paired per round. A file that cannot be read, or was written in another format, is measured anew
@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .allocator import freed_memory_retained
+from .layers import is_conv
 from .names import named_modules
 from .timing import ROUND_SECONDS, ROUNDS, Spread, interleaved_samples, on_device, paired_ratios, paired_speedup, synchronize
 
@@ -69,14 +70,15 @@ def device_key(device: torch.device) -> str:
 
 
 def layer_key(module: nn.Module, input_shape: Sequence[int], dtype: torch.dtype) -> str:
-    """A dense layer's cache key: its kind, geometry and bias, its input (N, C, H, W) and dtype."""
-    if isinstance(module, nn.Conv2d):
-        geometry = (f"conv {module.in_channels}->{module.out_channels} k{module.kernel_size} s{module.stride} "
+    """A dense layer's cache key: its kind, geometry and bias, its input (N, C, *size) and dtype."""
+    if is_conv(module):
+        dims = "" if len(module.kernel_size) == 2 else f"{len(module.kernel_size)}d"
+        geometry = (f"conv{dims} {module.in_channels}->{module.out_channels} k{module.kernel_size} s{module.stride} "
                     f"p{module.padding} d{module.dilation} g{module.groups} {module.padding_mode}")
     elif isinstance(module, nn.Linear):
         geometry = f"linear {module.in_features}->{module.out_features}"
     else:
-        raise ValueError(f"latency tables time Conv2d and Linear layers, got {type(module).__name__}")
+        raise ValueError(f"latency tables time Conv1d, Conv2d, Conv3d and Linear layers, got {type(module).__name__}")
     return f"{geometry} bias={module.bias is not None} input={tuple(input_shape)} {dtype}".replace(" ", "")
 
 

@@ -1,4 +1,5 @@
-"""The factorized modules shared by several schemes, and the Conv2d building blocks every scheme exports with.
+"""The factorized modules shared by several schemes, and the conv building blocks (Conv1d, Conv2d, Conv3d) every
+scheme exports with.
 
 A factorized module is a ``FactorizedLayer``: ``spec()`` gives primitive constructor arguments, including the
 ``"scheme"`` that made it and its ``"type"`` (the module's ``kind``), and ``from_spec(spec)`` rebuilds it, so a
@@ -28,28 +29,41 @@ class FactorizedLayer:
         raise NotImplementedError
 
 
-def conv_spec(conv: nn.Conv2d) -> dict:
+CONVS: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+"""The conv class of each number of kernel dimensions."""
+
+Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
+
+
+def is_conv(module: nn.Module) -> bool:
+    """Whether ``module`` is a plain Conv1d, Conv2d or Conv3d (transposed convs are not)."""
+    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+
+
+def conv_spec(conv: Conv) -> dict:
     spec = {name: getattr(conv, name) for name in CONV_FIELDS}
     spec = {k: list(v) if isinstance(v, tuple) else v for k, v in spec.items()}
     spec["bias"] = conv.bias is not None
     return spec
 
 
-def conv_from_spec(spec: dict) -> nn.Conv2d:
+def conv_from_spec(spec: dict) -> Conv:
+    """The conv ``spec`` describes: Conv1d, Conv2d or Conv3d by the length of its ``kernel_size``."""
     args = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
-    return nn.Conv2d(**args)
+    return CONVS[len(args["kernel_size"])](**args)
 
 
-def geometry(conv: nn.Conv2d) -> dict:
-    """Stride, padding, dilation and padding mode of ``conv``, as Conv2d keyword arguments."""
+def geometry(conv: Conv) -> dict:
+    """Stride, padding, dilation and padding mode of ``conv``, as conv keyword arguments."""
     return dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, padding_mode=conv.padding_mode)
 
 
-def new_conv(weight: Tensor, bias: Tensor | None = None, groups: int = 1, **geometry_args) -> nn.Conv2d:
-    """A Conv2d holding ``weight`` (T, S / groups, kh, kw) and ``bias``, on their device and dtype."""
-    out_channels, in_per_group, kh, kw = weight.shape
-    conv = nn.Conv2d(in_per_group * groups, out_channels, (kh, kw), groups=groups, bias=bias is not None,
-                     device=weight.device, dtype=weight.dtype, **geometry_args)
+def new_conv(weight: Tensor, bias: Tensor | None = None, groups: int = 1, **geometry_args) -> Conv:
+    """A conv holding ``weight`` (T, S / groups, *kernel) and ``bias``, on their device and dtype: Conv1d, Conv2d
+    or Conv3d by the kernel's dimensions."""
+    out_channels, in_per_group, *kernel = weight.shape
+    conv = CONVS[len(kernel)](in_per_group * groups, out_channels, tuple(kernel), groups=groups,
+                              bias=bias is not None, device=weight.device, dtype=weight.dtype, **geometry_args)
     with torch.no_grad():
         conv.weight.copy_(weight)
         if bias is not None:
@@ -58,7 +72,9 @@ def new_conv(weight: Tensor, bias: Tensor | None = None, groups: int = 1, **geom
 
 
 class LowRankConv2d(nn.Sequential, FactorizedLayer):
-    """A chain of plain Conv2d (svd: 2, spatial_svd: 2, tucker2: 3, aligned tiled_svd: conv, shuffle, conv)."""
+    """A chain of plain convs of one dimension (svd: 2, spatial_svd: 2, tucker2: 3, aligned tiled_svd: conv,
+    shuffle, conv); each stage grouped when the dense conv was. Its name is kept for the saved
+    ``"type"``; it holds Conv1d and Conv3d chains too."""
 
     kind = "LowRankConv2d"
 

@@ -13,7 +13,8 @@ from .budget import Allocation, budget_ranks
 from .names import canonical_name, named_modules
 from .options import LowRankOptions
 from .rules import Budget, Compression, Energy, rule_label, rule_record
-from .schemes import LoweredSVD, Rank, Scheme, resolve_driver
+from .layers import is_conv
+from .schemes import GroupedScheme, LoweredSVD, Rank, Scheme, SpatialSVD, resolve_driver
 
 
 class NonFiniteWeightError(FloatingPointError):
@@ -26,7 +27,8 @@ class NonFiniteWeightError(FloatingPointError):
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """One selected layer: its name in the model, scheme, weight shape, resolved rank, parameter counts.
+    """One selected layer: its name in the model, scheme, weight shape (T, S / groups, *kernel) or (T, S), resolved
+    rank (of every group), parameter counts, and the conv's ``groups`` (default 1).
 
     ``params_dense`` and ``params_factorized`` count weights only (the bias is the same either way).
     """
@@ -37,6 +39,7 @@ class LayerPlan:
     rank: Rank
     params_dense: int
     params_factorized: int
+    groups: int = 1
 
     @property
     def compression(self) -> float:
@@ -49,46 +52,96 @@ class SkippedLayer:
     reason: str
 
 
-def is_candidate(module: nn.Module, linear: bool) -> bool:
-    if isinstance(module, nn.Conv2d):
-        return module.groups == 1 and math.prod(module.kernel_size) > 1
-    return linear and isinstance(module, nn.Linear)
+def conv_kind(module: nn.Module) -> str:
+    """``"linear"``, or a conv's kind: ``"pointwise"`` (1×1), ``"depthwise"`` (groups > 1, one input channel per
+    group), ``"grouped"`` or ``"dense"``, followed by its dimension (``"pointwise conv2d"``)."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    dims = len(module.kernel_size)
+    if module.groups > 1 and module.in_channels == module.groups:
+        kind = "depthwise"
+    elif math.prod(module.kernel_size) == 1:
+        kind = "pointwise"
+    else:
+        kind = "grouped" if module.groups > 1 else "dense"
+    return f"{kind} conv{dims}d"
 
 
-def scheme_for(shape: tuple[int, ...], options: LowRankOptions) -> Scheme:
-    """The scheme a weight of ``shape`` uses: Linear weights (2-D) always ``svd``, conv kernels the chosen one."""
-    return LoweredSVD() if len(shape) == 2 else options.scheme
+def group_scheme(shape: tuple[int, ...], options: LowRankOptions, groups: int = 1) -> Scheme:
+    """The scheme of each group of a weight of ``shape`` with ``groups``: Linear weights (2-D) and pointwise
+    kernels ``svd`` (the same matrix problem under every scheme), depthwise 2-D kernels (one input channel per
+    group) ``spatial_svd`` (lowering a single channel gains nothing), others the chosen scheme."""
+    if len(shape) == 2 or math.prod(shape[2:]) == 1:
+        return LoweredSVD()
+    if groups > 1 and shape[1] == 1 and len(shape) == 4:
+        return SpatialSVD()
+    return options.scheme
+
+
+def scheme_for(shape: tuple[int, ...], options: LowRankOptions, groups: int = 1) -> Scheme:
+    """The scheme a weight of ``shape`` with ``groups`` uses: ``group_scheme``, applied group by group
+    (``GroupedScheme``) when ``groups`` > 1."""
+    scheme = group_scheme(shape, options, groups)
+    return GroupedScheme(scheme, groups) if groups > 1 else scheme
+
+
+def module_scheme(module: nn.Module, options: LowRankOptions) -> Scheme:
+    """The scheme ``module`` (a Conv or Linear) uses (``scheme_for`` of its weight shape and groups)."""
+    return scheme_for(tuple(module.weight.shape), options, getattr(module, "groups", 1))
+
+
+def plan_scheme(plan: LayerPlan, options: LowRankOptions) -> Scheme:
+    """The scheme ``plan``'s layer uses (``scheme_for`` of its shape and groups)."""
+    return scheme_for(plan.shape, options, plan.groups)
+
+
+def layer_scheme(module: nn.Module, options: LowRankOptions) -> Scheme | str:
+    """The scheme of a selectable layer, or why it stays dense: the scheme does not apply to its kind, or no rank
+    makes it smaller."""
+    shape, groups = tuple(module.weight.shape), getattr(module, "groups", 1)
+    refusal = group_scheme(shape, options, groups).refusal(shape, groups) if len(shape) > 2 else None
+    if refusal is not None:
+        return f"{conv_kind(module)}: {refusal}"
+    scheme = scheme_for(shape, options, groups)
+    smallest = scheme.clamp(shape, 1)
+    factorized, dense = scheme.factorized_params(shape, smallest), math.prod(shape)
+    if factorized >= dense:
+        return (f"{conv_kind(module)}: no rank makes it smaller (rank {smallest} under {scheme.name!r} gives "
+                f"{factorized} >= {dense} dense params)")
+    return scheme
 
 
 def candidate_layers(model: nn.Module, options: LowRankOptions) -> tuple[list[tuple[str, nn.Module]], list[SkippedLayer]]:
-    """Layers eligible under the options (canonical names, see ``lrlightning.names``), and the ones left out for a
-    reason worth telling."""
+    """Layers eligible under the options (canonical names, see ``lrlightning.names``): every Conv1d, Conv2d and
+    Conv3d whose factorized form can be smaller (pointwise, grouped and depthwise ones too), Linear layers when
+    selected; and the ones left out for a reason worth telling."""
     chosen, skipped = [], []
     selection = options.layers
     modules = named_modules(model)
-    first_conv = next((name for name, m in modules.items() if isinstance(m, nn.Conv2d)), None)
+    first_conv = next((name for name, m in modules.items() if is_conv(m)), None)
     for name, module in modules.items():
-        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+        if not (is_conv(module) or isinstance(module, nn.Linear)):
             continue
         if selection.include and not any(fnmatchcase(name, p) for p in selection.include):
             continue
+        if isinstance(module, nn.Linear) and not selection.linear:
+            continue
         if any(fnmatchcase(name, p) for p in selection.exclude):
             skipped.append(SkippedLayer(name, "excluded by `exclude`"))
-        elif isinstance(module, nn.Conv2d) and module.groups != 1:
-            skipped.append(SkippedLayer(name, f"grouped conv (groups={module.groups})"))
-        elif isinstance(module, nn.Conv2d) and math.prod(module.kernel_size) == 1:
-            skipped.append(SkippedLayer(name, "1x1 conv"))
-        elif isinstance(module, nn.Linear) and not selection.linear:
-            continue
         elif name == first_conv and selection.skip_first_conv and not selection.include:
             skipped.append(SkippedLayer(name, "first conv (`Selection.skip_first_conv=True`)"))
+        elif isinstance(scheme := layer_scheme(module, options), str):
+            skipped.append(SkippedLayer(name, scheme))
         else:
             chosen.append((name, module))
     return chosen, skipped
 
 
-def resolve_rank(name: str, module: nn.Module, scheme: Scheme, options: LowRankOptions) -> Rank:
-    """The rank of one layer under the options' rule, clamped to what the layer allows (with a warning)."""
+def resolve_rank(name: str, module: nn.Module, scheme: Scheme, options: LowRankOptions,
+                 unreachable: list[str] | None = None) -> Rank:
+    """The rank of one layer under the options' rule, clamped to what the layer allows (with a warning). A layer
+    that cannot reach a ``Compression`` rule gets its smallest rank, with a warning, or its name appended to
+    ``unreachable`` for one warning about them all."""
     shape = tuple(module.weight.shape)
     rank = options.rank
     if isinstance(rank, dict):
@@ -112,8 +165,11 @@ def resolve_rank(name: str, module: nn.Module, scheme: Scheme, options: LowRankO
     for candidate in candidates:
         if dense >= rank.factor * scheme.factorized_params(shape, candidate):
             return candidate
-    warnings.warn(f"layer {name!r} cannot reach {rank} under scheme "
-                  f"{scheme.name!r}; using its smallest rank {candidates[-1]}", stacklevel=3)
+    if unreachable is not None:
+        unreachable.append(name)
+    else:
+        warnings.warn(f"layer {name!r} cannot reach {rank} under scheme "
+                      f"{scheme.name!r}; using its smallest rank {candidates[-1]}", stacklevel=3)
     return candidates[-1]
 
 
@@ -153,17 +209,17 @@ def allocate_plan(model: nn.Module, options: LowRankOptions, warn: bool = True) 
     decomposed_on = chosen[0][1].weight.device if options.solver.device is None else options.solver.device
     driver = resolve_driver(options.solver.driver, decomposed_on)
     if budget is not None:
-        layers = [(name, module, scheme_for(tuple(module.weight.shape), options)) for name, module in chosen]
+        layers = [(name, module, module_scheme(module, options)) for name, module in chosen]
         allocation = budget_ranks(model, layers, budget, driver, options.solver.device)
         allocated = allocation.ranks
-    plans = []
+    plans, unreachable = [], []
     for name, module in chosen:
         shape = tuple(module.weight.shape)
-        scheme = scheme_for(shape, options)
+        scheme = module_scheme(module, options)
         if budget is not None and allocated[name] is None:
             skipped.append(SkippedLayer(name, f"kept dense by {rule_label(rule_record(budget))}"))
             continue
-        rank = allocated[name] if budget is not None else resolve_rank(name, module, scheme, options)
+        rank = allocated[name] if budget is not None else resolve_rank(name, module, scheme, options, unreachable)
         dense, factorized = math.prod(shape), scheme.factorized_params(shape, rank)
         if factorized >= dense:
             reason = f"break-even: rank {rank} gives {factorized} >= {dense} dense params"
@@ -171,7 +227,11 @@ def allocate_plan(model: nn.Module, options: LowRankOptions, warn: bool = True) 
             if warn:
                 warnings.warn(f"layer {name!r} stays dense ({reason})", stacklevel=2)
             continue
-        plans.append(LayerPlan(name, scheme.name, shape, rank, dense, factorized))
+        plans.append(LayerPlan(name, scheme.name, shape, rank, dense, factorized, getattr(module, "groups", 1)))
+    if unreachable:
+        what = f"layer {unreachable[0]!r}" if len(unreachable) == 1 else f"{len(unreachable)} layers {unreachable}"
+        warnings.warn(f"{what} cannot reach {options.rank} under their schemes; each takes its smallest rank",
+                      stacklevel=2)
     if not plans:
         refuse_empty_selection(model, options, skipped)
     return plans, skipped, allocation
@@ -180,7 +240,7 @@ def allocate_plan(model: nn.Module, options: LowRankOptions, warn: bool = True) 
 def refuse_empty_selection(model: nn.Module, options: LowRankOptions, skipped: list[SkippedLayer]) -> None:
     """Raise the ValueError of a plan without layers: the selection options, the skipped layers and the candidates."""
     what = rule_label(rule_record(options.rank)) if isinstance(options.rank, Budget) else "low-rank"
-    candidates = [n for n, m in named_modules(model).items() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    candidates = [n for n, m in named_modules(model).items() if is_conv(m) or isinstance(m, nn.Linear)]
     raise ValueError(f"no layer selected for {what} ({options.layers}); skipped: "
                      f"{[(s.name, s.reason) for s in skipped]}. HINT: candidate layers are {candidates}")
 
@@ -222,7 +282,7 @@ def annealed_plans(plans: list[LayerPlan], options: LowRankOptions, index: int, 
     remaining = (1.0 - (index + 1) / (warmup + 1)) ** 3
     annealed = []
     for plan in plans:
-        scheme = scheme_for(plan.shape, options)
+        scheme = plan_scheme(plan, options)
         full, target = scheme.full_rank(plan.shape), plan.rank
         if isinstance(target, tuple):
             rank = tuple(t + math.floor((f - t) * remaining) for t, f in zip(target, full))

@@ -14,8 +14,8 @@ from .names import named_modules
 from .objectives import WEIGHT, Activation, Objective
 from .options import LowRankOptions, Selection, Solver
 from .rules import DEFAULT_RULE, RankRule
-from .plan import LayerPlan, NonFiniteWeightError, plan_layers, scheme_for
-from .schemes import Scheme, Weighting, output_error, resolve_driver
+from .plan import LayerPlan, NonFiniteWeightError, plan_layers, plan_scheme
+from .schemes import Scheme, Weighting, resolve_driver
 from .transfer import host_lists, moved
 
 
@@ -90,7 +90,7 @@ def project_planned_(model: nn.Module, plans: list[LayerPlan], options: LowRankO
     grouped: dict[tuple, list[LayerPlan]] = defaultdict(list)
     for plan in plans:
         weight = modules[plan.name].weight
-        grouped[(plan.scheme, plan.shape, weight.dtype, weight.device)].append(plan)
+        grouped[(plan.scheme, plan.shape, plan.groups, weight.dtype, weight.device)].append(plan)
     groups = list(grouped.values())
     with torch.no_grad():
         weights = [[modules[p.name].weight for p in group] for group in groups]
@@ -105,7 +105,7 @@ def project_planned_(model: nn.Module, plans: list[LayerPlan], options: LowRankO
         weightings = placed_weightings(groups, devices, statistics, options)
         measured, projected = [], []
         for group, original, weighting in zip(groups, stacked, weightings):
-            scheme = scheme_for(group[0].shape, options)
+            scheme = plan_scheme(group[0], options)
             driver = resolve_driver(options.solver.driver, original.device)
             ranks = [p.rank for p in group]
             if options.weighted:
@@ -115,7 +115,7 @@ def project_planned_(model: nn.Module, plans: list[LayerPlan], options: LowRankO
             projected.append(approx)
             norms = original.flatten(1).norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
             errors = (original - approx).flatten(1).norm(dim=1) / norms
-            outputs = output_error(original, approx, weighting).float() if weighting is not None \
+            outputs = scheme.output_error(original, approx, weighting).float() if weighting is not None \
                 else torch.full_like(errors, float("nan"))
             measured.append(torch.cat([errors, (approx.flatten(1).norm(dim=1) / norms).pow(2), outputs]))
         projected = moved(projected, [group[0].device for group in weights], non_blocking=True)
@@ -142,15 +142,16 @@ def gather_statistics(model: nn.Module, plans: list[LayerPlan], options: LowRank
 
 def weights_channels(plan: LayerPlan, options: LowRankOptions) -> bool:
     """Whether ``plan``'s conv gathers its input pixels' channel moments rather than im2col moments."""
-    return len(plan.shape) > 2 and scheme_for(plan.shape, options).input_statistic == "channels"
+    return len(plan.shape) > 2 and plan_scheme(plan, options).input_statistic == "channels"
 
 
 def empty_statistics(plan: LayerPlan, options: LowRankOptions, device: torch.device) -> LayerStatistics:
     """Zero statistics of the size ``gather_statistics`` gives ``plan``'s layer (a DDP rank whose passes did not
     run it)."""
     n = plan.shape[1] if weights_channels(plan, options) or len(plan.shape) == 2 else math.prod(plan.shape[1:])
-    zeros = torch.zeros(n, n, dtype=torch.float64, device=device)
-    return LayerStatistics(zeros, zeros.new_zeros(n), zeros.new_zeros(()))
+    groups = (plan.groups,) if plan.groups > 1 else ()
+    zeros = torch.zeros(*groups, n, n, dtype=torch.float64, device=device)
+    return LayerStatistics(zeros, zeros.new_zeros(*groups, n), zeros.new_zeros(()))
 
 
 def calibration_statistics(model: nn.Module, plans: list[LayerPlan], options: LowRankOptions,

@@ -51,7 +51,8 @@ class Budget:
     """The whole model ``factor`` (> 1) times smaller in ``metric``, or that many times faster, with ranks
     allocated across the selected layers (``lrlightning.budget``); a layer may stay dense.
 
-    ``metric``: ``"params"`` (default), ``"macs"`` per sample of ``input_shape`` (one sample's (C, H, W)), or
+    ``metric``: ``"params"`` (default), ``"macs"`` per sample of ``input_shape`` (one sample's shape: (C, L) for
+    Conv1d models, (C, H, W), (C, D, H, W) for Conv3d ones), or
     ``"latency"``: measured per layer on ``latency_device`` (default: the weights' device; the CPU at torch's thread
     count) at batch ``latency_batch_size`` (default 32), cached under ``latency_cache`` (default
     ``$LRLIGHTNING_CACHE`` or ~/.cache/lrlightning), checked for staleness before use and timed anew with
@@ -86,10 +87,12 @@ class Budget:
         if shape is not None:
             if not (isinstance(shape, Sequence) and not isinstance(shape, str) and len(shape) >= 1
                     and all(is_int(v) and v >= 1 for v in shape)):
-                raise ValueError(f"`Budget.input_shape` must be the (C, H, W) of one sample, ints >= 1, got {shape!r}")
+                raise ValueError(f"`Budget.input_shape` must be the shape of one sample, such as (C, H, W), (C, L) or "
+                                 f"(C, D, H, W): ints >= 1, got {shape!r}")
             object.__setattr__(self, "input_shape", tuple(int(v) for v in shape))
         elif self.metric != "params":
-            raise ValueError(f"`Budget.metric`={self.metric!r} needs `input_shape`, the (C, H, W) of one sample, "
+            raise ValueError(f"`Budget.metric`={self.metric!r} needs `input_shape`, the shape of one sample "
+                             "((C, H, W), (C, L) or (C, D, H, W)), "
                              "got None")
         if self.objective not in BUDGET_OBJECTIVES:
             raise ValueError(f"`Budget.objective` must be one of {BUDGET_OBJECTIVES}, got {self.objective!r}")

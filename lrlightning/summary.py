@@ -25,11 +25,11 @@ def cost_text(value: float, metric: str) -> str:
 
 def plan_table(plans: list[LayerPlan], skipped: list[SkippedLayer], scheme: str,
                allocation: Allocation | None = None) -> str:
-    """Selected layers with shape, rank, dense and factorized weight params; skipped layers with the reason;
+    """Selected layers with shape (and ``g<groups>`` for grouped convs), rank, dense and factorized weight params; skipped layers with the reason;
     totals and the compression ratio over the compressed layers (the paper's definition). With a budget's
     ``allocation``, each layer's dense → allocated cost in the budget's metric, and the whole model's."""
     header = ["layer", "scheme", "shape", "rank", "dense", "factorized", "ratio"]
-    rows = [[p.name, p.scheme, "x".join(map(str, p.shape)), str(p.rank), f"{p.params_dense:,}",
+    rows = [[p.name, p.scheme, "x".join(map(str, p.shape)) + (f" g{p.groups}" if p.groups > 1 else ""), str(p.rank), f"{p.params_dense:,}",
              f"{p.params_factorized:,}", f"{p.compression:.2f}x"] for p in plans]
     dense = sum(p.params_dense for p in plans)
     factorized = sum(p.params_factorized for p in plans)

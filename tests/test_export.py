@@ -160,26 +160,21 @@ def mixed_model():
     return model
 
 
-def test_depthwise_grouped_pointwise_and_first_conv_are_left_alone_and_reported():
+def test_the_first_conv_is_left_alone_and_every_other_kind_is_factorized():
     seeded(6)
     model = mixed_model()
-    plans, skipped = plan_layers(model, LowRankOptions("svd", rank=2))
-    assert [p.name for p in plans] == ["full"]
-    reasons = {s.name: s.reason for s in skipped}
-    assert set(reasons) == {"stem", "depthwise", "grouped", "pointwise"}
-    assert "first conv" in reasons["stem"] and "groups=16" in reasons["depthwise"]
-    assert "groups=2" in reasons["grouped"] and "1x1" in reasons["pointwise"]
-    factorized = factorize(model, "svd", rank=2)
-    for name in ("stem", "depthwise", "grouped", "pointwise"):
-        original, kept = model.get_submodule(name), factorized.get_submodule(name)
-        assert type(kept) is nn.Conv2d and torch.equal(kept.weight, original.weight)
-    assert isinstance(factorized.full, LowRankConv2d)
+    plans, skipped = plan_layers(model, LowRankOptions("svd", rank=1))
+    assert [p.name for p in plans] == ["depthwise", "grouped", "pointwise", "full"]
+    assert [(s.name, "first conv" in s.reason) for s in skipped] == [("stem", True)]
+    factorized = factorize(model, "svd", rank=1)
+    assert type(factorized.stem) is nn.Conv2d and torch.equal(factorized.stem.weight, model.stem.weight)
+    assert all(isinstance(factorized.get_submodule(p.name), LowRankConv2d) for p in plans)
 
 
 def test_first_conv_is_projected_when_skip_first_conv_is_false():
     model = mixed_model()
-    plans, _ = plan_layers(model, LowRankOptions("svd", rank=2, layers=Selection(skip_first_conv=False)))
-    assert [p.name for p in plans] == ["stem", "full"]
+    plans, _ = plan_layers(model, LowRankOptions("svd", rank=1, layers=Selection(skip_first_conv=False)))
+    assert [p.name for p in plans] == ["stem", "depthwise", "grouped", "pointwise", "full"]
 
 
 def test_break_even_layer_stays_dense_with_a_warning_naming_it():

@@ -205,7 +205,7 @@ def test_layer_keys_name_geometry_input_and_dtype_not_weights():
     assert layer_key(a, (2, 8, 6, 6), torch.float32) != layer_key(a, (2, 8, 7, 7), torch.float32)
     strided = nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False)
     assert layer_key(a, (2, 8, 6, 6), torch.float32) != layer_key(strided, (2, 8, 6, 6), torch.float32)
-    with pytest.raises(ValueError, match="time Conv2d and Linear layers, got ReLU"):
+    with pytest.raises(ValueError, match="time Conv1d, Conv2d, Conv3d and Linear layers, got ReLU"):
         layer_key(nn.ReLU(), (1,), torch.float32)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from torch import nn
 
 from .base import MatrixScheme, Rank, Scheme
+from .grouped import GroupedScheme
 from .linalg import (
     CUSOLVER_DRIVERS,
     SVD_DRIVERS,
@@ -85,6 +86,7 @@ __all__ = [
     "SVD_DRIVERS",
     "CUSOLVER_DRIVERS",
     "resolve_driver",
+    "GroupedScheme",
     "LoweredSVD",
     "MatrixScheme",
     "Rank",

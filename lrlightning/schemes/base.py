@@ -1,7 +1,8 @@
 """What a scheme is: its rank rules, its projection and its exact factorized module. Pure torch.
 
-Notation: a conv kernel has shape (T, S, kh, kw) (out channels, in channels, kernel height, width); a Linear
-weight (T, S). Every ``project`` works on a batch of weights of one shape, in float32, with one rank per weight,
+Notation: a conv kernel has shape (T, S, kh, kw) (out channels, in channels, kernel height, width; (T, S, k) for
+Conv1d, (T, S, kd, kh, kw) for Conv3d); a Linear weight (T, S). A grouped conv is projected group by group
+(``lrlightning.schemes.grouped``), so a scheme only ever sees dense kernels. Every ``project`` works on a batch of weights of one shape, in float32, with one rank per weight,
 and returns the reconstructed weights (the orthogonal projection onto the scheme's low-rank set).
 """
 from __future__ import annotations
@@ -12,9 +13,9 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..layers import FactorizedLayer, LowRankConv2d
+from ..layers import FactorizedLayer, LowRankConv2d, new_conv
 from .linalg import low_rank_matrices, smallest_rank_for_energy, split_sqrt, tail_energy, truncated_svd
-from .weighting import Weighting, weighted_low_rank
+from .weighting import Weighting, output_error, weighted_low_rank
 
 Rank = int | tuple[int, int]
 
@@ -31,6 +32,19 @@ class Scheme:
     weighted = False  # whether ``project_weighted`` is defined (``objective="activation"``)
     input_statistic = "im2col"  # the input moments it weights by: of im2col rows, or of pixels' "channels"
     layer_types: tuple[type[FactorizedLayer], ...] = (LowRankConv2d,)
+    kernel_dims: tuple[int, ...] = (2,)  # the conv dimensions it factorizes (1: Conv1d, 2: Conv2d, 3: Conv3d)
+    groupable = False  # whether its factorized layer is a chain of plain convs, so grouped convs merge per group
+
+    def refusal(self, shape: tuple[int, ...], groups: int = 1) -> str | None:
+        """Why a conv kernel of ``shape`` (T, S / groups, *kernel) with ``groups`` cannot take this scheme, or
+        None when it can."""
+        dims = len(shape) - 2
+        if dims not in self.kernel_dims:
+            allowed = ", ".join(f"Conv{d}d" for d in self.kernel_dims)
+            return f"scheme {self.name!r} factorizes {allowed} only, not Conv{dims}d"
+        if groups > 1 and not self.groupable:
+            return f"scheme {self.name!r} does not factorize grouped convs (groups={groups})"
+        return None
 
     def options(self) -> dict[str, Any]:
         """The scheme's own options as JSON-ready values, as its constructor takes them (default: none).
@@ -63,6 +77,11 @@ class Scheme:
         ``lrlightning.schemes.weighting``) instead of the weight error; schemes setting ``weighted`` define it."""
         raise NotImplementedError(f"scheme {self.name!r} has no projection for objective='activation'")
 
+    def output_error(self, weights: Tensor, approx: Tensor, weighting: Weighting) -> Tensor:
+        """Relative output error (B,), float64, of projected ``approx`` against ``weights`` (B, *shape) under
+        ``weighting`` (``lrlightning.schemes.weighting.output_error``)."""
+        return output_error(weights, approx, weighting)
+
     def energy_rank(self, weight: Tensor, energy: float) -> Rank:
         """Smallest rank keeping at least ``energy`` of the squared singular-value energy."""
         raise NotImplementedError
@@ -80,6 +99,24 @@ class Scheme:
         """The ``FactorizedLayer`` computing what ``layer`` computes with its weight projected at ``rank`` (exactly
         so when the weight already lies in the rank set), on the weight's device and dtype; ``layer`` is untouched."""
         raise NotImplementedError
+
+    def stages(self, layer: nn.Module, kernels: Tensor, rank: Rank) -> list[tuple[Tensor, dict]]:
+        """For schemes setting ``groupable``: the factorized chain of a batch (G, T, S, *kernel) of float32 dense
+        kernels of ``layer`` at ``rank``, stage by stage: each stage's kernels (G, out, in, *kernel') with its conv
+        keyword arguments (stride, padding, ...). ``chain_layer`` builds the convs."""
+        raise NotImplementedError
+
+    def chain_layer(self, layer: nn.Module, rank: Rank, groups: int = 1) -> LowRankConv2d:
+        """The ``LowRankConv2d`` of a conv ``layer`` whose ``groups`` groups are factorized side by side
+        (``stages``): stage i is one conv with ``groups`` groups, the layer's bias on the last stage; on the
+        weight's device and dtype."""
+        weight = layer.weight.detach()
+        kernels = weight.float().reshape(groups, weight.shape[0] // groups, *weight.shape[1:])
+        parts = self.stages(layer, kernels, rank)
+        convs = [new_conv(stage.reshape(-1, *stage.shape[2:]).contiguous().to(weight.dtype),
+                          layer.bias if index == len(parts) - 1 else None, groups=groups, **arguments)
+                 for index, (stage, arguments) in enumerate(parts)]
+        return LowRankConv2d(self.name, rank, convs)
 
     @classmethod
     def layer_from_spec(cls, spec: dict) -> nn.Module:
@@ -146,5 +183,9 @@ class MatrixScheme(Scheme):
     def matrix_factors(self, weight: Tensor, rank: int) -> tuple[Tensor, Tensor]:
         """Left (m, rank) and right (rank, n) float32 factors of one weight's matrix view truncated at ``rank``,
         the singular values split evenly (``split_sqrt``): left @ right is the projected matrix."""
-        u, s, vh = truncated_svd(self.to_matrix(weight.detach().float().unsqueeze(0))[0], rank)
-        return split_sqrt(u, s, vh)
+        left, right = self.batch_factors(weight.detach().float().unsqueeze(0), rank)
+        return left[0], right[0]
+
+    def batch_factors(self, weights: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+        """``matrix_factors`` of a batch (B, *shape) of float32 weights: left (B, m, rank), right (B, rank, n)."""
+        return split_sqrt(*truncated_svd(self.to_matrix(weights), rank))

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..layers import LowRankConv2d, new_conv
 from .base import MatrixScheme
 from .weighting import kernel_trace
 
@@ -25,6 +24,7 @@ class SpatialSVD(MatrixScheme):
 
     name = "spatial_svd"
     weighted = True
+    groupable = True
 
     def matrix_metrics(self, weighting, shape):
         """Rows (s, i): the im2col moments summed over the kernel's columns j (an approximation, exact when the
@@ -42,12 +42,13 @@ class SpatialSVD(MatrixScheme):
         return matrices.reshape(-1, s, kh, t, kw).permute(0, 3, 1, 2, 4)
 
     def factorized_layer(self, layer, rank):
-        weight = layer.weight.detach()
-        t, s, kh, kw = weight.shape
-        left, right = self.matrix_factors(weight, rank)
+        return self.chain_layer(layer, rank)
+
+    def stages(self, layer, kernels, rank):
+        """A kh×1 conv S→r then a 1×kw conv r→T (``split_geometry``)."""
+        count, t, s, kh, kw = kernels.shape
+        left, right = self.batch_factors(kernels, rank)
+        vertical = left.reshape(count, s, kh, -1).permute(0, 3, 1, 2).unsqueeze(-1)
+        horizontal = right.reshape(count, -1, t, kw).permute(0, 2, 1, 3).unsqueeze(3)
         vertical_args, horizontal_args = split_geometry(layer)
-        vertical = left.reshape(s, kh, rank).permute(2, 0, 1).unsqueeze(-1)
-        horizontal = right.reshape(rank, t, kw).permute(1, 0, 2).unsqueeze(2)
-        first = new_conv(vertical.to(weight.dtype), **vertical_args)
-        second = new_conv(horizontal.to(weight.dtype), layer.bias, **horizontal_args)
-        return LowRankConv2d(self.name, rank, [first, second])
+        return [(vertical, vertical_args), (horizontal, horizontal_args)]

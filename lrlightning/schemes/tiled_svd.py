@@ -14,17 +14,19 @@ from .linalg import low_rank_matrices, smallest_rank_for_energy, split_sqrt, tru
 from .weighting import weighted_low_rank
 
 
-def explicit_padding(conv_padding, kernel: tuple[int, int], dilation: tuple[int, int]) -> list[int]:
-    """[left, right, top, bottom] for F.pad from a Conv2d padding (ints or 'same'/'valid')."""
-    if conv_padding == "valid":
-        return [0, 0, 0, 0]
-    if conv_padding == "same":
-        pads = []
-        for k, d in ((kernel[1], dilation[1]), (kernel[0], dilation[0])):
+def explicit_padding(conv_padding, kernel: tuple[int, ...], dilation: tuple[int, ...]) -> list[int]:
+    """The F.pad list (last dimension first: [left, right, top, bottom, ...]) of a conv's padding (ints or
+    'same'/'valid'), for any number of kernel dimensions."""
+    pads = []
+    for k, d, index in reversed(list(zip(kernel, dilation, range(len(kernel))))):
+        if conv_padding == "valid":
+            pads += [0, 0]
+        elif conv_padding == "same":
             total = d * (k - 1)
             pads += [total // 2, total - total // 2]
-        return pads
-    return [conv_padding[1], conv_padding[1], conv_padding[0], conv_padding[0]]
+        else:
+            pads += [conv_padding[index]] * 2
+    return pads
 
 
 class TiledSVDConv2d(nn.Module, FactorizedLayer):

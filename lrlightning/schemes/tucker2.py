@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..layers import LowRankConv2d, geometry, new_conv
+from ..layers import geometry
 from .base import Scheme
 from .linalg import gram_basis, rank_mask, smallest_rank_for_energy, truncated_svd
 from .weighting import Weighting, channel_moments, unwhiten_left, whitening
@@ -15,13 +15,15 @@ from .weighting import Weighting, channel_moments, unwhiten_left, whitening
 
 class Tucker2(Scheme):
     """``tucker2``: HOSVD, then ``hooi_iters`` rounds of higher-order orthogonal iteration (each never increases
-    the error). Exports as 1×1 conv S→R_in, kh×kw conv R_in→R_out (original geometry), 1×1 conv R_out→T with
-    the bias."""
+    the error). Exports as pointwise conv S→R_in, conv R_in→R_out with the kernel (original geometry), pointwise
+    conv R_out→T with the bias; Conv1d and Conv3d kernels alike (the kernel positions are one mode)."""
 
     name = "tucker2"
     pair_rank = True
     weighted = True
     input_statistic = "channels"
+    kernel_dims = (1, 2, 3)
+    groupable = True
 
     def __init__(self, hooi_iters: int = 0):
         """``hooi_iters``: rounds of higher-order orthogonal iteration after the HOSVD (int >= 0, default 0)."""
@@ -62,8 +64,10 @@ class Tucker2(Scheme):
 
     def factors(self, weights: Tensor, ranks: Sequence[tuple[int, int]],
                 driver: str = "exact") -> tuple[Tensor, Tensor, Tensor]:
-        """(core (B, R_out, R_in, kh, kw), U_in (B, S, R_in), U_out (B, T, R_out)), masked to each rank."""
+        """(core (B, R_out, R_in, *kernel), U_in (B, S, R_in), U_out (B, T, R_out)), masked to each rank."""
+        kernel = weights.shape[3:]
         b, t, s = weights.shape[:3]
+        weights = weights.reshape(b, t, s, -1)
         r_in = [r[0] for r in ranks]
         r_out = [r[1] for r in ranks]
         unfold_out = weights.reshape(b, t, -1)
@@ -71,16 +75,21 @@ class Tucker2(Scheme):
         u_out = self.leading_vectors(unfold_out, r_out, driver)
         u_in = self.leading_vectors(unfold_in, r_in, driver)
         for _ in range(self.hooi_iters):
-            partial = torch.einsum("btsij,btr->brsij", weights, u_out)
+            partial = torch.einsum("btsk,btr->brsk", weights, u_out)
             u_in = self.leading_vectors(partial.transpose(1, 2).reshape(b, s, -1), r_in, driver)
-            partial = torch.einsum("btsij,bsq->btqij", weights, u_in)
+            partial = torch.einsum("btsk,bsq->btqk", weights, u_in)
             u_out = self.leading_vectors(partial.reshape(b, t, -1), r_out, driver)
-        core = torch.einsum("btsij,btr,bsq->brqij", weights, u_out, u_in)
-        return core, u_in, u_out
+        core = torch.einsum("btsk,btr,bsq->brqk", weights, u_out, u_in)
+        return core.reshape(*core.shape[:3], *kernel), u_in, u_out
+
+    @staticmethod
+    def product(core: Tensor, u_in: Tensor, u_out: Tensor) -> Tensor:
+        """The kernels (B, T, S, *kernel) of the factors: core ×_in U_in ×_out U_out."""
+        flat = torch.einsum("brqk,btr,bsq->btsk", core.flatten(3), u_out, u_in)
+        return flat.reshape(*flat.shape[:3], *core.shape[3:])
 
     def project(self, weights, ranks, driver="exact"):
-        core, u_in, u_out = self.factors(weights, ranks, driver)
-        return torch.einsum("brqij,btr,bsq->btsij", core, u_out, u_in)
+        return self.product(*self.factors(weights, ranks, driver))
 
     def weighted_factors(self, weights: Tensor, ranks: Sequence[tuple[int, int]], driver: str,
                          weighting: Weighting) -> tuple[Tensor, Tensor, Tensor]:
@@ -90,10 +99,11 @@ class Tucker2(Scheme):
         L_out from the output scales. The factors are oblique, not orthonormal; the multilinear rank is kept."""
         inputs = whitening(channel_moments(weighting, tuple(weights.shape[1:])), weighting.ridge)
         outputs = weighting.output_metric()
-        w = torch.einsum("btsij,bsv->btvij", weights.double(), inputs)
+        w = torch.einsum("btsk,bsv->btvk", weights.double().flatten(3), inputs)
         if outputs is not None:
             outputs = whitening(outputs, weighting.ridge)
-            w = torch.einsum("btsij,btu->busij", w, outputs)
+            w = torch.einsum("btsk,btu->busk", w, outputs)
+        w = w.reshape(weights.shape)
         core, u_in, u_out = self.factors(w, ranks, driver)
         u_in = unwhiten_left(u_in, inputs)
         if outputs is not None:
@@ -101,8 +111,7 @@ class Tucker2(Scheme):
         return tuple(x.to(weights.dtype) for x in (core, u_in, u_out))
 
     def project_weighted(self, weights, ranks, driver, weighting):
-        core, u_in, u_out = self.weighted_factors(weights, ranks, driver, weighting)
-        return torch.einsum("brqij,btr,bsq->btsij", core, u_out, u_in)
+        return self.product(*self.weighted_factors(weights, ranks, driver, weighting))
 
     @staticmethod
     def mode_basis(unfolding: Tensor) -> Tensor:
@@ -114,11 +123,11 @@ class Tucker2(Scheme):
         core (the projection onto leading singular vectors of each mode is orthogonal); else by projection."""
         if self.hooi_iters or not ranks:
             return super().rank_errors(weight, ranks, driver)
-        w = weight.double()
-        t, s = w.shape[:2]
+        t, s = weight.shape[:2]
+        w = weight.double().reshape(t, s, -1)
         u_out = self.mode_basis(w.reshape(t, -1))
         u_in = self.mode_basis(w.transpose(0, 1).reshape(s, -1))
-        core = torch.einsum("tsij,tr,sq->rqij", w, u_out, u_in).pow(2).sum((2, 3))
+        core = torch.einsum("tsk,tr,sq->rqk", w, u_out, u_in).pow(2).sum(2)
         kept = torch.nn.functional.pad(core.cumsum(0).cumsum(1), (1, 0, 1, 0))
         total = float(w.pow(2).sum())
         if total == 0:
@@ -133,9 +142,11 @@ class Tucker2(Scheme):
         return (r_in, r_out)
 
     def factorized_layer(self, layer, rank):
-        weight = layer.weight.detach()
-        core, u_in, u_out = self.factors(weight.float().unsqueeze(0), [tuple(rank)])
-        first = new_conv(u_in[0].T[:, :, None, None].contiguous().to(weight.dtype))
-        middle = new_conv(core[0].contiguous().to(weight.dtype), **geometry(layer))
-        last = new_conv(u_out[0][:, :, None, None].contiguous().to(weight.dtype), layer.bias)
-        return LowRankConv2d(self.name, tuple(rank), [first, middle, last])
+        return self.chain_layer(layer, tuple(rank))
+
+    def stages(self, layer, kernels, rank):
+        """A pointwise conv S→R_in, a conv R_in→R_out with the kernel and geometry of ``layer``, a pointwise conv
+        R_out→T."""
+        core, u_in, u_out = self.factors(kernels, [tuple(rank)] * kernels.shape[0])
+        pointwise = (...,) + (None,) * (kernels.dim() - 3)
+        return [(u_in.mT[pointwise], {}), (core, geometry(layer)), (u_out[pointwise], {})]

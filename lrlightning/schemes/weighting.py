@@ -101,10 +101,10 @@ def channel_moments(weighting: Weighting, shape: tuple[int, ...]) -> Tensor:
     return weighting.inputs if weighting.inputs.shape[-1] == channels else kernel_trace(weighting.inputs, channels)
 
 
-def output_error(weights: Tensor, approx: Tensor, weighting: Weighting) -> Tensor:
-    """Relative output error sqrt(E‖D(W − W_r)x‖² / E‖D·W·x‖²) of each layer (B,), float64, under the moments
-    themselves (no ridge); with channel moments C (a conv's ``inputs`` of size S) the im2col moment is taken as
-    C ⊗ I (inputs at different kernel positions uncorrelated)."""
+def output_energies(weights: Tensor, approx: Tensor, weighting: Weighting) -> tuple[Tensor, Tensor]:
+    """E‖D(W − W_r)x‖² and E‖D·W·x‖² of each layer (B,), float64, under the moments themselves (no ridge); with
+    channel moments C (a conv's ``inputs`` of size S) the im2col moment is taken as C ⊗ I (inputs at different
+    kernel positions uncorrelated)."""
     b, t = weights.shape[:2]
     moment = weighting.inputs.double()
     per_position = weights.dim() > 3 and moment.shape[-1] == weights.shape[2]
@@ -115,4 +115,10 @@ def output_error(weights: Tensor, approx: Tensor, weighting: Weighting) -> Tenso
 
     def energy(m: Tensor) -> Tensor:
         return torch.einsum("btsk,bsu,btuk,bt->b", m, moment, m, scale.pow(2)).clamp_min(0)
-    return (energy(delta) / energy(w).clamp_min(torch.finfo(torch.float64).tiny)).sqrt()
+    return energy(delta), energy(w)
+
+
+def output_error(weights: Tensor, approx: Tensor, weighting: Weighting) -> Tensor:
+    """Relative output error sqrt(E‖D(W − W_r)x‖² / E‖D·W·x‖²) of each layer (B,), float64 (``output_energies``)."""
+    error, total = output_energies(weights, approx, weighting)
+    return (error / total.clamp_min(torch.finfo(torch.float64).tiny)).sqrt()

@@ -54,9 +54,9 @@ class PowerSVD(LoweredSVD):
     def options(self):
         return {"power": self.power}
 
-    def matrix_factors(self, weight, rank):
-        u, s, vh = truncated_svd(self.to_matrix(weight.detach().float().unsqueeze(0))[0], rank)
-        return u * s.pow(1.0 - 1.0 / self.power), s.pow(1.0 / self.power).unsqueeze(-1) * vh
+    def batch_factors(self, weights, rank):
+        u, s, vh = truncated_svd(self.to_matrix(weights), rank)
+        return u * s.pow(1.0 - 1.0 / self.power).unsqueeze(-2), s.pow(1.0 / self.power).unsqueeze(-1) * vh
 
 
 @pytest.fixture
