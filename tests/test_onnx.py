@@ -44,3 +44,28 @@ def test_factorized_resnet18_runs_in_onnxruntime_with_the_projected_dense_logits
     (logits,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():
         assert abs(torch.from_numpy(logits) - dense(x)).max().item() < 1e-4
+
+
+@pytest.mark.parametrize("dims", ["1d", "2d", "3d"])
+def test_grouped_depthwise_pointwise_conv1d_and_conv3d_layers_export_to_onnx(tmp_path, dims):
+    from test_layer_kinds import MODELS
+
+    torch.manual_seed(1)
+    build, shape = MODELS[dims]
+    dense = build().eval()
+    project_(dense, "svd", 0.5)
+    small = factorize(dense, "svd", 0.5).eval()
+    x = torch.randn(2, *shape)
+    path = tmp_path / "small.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(small, (x,), str(path), dynamo=True, verbose=False)
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    groups = [attribute.i for node in model.graph.node if node.op_type == "Conv" for attribute in node.attribute
+              if attribute.name == "group"]
+    assert max(groups) > 1
+    (out,) = ReferenceEvaluator(model).run(None, {model.graph.input[0].name: x.numpy()})
+    with torch.no_grad():
+        expected = dense(x)
+    assert abs(torch.from_numpy(out) - expected).max().item() <= 1e-4 * expected.abs().max().item()
