@@ -26,10 +26,12 @@ def check_patterns(argument: str, value: Any) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Selection:
-    """Which layers are projected: every Conv2d with groups == 1 and a kernel larger than 1×1, except the first conv
-    of the model (``skip_first_conv``, default True), plus every Linear when ``linear`` (default False; Linear
-    layers always use ``svd``). ``include``/``exclude``: glob patterns on module names (a pattern or a list);
-    ``include`` keeps only the layers it matches, the first conv too."""
+    """Which layers are projected: every Conv1d, Conv2d and Conv3d whose factorized form can be smaller (pointwise,
+    grouped and depthwise ones too; see ``lrlightning.plan.scheme_for`` for the scheme each kind takes), except
+    the first conv of the model (``skip_first_conv``, default True), plus every Linear when ``linear`` (default
+    False; Linear layers always use ``svd``; ConvNeXt-style blocks hold their pointwise layers as Linear).
+    ``include``/``exclude``: glob patterns on module names (a pattern or a list); ``include`` keeps only the layers
+    it matches, the first conv too."""
 
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
