@@ -111,7 +111,7 @@ def batchnorm_scale(norm: nn.modules.batchnorm._BatchNorm) -> Tensor:
 def input_statistics(model: nn.Module, names: Iterable[str], batches: Iterable[Any],
                      forward: Callable[[nn.Module, Any], Any] | None = None, seed: int | None = None,
                      channels: Collection[str] = ()) -> dict[str, LayerStatistics]:
-    """``LayerStatistics`` of the named Conv2d/Linear layers of ``model`` (canonical names, see
+    """``LayerStatistics`` of the named Conv1d/2d/3d and Linear layers of ``model`` (canonical names, see
     ``lrlightning.names``) over ``batches`` (``forward(model, batch)``, default ``model(batch)``), run in train
     mode with no grad; BatchNorm running statistics, every submodule's mode and (with ``seed``) torch's generators
     are restored afterwards. The layers named in ``channels`` record the moments of their input pixels' channel

@@ -127,7 +127,7 @@ def test_an_unreachable_budget_names_the_best_reachable(resnet):
     (dict(factor=2.0, metric="flops"),
      r"`Budget.metric` must be one of \('params', 'macs', 'latency'\), got 'flops'"),
     (dict(factor=2.0, metric="macs"), r"`Budget.metric`='macs' needs `input_shape`"),
-    (dict(factor=2.0, input_shape=(3, 0, 16)), r"`Budget.input_shape` must be the \(C, H, W\) of one sample"),
+    (dict(factor=2.0, input_shape=(3, 0, 16)), r"`Budget.input_shape` must be the shape of one sample, such as \(C, H, W\), \(C, L\) or \(C, D, H, W\)"),
 ])
 def test_bad_budgets_are_refused(options, match):
     with pytest.raises(ValueError, match=match):
@@ -158,7 +158,7 @@ def test_an_input_shape_the_model_cannot_take_is_refused_before_anything_is_proj
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     with pytest.raises(ValueError, match=rf"`Budget.input_shape`={re.escape(str(shape))} does not fit CifarResNet: "
                                          r"its forward pass on a batch of one zero sample of that shape fails .* "
-                                         r"It must be one sample's shape without the batch dimension, e.g. \(C, H, W\)"):
+                                         r"It must be one sample's shape without the batch dimension: \(C, H, W\), \(C, L\) for Conv1d"):
         project_(model, "svd", Budget(2.0, metric=metric, input_shape=shape, latency_device="cpu"))
     assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
     assert mac_latency.made == []  # not even a latency table was made
