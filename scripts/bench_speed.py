@@ -6,8 +6,8 @@ into the convs of both models, and each inference mode times dense and factorize
 batch size. Reported per batch size: median ms of one pass, speedup (dense / factorized ms) and efficiency
 (speedup / MAC reduction). The target is either a per-layer rule (``--ratios``: each layer that many times fewer
 params) or a whole-model budget (``--budget`` with ``--budget-metric``, see ``LowRankOptions``). CIFAR backbones run
-at 3×32×32 with 10 classes, ``resnet18``/``resnet50`` at 3×224×224 with 1000 classes; ``--image-size`` overrides
-the size. Modes: eager, channels_last, jit (trace + freeze), compile (``torch.compile``, needs a C++ compiler on
+at 3×32×32 with 10 classes, ``resnet18``/``resnet50``/``mobilenet_v2`` at 3×224×224 with 1000 classes;
+``--image-size`` overrides the size. Modes: eager, channels_last, jit (trace + freeze), compile (``torch.compile``, needs a C++ compiler on
 the CPU) and onnxruntime (ONNX export, CPU provider, needs the ``onnx`` extra). ``--guard`` adds a variant that
 keeps dense every factorized layer that measured slower than its dense layer (``keep_faster_layers``; slow at
 224 px). Usage:
@@ -17,6 +17,8 @@ keeps dense every factorized layer that measured slower than its dense layer (``
         --modes eager onnxruntime
     python scripts/bench_speed.py --backbones resnet20 resnet32 resnet18 resnet50 --schemes svd tucker2 \\
         --ratios 4 --batch-sizes 1 32 --repeats 10 --out /tmp/speed.json
+    python scripts/bench_speed.py --backbones resnet50 mobilenet_v2 --schemes svd --budget 2 --budget-metric macs \\
+        --modes eager onnxruntime --batch-sizes 1 32 --repeats 5
     python scripts/bench_speed.py --device cuda --modes eager channels_last    # GPU (jit, onnxruntime: CPU only)
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ import copy
 import importlib.util
 import itertools
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -46,7 +49,7 @@ from lrlightning.speed import fold_batchnorm, keep_faster_layers
 
 SCHEMES = {"svd": "svd", "tucker2": "tucker2", "spatial_svd": "spatial_svd", "tiled_svd": TiledSVD(tile_shape=(16, 16))}
 MODES = ("eager", "channels_last", "jit", "compile", "onnxruntime")
-IMAGENET_BACKBONES = ("resnet18", "resnet50")
+IMAGENET_BACKBONES = ("resnet18", "resnet50", "mobilenet_v2")  # run at 224 px with 1000 classes
 BUDGET_METRICS = ("params", "macs", "latency")
 
 
@@ -145,7 +148,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backbones", nargs="+", default=["resnet32"], choices=list(BACKBONES))
     parser.add_argument("--image-size", type=positive_int, default=None,
-                        help="height = width in px (default: 32 for CIFAR backbones, 224 for resnet18/resnet50)")
+                        help="height = width in px (default: 32 for CIFAR backbones, 224 for resnet18/resnet50/mobilenet_v2)")
     parser.add_argument("--batch-sizes", nargs="+", type=positive_int, default=[1, 32])
     parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
     targets = parser.add_mutually_exclusive_group()
@@ -223,6 +226,8 @@ def main() -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU threads {torch.get_num_threads()}"
     if device.type == "cpu":
         where += ", freed memory retained" if retained else ", glibc's default allocator"
+    if os.environ.get("OMP_WAIT_POLICY"):
+        where += f", OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
     footnote = (f"BatchNorm folded in both, {where}; medians of {args.repeats} passes, dense and factorized "
                 f"alternating; efficiency = speedup / MAC reduction")
     publish_table(args.out, f"Speed of the factorized {', '.join(args.backbones)} ({where})", "speed", columns, rows,

@@ -78,6 +78,10 @@ def test_every_group_option_composes_and_instantiates(group, tmp_path):
                 assert callback.options.scheme.name == option
 
 
+SHORT_EXPERIMENTS = {"fmnist_mobilenet_dense": ("mobilenet_v2", 800, None),
+                     "fmnist_mobilenet_study": ("mobilenet_v2", 300, 50)}  # (backbone, train batches, S_D)
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_composes_and_instantiates(name, tmp_path):
     cfg = compose_train([f"experiment={name}", "init_ckpt=/dense/last.ckpt"], hydra=True)
@@ -86,10 +90,12 @@ def test_every_experiment_composes_and_instantiates(name, tmp_path):
     dense = name.endswith("dense") or name.startswith("paper_dense")
     assert (callback is None) == dense
     assert type(data).__name__ == ("FashionMNISTDataModule" if name.startswith("fmnist") else "CIFAR10DataModule")
-    assert model.hparams.backbone == ("resnet20" if name.startswith("fmnist") else "resnet32")
-    assert trainer.limit_train_batches == 1.0
+    backbone, batches, period = SHORT_EXPERIMENTS.get(
+        name, ("resnet20" if name.startswith("fmnist") else "resnet32", 1.0, 200))
+    assert model.hparams.backbone == backbone
+    assert trainer.limit_train_batches == batches
     if not dense:
-        assert callback.every_n_train_steps == 200
+        assert callback.every_n_train_steps == period
         assert cfg.hydra.mode.name == "MULTIRUN" and cfg.hydra.sweeper.params
     assert cfg.baseline == ("decompose_finetune" if "decompose_finetune" in name else None)
 
@@ -117,6 +123,10 @@ def test_study_sweeps_points_methods_lrs_and_seeds_from_one_checkpoint():
         assert cfg.init_ckpt == "/dense/last.ckpt" and cfg.trainer.max_epochs == 3
 
 
+BUDGET_POINTS = {"tucker2_budget": ("tucker2", 6.35, "params"), "tucker2_faster": ("tucker2", 1.3, "latency"),
+                 "svd_macs_2x": ("svd", 2.0, "macs")}  # point: (scheme, Budget.factor, Budget.metric)
+
+
 @pytest.mark.parametrize("point", options("point"))
 def test_every_point_selects_its_scheme_and_rank_rule(point):
     class Images:
@@ -124,14 +134,15 @@ def test_every_point_selects_its_scheme_and_rank_rule(point):
 
     node = OmegaConf.to_container(compose_train([f"point={point}"]), resolve=True)["lowrank"]  # as the job reads it
     callback = instantiate(with_budget_defaults(node, Images(), 32), _convert_="all")
-    scheme, rule = point.rsplit("_", 1)
+    scheme, rule = BUDGET_POINTS[point][0] if point in BUDGET_POINTS else point.rsplit("_", 1)[0], point.rsplit("_", 1)[1]
     assert callback.options.scheme.name == scheme
     rank = callback.options.rank
-    if rule in ("budget", "faster"):
-        assert isinstance(rank, Budget) and (rank.factor, rank.metric) == (
-            (6.35, "params") if rule == "budget" else (1.3, "latency"))
-        if rule == "faster":  # completed from the data and the job
-            assert (rank.input_shape, rank.latency_batch_size, rank.latency_device) == ((1, 28, 28), 128, "cpu")
+    if point in BUDGET_POINTS:
+        assert isinstance(rank, Budget) and (rank.factor, rank.metric) == BUDGET_POINTS[point][1:]
+        if rank.metric != "params":  # completed from the data (and, for latency, the job)
+            assert rank.input_shape == (1, 28, 28)
+        if rule == "faster":
+            assert (rank.latency_batch_size, rank.latency_device) == (128, "cpu")
     elif rule.endswith("x"):
         assert rank == Compression(float(rule[:-1]))
     else:
