@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import CONVS
+
 __all__ = ["BACKBONES", "BasicBlock", "Bottleneck", "CifarResNet", "CifarVGG", "Conv1dNet", "Conv3dNet",
            "ImageNetResNet", "InvertedResidual", "MobileNetV2", "ResNeXt", "ResNeXtBlock", "SimpleCNN",
            "build_backbone"]
@@ -496,17 +498,16 @@ def _block(block: type[nn.Module], in_channels: int, out_channels: int, stride: 
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
-    return [nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU()]
+    return _conv_bn_act(2, in_channels, out_channels, 3)
 
 
-_CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _BATCHNORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
 
 def _conv_bn_act(dims: int, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1,
                  act: type[nn.Module] | None = nn.ReLU) -> list[nn.Module]:
     """`dims`-D conv (padding kernel_size // 2, no bias), BN and `act` (none when `act` is None)."""
-    layers = [_CONVS[dims](in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2,
+    layers = [CONVS[dims](in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2,
                            groups=groups, bias=False), _BATCHNORMS[dims](out_channels)]
     return layers + [act()] if act is not None else layers
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lrlightning import Activation, LowRankProjection, factorize
+from lrlightning import Activation, LowRankProjection
 from lrlightning.plan import plan_scheme
 
 from test_callback import EndProcessGroup

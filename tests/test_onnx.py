@@ -11,6 +11,16 @@ from lrlightning import TiledSVD, factorize, project_  # noqa: E402
 from lrlightning.backbones import build_backbone  # noqa: E402
 
 
+def exported(module, x, path):
+    """``module`` exported to ONNX at ``path`` (dynamo exporter) on the example ``x``, loaded and checked."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (x,), str(path), dynamo=True, verbose=False)
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    return model
+
+
 @pytest.mark.parametrize("scheme, rank", [("tucker2", 0.5), (TiledSVD(tile_shape=(8, 12)), 2)], ids=["tucker2", "tiled_svd"])
 def test_factorized_model_exports_to_onnx_with_same_outputs(tmp_path, scheme, rank):
     torch.manual_seed(0)
@@ -18,12 +28,7 @@ def test_factorized_model_exports_to_onnx_with_same_outputs(tmp_path, scheme, ra
     project_(dense, scheme, rank)
     small = factorize(dense, scheme, rank).eval()
     x = torch.randn(2, 1, 16, 16)
-    path = tmp_path / "small.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(small, (x,), str(path), dynamo=True, verbose=False)
-    model = onnx.load(str(path))
-    onnx.checker.check_model(model)
+    model = exported(small, x, tmp_path / "small.onnx")
     (logits,) = ReferenceEvaluator(model).run(None, {model.graph.input[0].name: x.numpy()})
     with torch.no_grad():
         assert abs(torch.from_numpy(logits) - dense(x)).max().item() < 1e-4
@@ -56,12 +61,7 @@ def test_grouped_depthwise_pointwise_conv1d_and_conv3d_layers_export_to_onnx(tmp
     project_(dense, "svd", 0.5)
     small = factorize(dense, "svd", 0.5).eval()
     x = torch.randn(2, *shape)
-    path = tmp_path / "small.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(small, (x,), str(path), dynamo=True, verbose=False)
-    model = onnx.load(str(path))
-    onnx.checker.check_model(model)
+    model = exported(small, x, tmp_path / "small.onnx")
     groups = [attribute.i for node in model.graph.node if node.op_type == "Conv" for attribute in node.attribute
               if attribute.name == "group"]
     assert max(groups) > 1
