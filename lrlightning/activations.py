@@ -53,12 +53,6 @@ class LayerStatistics:
         return [self.moment_sum, self.row_sum, self.rows]
 
 
-def output_size(module: nn.Module, size: tuple[int, ...]) -> tuple[int, ...]:
-    """The spatial size of ``module``'s output on an input of spatial ``size`` that is already padded."""
-    return tuple((length - dilation * (kernel - 1) - 1) // stride + 1 for length, kernel, stride, dilation
-                 in zip(size, module.kernel_size, module.stride, module.dilation))
-
-
 def patches(module: nn.Module, x: Tensor) -> Tensor:
     """The padded input ``x`` (N, S, *size) of a Conv1d/2d/3d as a view (N, S, *output size, *kernel) of every
     patch its kernel meets (``Tensor.unfold``, no copy)."""

@@ -138,10 +138,10 @@ def candidate_layers(model: nn.Module, options: LowRankOptions) -> tuple[list[tu
 
 
 def resolve_rank(name: str, module: nn.Module, scheme: Scheme, options: LowRankOptions,
-                 unreachable: list[str] | None = None) -> Rank:
+                 unreachable: list[str]) -> Rank:
     """The rank of one layer under the options' rule, clamped to what the layer allows (with a warning). A layer
-    that cannot reach a ``Compression`` rule gets its smallest rank, with a warning, or its name appended to
-    ``unreachable`` for one warning about them all."""
+    that cannot reach a ``Compression`` rule gets its smallest rank and its name appended to ``unreachable`` (for
+    one warning about them all)."""
     shape = tuple(module.weight.shape)
     rank = options.rank
     if isinstance(rank, dict):
@@ -165,11 +165,7 @@ def resolve_rank(name: str, module: nn.Module, scheme: Scheme, options: LowRankO
     for candidate in candidates:
         if dense >= rank.factor * scheme.factorized_params(shape, candidate):
             return candidate
-    if unreachable is not None:
-        unreachable.append(name)
-    else:
-        warnings.warn(f"layer {name!r} cannot reach {rank} under scheme "
-                      f"{scheme.name!r}; using its smallest rank {candidates[-1]}", stacklevel=3)
+    unreachable.append(name)
     return candidates[-1]
 
 
