@@ -288,8 +288,10 @@ def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], 
     elif metric == "macs":
         whole = count_macs(model, input_shape)
     else:
-        device = rule.latency_device or next(model.parameters()).device
-        table = LatencyTable(device, rule.latency_batch_size, rule.latency_cache, rule.latency_remeasure)
+        device = rule.latency_device or ("cpu" if rule.latency_backend == "onnxruntime"
+                                         else next(model.parameters()).device)
+        table = LatencyTable(device, rule.latency_batch_size, rule.latency_cache, rule.latency_remeasure,
+                             rule.latency_backend)
         multiple = rule.rank_multiple
         table.check(model, input_shape, [
             (module, inputs[name], timing_candidates(module, scheme, rank_choices(
@@ -297,7 +299,7 @@ def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], 
         whole, in_model = table.model_ms(model, input_shape, names)
     choices = [layer_choices(name, module, scheme, metric, inputs[name], driver, rule.rank_multiple, table,
                              projection_device) for name, module, scheme in layers]
-    if table is not None:
+    if table is not None and in_model:
         choices = in_model_costs(choices, in_model)
     fixed = max(0.0, whole - sum(c.costs[-1] for c in choices))
     dense = fixed + sum(c.costs[-1] for c in choices)

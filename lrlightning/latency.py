@@ -1,10 +1,12 @@
 """Measured layer latency for ``Budget(metric="latency")``: each layer and each of its factorized candidates timed
 side by side on its real input, on the device the model will run on, with their spread, cached on disk and checked
-for staleness before a cached table is used.
+for staleness before a cached table is used. Layers run in eager PyTorch (``backend="eager"``) or, exported to ONNX,
+in ONNX Runtime on the CPU (``backend="onnxruntime"``, the ``onnx`` extra), so that a budget holds where the model
+will run.
 
 A table is one JSON file per device (``latency-<device key>.json`` under ``cache_dir``; default
 ``$LRLIGHTNING_CACHE`` or ``~/.cache/lrlightning``). The key names the CPU model and torch's thread count, or the
-CUDA device, and the torch version; an entry is keyed by the layer's geometry, its input (N, C, *size), dtype and the
+CUDA device, the backend (ONNX Runtime's version) and the torch version; an entry is keyed by the layer's geometry, its input (N, C, *size), dtype and the
 candidate (scheme and rank), never by weight values. Each entry holds a ``Spread`` (median and interquartile range
 over interleaved rounds) of milliseconds per forward pass of the whole batch; a candidate also holds its ratio to
 the dense layer, paired per round. A file that cannot be read, or was written in another format, is measured anew
@@ -33,6 +35,7 @@ from torch import nn
 from .allocator import freed_memory_retained
 from .layers import is_conv
 from .names import named_modules
+from .rules import LATENCY_BACKENDS as BACKENDS
 from .timing import ROUND_SECONDS, ROUNDS, Spread, interleaved_samples, on_device, paired_ratios, paired_speedup, synchronize
 
 FORMAT = 2  # of the cache file; a file of another format is measured anew
@@ -58,15 +61,31 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def device_key(device: torch.device) -> str:
+def device_key(device: torch.device, backend: str = "eager") -> str:
     """What a latency depends on besides the layer: the processor (CPU model, thread count and whether freed memory
-    is retained, see ``lrlightning.allocator``; or the CUDA device name) and the torch version."""
+    is retained, see ``lrlightning.allocator``; or the CUDA device name), the backend and the torch version."""
+    if backend == "onnxruntime":
+        import onnxruntime
+
+        return f"onnxruntime {onnxruntime.__version__} cpu {cpu_model()} {torch.get_num_threads()} threads torch " \
+               f"{torch.__version__}"
     if device.type == "cuda":
         where = f"cuda {torch.cuda.get_device_name(device)}"
     else:
         memory = " retained memory" if freed_memory_retained() else ""
         where = f"{device.type} {cpu_model()} {torch.get_num_threads()} threads{memory}"
     return f"{where} torch {torch.__version__}"
+
+
+def runnable(module: nn.Module, example: torch.Tensor, backend: str):
+    """What is timed of ``module`` on inputs shaped like ``example``: the module in eval mode on ``example``'s
+    device (eager), or an ONNX Runtime session of it (``lrlightning.onnx_export.timing_bytes``)."""
+    module = module.to(example.device).eval()
+    if backend == "eager":
+        return module
+    from .onnx_export import SessionModule, session, timing_bytes
+
+    return SessionModule(session(timing_bytes(module, example)))
 
 
 def layer_key(module: nn.Module, input_shape: Sequence[int], dtype: torch.dtype) -> str:
@@ -102,7 +121,8 @@ LayerRequest = tuple[nn.Module, Sequence[int], dict[str, Callable[[], nn.Module]
 
 
 class LatencyTable:
-    """Per-layer latencies on ``device`` at batch ``batch_size``, read from and written to a JSON cache.
+    """Per-layer latencies on ``device`` at batch ``batch_size`` in ``backend`` (``"eager"``, default, or
+    ``"onnxruntime"``: CPU only), read from and written to a JSON cache.
 
     ``remeasure=True`` ignores the cached entries this run needs: they are timed again and the cache updated.
     ``check`` (before a cached table is used) does the same when a cheap re-timed reference has moved. ``measured``
@@ -110,12 +130,21 @@ class LatencyTable:
     where the timings come from (``"measured"``, ``"cached"``, ``"stale"`` or ``"remeasured"``)."""
 
     def __init__(self, device: torch.device | str, batch_size: int, cache_dir: str | os.PathLike | None = None,
-                 remeasure: bool = False):
+                 remeasure: bool = False, backend: str = "eager"):
+        if backend not in BACKENDS:
+            raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
         self.device = torch.device(device)
+        if backend == "onnxruntime":
+            if self.device.type != "cpu":
+                raise ValueError(f"`backend`='onnxruntime' times on the CPU, got device {str(device)!r}")
+            from .onnx_export import require_onnx
+
+            require_onnx("a latency table in ONNX Runtime")
+        self.backend = backend
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.batch_size = batch_size
-        self.key = device_key(self.device)
+        self.key = device_key(self.device, backend)
         slug = re.sub(r"[^A-Za-z0-9.]+", "-", self.key).strip("-")
         self.path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.path = self.path / f"latency-{slug}.json"
@@ -191,9 +220,10 @@ class LatencyTable:
         if missing or not self.cached(base):
             build = {"dense": lambda: copy.deepcopy(module), **candidates}
             labels = ["dense", *missing]
-            timed = [build[label]().to(self.device).eval() for label in labels]
+            example = self.example(input_shape, dtype)
+            timed = [runnable(build[label](), example, self.backend) for label in labels]
             start = time.perf_counter()
-            samples = interleaved_samples(timed, self.example(input_shape, dtype))
+            samples = interleaved_samples(timed, example)
             self.seconds += time.perf_counter() - start
             self.store(base, ms=Spread.of(samples[0]))
             for label, times in zip(missing, samples[1:]):
@@ -207,9 +237,21 @@ class LatencyTable:
         """(median ms of one forward pass of ``model``, {name: median ms spent inside that submodule during a
         pass}) for the submodules ``names`` (canonical names), so layers are also timed where they run, on the
         model's own activations. Eval mode (restored after; a copy when the model lives on another device), a random
-        batch; cached under a hash of the model's structure (``model_key``)."""
+        batch; cached under a hash of the model's structure (``model_key``). ONNX Runtime runs the graph whole, so
+        there no submodule is timed inside it (the dict is empty)."""
         parameter = next(model.parameters())
         key = model_key(model, (self.batch_size, *input_shape), parameter.dtype)
+        if self.backend != "eager":
+            if not self.cached(key):
+                example = self.example(input_shape, parameter.dtype)
+                timed = runnable(copy.deepcopy(model), example, self.backend)
+                start = time.perf_counter()
+                (samples,) = interleaved_samples([timed], example)
+                self.seconds += time.perf_counter() - start
+                self.store(key, ms=Spread.of(samples))
+                self.measured += 1
+                self.save()
+            return self.entries[key]["ms"].median, {}
         keys = {name: f"{key}|{name}" for name in names}
         if not self.cached(key) or any(not self.cached(k) for k in keys.values()):
             timed = model if parameter.device == self.device else copy.deepcopy(model).to(self.device)
@@ -227,8 +269,9 @@ class LatencyTable:
         """Dense / factorized whole-model speedup on this table's device and batch, timed interleaved, per-round
         ratios (``lrlightning.timing.paired_speedup``; eval-mode copies, never cached)."""
         parameter = next(dense.parameters())
-        copies = [copy.deepcopy(m).to(self.device).eval() for m in (dense, factorized)]
-        return paired_speedup(*copies, self.example(input_shape, parameter.dtype))[2]
+        example = self.example(input_shape, parameter.dtype)
+        copies = [runnable(copy.deepcopy(m), example, self.backend) for m in (dense, factorized)]
+        return paired_speedup(*copies, example)[2]
 
     def check(self, model: nn.Module, input_shape: Sequence[int], layers: Sequence[LayerRequest]) -> None:
         """Before cached entries are used: re-time cheap references (the whole dense ``model`` on ``input_shape``,
@@ -243,9 +286,9 @@ class LatencyTable:
         offs = {}
         reference = model_key(model, (self.batch_size, *input_shape), parameter.dtype)
         if self.cached(reference):
-            timed = copy.deepcopy(model).to(self.device).eval()
-            (fresh,) = interleaved_samples([timed], self.example(input_shape, parameter.dtype), CHECK_ROUNDS,
-                                           ROUND_SECONDS, CHECK_ROUNDS)
+            example = self.example(input_shape, parameter.dtype)
+            timed = runnable(copy.deepcopy(model), example, self.backend)
+            (fresh,) = interleaved_samples([timed], example, CHECK_ROUNDS, ROUND_SECONDS, CHECK_ROUNDS)
             offs["the dense model"] = statistics.median(fresh) / self.entries[reference]["ms"].median
         layer_offs = [off for request in self.checked_layers(layers) for off in self.layer_offs(*request)]
         self.check_seconds = time.perf_counter() - start
@@ -286,10 +329,10 @@ class LatencyTable:
                    candidates: dict[str, Callable[[], nn.Module]]) -> list[float]:
         """Re-timed / cached, for the dense layer, each candidate and each candidate's ratio to dense."""
         base = layer_key(module, (self.batch_size, *input_shape), module.weight.dtype)
-        timed = [copy.deepcopy(module).to(self.device).eval(), *(build().to(self.device).eval()
-                                                                  for build in candidates.values())]
-        samples = interleaved_samples(timed, self.example(input_shape, module.weight.dtype), CHECK_ROUNDS,
-                                      ROUND_SECONDS, CHECK_ROUNDS)
+        example = self.example(input_shape, module.weight.dtype)
+        timed = [runnable(build(), example, self.backend)
+                 for build in (lambda: copy.deepcopy(module), *candidates.values())]
+        samples = interleaved_samples(timed, example, CHECK_ROUNDS, ROUND_SECONDS, CHECK_ROUNDS)
         offs = [statistics.median(samples[0]) / self.entries[base]["ms"].median]
         for label, times in zip(candidates, samples[1:]):
             entry = self.entries[f"{base}|{label}"]
@@ -303,7 +346,7 @@ class LatencyTable:
         spent measuring the file's entries (over every run that measured some), ``check_seconds`` of the
         staleness check, and the cache ``path``."""
         unsettled = sum(not spread.settled for key in self.fresh for spread in self.entries[key].values())
-        return {"state": self.state, "measured": self.measured, "unsettled": unsettled,
+        return {"state": self.state, "backend": self.backend, "measured": self.measured, "unsettled": unsettled,
                 "seconds": round(self.seconds, 3), "check_seconds": round(self.check_seconds, 3),
                 "path": str(self.path)}
 

@@ -10,6 +10,7 @@ from .devices import check_device
 
 RankSpec = int | float | tuple[int, int] | dict[str, int | tuple[int, int]]
 BUDGET_METRICS = ("params", "macs", "latency")
+LATENCY_BACKENDS = ("eager", "onnxruntime")
 BUDGET_OBJECTIVES = ("max", "sum")
 
 
@@ -56,7 +57,9 @@ class Budget:
     ``"latency"``: measured per layer on ``latency_device`` (default: the weights' device; the CPU at torch's thread
     count) at batch ``latency_batch_size`` (default 32), cached under ``latency_cache`` (default
     ``$LRLIGHTNING_CACHE`` or ~/.cache/lrlightning), checked for staleness before use and timed anew with
-    ``latency_remeasure=True`` (``lrlightning.latency``); the allocated model is then timed against dense and
+    ``latency_remeasure=True`` (``lrlightning.latency``), in ``latency_backend`` ``"eager"`` (default: PyTorch) or
+    ``"onnxruntime"`` (each layer and the model exported to ONNX and timed in ONNX Runtime on the CPU, where an
+    ``lrl-train deploy=onnx`` artifact runs; the ``onnx`` extra); the allocated model is then timed against dense and
     allocated again while it misses beyond the noise (``lrlightning.speedup_check``), and no layer is factorized
     into something not faster beyond the noise.
     ``objective``: minimize the largest normalized weight error over layers (``"max"``, default) or their sum
@@ -76,6 +79,7 @@ class Budget:
     latency_device: str | None = None
     latency_cache: str | None = None
     latency_remeasure: bool = False
+    latency_backend: str = "eager"
 
     def __post_init__(self):
         if not (is_number(self.factor) and self.factor > 1.0):
@@ -100,13 +104,19 @@ class Budget:
             value = getattr(self, argument)
             if not (is_int(value) and value >= least):
                 raise ValueError(f"`Budget.{argument}` must be an int >= {least}, got {value!r}")
-        check_device("Budget.latency_device", self.latency_device)
         if self.latency_cache is not None:
             if not isinstance(self.latency_cache, (str, os.PathLike)):
                 raise ValueError(f"`Budget.latency_cache` must be a directory path, got {self.latency_cache!r}")
             object.__setattr__(self, "latency_cache", os.fspath(self.latency_cache))
         if not isinstance(self.latency_remeasure, bool):
             raise ValueError(f"`Budget.latency_remeasure` must be a bool, got {self.latency_remeasure!r}")
+        if self.latency_backend not in LATENCY_BACKENDS:
+            raise ValueError(f"`Budget.latency_backend` must be one of {LATENCY_BACKENDS}, got "
+                             f"{self.latency_backend!r}")
+        if self.latency_backend == "onnxruntime" and self.latency_device not in (None, "cpu"):
+            raise ValueError(f"`Budget.latency_backend`='onnxruntime' times on the CPU; `Budget.latency_device` must "
+                             f"be None or 'cpu', got {self.latency_device!r}")
+        check_device("Budget.latency_device", self.latency_device)
 
 
 RankRule = RankSpec | Energy | Compression | Budget
@@ -151,7 +161,8 @@ def rule_record(rule: RankRule) -> dict[str, Any]:
     if isinstance(rule, Compression):
         return {"compression": float(rule.factor)}
     if isinstance(rule, Budget):
-        return {"budget": float(rule.factor), "metric": rule.metric}
+        record = {"budget": float(rule.factor), "metric": rule.metric}
+        return {**record, "backend": rule.latency_backend} if rule.metric == "latency" else record
     if isinstance(rule, dict):
         return {"rank": {name: list(r) if isinstance(r, tuple) else r for name, r in rule.items()}}
     return {"rank": list(rule) if isinstance(rule, tuple) else rule}
@@ -161,7 +172,8 @@ def rule_label(record: Mapping[str, Any]) -> str:
     """A short text of a ``rule_record``: the rank (``0.5``, ``6x8``), ``4x`` (compression), ``budget=2x macs``,
     ``energy=0.9``, or ``per-layer`` for a mapping."""
     if "budget" in record:
-        return f"budget={float(record['budget']):g}x {record.get('metric', 'params')}"
+        backend = f" ({record['backend']})" if record.get("backend", "eager") != "eager" else ""
+        return f"budget={float(record['budget']):g}x {record.get('metric', 'params')}{backend}"
     if "compression" in record:
         return f"{float(record['compression']):g}x"
     if "energy" in record:

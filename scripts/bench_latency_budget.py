@@ -16,15 +16,15 @@ and never below 1 (no slower than dense). Usage:
     python scripts/bench_latency_budget.py --backbones resnet18 --image-size 224 --in-channels 3 --batch-size 1
     python scripts/bench_latency_budget.py --backbones resnet50 mobilenet_v2 --batch-size 1 --speedups 1.5 \\
         --mac-budgets --measure-batch-sizes 1 32 --modes eager onnxruntime --cache /tmp/lrl-cache
+    python scripts/bench_latency_budget.py --backbones resnet18 --schemes svd --speedups 2 --mac-budgets \
+        --batch-size 1 --latency-backend onnxruntime --modes onnxruntime     # a budget allocated in ONNX Runtime
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import logging
 import os
 import re
-import statistics
 import sys
 import tempfile
 import time
@@ -38,6 +38,7 @@ from lrlightning import Budget, LowRankOptions, count_macs, factorize_planned
 from lrlightning.allocator import retain_freed_memory
 from lrlightning.app.provenance import publish_table
 from lrlightning.backbones import build_backbone
+from lrlightning.onnx_export import export_onnx, session
 from lrlightning.plan import allocate_plan
 from lrlightning.projection import project_planned_
 from lrlightning.summary import format_table
@@ -64,25 +65,10 @@ def refusal(message: str) -> str:
 
 
 def onnx_session(model: torch.nn.Module, example: torch.Tensor):
-    """An onnxruntime CPU session of ``model`` exported to ONNX (``dynamo=True``) with a dynamic batch dimension,
-    torch's intra-op thread count, no spin-waiting (so that it leaves the cores to the model timed next)."""
-    import onnxruntime
-
-    exporter_log = logging.getLogger("torch.onnx")
-    level = exporter_log.level
-    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        exporter_log.setLevel(logging.ERROR)
-        path = str(Path(folder) / "model.onnx")
-        try:
-            torch.onnx.export(model, (example,), path, dynamo=True, verbose=False,
-                              dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},))
-        finally:
-            exporter_log.setLevel(level)
-        settings = onnxruntime.SessionOptions()
-        settings.intra_op_num_threads = torch.get_num_threads()
-        settings.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return onnxruntime.InferenceSession(path, settings, providers=["CPUExecutionProvider"])
+    """An onnxruntime CPU session of ``model`` as ``lrlightning.onnx_export.export_onnx`` writes it (dynamic batch,
+    BatchNorm folded, checked), torch's intra-op thread count, no spin-waiting."""
+    with tempfile.TemporaryDirectory() as folder:
+        return session(export_onnx(model, example, Path(folder) / "model.onnx").path)
 
 
 def runners(mode: str, dense: torch.nn.Module, small: torch.nn.Module, shape: tuple[int, ...]
@@ -151,6 +137,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds of the final measurement")
     parser.add_argument("--large-batch-rounds", type=int, default=None,
                         help="rounds at measured batches >= 8 (default: --rounds)")
+    parser.add_argument("--latency-backend", choices=("eager", "onnxruntime"), default="eager",
+                        help="where the latency table times layers (Budget.latency_backend; default: %(default)s)")
     parser.add_argument("--cache", default=None, help="latency cache dir (default: $LRLIGHTNING_CACHE or "
                         "~/.cache/lrlightning)")
     parser.add_argument("--retain-freed-memory", action="store_true",
@@ -161,7 +149,8 @@ def main() -> None:
     args.image_size = args.image_size or 28
     warnings.simplefilter("ignore", UserWarning)
     retained = args.retain_freed_memory and retain_freed_memory()
-    latency = dict(latency_batch_size=args.batch_size, latency_device="cpu", latency_cache=args.cache)
+    latency = dict(latency_batch_size=args.batch_size, latency_device="cpu", latency_cache=args.cache,
+                   latency_backend=args.latency_backend)
     batches = sorted(set(args.measure_batch_sizes or [args.batch_size]))
     modes = list(dict.fromkeys(args.modes))
 
@@ -182,7 +171,8 @@ def main() -> None:
                 options = LowRankOptions(scheme, Budget(budget, metric=metric, input_shape=shape,
                                                         rank_multiple=multiple, **latency))
                 entry = {"backbone": backbone, "input_shape": list(shape), "scheme": scheme, "metric": metric,
-                         "budget": budget, "rank_multiple": multiple, "latency_batch_size": args.batch_size}
+                         "budget": budget, "rank_multiple": multiple, "latency_batch_size": args.batch_size,
+                         "latency_backend": args.latency_backend}
                 try:
                     small, allocation, seconds = exported(dense, options)
                 except ValueError as error:
@@ -227,7 +217,8 @@ def main() -> None:
     memory = "freed memory retained" if retained else "glibc's default allocator"
     wait = f", OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}" if os.environ.get("OMP_WAIT_POLICY") else ""
     inputs = ", ".join(f"{name} {shape}" for name, shape in shapes.items())
-    footnote = (f"(inputs {inputs}; latency table and allocation at batch {args.batch_size}; CPU threads "
+    footnote = (f"(inputs {inputs}; latency table ({args.latency_backend}) and allocation at batch {args.batch_size}; "
+                f"CPU threads "
                 f"{torch.get_num_threads()}, {memory}{wait}; random initialization; latency tables measured per layer "
                 "in this run or read from the cache; checked at allocation: the library's own whole-model timing of "
                 "the allocation and its verdict; measured: dense and factorized timed interleaved after export, eager "

@@ -18,10 +18,10 @@ def latency_cache_in_a_temporary_folder(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("LRLIGHTNING_CACHE", str(tmp_path_factory.mktemp("latency-cache")))
 
 
-@pytest.fixture
-def tiny_train() -> list[str]:
+@pytest.fixture(scope="session")
+def tiny_train() -> tuple[str, ...]:
     """``lrl-train`` overrides for a run of seconds: SimpleCNN, 192 synthetic 32×32 images, 2 steps, S_D = 1."""
-    return list(TINY_TRAIN)
+    return tuple(TINY_TRAIN)
 
 
 @pytest.fixture
@@ -53,11 +53,11 @@ class MacLatencyTable:
 
     made: list["MacLatencyTable"] = []
 
-    def __init__(self, device, batch_size, cache_dir=None, remeasure=False):
+    def __init__(self, device, batch_size, cache_dir=None, remeasure=False, backend="eager"):
         import torch
 
         self.device, self.batch_size, self.cache_dir = torch.device(device), batch_size, cache_dir
-        self.remeasure, self.state, self.checked = remeasure, "measured", []
+        self.remeasure, self.backend, self.state, self.checked = remeasure, backend, "measured", []
         MacLatencyTable.made.append(self)
 
     @staticmethod

@@ -1,5 +1,5 @@
-"""The manual's code runs as written: the README's first Python example and the recipe of
-docs/adding-a-scheme.md, each in an empty folder."""
+"""The manual's code runs as written: the README's examples and the recipe of docs/adding-a-scheme.md, each in an
+empty folder."""
 import re
 from pathlib import Path
 
@@ -38,6 +38,18 @@ def test_readme_budget_example_builds_its_callback():
     assert options.rank.metric == "latency" and options.rank.input_shape == (3, 224, 224)
     assert options.scheme.options() == {"hooi_iters": 1} and options.objective.batches == 4
     assert options.layers.exclude == ("fc",)
+
+
+def test_readme_deploy_example_writes_checked_fp32_and_int8_files(empty_folder):
+    pytest.importorskip("onnxruntime", reason="needs the `onnx` extra")
+    pytest.importorskip("onnxscript", reason="needs the `onnx` extra")
+    [block] = [b for b in python_blocks(ROOT / "README.md") if "quantize_int8" in b]
+    namespace = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    fp32, int8, logits = namespace["fp32"], namespace["int8"], namespace["logits"]
+    assert (empty_folder / "small.onnx").is_file() and (empty_folder / "small.int8.onnx").is_file()
+    assert fp32.max_abs_diff < 1e-4 and int8.size_bytes < fp32.size_bytes and int8.float == ()
+    assert logits.shape == (8, 10)
 
 
 def test_adding_a_scheme_recipe_runs_and_registers_an_option(empty_folder):

@@ -9,7 +9,7 @@ from lightning.pytorch import LightningModule
 from omegaconf import DictConfig
 
 from .evaluation import run_test, val_accuracy
-from .job import backbone_spec, finish_backbone, fit, input_shape, make_trainer, resume_path, run_facts
+from .job import backbone_spec, deployer, finish_backbone, fit, input_shape, make_trainer, resume_path, run_facts
 from ..callback import LowRankProjection
 from .ranks import backbone_plans
 from .report import summarize, write_outputs
@@ -50,4 +50,5 @@ def decompose(cfg: DictConfig, run_dir: Path, datamodule, model: LightningModule
              "checkpoint": facts["checkpoint"] if tuned else None}
     summary = summarize(cfg.baseline, options, plans, model.backbone, small, input_shape(datamodule),
                         cfg.latency_batch_size, metrics, extra)
-    return write_outputs(run_dir, small, backbone_spec(model), summary)
+    return write_outputs(run_dir, small, backbone_spec(model), summary,
+                         deployer(cfg, run_dir, model.backbone, small, datamodule, plans))

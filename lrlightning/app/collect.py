@@ -1,7 +1,8 @@
 """``lrl-collect SWEEP_DIR``: every run's ``summary.json`` into ``results.csv`` (one row per run), the runs
 aggregated over seeds into ``aggregate.csv`` and ``aggregate.md`` (lr chosen on validation, failed runs counted,
 each method against decompose_finetune; see ``aggregate``), and an accuracy-vs-compression Pareto plot
-(``pareto.png``) and against the measured speedup (``speedup.png``: dense / factorized latency). Run dirs without a summary (failed or still running) count as failed runs and are left out of
+(``pareto.png``) and against the measured speedup (``speedup.png``: dense / factorized latency), and, for runs
+with a ``deploy`` entry, accuracy against the deployed models' ONNX Runtime latency (``deployed.png``). Run dirs without a summary (failed or still running) count as failed runs and are left out of
 the plot. ``lrl-collect --report results/ --out docs/results.md`` writes the results document (``results_doc``)."""
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ COLUMNS = ["run", "status", "overrides", "method", "point", "variant", "seed", "
            "speedup_low", "speedup_high", "speedup_distinguishable",
            "budget", "budget_metric", "every_n_train_steps", "epochs", "global_step", "diverged", "first_loss_jump",
            "loss_jump", "date", "commit"]
+DEPLOYED = ("dense_fp32", "factorized_fp32", "dense_int8", "factorized_int8")  # rows of a summary's deploy entry
+DEPLOY_FIELDS = ("latency_ms", "latency_ms_batch1", "size_bytes", "test_acc")
+COLUMNS += [f"{model}_{field}" for model in DEPLOYED for field in DEPLOY_FIELDS]
 AGGREGATE_COLUMNS = ["point", "model_compression_ratio", "method", "variant", "lr", "chosen", "runs", "seeds",
                      "failed", "failed_all_lrs", "val_mean", "test_mean", "test_std", "speedup", "speedup_low",
                      "speedup_high", "first_loss_jump", "loss_jump"]
@@ -98,11 +102,58 @@ def collect_rows(sweep_dir: Path, collapse: float | None = None) -> list[dict[st
             if row.get("speedup") is None and summary.get("latency_ms_dense") and summary.get("latency_ms_factorized"):
                 row["speedup"] = summary["latency_ms_dense"] / summary["latency_ms_factorized"]
             row.update(loss_jumps(summary.get("projection_log") or []))
+            row.update(deployed_columns(summary.get("deploy")))
         else:
             row["status"] = NO_SUMMARY
         rows.append(row)
     label_variants(rows)
     return rows
+
+
+def deployed_columns(entry: Any) -> dict[str, Any]:
+    """``<model>_<field>`` of each deployed model (``DEPLOYED``, ``DEPLOY_FIELDS``) of a summary's ``deploy``
+    entry; empty without one."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("rows"), dict):
+        return {}
+    return {f"{model}_{field}": row.get(field) for model, row in entry["rows"].items() if model in DEPLOYED
+            for field in DEPLOY_FIELDS}
+
+
+def plot_deployed(rows: list[dict[str, Any]], path: Path) -> bool:
+    """Test accuracy against ONNX Runtime latency at the run's latency batch, one marker per deployed model
+    (``DEPLOYED``) and method, each run's models joined by a thin line; False (nothing written) when no run was
+    deployed."""
+    done = [r for r in rows if r["status"] == OK and any(r.get(f"{m}_latency_ms") is not None for m in DEPLOYED)]
+    if not done:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for row in done:
+        models = [m for m in DEPLOYED if row.get(f"{m}_latency_ms") is not None]
+        ax.plot([row[f"{m}_latency_ms"] for m in models], [100 * row[f"{m}_test_acc"] for m in models],
+                color="grey", linewidth=0.5, alpha=0.5)
+    for model, marker in zip(DEPLOYED, "os^D"):
+        for method in sorted({label(r) for r in done}):
+            members = [r for r in done if label(r) == method and r.get(f"{model}_latency_ms") is not None]
+            if members:
+                ax.scatter([r[f"{model}_latency_ms"] for r in members],
+                           [100 * r[f"{model}_test_acc"] for r in members], marker=marker, alpha=0.8,
+                           label=f"{model.replace('_', ' ')} / {method}")
+    batches = sorted({r["latency_batch_size"] for r in done if r.get("latency_batch_size") is not None})
+    ax.set_xscale("log")
+    ax.set_xlabel(f"ONNX Runtime latency, ms per batch of {', '.join(map(str, batches))} (lower is faster)")
+    ax.set_ylabel("test accuracy in ONNX Runtime (%)")
+    ax.set_title(f"accuracy vs deployed latency ({len(done)} runs)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="x-small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path, columns: list[str] = COLUMNS) -> None:
@@ -167,7 +218,8 @@ def plot(rows: list[dict[str, Any]], path: Path, x_key: str = "compression_ratio
 
 def write_sweep(rows: list[dict[str, Any]], out: Path, x_key: str = AXES[0]) -> str:
     """``results.csv``, ``aggregate.csv``, ``aggregate.md``, ``pareto.png`` (accuracy vs ``x_key``) and
-    ``speedup.png`` (accuracy vs measured speedup) into ``out``; returns the Markdown."""
+    ``speedup.png`` (accuracy vs measured speedup) into ``out``, and ``deployed.png`` when some run was deployed;
+    returns the Markdown."""
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "results.csv")
     cells = aggregate(rows)
@@ -176,6 +228,7 @@ def write_sweep(rows: list[dict[str, Any]], out: Path, x_key: str = AXES[0]) -> 
     (out / "aggregate.md").write_text(text)
     plot(rows, out / "pareto.png", x_key)
     plot(rows, out / "speedup.png", "speedup")
+    plot_deployed(rows, out / "deployed.png")
     return text
 
 
@@ -209,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                      "runs write it when they finish")
     out = args.out or args.sweep_dir
     print(write_sweep(rows, out, args.x))
+    deployed = f", {out / 'deployed.png'}" if (out / "deployed.png").is_file() else ""
     print(f"{sum(r['status'] != NO_SUMMARY for r in rows)} of {len(rows)} runs -> {out / 'results.csv'}, "
-          f"{out / 'aggregate.md'}, {out / 'pareto.png'}, {out / 'speedup.png'}")
+          f"{out / 'aggregate.md'}, {out / 'pareto.png'}, {out / 'speedup.png'}{deployed}")
     return 0

@@ -12,6 +12,7 @@ from lightning.pytorch import seed_everything
 from omegaconf import DictConfig, OmegaConf
 
 from ..allocator import retain_freed_memory
+from .deploy import check_deploy
 from .job import CONFIG_KEY, build_model, evaluate_and_export, finish_backbone
 from .module import LitClassifier
 from .ranks import backbone_plans, projection_of
@@ -66,6 +67,7 @@ def export(cfg: DictConfig, run_dir: Path) -> dict | None:
     if cfg.get("retain_freed_memory", True):
         retain_freed_memory()
     (run_dir / SUMMARY).unlink(missing_ok=True)
+    check_deploy(cfg.get("deploy"))
     path = Path(str(cfg.ckpt)).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"`ckpt` must be an existing checkpoint file, got {str(cfg.ckpt)!r}")
@@ -101,5 +103,4 @@ def export(cfg: DictConfig, run_dir: Path) -> dict | None:
              "global_step": checkpoint.get("global_step"), "ckpt": str(path.resolve()),
              "config": OmegaConf.to_container(cfg, resolve=True), "ckpt_config": checkpoint.get(CONFIG_KEY)}
     method = METHOD if state else "decompose"
-    return evaluate_and_export(trainer, datamodule, model, options, plans, small, run_dir, method,
-                               cfg.latency_batch_size, extra)
+    return evaluate_and_export(trainer, datamodule, model, options, plans, small, run_dir, method, cfg, extra)

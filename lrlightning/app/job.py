@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from ..options import LowRankOptions
 from ..passes import Passes
 from ..plan import LayerPlan
 from ..recalibration import reshuffled
+from .deploy import deploy
 from .evaluation import run_test, val_accuracy
 from .report import summarize, training_facts, write_outputs
 
@@ -125,11 +127,18 @@ def finish_backbone(model: LightningModule, datamodule, plans: list[LayerPlan], 
     return factorize_planned(model.backbone, plans, projection.options)
 
 
+def deployer(cfg: DictConfig, run_dir: Path, dense: nn.Module, small: nn.Module, datamodule, plans: list[LayerPlan]):
+    """The job's ``deploy`` step (``lrlightning.app.deploy``) of ``dense`` and ``small`` (only ``dense`` when no
+    layer is factorized), to run once the outputs are written."""
+    return partial(deploy, cfg.get("deploy"), run_dir, dense, small if plans else None, datamodule,
+                   input_shape(datamodule), cfg.latency_batch_size, cfg.seed)
+
+
 def evaluate_and_export(trainer: Trainer, datamodule, model: LightningModule, options: LowRankOptions | None,
-                        plans: list[LayerPlan], small: nn.Module, run_dir: Path, method: str,
-                        latency_batch_size: int, extra: dict[str, Any]) -> dict | None:
+                        plans: list[LayerPlan], small: nn.Module, run_dir: Path, method: str, cfg: DictConfig,
+                        extra: dict[str, Any]) -> dict | None:
     """Test the finished backbone and ``small``, its factorized copy at ``plans`` (the backbone itself when no
-    layer is factorized), and on global rank zero write the outputs."""
+    layer is factorized), and on global rank zero write the outputs and deploy them (``cfg.deploy``)."""
     if plans:
         metrics = run_test(trainer, datamodule, projected=model.backbone, factorized=small)
     else:
@@ -138,6 +147,7 @@ def evaluate_and_export(trainer: Trainer, datamodule, model: LightningModule, op
     metrics["val_acc_factorized"] = val_accuracy(trainer, datamodule, small)
     if not trainer.is_global_zero:
         return None
-    summary = summarize(method, options, plans, model.backbone, small, input_shape(datamodule), latency_batch_size,
-                        metrics, extra)
-    return write_outputs(run_dir, small, backbone_spec(model), summary)
+    summary = summarize(method, options, plans, model.backbone, small, input_shape(datamodule),
+                        cfg.latency_batch_size, metrics, extra)
+    return write_outputs(run_dir, small, backbone_spec(model), summary,
+                         deployer(cfg, run_dir, model.backbone, small, datamodule, plans))

@@ -7,7 +7,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from lightning.pytorch import Trainer
@@ -21,6 +21,7 @@ from ..budget import Allocation
 from ..rules import Budget, rule_label, rule_record
 from ..speed import measured_speedup
 from ..summary import format_table
+from .deploy import deploy_table
 from .provenance import provenance
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,10 @@ def summary_table(s: dict[str, Any]) -> str:
                  f"(measured {check['measured']['median']:.2f}x, IQR {check['measured']['low']:.2f}-"
                  f"{check['measured']['high']:.2f})")
     dense_label = "dense (projected)" if s["test_acc_projected"] is not None else "dense"
-    return head + "\n" + format_table(["", dense_label, "factorized", "ratio"], rows)
+    table = head + "\n" + format_table(["", dense_label, "factorized", "ratio"], rows)
+    if isinstance(s.get("deploy"), dict) and "rows" in s["deploy"]:
+        table += "\n" + deploy_table(s["deploy"])
+    return table
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -146,10 +150,25 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def write_outputs(run_dir: Path, small: nn.Module, spec: dict | None, summary: dict) -> dict:
-    """Factorized model (weights + structure spec), then ``summary.json``; logs the summary table."""
+def write_outputs(run_dir: Path, small: nn.Module, spec: dict | None, summary: dict,
+                  deployed: Callable[[], dict | None] | None = None) -> dict:
+    """Factorized model (weights + structure spec), then ``summary.json``; then, when ``deployed`` is given, its
+    entry (``lrlightning.app.deploy``) added to ``summary.json`` under ``deploy``. Logs the summary table. A deploy
+    step that fails leaves ``factorized.pt`` and ``summary.json`` written, records its error under ``deploy`` and
+    raises."""
     summary["factorized"] = FACTORIZED
     save_factorized(small, run_dir / FACTORIZED, backbone=spec, metadata=summary)
     write_json(run_dir / SUMMARY, summary)
+    if deployed is not None:
+        try:
+            entry = deployed()
+        except Exception as error:
+            summary["deploy"] = {"error": f"{type(error).__name__}: {error}"}
+            write_json(run_dir / SUMMARY, summary)
+            log.error("deploy failed; %s and %s are written without it", FACTORIZED, SUMMARY)
+            raise
+        if entry is not None:
+            summary["deploy"] = entry
+            write_json(run_dir / SUMMARY, summary)
     log.info("summary (%s)\n%s", run_dir / SUMMARY, summary_table(summary))
     return summary

@@ -24,7 +24,7 @@ from .provenance import describe_machine
 COMMAND = "lrl-collect --report results/ --out docs/results.md"
 SECTIONS = {"accuracy": "Accuracy after compression", "overhead": "Training overhead of the callback",
             "projection": "Cost of one projection", "budget": "Global budget", "speed": "Speed of the factorized model",
-            "data": "Data loading", "zoo": "Torchvision families: MACs and exactness of every layer kind"}
+            "deploy": "Deployed in ONNX Runtime: fp32 and int8", "data": "Data loading", "zoo": "Torchvision families: MACs and exactness of every layer kind"}
 SWEEP = "sweep.json"
 TABLE_KEYS = ("title", "section", "date", "commit", "machine", "command", "tables")
 FIGURES = "figures"

@@ -13,6 +13,7 @@ from ..allocator import retain_freed_memory
 from ..rules import is_int
 from ..plan import relative_plans
 from .baseline import BASELINES, decompose
+from .deploy import check_deploy
 from .job import build_model, evaluate_and_export, finish_backbone, fit, load_weights, make_trainer, resume_path, run_facts
 from .ranks import BACKBONE, projection_of
 from .report import METHOD, SUMMARY, allocation_facts
@@ -30,6 +31,7 @@ def check_job(cfg: DictConfig) -> None:
     for key, minimum in (("seed", 0), ("latency_batch_size", 1)):
         if not (is_int(cfg[key]) and cfg[key] >= minimum):
             raise ValueError(f"`{key}` must be an int >= {minimum}, got {cfg[key]!r}")
+    check_deploy(cfg.get("deploy"))
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict | None:
@@ -55,8 +57,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict | None:
     facts = run_facts(trainer, seconds, cfg.init_ckpt, config)
     if projection is None:
         extra = {"every_n_train_steps": None, "num_projections": 0, **facts}
-        return evaluate_and_export(trainer, datamodule, model, None, [], model.backbone, run_dir, "dense",
-                                   cfg.latency_batch_size, extra)
+        return evaluate_and_export(trainer, datamodule, model, None, [], model.backbone, run_dir, "dense", cfg, extra)
     plans, options = relative_plans(projection.plans, BACKBONE), projection.options
     if projection.final_projection:
         small = projection.factorize(model.backbone)
@@ -64,5 +65,4 @@ def train(cfg: DictConfig, run_dir: Path) -> dict | None:
         small = finish_backbone(model, datamodule, plans, projection, trainer.global_step)
     extra = {"every_n_train_steps": projection.every_n_train_steps, "num_projections": projection.num_projections,
              "projection_log": projection.history, **allocation_facts(projection.allocation), **facts}
-    return evaluate_and_export(trainer, datamodule, model, options, plans, small, run_dir, METHOD,
-                               cfg.latency_batch_size, extra)
+    return evaluate_and_export(trainer, datamodule, model, options, plans, small, run_dir, METHOD, cfg, extra)

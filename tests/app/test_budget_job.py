@@ -23,10 +23,10 @@ def test_a_latency_budget_is_allocated_at_the_jobs_batch_on_the_cpu_and_recorded
     summary = run_job(tmp_path, [*tiny_train, "point=tucker2_faster", "lowrank.rank.factor=1.5"])
     [table] = mac_latency.made
     assert (table.batch_size, str(table.device)) == (4, "cpu")
-    assert summary["rule"] == {"budget": 1.5, "metric": "latency"}
+    assert summary["rule"] == {"budget": 1.5, "metric": "latency", "backend": "eager"}
     assert summary["ranks"] and summary["latency_device"] == "cpu" and summary["latency_batch_size"] == 4
     assert summary["mac_reduction"] >= 1.5  # the stand-in's latency is MACs, so the MACs meet the budget
-    assert json.loads((tmp_path / "summary.json").read_text())["rule"] == {"budget": 1.5, "metric": "latency"}
+    assert json.loads((tmp_path / "summary.json").read_text())["rule"] == {"budget": 1.5, "metric": "latency", "backend": "eager"}
     assert ("Budget 1.5x in ms per batch at batch 4 on cpu, predicted from measured layer times (timed now): whole "
             "model") in caplog.text
     check = summary["budget_check"]  # the tiny model's ranks cannot land within 3 % of 1.5x: the closest above

@@ -80,7 +80,7 @@ def test_summarize_records_the_requested_budget(dense_and_small):
     plans = [p for p in plan_layers(dense, LowRankOptions(scheme="svd", rank=4))[0]]
     small = factorize_planned(dense, plans, options)
     s = summarize("lowrank_projection", options, plans, dense, small, SHAPE, 2, {}, {})
-    assert (s["rule"], s["latency_device"]) == ({"budget": 2.0, "metric": "latency"}, "cpu")
+    assert (s["rule"], s["latency_device"]) == ({"budget": 2.0, "metric": "latency", "backend": "eager"}, "cpu")
     assert summary_table(s).splitlines()[0].startswith("lowrank_projection: svd budget=2x latency on 2 layers, ")
 
 

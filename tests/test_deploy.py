@@ -1,0 +1,160 @@
+"""ONNX files that ship (BatchNorm folded, dynamic batch, checked), their int8 quantization, and latency tables
+timed in ONNX Runtime."""
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+onnx = pytest.importorskip("onnx", reason="needs the `onnx` extra")
+pytest.importorskip("onnxscript", reason="needs the `onnx` extra")
+onnxruntime = pytest.importorskip("onnxruntime", reason="needs the `onnx` extra")
+
+from lrlightning import Budget, LowRankOptions, factorize, project_  # noqa: E402
+from lrlightning.backbones import build_backbone  # noqa: E402
+from lrlightning.int8 import quantize_int8, weight_layers  # noqa: E402
+from lrlightning.latency import LatencyTable  # noqa: E402
+from lrlightning.onnx_export import OnnxExportError, SessionModule, export_onnx, session  # noqa: E402
+from lrlightning.plan import plan_layers  # noqa: E402
+from lrlightning.rules import rule_label, rule_record  # noqa: E402
+
+
+def settled(model, shape):
+    """``model`` with BatchNorm statistics from two train-mode passes (not the identity), in eval mode."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(16, *shape) * 2 + 0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def factorized_resnet():
+    torch.manual_seed(0)
+    dense = settled(build_backbone("resnet20", num_classes=10, in_channels=1, width=8), (1, 16, 16))
+    project_(dense, "svd", 0.5)
+    return dense, factorize(dense, "svd", 0.5).eval()
+
+
+def test_export_folds_batchnorm_keeps_the_batch_dynamic_and_matches_pytorch(tmp_path, factorized_resnet):
+    dense, small = factorized_resnet
+    file = export_onnx(small, torch.randn(4, 1, 16, 16), tmp_path / "deep" / "small.onnx")
+    graph = onnx.load(file.path).graph
+    assert file.batchnorm_left == 0 and not [n for n in graph.node if n.op_type == "BatchNormalization"]
+    assert file.size_bytes == (tmp_path / "deep" / "small.onnx").stat().st_size and file.batch_sizes == (4, 3)
+    assert graph.input[0].name == "input" and graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    assert file.max_abs_diff < 1e-4
+    runner = SessionModule(session(file.path))
+    for batch in (1, 7):
+        x = torch.randn(batch, 1, 16, 16)
+        with torch.no_grad():
+            expected = dense(x)  # the projected dense model: the factorized file computes the same function
+        assert torch.allclose(torch.from_numpy(runner(x)), expected, atol=1e-4)
+    assert small.training is False and dense.training is False
+
+
+class DataDependent(nn.Module):
+    def forward(self, x):
+        if x.mean() > 0:  # control flow on a tensor's value: the exporter cannot trace it
+            return x * 2
+        return x
+
+
+def test_a_model_the_exporter_cannot_take_names_the_failing_layer(tmp_path):
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Sequential(nn.ReLU(), DataDependent()), nn.Flatten())
+    with pytest.raises(OnnxExportError, match=r"ONNX cannot export Sequential: layer '1\.1' \(DataDependent\) "
+                                              r"fails on its own") as caught:
+        export_onnx(model, torch.randn(2, 1, 8, 8), tmp_path / "bad.onnx")
+    assert caught.value.layer == "1.1" and not (tmp_path / "bad.onnx").exists()
+
+
+def test_an_export_whose_outputs_differ_from_pytorch_is_refused_and_removed(tmp_path, monkeypatch):
+    real = SessionModule.__call__
+    monkeypatch.setattr(SessionModule, "__call__", lambda self, x: real(self, x) + 0.01)
+    with pytest.raises(OnnxExportError, match=r"does not match PyTorch at batch 2: max \|output diff\| 0\.01"):
+        export_onnx(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten()), torch.randn(2, 1, 6, 6), tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_an_example_that_is_not_a_batch_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"`example` must be a batch of inputs \(N, C, \*size\)"):
+        export_onnx(nn.Conv2d(1, 2, 3), torch.randn(6), tmp_path / "m.onnx")
+
+
+def test_a_missing_extra_is_named_with_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
+    with pytest.raises(ImportError, match=r"export_onnx needs the `onnx` extra, which is not installed \(missing: "
+                                          r"onnxruntime\): pip install 'lrlightning\[onnx\]'"):
+        export_onnx(nn.Conv2d(1, 2, 3), torch.randn(2, 1, 6, 6), "unused.onnx")
+    with pytest.raises(ImportError, match="a latency table in ONNX Runtime needs the `onnx` extra"):
+        LatencyTable("cpu", 2, backend="onnxruntime")
+
+
+def test_int8_quantizes_every_weight_layer_shrinks_the_file_and_keeps_the_predictions(tmp_path, factorized_resnet):
+    dense, small = factorized_resnet
+    fp32 = export_onnx(small, torch.randn(4, 1, 16, 16), tmp_path / "small.onnx")
+    calibration = [(torch.randn(16, 1, 16, 16) * 2 + 0.5, torch.zeros(16)) for _ in range(3)]
+    int8 = quantize_int8(fp32.path, tmp_path / "small.int8.onnx", calibration)
+    weights = [n for n in onnx.load(fp32.path).graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    assert int8.calibration_batches == 3 and int8.float == () and len(int8.quantized) == len(weights)
+    assert "layer1.0.conv1.0" in int8.quantized  # named by the PyTorch module the node came from
+    quantized, left = weight_layers(onnx.load(fp32.path))  # the float model: every weight layer left in float
+    assert quantized == [] and sorted(left) == sorted(int8.quantized)
+    assert int8.size_bytes < fp32.size_bytes
+    model = onnx.load(int8.path)
+    producers = {out: node for node in model.graph.node for out in node.output}
+    stored = {init.name: init.data_type for init in model.graph.initializer}
+    for node in model.graph.node:  # each weight is stored in int8 and dequantized at run time
+        if node.op_type == "Conv":
+            assert stored[producers[node.input[1]].input[0]] == onnx.TensorProto.INT8
+    x = torch.randn(64, 1, 16, 16) * 2 + 0.5
+    with torch.no_grad():
+        expected = small(x)
+    got = torch.from_numpy(SessionModule(session(int8.path))(x))
+    correlation = torch.corrcoef(torch.stack([got.flatten(), expected.flatten()]))[0, 1]
+    assert 0.9 < correlation < 1.0  # 8-bit activations and weights: close to the float model, not exact
+
+
+def test_int8_needs_a_calibration_batch(tmp_path):
+    fp32 = export_onnx(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten()), torch.randn(2, 1, 6, 6), tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match="`calibration` must yield at least one batch of inputs, got none"):
+        quantize_int8(fp32.path, tmp_path / "m.int8.onnx", [])
+    assert not (tmp_path / "m.int8.onnx").exists()
+
+
+def test_an_onnxruntime_latency_table_times_layers_in_their_own_cache_file(tmp_path):
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    candidates = {"svd:2": lambda: nn.Sequential(nn.Conv2d(8, 2, 3, padding=1), nn.Conv2d(2, 8, 1))}
+    table = LatencyTable("cpu", 2, tmp_path, backend="onnxruntime")
+    eager = LatencyTable("cpu", 2, tmp_path)
+    assert table.key.startswith(f"onnxruntime {onnxruntime.__version__} cpu") and table.path != eager.path
+    times = table.layer_times(conv, (8, 12, 12), candidates)
+    assert times.dense.median > 0 and times.ratios["svd:2"].median > 0 and table.measured == 2
+    again = LatencyTable("cpu", 2, tmp_path, backend="onnxruntime")
+    assert again.layer_times(conv, (8, 12, 12), candidates) == times and again.measured == 0
+    whole, inside = table.model_ms(nn.Sequential(conv, nn.ReLU()), (8, 12, 12), ["0"])
+    assert whole > 0 and inside == {}  # ONNX Runtime runs the graph whole: no layer is timed inside it
+    assert table.facts()["backend"] == "onnxruntime"
+
+
+def test_latency_backends_are_checked():
+    with pytest.raises(ValueError, match=r"`backend` must be one of \('eager', 'onnxruntime'\), got 'tensorrt'"):
+        LatencyTable("cpu", 2, backend="tensorrt")
+    with pytest.raises(ValueError, match=r"`backend`='onnxruntime' times on the CPU, got device 'meta'"):
+        LatencyTable("meta", 2, backend="onnxruntime")
+    with pytest.raises(ValueError, match=r"`Budget.latency_backend` must be one of \('eager', 'onnxruntime'\), got "
+                                         r"'ort'"):
+        Budget(2.0, metric="latency", input_shape=(3, 8, 8), latency_backend="ort")
+    with pytest.raises(ValueError, match=r"`Budget.latency_device` must be None or 'cpu', got 'cuda'"):
+        Budget(2.0, metric="latency", input_shape=(3, 8, 8), latency_backend="onnxruntime", latency_device="cuda")
+
+
+def test_an_onnxruntime_budget_allocates_on_an_onnxruntime_table_and_says_so(mac_latency):
+    model = build_backbone("resnet20", num_classes=10, in_channels=1, width=8).eval()
+    rule = Budget(1.5, metric="latency", input_shape=(1, 16, 16), latency_backend="onnxruntime")
+    plans, _ = plan_layers(model, LowRankOptions("svd", rule), warn=False)
+    [table] = mac_latency.made
+    assert plans and (table.backend, str(table.device)) == ("onnxruntime", "cpu")
+    assert rule_record(rule) == {"budget": 1.5, "metric": "latency", "backend": "onnxruntime"}
+    assert rule_label(rule_record(rule)) == "budget=1.5x latency (onnxruntime)"
+    assert rule_record(Budget(2.0)) == {"budget": 2.0, "metric": "params"}
