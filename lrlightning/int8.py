@@ -1,11 +1,16 @@
 """int8 ONNX models: ONNX Runtime's static quantization of an exported model (QDQ format, int8 weights per output
-channel, uint8 activations with ranges calibrated on real batches: the pairing ONNX Runtime's x86 int8 kernels run
-fastest; int8 activations ran 1.4-2x slower than fp32 on an AVX2 CPU), and which of its weight layers (Conv, Gemm,
-MatMul) were quantized and which were left in float. Needs the ``onnx`` extra."""
+channel, uint8 activations with ranges calibrated on real batches), and which of its weight layers (Conv, Gemm,
+MatMul) were quantized and which were left in float. Needs the ``onnx`` extra.
+
+Choices measured on an AVX2 CPU without VNNI: uint8 activations (int8 ones ran 1.4-2x slower than fp32); 7-bit
+weights (``reduce_range``), since the u8 × s8 kernels saturate pairs of full-range products there (a Tucker-2
+ResNet-20 fell from 80.6 % to 21 % without it, and ran slower); convs with fewer than ``min_channels`` output
+channels or products per output left in float (thin factor stages gain nothing from int8 kernels and pay for requantizing)."""
 from __future__ import annotations
 
 import ast
 import logging
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,11 +83,26 @@ class Batches:
         return {self.input_name: torch.as_tensor(x).detach().cpu().float().numpy()}
 
 
-def quantize_int8(fp32: str | Path, out: str | Path, calibration: Iterable, per_channel: bool = True) -> Int8File:
+def thin_convs(model, min_channels: int) -> list[str]:
+    """Names of the Conv nodes of an ONNX ``model`` with fewer than ``min_channels`` output channels or products
+    summed per output (input channels per group × kernel positions): a thin factor stage, not a 3-channel stem."""
+    shapes = {init.name: tuple(init.dims) for init in model.graph.initializer}
+    thin = []
+    for node in model.graph.node:
+        shape = shapes.get(node.input[1], ()) if node.op_type == "Conv" else ()
+        if len(shape) >= 2 and min(shape[0], math.prod(shape[1:])) < min_channels:
+            thin.append(node.name)
+    return thin
+
+
+def quantize_int8(fp32: str | Path, out: str | Path, calibration: Iterable, per_channel: bool = True,
+                  reduce_range: bool = True, min_channels: int = 16) -> Int8File:
     """Write ``fp32`` (an ONNX file, ``export_onnx``) to ``out`` quantized to int8: ONNX Runtime's pre-processing
     (shape inference, graph optimization), then static QDQ quantization, int8 weights (per output channel when
-    ``per_channel``, default) and uint8 activations whose ranges come from running ``calibration`` (an iterable
-    of input batches or (input, target) batches; at least one) through the model (min-max)."""
+    ``per_channel``, default; 7-bit when ``reduce_range``, default) and uint8 activations whose ranges come from
+    running ``calibration`` (an iterable of input batches or (input, target) batches; at least one) through the
+    model (min-max). Convs with fewer than ``min_channels`` (default 16; 1: none) output channels or products per
+    output (``thin_convs``) stay in float."""
     require_onnx("quantize_int8")
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -91,6 +111,8 @@ def quantize_int8(fp32: str | Path, out: str | Path, calibration: Iterable, per_
     class Reader(Batches, CalibrationDataReader):
         pass
 
+    if not (isinstance(min_channels, int) and min_channels >= 1):
+        raise ValueError(f"`min_channels` must be an int >= 1, got {min_channels!r}")
     batches = list(calibration)
     if not batches:
         raise ValueError("`calibration` must yield at least one batch of inputs, got none")
@@ -104,8 +126,10 @@ def quantize_int8(fp32: str | Path, out: str | Path, calibration: Iterable, per_
         quant_log.setLevel(logging.ERROR)
         try:
             quant_pre_process(str(fp32), str(prepared))
+            thin = thin_convs(onnx.load(str(prepared)), min_channels)
             quantize_static(str(prepared), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                            reduce_range=reduce_range, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, nodes_to_exclude=thin)
         finally:
             quant_log.setLevel(level)
     quantized, left = weight_layers(onnx.load(str(out)))

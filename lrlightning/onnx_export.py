@@ -21,6 +21,7 @@ from .names import named_modules
 EXTRA = ("onnx", "onnxscript", "onnxruntime")  # the modules of the ``onnx`` extra
 INPUT, OUTPUT = "input", "output"  # the graph's input and output names
 KEPT_METADATA = ("pkg.torch.onnx.name_scopes",)  # node metadata kept in the file: the module each node came from
+EXPORTER_LOGGERS = ("torch.onnx", "onnx_ir", "onnxscript")  # silenced while exporting (progress lines)
 CHECK_TOLERANCE = 1e-4  # of the largest |output|: how far ONNX Runtime's outputs may be from PyTorch's
 
 
@@ -65,9 +66,10 @@ class OnnxFile:
 def quiet_export(module: nn.Module, example: torch.Tensor, dynamic: bool):
     """The ``torch.onnx`` program of ``module`` on ``example`` (dynamo exporter, eval mode as given; the batch
     dimension dynamic when ``dynamic``), with the exporter's progress lines and warnings silenced."""
-    exporter_log = logging.getLogger("torch.onnx")
-    level = exporter_log.level
-    exporter_log.setLevel(logging.ERROR)
+    loggers = [logging.getLogger(name) for name in EXPORTER_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -75,7 +77,8 @@ def quiet_export(module: nn.Module, example: torch.Tensor, dynamic: bool):
             return torch.onnx.export(module, (example,), dynamo=True, verbose=False, input_names=[INPUT],
                                      output_names=[OUTPUT], dynamic_shapes=shapes)
     finally:
-        exporter_log.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def timing_bytes(module: nn.Module, example: torch.Tensor) -> bytes:

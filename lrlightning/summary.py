@@ -43,8 +43,9 @@ def plan_table(plans: list[LayerPlan], skipped: list[SkippedLayer], scheme: str,
         rows[-1].append("")
     text = "Low-rank plan\n" + format_table(header, rows)
     if allocation is not None:
-        where = (f" at batch {allocation.batch_size} on {allocation.device}, predicted from measured layer times "
-                 f"({TABLE_STATES[allocation.table['state']]})" if allocation.metric == "latency" else "")
+        runtime = " in ONNX Runtime" if (allocation.table or {}).get("backend") == "onnxruntime" else ""
+        where = (f" at batch {allocation.batch_size} on {allocation.device}{runtime}, predicted from measured layer "
+                 f"times ({TABLE_STATES[allocation.table['state']]})" if allocation.metric == "latency" else "")
         text += (f"\nBudget {allocation.budget:g}x in {allocation.unit}{where}: whole model "
                  f"{cost_text(allocation.dense, allocation.metric)} -> {cost_text(allocation.allocated, allocation.metric)}"
                  f" ({allocation.achieved:.2f}x)")

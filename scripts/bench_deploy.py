@@ -70,7 +70,8 @@ def publish_run(run_dir: Path, out: str) -> None:
     footnote = (f"(the run's {summary['method']} {summary['scheme']} model, {summary['layers_compressed']} layers "
                 f"factorized, {summary['mac_reduction']:.2f}x fewer MACs, trained {summary.get('global_step')} steps "
                 f"at commit {summary.get('commit')}; {entry['runtime']}, {entry['threads']} threads, files timed "
-                f"interleaved; int8 calibrated on {entry.get('calibration_batches')} training batches; accuracy cost "
+                f"interleaved; int8 calibrated on {entry.get('calibration_batches')} training batches, convs with fewer "
+                f"than {entry.get('min_channels')} output channels or inputs per output in float; accuracy cost "
                 f"of int8: dense {100 * cost.get('dense', float('nan')):.2f} pt, factorized "
                 f"{100 * cost.get('factorized', float('nan')):.2f} pt; overrides: {overrides_of(run_dir) or 'none'})")
     data = {"run": str(run_dir), "summary": {k: summary.get(k) for k in (
@@ -91,6 +92,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--calibration-batches", type=int, default=8)
     parser.add_argument("--calibration-batch-size", type=int, default=8)
+    parser.add_argument("--min-channels", type=int, default=16, help="quantize_int8's min_channels (default: 16)")
     parser.add_argument("--rounds", type=int, default=DEPLOY_ROUNDS)
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's count)")
     parser.add_argument("--run", type=Path, default=None, help="publish this lrl-train run dir's deploy entry")
@@ -124,7 +126,7 @@ def main() -> None:
                 seconds[f"{name}_fp32"] = time.perf_counter() - start
                 start = time.perf_counter()
                 files[f"{name}_int8"] = quantize_int8(files[f"{name}_fp32"].path, Path(folder) / f"{name}.int8.onnx",
-                                                      calibration)
+                                                      calibration, min_channels=args.min_channels)
                 seconds[f"{name}_int8"] = time.perf_counter() - start
             runners = {label: SessionModule(session(files[label].path)) for label in LABELS}
             with torch.no_grad():
@@ -162,8 +164,8 @@ def main() -> None:
                *[f"speedup vs dense fp32, batch {b}" for b in args.batch_sizes], "logits ~ PyTorch"]
     wait = f", OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}" if os.environ.get("OMP_WAIT_POLICY") else ""
     footnote = (f"({args.scheme} at {args.mac_budget:g}x fewer MACs, inputs {shape}, random weights with BatchNorm "
-                f"statistics from two train-mode passes; int8: ONNX Runtime static QDQ, per-channel int8 weights, uint8 "
-                f"activations calibrated on {args.calibration_batches} random batches of {args.calibration_batch_size}; "
+                f"statistics from two train-mode passes; int8: ONNX Runtime static QDQ, per-channel 7-bit int8 weights, uint8 "
+                f"activations, convs with fewer than {args.min_channels} output channels or inputs per output in float, calibrated on {args.calibration_batches} random batches of {args.calibration_batch_size}; "
                 f"ONNX Runtime CPU, {torch.get_num_threads()} threads, no spin-waiting{wait}; the four files timed "
                 f"interleaved over {args.rounds} rounds, median ms and per-round speedup with its interquartile range; "
                 "logits ~ PyTorch: correlation of the file's logits with the projected dense PyTorch model's on 4 random "

@@ -27,15 +27,12 @@ import argparse
 import copy
 import importlib.util
 import itertools
-import logging
 import os
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
@@ -44,6 +41,7 @@ from lrlightning.allocator import retain_freed_memory
 from lrlightning.app.provenance import publish_table
 from lrlightning.backbones import BACKBONES, build_backbone
 from lrlightning.latency import synchronize
+from lrlightning.onnx_export import EXTRA
 from lrlightning.projection import project_planned_
 from lrlightning.speed import fold_batchnorm, keep_faster_layers
 
@@ -62,31 +60,17 @@ def positive_int(text: str) -> int:
 
 def onnxruntime_missing() -> list[str]:
     """The packages of the ``onnx`` extra that the onnxruntime mode needs and that are not installed."""
-    return [name for name in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(name) is None]
+    return [name for name in EXTRA if importlib.util.find_spec(name) is None]
 
 
 def onnxruntime_runner(model: torch.nn.Module, example: torch.Tensor) -> Callable[[], object]:
-    """One forward pass of ``model`` exported to ONNX (``dynamo=True``, for ``example``'s shape) in an
-    onnxruntime CPU session with torch's intra-op thread count. Its threads do not spin-wait after a pass, so
-    that they leave the cores to the other model timed alternately."""
-    import onnxruntime
+    """One forward pass of ``model`` exported to ONNX for ``example``'s shape
+    (``lrlightning.onnx_export.timing_bytes``) in an ONNX Runtime CPU session with torch's intra-op thread count,
+    whose threads do not spin-wait after a pass (they leave the cores to the other model timed alternately)."""
+    from lrlightning.onnx_export import SessionModule, session, timing_bytes
 
-    exporter_log = logging.getLogger("torch.onnx")
-    level = exporter_log.level
-    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        exporter_log.setLevel(logging.ERROR)
-        path = str(Path(folder) / "model.onnx")
-        try:
-            torch.onnx.export(model, (example,), path, dynamo=True, verbose=False)
-        finally:
-            exporter_log.setLevel(level)
-        settings = onnxruntime.SessionOptions()
-        settings.intra_op_num_threads = torch.get_num_threads()
-        settings.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = onnxruntime.InferenceSession(path, settings, providers=["CPUExecutionProvider"])
-    feed = {session.get_inputs()[0].name: example.numpy()}
-    return lambda: session.run(None, feed)
+    runner = SessionModule(session(timing_bytes(model, example)))
+    return lambda: runner(example)
 
 
 def prepare(mode: str, model: torch.nn.Module, example: torch.Tensor) -> Callable[[], object]:

@@ -94,7 +94,7 @@ def test_int8_quantizes_every_weight_layer_shrinks_the_file_and_keeps_the_predic
     dense, small = factorized_resnet
     fp32 = export_onnx(small, torch.randn(4, 1, 16, 16), tmp_path / "small.onnx")
     calibration = [(torch.randn(16, 1, 16, 16) * 2 + 0.5, torch.zeros(16)) for _ in range(3)]
-    int8 = quantize_int8(fp32.path, tmp_path / "small.int8.onnx", calibration)
+    int8 = quantize_int8(fp32.path, tmp_path / "small.int8.onnx", calibration, min_channels=1)
     weights = [n for n in onnx.load(fp32.path).graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
     assert int8.calibration_batches == 3 and int8.float == () and len(int8.quantized) == len(weights)
     assert "layer1.0.conv1.0" in int8.quantized  # named by the PyTorch module the node came from
@@ -113,6 +113,18 @@ def test_int8_quantizes_every_weight_layer_shrinks_the_file_and_keeps_the_predic
     got = torch.from_numpy(SessionModule(session(int8.path))(x))
     correlation = torch.corrcoef(torch.stack([got.flatten(), expected.flatten()]))[0, 1]
     assert 0.9 < correlation < 1.0  # 8-bit activations and weights: close to the float model, not exact
+
+
+def test_int8_leaves_thin_convs_in_float_and_names_them(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 32, 3), nn.ReLU(), nn.Conv2d(32, 4, 1), nn.Conv2d(4, 32, 1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    fp32 = export_onnx(model, torch.randn(4, 3, 12, 12), tmp_path / "m.onnx")
+    int8 = quantize_int8(fp32.path, tmp_path / "m.int8.onnx", [torch.randn(8, 3, 12, 12)])
+    assert (int8.quantized, int8.float) == (("0", "7"), ("2", "3"))  # into and out of 4 channels: float; not the stem
+    every = quantize_int8(fp32.path, tmp_path / "every.int8.onnx", [torch.randn(8, 3, 12, 12)], min_channels=1)
+    assert (every.quantized, every.float) == (("0", "2", "3", "7"), ())
+    with pytest.raises(ValueError, match="`min_channels` must be an int >= 1, got 0"):
+        quantize_int8(fp32.path, tmp_path / "x.onnx", [torch.randn(8, 3, 12, 12)], min_channels=0)
 
 
 def test_int8_needs_a_calibration_batch(tmp_path):

@@ -26,8 +26,8 @@ DEPLOY_ROUNDS = 7  # interleaved rounds of the deployed models' timings
 EXAMPLE_BATCH = 8  # real inputs an export is checked on
 
 
-def deploy_settings(node: DictConfig | dict | None) -> tuple[str, int]:
-    """(format, calibration batches) of a ``deploy`` node; raises a ValueError naming a bad key."""
+def deploy_settings(node: DictConfig | dict | None) -> tuple[str, int, int]:
+    """(format, calibration batches, min channels) of a ``deploy`` node; raises a ValueError naming a bad key."""
     node = dict(node or {})
     fmt = node.get("format", "none")
     if fmt not in FORMATS:
@@ -35,16 +35,19 @@ def deploy_settings(node: DictConfig | dict | None) -> tuple[str, int]:
     batches = node.get("calibration_batches", 8)
     if not (is_int(batches) and batches >= 1):
         raise ValueError(f"`deploy.calibration_batches` must be an int >= 1, got {batches!r}")
-    unknown = sorted(set(node) - {"format", "calibration_batches"})
+    min_channels = node.get("min_channels", 16)
+    if not (is_int(min_channels) and min_channels >= 1):
+        raise ValueError(f"`deploy.min_channels` must be an int >= 1, got {min_channels!r}")
+    unknown = sorted(set(node) - {"format", "calibration_batches", "min_channels"})
     if unknown:
-        raise ValueError(f"`deploy` has unknown keys {unknown}; allowed: format, calibration_batches")
-    return fmt, int(batches)
+        raise ValueError(f"`deploy` has unknown keys {unknown}; allowed: format, calibration_batches, min_channels")
+    return fmt, int(batches), int(min_channels)
 
 
 def check_deploy(node: DictConfig | dict | None) -> None:
     """Before a job runs: its ``deploy`` settings are valid and, for ``onnx`` or ``int8``, the ``onnx`` extra is
     installed (an ImportError naming it otherwise)."""
-    fmt, _ = deploy_settings(node)
+    fmt = deploy_settings(node)[0]
     if fmt != "none":
         require_onnx(f"deploy={fmt}")
 
@@ -75,7 +78,7 @@ def deploy(node: DictConfig | dict | None, run_dir: Path, dense: nn.Module, smal
     """Write and measure the ``deploy`` artifacts of ``dense`` and ``small`` (None: a dense run) into ``run_dir``;
     the ``summary.json`` entry, or None for ``format: none``. Calibration batches are drawn from the training set
     with ``seed``."""
-    fmt, calibration_batches = deploy_settings(node)
+    fmt, calibration_batches, min_channels = deploy_settings(node)
     if fmt == "none":
         return None
     require_onnx(f"deploy={fmt}")
@@ -89,7 +92,7 @@ def deploy(node: DictConfig | dict | None, run_dir: Path, dense: nn.Module, smal
         calibration = [batch[0] for batch in reshuffled(datamodule.train_dataloader(), calibration_batches, seed)]
         for name in models:
             files[f"{name}_int8"] = quantize_int8(run_dir / f"{name}.onnx", run_dir / f"{name}.int8.onnx",
-                                                  calibration)
+                                                  calibration, min_channels=min_channels)
     runners = {label: SessionModule(session(file.path)) for label, file in files.items()}
     datamodule.setup("test")
     accuracy = {label: ort_accuracy(runner, datamodule.test_dataloader()) for label, runner in runners.items()}
@@ -112,7 +115,7 @@ def deploy(node: DictConfig | dict | None, run_dir: Path, dense: nn.Module, smal
     entry = {"format": fmt, "runtime": f"onnxruntime {onnxruntime.__version__} CPU",
              "threads": torch.get_num_threads(), "latency_batch_size": batch_size, "rows": rows}
     if fmt == "int8":
-        entry["calibration_batches"] = calibration_batches
+        entry.update(calibration_batches=calibration_batches, min_channels=min_channels)
         entry["int8_accuracy_cost"] = {name: accuracy[f"{name}_fp32"] - accuracy[f"{name}_int8"] for name in models}
     return entry
 

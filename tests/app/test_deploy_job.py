@@ -31,7 +31,8 @@ def compose_job(name, overrides):
 @pytest.fixture(scope="module")
 def int8_run(tmp_path_factory, tiny_train):
     run_dir = tmp_path_factory.mktemp("int8-run")
-    summary = train(compose_job("train", [*tiny_train, "deploy=int8", "deploy.calibration_batches=2"]), run_dir)
+    summary = train(compose_job("train", [*tiny_train, "deploy=int8", "deploy.calibration_batches=2",
+                                            "deploy.min_channels=1"]), run_dir)
     return run_dir, summary
 
 
@@ -39,7 +40,8 @@ def test_int8_deploy_writes_four_checked_files_and_their_measured_rows(int8_run,
     run_dir, summary = int8_run
     entry = summary["deploy"]
     assert list(entry["rows"]) == ["dense_fp32", "factorized_fp32", "dense_int8", "factorized_int8"]
-    assert (entry["format"], entry["calibration_batches"], entry["latency_batch_size"]) == ("int8", 2, 4)
+    assert (entry["format"], entry["calibration_batches"], entry["min_channels"], entry["latency_batch_size"]) == (
+        "int8", 2, 1, 4)
     for label, row in entry["rows"].items():
         assert ROW_FIELDS <= row.keys() and (run_dir / row["file"]).stat().st_size == row["size_bytes"]
         assert row["latency_ms"] > 0 and row["latency_ms_batch1"] > 0 and 0.0 <= row["test_acc"] <= 1.0
@@ -95,15 +97,16 @@ def test_lrl_collect_plots_accuracy_against_deployed_latency(int8_run, tmp_path)
 @pytest.mark.parametrize(("node", "message"), [
     ({"format": "tflite"}, r"`deploy.format` must be one of \('none', 'onnx', 'int8'\), got 'tflite'"),
     ({"format": "int8", "calibration_batches": 0}, r"`deploy.calibration_batches` must be an int >= 1, got 0"),
-    ({"format": "onnx", "opset": 17}, r"`deploy` has unknown keys \['opset'\]; allowed: format, calibration_batches"),
+    ({"format": "int8", "min_channels": 0}, r"`deploy.min_channels` must be an int >= 1, got 0"),
+    ({"format": "onnx", "opset": 17}, r"`deploy` has unknown keys \['opset'\]; allowed: format, calibration_batches, "
+                                      r"min_channels"),
 ])
 def test_bad_deploy_settings_are_named_before_the_job_runs(node, message, tmp_path, tiny_train):
     with pytest.raises(ValueError, match=message):
         check_deploy(node)
-    overrides = [*tiny_train, f"deploy.format={node['format']}",
-                 *[f"+deploy.{k}={v}" for k, v in node.items() if k not in ("format", "calibration_batches")]]
-    if "calibration_batches" in node:
-        overrides += ["deploy=int8", f"deploy.calibration_batches={node['calibration_batches']}"]
+    preset = "int8" if node["format"] == "int8" else "onnx"
+    overrides = [*tiny_train, f"deploy={preset}", f"deploy.format={node['format']}"]
+    overrides += [f"{'' if preset == 'int8' else '+'}deploy.{k}={v}" for k, v in node.items() if k != "format"]
     with pytest.raises(ValueError, match=message):
         train(compose_job("train", overrides), tmp_path)
     assert not any(tmp_path.iterdir())  # refused before anything was trained or written
