@@ -6,8 +6,8 @@ will run.
 
 A table is one JSON file per device (``latency-<device key>.json`` under ``cache_dir``; default
 ``$LRLIGHTNING_CACHE`` or ``~/.cache/lrlightning``). The key names the CPU model and torch's thread count, or the
-CUDA device, the backend (ONNX Runtime's version) and the torch version; an entry is keyed by the layer's geometry, its input (N, C, *size), dtype and the
-candidate (scheme and rank), never by weight values. Each entry holds a ``Spread`` (median and interquartile range
+CUDA device, the backend (ONNX Runtime's version) and the torch version; an entry is keyed by the layer's geometry,
+its input (N, C, *size), dtype and the candidate (scheme and rank), never by weight values. Each entry holds a ``Spread`` (median and interquartile range
 over interleaved rounds) of milliseconds per forward pass of the whole batch; a candidate also holds its ratio to
 the dense layer, paired per round. A file that cannot be read, or was written in another format, is measured anew
 and replaced, with a log line saying so.
