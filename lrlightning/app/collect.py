@@ -119,6 +119,17 @@ def deployed_columns(entry: Any) -> dict[str, Any]:
             for field in DEPLOY_FIELDS}
 
 
+def save_figure(fig, ax, path: Path, legend_size: str) -> None:
+    """Grid, legend, tight layout; write ``path`` (PNG, 120 dpi) and close the figure."""
+    import matplotlib.pyplot as plt
+
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_deployed(rows: list[dict[str, Any]], path: Path) -> bool:
     """Test accuracy against ONNX Runtime latency at the run's latency batch, one marker per deployed model
     (``DEPLOYED``) and method, each run's models joined by a thin line; False (nothing written) when no run was
@@ -148,11 +159,7 @@ def plot_deployed(rows: list[dict[str, Any]], path: Path) -> bool:
     ax.set_xlabel(f"ONNX Runtime latency, ms per batch of {', '.join(map(str, batches))} (lower is faster)")
     ax.set_ylabel("test accuracy in ONNX Runtime (%)")
     ax.set_title(f"accuracy vs deployed latency ({len(done)} runs)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="x-small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, ax, path, "x-small")
     return True
 
 
@@ -209,11 +216,7 @@ def plot(rows: list[dict[str, Any]], path: Path, x_key: str = "compression_ratio
     ax.set_xlabel(what + " (dense / factorized)")
     ax.set_ylabel("test accuracy of the factorized model (%)")
     ax.set_title(f"accuracy vs {'speed' if x_key == 'speedup' else 'compression'} ({len(done)} runs)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, ax, path, "small")
 
 
 def write_sweep(rows: list[dict[str, Any]], out: Path, x_key: str = AXES[0]) -> str:
