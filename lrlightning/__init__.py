@@ -6,6 +6,7 @@ torch only (Lightning pulls in torchmetrics, which imports matplotlib whenever i
 from typing import TYPE_CHECKING
 
 from .counting import count_macs, count_params
+from .distillation import Distillation, distillation_loss, frozen_teacher
 from .export import factorize, factorize_planned, load_factorized, save_factorized
 from .finish import finish, finish_
 from .objectives import Activation
@@ -24,6 +25,7 @@ __all__ = [
     "Activation",
     "Budget",
     "Compression",
+    "Distillation",
     "Energy",
     "LoweredSVD",
     "Selection",
@@ -41,10 +43,12 @@ __all__ = [
     "SCHEME_NAMES",
     "count_macs",
     "count_params",
+    "distillation_loss",
     "factorize",
     "factorize_planned",
     "finish",
     "finish_",
+    "frozen_teacher",
     "gather_statistics",
     "load_factorized",
     "plan_layers",

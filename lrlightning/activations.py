@@ -17,6 +17,7 @@ from .schemes.tiled_svd import explicit_padding
 
 CHUNK_ELEMENTS = 1 << 24  # im2col elements lowered at once (64 MiB in float32)
 ROWS_PER_FEATURE = 4  # a batch adds at most this many im2col rows per feature (n) to a layer's moments
+PIXELS_PER_CHANNEL = 64  # and at most this many input pixels per channel (S) to a layer's channel moments
 
 
 @dataclass
@@ -52,6 +53,15 @@ class LayerStatistics:
         """The sums that add up over batches and processes (reduced in place under DDP)."""
         return [self.moment_sum, self.row_sum, self.rows]
 
+    def __add__(self, other: "LayerStatistics") -> "LayerStatistics":
+        """The statistics of both sets of inputs (the BatchNorm scale of ``other``, the later one)."""
+        return LayerStatistics(self.moment_sum + other.moment_sum, self.row_sum + other.row_sum,
+                               self.rows + other.rows, other.output_scale)
+
+    def to(self, device: torch.device | str) -> "LayerStatistics":
+        scale = self.output_scale.to(device) if self.output_scale is not None else None
+        return LayerStatistics(*(tensor.to(device) for tensor in self.tensors()), scale)
+
 
 def patches(module: nn.Module, x: Tensor) -> Tensor:
     """The padded input ``x`` (N, S, *size) of a Conv1d/2d/3d as a view (N, S, *output size, *kernel) of every
@@ -64,15 +74,30 @@ def patches(module: nn.Module, x: Tensor) -> Tensor:
     return x
 
 
-def input_rows(module: nn.Module, x: Tensor, channels: bool = False) -> Iterator[Tensor]:
+def drawn_rows(view: Tensor, positions: tuple[int, ...], count: int, generator: torch.Generator | None) -> Tensor:
+    """``count`` slices ``view[n, :, *p]`` (count, C, *rest) of ``view`` (N, C, *positions, *rest), at (sample n,
+    position p) drawn uniformly with replacement (``randint``: a permutation of every position costs more than the
+    moments); only the drawn slices are copied."""
+    drawn = torch.randint(view.shape[0] * math.prod(positions), (count,), device=view.device, generator=generator)
+    index = torch.unravel_index(drawn, (view.shape[0], *positions))
+    return view[(index[0], slice(None), *index[1:])]
+
+
+def input_rows(module: nn.Module, x: Tensor, channels: bool = False,
+               generator: torch.Generator | None = None) -> Iterator[Tensor]:
     """``module``'s input ``x`` as im2col rows (rows, n), n = S·prod(kernel) in the column order of
     ``weight.reshape(T, -1)`` for each group side by side: all of them in chunks bounded by ``CHUNK_ELEMENTS``, or,
-    where there are more than ``ROWS_PER_FEATURE`` times a group's n, that many drawn uniformly (torch's
-    generator); with ``channels`` a conv's input pixels' channel vectors (rows, S), all of them, instead."""
+    where there are more than ``ROWS_PER_FEATURE`` times a group's n, that many drawn uniformly (from
+    ``generator``, default torch's; ``drawn_rows``); with ``channels`` a conv's input pixels' channel vectors (rows, S) instead: all
+    of them, or ``PIXELS_PER_CHANNEL``·S of them drawn uniformly."""
     if isinstance(module, nn.Linear):
         yield x.reshape(-1, x.shape[-1])
         return
     if channels:
+        pixels = x.shape[0] * math.prod(x.shape[2:])
+        if pixels > PIXELS_PER_CHANNEL * x.shape[1]:
+            yield drawn_rows(x, tuple(x.shape[2:]), PIXELS_PER_CHANNEL * x.shape[1], generator)
+            return
         yield x.movedim(1, -1).reshape(-1, x.shape[1])
         return
     view = patches(module, x)
@@ -81,9 +106,7 @@ def input_rows(module: nn.Module, x: Tensor, channels: bool = False) -> Iterator
     kernel = math.prod(module.kernel_size)
     count = ROWS_PER_FEATURE * x.shape[1] // module.groups * kernel
     if x.shape[0] * math.prod(positions) > count:
-        drawn = torch.randperm(x.shape[0] * math.prod(positions), device=x.device)[:count]
-        index = torch.unravel_index(drawn, (x.shape[0], *positions))
-        yield view[(index[0], slice(None), *index[1:])].reshape(count, -1)
+        yield drawn_rows(view, tuple(positions), count, generator).reshape(count, -1)
         return
     order = (0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims))
     step = max(1, CHUNK_ELEMENTS // max(1, x[0].numel() * kernel))
@@ -102,6 +125,87 @@ def batchnorm_scale(norm: nn.modules.batchnorm._BatchNorm) -> Tensor:
     return scale * norm.weight.detach().double().abs() if norm.affine else scale
 
 
+class InputRecorder:
+    """Forward hooks that add the inputs of the named Conv1d/2d/3d and Linear layers of ``model`` (canonical names)
+    to their moments on every forward pass while ``attached`` (``input_statistics``, or a training step's own passes).
+    The layers named in ``channels`` record their input pixels' channel vectors; ``generator`` draws the im2col rows
+    (None: torch's default generator). A BatchNorm is paired with a layer when its input is that layer's output
+    tensor; ``end_pass()`` forgets the outputs of the last pass."""
+
+    def __init__(self, model: nn.Module, names: Iterable[str], channels: Collection[str] = (),
+                 generator: torch.Generator | None = None):
+        modules = named_modules(model)
+        self.model, self.layers = model, {name: modules[name] for name in names}
+        self.channels, self.generator = set(channels), generator
+        self.sums: dict[str, Tensor] = {}
+        self.row_sums: dict[str, Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.outputs: dict[str, Tensor] = {}
+        self.followers: dict[str, nn.Module] = {}
+        self.handles: list = []
+
+    @property
+    def attached(self) -> bool:
+        return bool(self.handles)
+
+    def attach(self) -> "InputRecorder":
+        if not self.handles:
+            self.handles = [layer.register_forward_pre_hook(self.record_inputs(name))
+                            for name, layer in self.layers.items()]
+            self.handles += [layer.register_forward_hook(self.record_output(name))
+                             for name, layer in self.layers.items()]
+            self.handles += [m.register_forward_pre_hook(self.find_producer) for m in self.model.modules()
+                             if isinstance(m, BATCHNORMS)]
+        return self
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        self.end_pass()
+
+    def end_pass(self) -> None:
+        self.outputs.clear()
+
+    def reset(self) -> None:
+        """Forget the moments recorded so far (the BatchNorm pairing stays)."""
+        self.sums, self.row_sums, self.counts = {}, {}, {}
+
+    def record_inputs(self, name: str):
+        def hook(module, args):
+            groups = getattr(module, "groups", 1)
+            for rows in input_rows(module, args[0].detach(), name in self.channels, self.generator):
+                with torch.autocast(rows.device.type, enabled=False):  # fp16/bf16 sums overflow or round
+                    rows = rows.double() if rows.dtype == torch.float64 else rows.float()
+                    if groups > 1:  # each group's moments (g, n/g, n/g), never the full (n, n)
+                        rows = rows.reshape(rows.shape[0], groups, -1).transpose(0, 1)
+                    gram = (rows.mT @ rows).double()
+                total = rows.sum(-2).double()
+                self.sums[name] = self.sums[name] + gram if name in self.sums else gram
+                self.row_sums[name] = self.row_sums[name] + total if name in self.row_sums else total
+                self.counts[name] = self.counts.get(name, 0) + rows.shape[-2]
+        return hook
+
+    def record_output(self, name: str):
+        def hook(module, args, output):
+            self.outputs[name] = output
+        return hook
+
+    def find_producer(self, module, args):
+        for name, output in self.outputs.items():
+            if args[0] is output and module.num_features == output.shape[1]:
+                self.followers.setdefault(name, module)
+
+    def result(self) -> dict[str, LayerStatistics]:
+        """``LayerStatistics`` of every named layer the passes ran (the BatchNorm scales as they are now)."""
+        return {name: LayerStatistics(self.sums[name], self.row_sums[name],
+                                      torch.tensor(float(self.counts[name]), dtype=torch.float64,
+                                                   device=self.sums[name].device),
+                                      batchnorm_scale(self.followers[name]).to(self.sums[name].device)
+                                      if name in self.followers else None)
+                for name in self.layers if name in self.sums}
+
+
 def input_statistics(model: nn.Module, names: Iterable[str], batches: Iterable[Any],
                      forward: Callable[[nn.Module, Any], Any] | None = None, seed: int | None = None,
                      channels: Collection[str] = ()) -> dict[str, LayerStatistics]:
@@ -111,55 +215,15 @@ def input_statistics(model: nn.Module, names: Iterable[str], batches: Iterable[A
     are restored afterwards. The layers named in ``channels`` record the moments of their input pixels' channel
     vectors (S, S), 1/kh·kw of the cost, instead of im2col rows. A BatchNorm is paired with a layer when its input
     is that layer's output tensor. A layer the passes never run is missing from the result."""
-    modules = named_modules(model)
-    layers = {name: modules[name] for name in names}
-    sums: dict[str, Tensor] = {}
-    counts: dict[str, int] = {}
-    row_sums: dict[str, Tensor] = {}
-    outputs: dict[str, Tensor] = {}
-    followers: dict[str, nn.Module] = {}
-
-    def record_inputs(name: str):
-        def hook(module, args):
-            groups = getattr(module, "groups", 1)
-            for rows in input_rows(module, args[0].detach(), name in channels):
-                with torch.autocast(rows.device.type, enabled=False):  # fp16/bf16 sums overflow or round
-                    rows = rows.double() if rows.dtype == torch.float64 else rows.float()
-                    if groups > 1:  # each group's moments (g, n/g, n/g), never the full (n, n)
-                        rows = rows.reshape(rows.shape[0], groups, -1).transpose(0, 1)
-                    gram = (rows.mT @ rows).double()
-                total = rows.sum(-2).double()
-                sums[name] = sums[name] + gram if name in sums else gram
-                row_sums[name] = row_sums[name] + total if name in row_sums else total
-                counts[name] = counts.get(name, 0) + rows.shape[-2]
-        return hook
-
-    def record_output(name: str):
-        def hook(module, args, output):
-            outputs[name] = output
-        return hook
-
-    def find_producer(norm):
-        def hook(module, args):
-            for name, output in outputs.items():
-                if args[0] is output and module.num_features == output.shape[1]:
-                    followers.setdefault(name, module)
-        return hook
-
-    handles = [layer.register_forward_pre_hook(record_inputs(name)) for name, layer in layers.items()]
-    handles += [layer.register_forward_hook(record_output(name)) for name, layer in layers.items()]
-    handles += [m.register_forward_pre_hook(find_producer(m)) for m in model.modules() if isinstance(m, BATCHNORMS)]
+    recorder = InputRecorder(model, names, channels)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     try:
+        recorder.attach()
         with kept_modes(model), torch.no_grad(), kept_batchnorm_statistics(model), seeded(device, seed):
             model.train()
             for batch in batches:
                 (forward or (lambda module, item: module(item)))(model, batch)
-                outputs.clear()
+                recorder.end_pass()
     finally:
-        for handle in handles:
-            handle.remove()
-    return {name: LayerStatistics(sums[name], row_sums[name],
-                                  torch.tensor(float(counts[name]), dtype=torch.float64, device=sums[name].device),
-                                  batchnorm_scale(followers[name]).to(sums[name].device) if name in followers else None)
-            for name in layers if name in sums}
+        recorder.detach()
+    return recorder.result()

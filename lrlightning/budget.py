@@ -20,7 +20,7 @@ from .counting import count_macs, count_params
 from .latency import LatencyTable
 from .names import set_module
 from .rules import Budget
-from .schemes import Rank, Scheme
+from .schemes import Rank, Scheme, Weighting
 from .speed import layer_inputs
 from .speedup_check import OutOfReach, SpeedupCheck, checked_ranks
 from .timing import Spread
@@ -33,7 +33,7 @@ UNITS = {"params": "parameters", "macs": "MACs per sample", "latency": "ms per b
 @dataclass(frozen=True)
 class LayerChoices:
     """One layer's candidates: ``ranks`` (None keeps it dense), their normalized squared weight error
-    ||W − W_r||² / ||W||² and their cost (parameters or MACs per sample of the weight only, or measured ms)."""
+    ||W − W_r||² / ||W||² (or output error, under ``objective="activation"``) and their cost (parameters or MACs per sample of the weight only, or measured ms)."""
 
     name: str
     ranks: tuple[Rank | None, ...]
@@ -57,6 +57,7 @@ class Allocation:
     batch_size: int | None = None
     check: SpeedupCheck | None = None
     table: dict | None = None
+    errors: str = "weight"  # what the candidates' errors measure: "weight", or "output" (input statistics)
 
     @property
     def achieved(self) -> float:
@@ -130,13 +131,13 @@ def timing_layer(module: nn.Module, scheme: Scheme, rank: Rank) -> nn.Module:
 
 def layer_choices(name: str, module: nn.Module, scheme: Scheme, metric: str, input_shape: tuple[int, ...] | None,
                   driver: str, multiple: int = 1, table: LatencyTable | None = None,
-                  device: str | torch.device | None = None) -> LayerChoices:
+                  device: str | torch.device | None = None, weighting: Weighting | None = None) -> LayerChoices:
     """The candidates of one layer: ranks whose factorized form has fewer parameters (``rank_choices``), and
     dense. ``input_shape`` is the layer's own input (C, *size) for ``metric="macs"`` and ``"latency"``. With
     ``"latency"`` a candidate costs ``table``'s dense ms times its ratio to dense (paired per round) as fitted over
     the layer's candidates against their MACs (``fitted_ratios``), kept only when faster beyond the noise (the
     fitted ratio plus its standard error below 1). The errors are computed on ``device`` (default: the weight's),
-    with ``driver``."""
+    with ``driver``: of the weight, or with a ``weighting`` of the layer's output (``Scheme.output_rank_errors``)."""
     weight = module.weight.detach().float()
     shape = tuple(weight.shape)
     ranks = rank_choices(scheme, shape, multiple, LATENCY_CANDIDATES if metric == "latency" else MAX_CANDIDATES)
@@ -154,8 +155,14 @@ def layer_choices(name: str, module: nn.Module, scheme: Scheme, metric: str, inp
         ranks = [r for r, _ in faster]
         dense = times.dense.median
         costs = [dense * ratio for _, ratio in faster]
+    on = weight.device if device is None else torch.device(device)
     with torch.no_grad():
-        errors = scheme.rank_errors(weight if device is None else weight.to(device), ranks, driver)
+        if weighting is None:
+            errors = scheme.rank_errors(weight.to(on), ranks, driver)
+        else:
+            outputs = weighting.outputs.to(on) if weighting.outputs is not None else None
+            errors = scheme.output_rank_errors(weight.to(on), ranks, driver,
+                                               Weighting(weighting.inputs.to(on), outputs, weighting.ridge))
     return LayerChoices(name, (*ranks, None), (*errors, 0.0), tuple(float(c) for c in (*costs, dense)))
 
 
@@ -260,10 +267,11 @@ def lowest_max_error(layers: Sequence[LayerChoices], total, target: float) -> li
 
 
 def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], rule: Budget, driver: str,
-                 projection_device: str | None = None) -> Allocation:
+                 projection_device: str | None = None, weightings: dict[str, Weighting] | None = None) -> Allocation:
     """Allocate the ``rule``'s budget over ``layers`` (name, module, scheme) of ``model``: layers not listed count
     at their dense cost; errors are computed where projections decompose (``projection_device``, default the
-    weights' device) with ``driver``. A latency budget checks a cached table for staleness first
+    weights' device) with ``driver``, as output errors under ``weightings`` ({layer: one layer's Weighting}) when
+    given, else as weight errors. A latency budget checks a cached table for staleness first
     (``LatencyTable.check``) and its result against dense afterwards (``lrlightning.speedup_check``). Raises
     ValueError naming the best reachable ratio (for latency: measured, with its spread)."""
     budget, metric, input_shape = rule.factor, rule.metric, rule.input_shape
@@ -298,7 +306,7 @@ def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], 
                 scheme, tuple(module.weight.shape), multiple, LATENCY_CANDIDATES))) for name, module, scheme in layers])
         whole, in_model = table.model_ms(model, input_shape, names)
     choices = [layer_choices(name, module, scheme, metric, inputs[name], driver, rule.rank_multiple, table,
-                             projection_device) for name, module, scheme in layers]
+                             projection_device, (weightings or {}).get(name)) for name, module, scheme in layers]
     if table is not None and in_model:
         choices = in_model_costs(choices, in_model)
     fixed = max(0.0, whole - sum(c.costs[-1] for c in choices))
@@ -336,4 +344,4 @@ def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], 
     return Allocation(budget, metric, ranks, costs, dense, allocated,
                       device=str(table.device) if table else None,
                       batch_size=rule.latency_batch_size if table else None, check=check,
-                      table=table.facts() if table else None)
+                      table=table.facts() if table else None, errors="output" if weightings else "weight")

@@ -1,14 +1,16 @@
 """``LowRankProjection``: the Lightning callback that projects selected weights every S_D optimizer steps."""
 from __future__ import annotations
 
+import math
 import os
 import time
 import weakref
+from functools import partial
 from typing import Any, Callable
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -17,15 +19,16 @@ from .budget import Allocation
 from .distributed import broadcast_weights, made_on_rank_zero
 from .divergence import FINITE_CHECK_STEPS, LossRecord, NonFiniteTrainingError, divergence_named
 from .export import factorize_planned, save_factorized
-from .names import canonical_name, named_modules
+from .activations import InputRecorder, LayerStatistics
+from .names import COMPILED_SEGMENT, canonical_name, named_modules
 from .objectives import WEIGHT, Objective
 from .options import LowRankOptions, Selection, Solver
 from .passes import Passes, module_forward, trainer_passes
 from .momentum import zero_first_moments
 from .plan import LayerPlan, SkippedLayer, allocate_plan, annealed_plans, frozen_ranks, plans_within
-from .projection import LayerStats, project_planned_
+from .projection import LayerStats, project_planned_, weights_channels
 from .recalibration import defines_forward
-from .rules import DEFAULT_RULE, Budget, RankRule, is_int
+from .rules import DEFAULT_RULE, Budget, RankRule, is_int, is_number
 from .schemes import Scheme
 from .summary import plan_table, projection_metrics
 
@@ -54,12 +57,16 @@ class LowRankProjection(Callback):
         every_n_train_steps: S_D, in optimizer steps (gradient accumulation does not change the schedule).
         start_step: projections follow optimizer steps ``k = start_step + j * every_n_train_steps > 0``.
         stop_step: no periodic projection after this optimizer step (None: never stop).
+        final_phase: project after every optimizer step of the last part of fit: a fraction in (0, 1) of the
+            optimizer steps the Trainer will take (``trainer.estimated_stepping_batches``) or a number of steps
+            (default 0: none; under manual optimization each optimizer is taken to step once a batch). Resolved
+            when fit starts and kept in checkpoints; ``reset_momentum`` skips it.
         final_projection: project once more when training ends, so the final weights are exactly low-rank.
         validate_projected: validation during fit sees the projected weights (the exportable model), then
             training resumes from the unprojected ones.
         rank_warmup: the first ``rank_warmup`` projections anneal the ranks from full down to the target (cubic).
         reset_momentum: zero the optimizers' first moments (``momentum_buffer``, ``exp_avg``) of the projected
-            weights after each periodic projection.
+            weights after each periodic projection before the final phase.
         bn_recalibration_batches: re-estimate BatchNorm statistics over this many training batches after each
             projection whose weights are evaluated (validation, the final projection); 0 keeps them (default 20).
         recalibration_step: ``(module, batch) -> Any``, a forward pass on a training batch, for modules whose
@@ -67,7 +74,8 @@ class LowRankProjection(Callback):
         check_finite: stop with ``NonFiniteTrainingError`` when the loss or a selected weight becomes NaN/Inf
             (read by the host every ``FINITE_CHECK_STEPS`` steps and before each projection and validation).
         objective: ``"weight"`` (default), ``"activation"`` or ``Activation(batches=2, ridge=1e-2)``: keep each
-            layer's outputs on training batches drawn before each projection (``lrlightning.objectives``).
+            layer's outputs on the training batches of the steps before each projection, recorded on the training
+            step's own forward passes (``Activation.observe_training``; ``lrlightning.objectives``).
         layers: which layers are projected (``Selection``: include, exclude, linear, skip_first_conv).
         solver: how and where projections decompose (``Solver``: driver, device).
         loss_jump_batches: when > 0, log the training loss on this many batches just before and after each
@@ -83,7 +91,8 @@ class LowRankProjection(Callback):
     """
 
     def __init__(self, scheme: Scheme | str = "svd", rank: RankRule = DEFAULT_RULE, every_n_train_steps: int = 200,
-                 *, start_step: int = 0, stop_step: int | None = None, final_projection: bool = True,
+                 *, start_step: int = 0, stop_step: int | None = None, final_phase: int | float = 0,
+                 final_projection: bool = True,
                  validate_projected: bool = True, rank_warmup: int = 0, reset_momentum: bool = False,
                  bn_recalibration_batches: int = 20,
                  recalibration_step: Callable[[LightningModule, Any], Any] | None = None,
@@ -97,6 +106,9 @@ class LowRankProjection(Callback):
                 raise ValueError(f"`{argument}` must be an int >= {least}, got {value!r}")
         if stop_step is not None and not (is_int(stop_step) and stop_step >= start_step):
             raise ValueError(f"`stop_step` must be None or an int >= `start_step` ({start_step}), got {stop_step!r}")
+        if not ((is_int(final_phase) and final_phase >= 0) or (is_number(final_phase) and 0 <= final_phase < 1)):
+            raise ValueError(f"`final_phase` must be a fraction of training in (0, 1) or a number of optimizer steps "
+                             f"(an int >= 0), got {final_phase!r}")
         for argument, value in (("final_projection", final_projection), ("validate_projected", validate_projected),
                                 ("reset_momentum", reset_momentum), ("check_finite", check_finite)):
             if not isinstance(value, bool):
@@ -106,6 +118,7 @@ class LowRankProjection(Callback):
                              f"got {recalibration_step!r}")
         self.options = LowRankOptions(scheme, rank, objective, layers, solver)
         self.every_n_train_steps, self.start_step, self.stop_step = every_n_train_steps, start_step, stop_step
+        self.final_phase = final_phase
         self.final_projection, self.validate_projected = final_projection, validate_projected
         self.rank_warmup, self.reset_momentum, self.check_finite = rank_warmup, reset_momentum, check_finite
         self.bn_recalibration_batches, self.recalibration_step = bn_recalibration_batches, recalibration_step
@@ -121,9 +134,16 @@ class LowRankProjection(Callback):
         self._backup: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._losses = LossRecord()
         self._trained: weakref.ref | None = None
+        self.final_phase_start: int | None = None  # the final phase projects after every step after this one
+        self._recorder: InputRecorder | None = None
+        self._generator: torch.Generator | None = None
+        self._window: dict[int, dict[str, LayerStatistics]] = {}  # optimizer step -> statistics of its passes
+        self._window_steps = 1
+        self._recorded_fallback = False
+        self._restored_phase: tuple[int | None, dict] | None = None
 
-    def __getstate__(self) -> dict[str, Any]:  # the callback pickles; the weak reference to the module does not
-        return {**self.__dict__, "_trained": None}
+    def __getstate__(self) -> dict[str, Any]:  # the callback pickles; the module and its hooks do not
+        return {**self.__dict__, "_trained": None, "_recorder": None, "_generator": None}
 
     @property
     @override
@@ -147,11 +167,33 @@ class LowRankProjection(Callback):
         """How many periodic projections allocate a ``Budget`` again first (``Budget.reallocations``; else 0)."""
         return self.options.rank.reallocations if isinstance(self.options.rank, Budget) else 0
 
+    def in_final_phase(self, step: int) -> bool:
+        """Whether optimizer step ``step`` lies in the final phase (known once fit has started)."""
+        return self.final_phase_start is not None and step > self.final_phase_start
+
     def should_project(self, step: int) -> bool:
         """Whether to project after optimizer step ``step`` (override for another schedule)."""
+        if step > 0 and self.in_final_phase(step):
+            return True
         if step <= 0 or step < self.start_step or (self.stop_step is not None and step > self.stop_step):
             return False
         return (step - self.start_step) % self.every_n_train_steps == 0
+
+    def _resolve_final_phase(self, trainer: Trainer) -> None:
+        """The final phase's start and the recorded statistics: restored from a checkpoint, else new."""
+        restored, self._restored_phase = self._restored_phase, None
+        self._window = restored[1] if restored else {}
+        self.final_phase_start = restored[0] if restored else None
+        if not self.final_phase or self.final_phase_start is not None:
+            return
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError(f"`final_phase`={self.final_phase!r} needs a finite training length: set the Trainer's "
+                             "`max_epochs` or `max_steps`")
+        if not trainer.lightning_module.automatic_optimization:  # every optimizer is taken to step once a batch
+            total *= max(1, len(trainer.optimizers))
+        steps = self.final_phase if is_int(self.final_phase) else round(self.final_phase * total)
+        self.final_phase_start = max(0, int(total) - steps)
 
     def recalibration_input(self, batch: Any) -> Any:
         """What the module's forward takes from a training batch (default: the first item of a tuple/list)."""
@@ -188,14 +230,22 @@ class LowRankProjection(Callback):
 
     def _make_plan(self, pl_module: LightningModule, trainer: Trainer | None = None, reallocate: bool = False) -> None:
         """Resolve the layers and ranks (restored ranks win unless ``reallocate``); a ``Budget`` under
-        torch.distributed is allocated on global rank zero and broadcast."""
+        torch.distributed is allocated on global rank zero and broadcast; under ``objective="activation"`` from
+        the output errors on ``Activation.batches`` training batches."""
         options = self.options
         if self._restored_ranks and not reallocate:
             options = options.replace_rank(self._restored_ranks)
+        statistics = None
+        if trainer is not None and options.weighted and isinstance(options.rank, Budget):
+            passes = self._passes(trainer, pl_module)
+            passes.reduce = None  # allocated on global rank zero alone, from its own batches
+            statistics = partial(passes.statistics, pl_module, options=options, count=options.objective.batches,
+                                 seed=trainer.global_step)
         if trainer is not None and trainer.world_size > 1 and isinstance(options.rank, Budget):
-            planned = made_on_rank_zero(trainer.strategy, trainer.is_global_zero, lambda: allocate_plan(pl_module, options))
+            planned = made_on_rank_zero(trainer.strategy, trainer.is_global_zero,
+                                        lambda: allocate_plan(pl_module, options, statistics=statistics))
         else:
-            planned = allocate_plan(pl_module, options)
+            planned = allocate_plan(pl_module, options, statistics=statistics)
         self.plans, self.skipped, self.allocation = planned
 
     def _forward(self, pl_module: LightningModule, batch: Any, index: int) -> None:
@@ -229,6 +279,7 @@ class LowRankProjection(Callback):
             raise ValueError(f"`loss_jump_batches`={self.loss_jump_batches} measures the loss `training_step` "
                              f"returns, which needs automatic optimization; {type(pl_module).__name__} uses manual "
                              "optimization: set `loss_jump_batches=0`")
+        self._resolve_final_phase(trainer)
         passes, step = self._passes(trainer, pl_module), trainer.global_step
         if self.bn_recalibration_batches and (self.final_projection or self.validate_projected):
             if batchnorm_layers(pl_module):
@@ -240,11 +291,75 @@ class LowRankProjection(Callback):
             if missing:
                 raise ValueError(f"`objective`={self.options.objective} needs the inputs of every projected layer, "
                                  f"but the forward pass on a training batch does not run {missing}. {FORWARD_HINT}.")
+            self._start_recording(trainer, pl_module)
+
+    def _start_recording(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Hooks that record the input statistics on the training step's own passes (``observe_training``),
+        unless the module is compiled (hooks would not see its layers run)."""
+        self._recorder = None
+        compiled = any(COMPILED_SEGMENT in name.split(".") for name, _ in pl_module.named_modules())
+        if not self.options.objective.observe_training or compiled:
+            return
+        channels = {p.name for p in self.plans if weights_channels(p, self.options)}
+        self._generator = torch.Generator(pl_module.device)
+        self._recorder = InputRecorder(pl_module, [p.name for p in self.plans], channels, self._generator)
+        self._window_steps = math.ceil(self.options.objective.batches / trainer.accumulate_grad_batches)
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._recorder is None:
+            return
+        upcoming = trainer.global_step + 1  # the optimizer step this batch's passes count towards
+        if any(self.should_project(step) for step in range(upcoming, upcoming + self._window_steps)):
+            if not self._recorder.sums:  # the first batch of the step: its row draws follow the step
+                self._generator.manual_seed(upcoming)
+            self._recorder.attach()
+
+    def _record_step(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
+        """Close the recording of this batch's passes; when the batch ended optimizer step ``step``, keep what the
+        step's passes recorded (summed over processes) for the projections of the next steps."""
+        if self._recorder is None:
+            return
+        self._recorder.detach()
+        if step <= self._last_step:
+            return
+        if self._recorder.sums:
+            recorded = self._passes(trainer, pl_module).reduced(pl_module, self.plans, self.options,
+                                                                self._recorder.result())
+            self._window[step] = recorded
+            self._recorder.reset()
+        self._window = {taken: recorded for taken, recorded in self._window.items()
+                        if taken > step - self._window_steps}
+
+    def _recorded_statistics(self, step: int) -> dict[str, LayerStatistics] | None:
+        """The statistics the training passes recorded over the steps ending at ``step``, or None (the separate
+        passes take over, with a warning naming the layers) when a planned layer is missing or a step of the
+        window was not recorded (resumed inside it, or the projection was not foreseen)."""
+        if self._recorder is None:
+            return None
+        steps = range(step - self._window_steps + 1, step + 1)
+        if any(taken not in self._window for taken in steps if taken > 0):
+            return None
+        entries = [self._window[taken] for taken in steps if taken > 0]
+        missing = [p.name for p in self.plans if not all(p.name in entry for entry in entries)]
+        if missing:
+            if not self._recorded_fallback:
+                rank_zero_warn(f"`objective`={self.options.objective}: the training step's forward passes do not "
+                               f"run {missing}; their input statistics come from separate passes instead.")
+            self._recorded_fallback = True
+            return None
+        device = next(self._recorder.model.parameters()).device
+        statistics = {}
+        for plan in self.plans:
+            layers = [entry[plan.name].to(device) for entry in entries]
+            statistics[plan.name] = sum(layers[1:], layers[0])
+        return statistics
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = trainer.global_step
+        self._record_step(trainer, pl_module, step)
         if self.check_finite:
             loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
             if isinstance(loss, torch.Tensor):
@@ -265,14 +380,16 @@ class LowRankProjection(Callback):
         start, jump = time.perf_counter(), {}
         if self.loss_jump_batches:
             jump["lowrank/loss_before"] = passes.mean_loss(pl_module, self.loss_jump_batches, step)
-        statistics = self._statistics(trainer, pl_module, None if self.options.weighted or not self.loss_jump_batches
-                                      else self.loss_jump_batches)
+        statistics = self._recorded_statistics(step) if self.options.weighted else None
+        if statistics is None:
+            statistics = self._statistics(trainer, pl_module, None if self.options.weighted or not self.loss_jump_batches
+                                          else self.loss_jump_batches)
         self.last_stats = self._project(pl_module, step, plans, statistics)
         if self.loss_jump_batches:
             jump["lowrank/loss_after"] = passes.mean_loss(pl_module, self.loss_jump_batches, step)
         seconds = time.perf_counter() - start
         self._projections += 1
-        if self.reset_momentum:
+        if self.reset_momentum and not self.in_final_phase(step):
             modules = named_modules(pl_module)
             zero_first_moments(trainer.optimizers, [modules[p.name].weight for p in plans])
         if self.last_stats:
@@ -321,15 +438,25 @@ class LowRankProjection(Callback):
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if self._recorder is not None:
+            self._recorder.detach()
         self.on_validation_epoch_end(trainer, pl_module)
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"last_step": self._last_step, "projections": self._projections, "ranks": self.ranks}
+        start, window = self._restored_phase or (self.final_phase_start, self._window)  # restored, not yet fitted
+        window = {step: {name: [*(t.cpu() for t in layer.tensors()),
+                                layer.output_scale.cpu() if layer.output_scale is not None else None]
+                         for name, layer in recorded.items()} for step, recorded in window.items()}
+        return {"last_step": self._last_step, "projections": self._projections, "ranks": self.ranks,
+                "final_phase_start": start, "statistics_window": window}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = state_dict.get("last_step", 0)
         self._projections = state_dict.get("projections", 0)
+        window = {step: {name: LayerStatistics(*layer) for name, layer in recorded.items()}
+                  for step, recorded in (state_dict.get("statistics_window") or {}).items()}
+        self._restored_phase = (state_dict.get("final_phase_start"), window)
         ranks = state_dict.get("ranks") or {}
         self._restored_ranks = {canonical_name(name): rank for name, rank in ranks.items()} or None

@@ -16,7 +16,7 @@ from .objectives import WEIGHT, Objective
 from .options import LowRankOptions, Selection, Solver
 from .rules import DEFAULT_RULE, RankRule
 from .plan import LayerPlan, plan_layers, plan_scheme
-from .projection import calibration_statistics, project_planned_
+from .projection import planned_with_statistics, project_planned_
 from .schemes import Scheme, layer_from_spec
 
 FORMAT = "lrlightning.factorized/1"
@@ -36,14 +36,16 @@ def factorize(model: nn.Module, scheme: Scheme | str = "svd", rank: RankRule = D
     layer names never contain ``_orig_mod`` (see ``lrlightning.names``). Raises ``NonFiniteWeightError`` naming
     the first selected layer whose weight holds NaN or Inf.
     With an ``Activation`` objective the weights are first projected (on a copy) to keep the layers' outputs on
-    ``calibration`` batches (``forward(model, batch)``, default ``model(batch)``; see ``project_``).
+    ``calibration`` batches (``forward(model, batch)``, default ``model(batch)``; see ``project_``); a ``Budget``
+    is then allocated from the layers' output errors on them.
     """
     opts = LowRankOptions(scheme, rank, objective, layers, solver)
-    plans = plan_layers(model, opts)[0]
     if opts.weighted:
-        statistics = calibration_statistics(model, plans, opts, calibration, forward)
+        plans, statistics = planned_with_statistics(model, opts, calibration, forward)
         model = copy.deepcopy(model)
         project_planned_(model, plans, opts, statistics)
+    else:
+        plans = plan_layers(model, opts)[0]
     return factorize_planned(model, plans, opts)
 
 

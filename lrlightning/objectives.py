@@ -16,7 +16,10 @@ class Activation:
     BatchNorm normalizes the output, else their second moment (``lrlightning.schemes.weighting``).
 
     ``batches``: training batches the callback gathers the input statistics from before each projection (default
-    2; ``factorize``/``project_`` take theirs from ``calibration``). ``ridge``: added to each metric, times its mean
+    2; ``factorize``/``project_`` take theirs from ``calibration``). ``observe_training``: the callback records them
+    on the training step's own forward passes of the optimizer steps that end at the projection (the last
+    ceil(batches / accumulate_grad_batches) steps), with no extra pass (default True); where those passes do not
+    run a planned layer (or the module is compiled) and with False, it runs ``batches`` passes of its own. ``ridge``: added to each metric, times its mean
     eigenvalue (default 1e-2). ``bn_weighting``: also scale each output channel by the following BatchNorm's |γ|/σ
     (default False). The projected weight lies in the same rank set as under ``"weight"``, so export stays exact.
     """
@@ -24,6 +27,7 @@ class Activation:
     batches: int = 2
     ridge: float = 1e-2
     bn_weighting: bool = False
+    observe_training: bool = True
 
     def __post_init__(self):
         if not (is_int(self.batches) and self.batches >= 1):
@@ -31,8 +35,9 @@ class Activation:
         if not (is_number(self.ridge) and self.ridge > 0):
             raise ValueError(f"`Activation.ridge` must be a number > 0 (a fraction of the mean eigenvalue), "
                              f"got {self.ridge!r}")
-        if not isinstance(self.bn_weighting, bool):
-            raise ValueError(f"`Activation.bn_weighting` must be a bool, got {self.bn_weighting!r}")
+        for argument in ("bn_weighting", "observe_training"):
+            if not isinstance(getattr(self, argument), bool):
+                raise ValueError(f"`Activation.{argument}` must be a bool, got {getattr(self, argument)!r}")
 
 
 Objective = str | Activation
@@ -47,4 +52,4 @@ def objective_of(value: Any) -> Objective:
     if isinstance(value, Mapping):
         return Activation(**value)
     raise ValueError(f"`objective` must be 'weight', 'activation' or Activation(batches=..., ridge=..., "
-                     f"bn_weighting=...), got {value!r}")
+                     f"bn_weighting=..., observe_training=...), got {value!r}")

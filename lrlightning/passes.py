@@ -42,9 +42,15 @@ class Passes:
     def statistics(self, model: nn.Module, plans: list[LayerPlan], options: LowRankOptions, count: int,
                    seed: int) -> dict[str, LayerStatistics]:
         """Input statistics of the planned layers over ``count`` batches drawn with ``seed``, summed over
-        processes (every process reduces every planned layer, in plan order, seen or not)."""
+        processes (``reduced``)."""
         with self.context():
             statistics = gather_statistics(model, plans, options, self.batches(count, seed), self.run_item, seed)
+        return self.reduced(model, plans, options, statistics)
+
+    def reduced(self, model: nn.Module, plans: list[LayerPlan], options: LowRankOptions,
+                statistics: dict[str, LayerStatistics]) -> dict[str, LayerStatistics]:
+        """``statistics`` summed over processes, in place (every process reduces every planned layer, in plan
+        order, seen or not); a layer no process ran is left out."""
         if self.reduce is None:
             return statistics
         device = next(model.parameters()).device

@@ -5,16 +5,21 @@ import math
 import warnings
 from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
+from typing import Callable
 
 import torch
 from torch import nn
 
+from .activations import LayerStatistics
 from .budget import Allocation, budget_ranks
 from .names import canonical_name, named_modules
 from .options import LowRankOptions
 from .rules import Budget, Compression, Energy, rule_label, rule_record
 from .layers import is_conv
-from .schemes import GroupedScheme, LoweredSVD, Rank, Scheme, SpatialSVD, resolve_driver
+from .schemes import GroupedScheme, LoweredSVD, Rank, Scheme, SpatialSVD, Weighting, resolve_driver
+
+
+Statistics = Callable[[list["LayerPlan"]], dict[str, LayerStatistics]]  # plans -> their layers' input statistics
 
 
 class NonFiniteWeightError(FloatingPointError):
@@ -169,19 +174,22 @@ def resolve_rank(name: str, module: nn.Module, scheme: Scheme, options: LowRankO
     return candidates[-1]
 
 
-def plan_layers(model: nn.Module, options: LowRankOptions, warn: bool = True) -> tuple[list[LayerPlan], list[SkippedLayer]]:
+def plan_layers(model: nn.Module, options: LowRankOptions, warn: bool = True,
+                statistics: Statistics | None = None) -> tuple[list[LayerPlan], list[SkippedLayer]]:
     """Resolve every selected layer's rank; layers that would not shrink stay dense (break-even guard).
 
     A ``rank`` mapping selects exactly the layers it names. Raises ``NonFiniteWeightError`` naming the first
     selected layer whose weight holds NaN or Inf, and ValueError when nothing is selected, listing the candidates.
     """
-    plans, skipped, _ = allocate_plan(model, options, warn)
+    plans, skipped, _ = allocate_plan(model, options, warn, statistics)
     return plans, skipped
 
 
-def allocate_plan(model: nn.Module, options: LowRankOptions, warn: bool = True) -> tuple[
-        list[LayerPlan], list[SkippedLayer], Allocation | None]:
-    """``plan_layers``, with the ``Allocation`` a ``Budget`` made (per-layer and whole-model costs; else None)."""
+def allocate_plan(model: nn.Module, options: LowRankOptions, warn: bool = True,
+                  statistics: Statistics | None = None) -> tuple[list[LayerPlan], list[SkippedLayer], Allocation | None]:
+    """``plan_layers``, with the ``Allocation`` a ``Budget`` made (per-layer and whole-model costs; else None).
+    Under ``objective="activation"`` a ``Budget`` allocates from output errors when ``statistics`` is given: a
+    function from the candidate layers' plans (at full rank) to their input statistics ({name: LayerStatistics})."""
     chosen, skipped = candidate_layers(model, options)
     if isinstance(options.rank, dict):
         selectable = [name for name, _ in chosen]
@@ -206,7 +214,10 @@ def allocate_plan(model: nn.Module, options: LowRankOptions, warn: bool = True) 
     driver = resolve_driver(options.solver.driver, decomposed_on)
     if budget is not None:
         layers = [(name, module, module_scheme(module, options)) for name, module in chosen]
-        allocation = budget_ranks(model, layers, budget, driver, options.solver.device)
+        weightings = None
+        if statistics is not None and options.weighted:
+            weightings = output_weightings(layers, options, statistics)
+        allocation = budget_ranks(model, layers, budget, driver, options.solver.device, weightings)
         allocated = allocation.ranks
     plans, unreachable = [], []
     for name, module in chosen:
@@ -231,6 +242,34 @@ def allocate_plan(model: nn.Module, options: LowRankOptions, warn: bool = True) 
     if not plans:
         refuse_empty_selection(model, options, skipped)
     return plans, skipped, allocation
+
+
+def output_weightings(layers: list[tuple[str, nn.Module, Scheme]], options: LowRankOptions,
+                       statistics: Statistics) -> dict[str, Weighting]:
+    """{layer: the ``Weighting`` of its output error}, from the input statistics ``statistics`` gives the candidate
+    layers (at full rank); raises ValueError naming a layer without any."""
+    candidates = []
+    for name, module, scheme in layers:
+        shape = tuple(module.weight.shape)
+        dense = math.prod(shape)
+        candidates.append(LayerPlan(name, scheme.name, shape, scheme.full_rank(shape), dense, dense,
+                                    getattr(module, "groups", 1)))
+    gathered = statistics(candidates)
+    missing = [plan.name for plan in candidates if plan.name not in gathered]
+    if missing:
+        raise ValueError(f"`objective`={options.objective} allocates the budget from output errors, but the input "
+                         f"statistics miss layer {missing[0]!r}: its forward pass does not run it")
+    objective = options.objective
+    weightings = {}
+    for plan in candidates:
+        layer = gathered[plan.name]
+        scale = None
+        if objective.bn_weighting:
+            scale = layer.output_scale if layer.output_scale is not None else torch.ones(
+                plan.shape[0], dtype=torch.float64, device=layer.moment_sum.device)
+            scale = scale.unsqueeze(0)
+        weightings[plan.name] = Weighting(layer.input_metric.unsqueeze(0), scale, objective.ridge)
+    return weightings
 
 
 def refuse_empty_selection(model: nn.Module, options: LowRankOptions, skipped: list[SkippedLayer]) -> None:

@@ -13,7 +13,7 @@ from .activations import LayerStatistics, input_statistics
 from .names import named_modules
 from .objectives import WEIGHT, Activation, Objective
 from .options import LowRankOptions, Selection, Solver
-from .rules import DEFAULT_RULE, RankRule
+from .rules import DEFAULT_RULE, Budget, RankRule
 from .plan import LayerPlan, NonFiniteWeightError, plan_layers, plan_scheme
 from .schemes import Scheme, Weighting, resolve_driver
 from .transfer import host_lists, moved
@@ -158,13 +158,31 @@ def calibration_statistics(model: nn.Module, plans: list[LayerPlan], options: Lo
                            calibration: Iterable[Any] | None,
                            forward: Callable[[nn.Module, Any], Any] | None) -> dict[str, LayerStatistics] | None:
     """Input statistics of the planned layers over ``calibration`` batches (``forward(model, batch)``, default
-    ``model(batch)``), or None without batches; ``objective="activation"`` requires them."""
+    ``model(batch)``; rows drawn with seed 0, so the same batches give the same statistics), or None without batches;
+    ``objective="activation"`` requires them."""
     if calibration is None:
         if options.weighted:
             raise ValueError(f"`objective`={options.objective} needs `calibration`: an iterable of input batches (e.g. a few "
                              "training batches; `forward(model, batch)` runs one, default `model(batch)`), got None")
         return None
-    return gather_statistics(model, plans, options, calibration, forward)
+    return gather_statistics(model, plans, options, calibration, forward, seed=0)
+
+
+def planned_with_statistics(model: nn.Module, options: LowRankOptions, calibration: Iterable[Any] | None,
+                            forward: Callable[[nn.Module, Any], Any] | None) -> tuple[
+        list[LayerPlan], dict[str, LayerStatistics] | None]:
+    """The plans of ``model`` and the ``calibration`` statistics of their layers; under ``objective="activation"``
+    a ``Budget`` is allocated from output errors, its statistics gathered once over every candidate layer."""
+    if not (options.weighted and isinstance(options.rank, Budget) and calibration is not None):
+        plans = plan_layers(model, options)[0]
+        return plans, calibration_statistics(model, plans, options, calibration, forward)
+    gathered: dict[str, LayerStatistics] = {}
+
+    def gather(candidates: list[LayerPlan]) -> dict[str, LayerStatistics]:
+        gathered.update(calibration_statistics(model, candidates, options, calibration, forward))
+        return gathered
+
+    return plan_layers(model, options, statistics=gather)[0], gathered
 
 
 def project_(model: nn.Module, scheme: Scheme | str = "svd", rank: RankRule = DEFAULT_RULE, *,
@@ -179,5 +197,5 @@ def project_(model: nn.Module, scheme: Scheme | str = "svd", rank: RankRule = DE
     measured). Returns one ``LayerStats`` per projected layer, in model order.
     """
     opts = LowRankOptions(scheme, rank, objective, layers, solver)
-    plans, _ = plan_layers(model, opts)
-    return project_planned_(model, plans, opts, calibration_statistics(model, plans, opts, calibration, forward))
+    plans, statistics = planned_with_statistics(model, opts, calibration, forward)
+    return project_planned_(model, plans, opts, statistics)

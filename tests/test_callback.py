@@ -212,8 +212,11 @@ def test_validation_sees_the_projected_weights(tmp_path):
 
 
 @pytest.mark.parametrize("rule", [dict(rank=0.5), dict(rank=Budget(2.0, reallocations=4)),
-                                  dict(rank=0.5, objective=Activation(bn_weighting=True))])
+                                  dict(rank=0.5, objective=Activation(bn_weighting=True)),
+                                  dict(rank=0.5, objective="activation", final_phase=0.25)])
 def test_resume_between_projections_matches_uninterrupted_run(tmp_path, rule):
+    """Under the activation objective the checkpoint at step 8 lies inside the statistics window of the
+    projection at step 9 (steps 8 and 9): what step 8's passes recorded travels in it."""
     def make():
         torch.manual_seed(0)
         return TinyCNN()
@@ -242,12 +245,14 @@ def test_resume_between_projections_matches_uninterrupted_run(tmp_path, rule):
     state = torch.load(checkpoint, weights_only=False)["callbacks"]
     saved = next(v for k, v in state.items() if k.startswith("LowRankProjection"))
     assert saved["last_step"] == 8 and saved["projections"] == 2  # epoch end at step 8: between projections 6 and 9
+    assert list(saved["statistics_window"]) == ([8] if "objective" in rule else [])
 
     resumed_model = make()
     trainer, callback = run(resumed_model, tmp_path / "resume")
     trainer.fit(resumed_model, loader(), ckpt_path=checkpoint)
-    assert callback.num_projections == 8
+    assert callback.num_projections == full_callback.num_projections == (8 if "final_phase" not in rule else 12)
     assert callback.ranks == full_callback.ranks
+    assert callback.final_phase_start == full_callback.final_phase_start
     for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-6), name
 
@@ -447,7 +452,8 @@ def test_restored_ranks_win_over_rule():
     callback.load_state_dict({"last_step": 4, "projections": 2, "ranks": {"net.2": 3, "net.5": 5}})
     callback._make_plan(TinyCNN())
     assert callback.ranks == {"net.2": 3, "net.5": 5}
-    assert callback.state_dict() == {"last_step": 4, "projections": 2, "ranks": {"net.2": 3, "net.5": 5}}
+    assert callback.state_dict() == {"last_step": 4, "projections": 2, "ranks": {"net.2": 3, "net.5": 5},
+                                     "final_phase_start": None, "statistics_window": {}}
     callback.load_state_dict({})  # a checkpoint without the callback's state: a fresh start under the rule
     callback._make_plan(TinyCNN())
     assert callback.state_dict()["last_step"] == 0 and callback.num_projections == 0
@@ -498,7 +504,8 @@ def test_constructor_validation(kwargs, match):
         LowRankProjection(**kwargs)
 
 
-@pytest.mark.parametrize("rule", [dict(rank=2), dict(rank=Budget(2.0, reallocations=2))])
+@pytest.mark.parametrize("rule", [dict(rank=2), dict(rank=Budget(2.0, reallocations=2)),
+                                  dict(rank=2, objective="activation", final_phase=2)])
 @pytest.mark.slow  # two spawned processes
 def test_ddp_two_processes_hold_identical_weights(tmp_path, rule):
     model = TinyCNN()
@@ -662,6 +669,7 @@ trainer:
         every_n_train_steps: 2
         start_step: 1
         stop_step: 5
+        final_phase: 3
         final_projection: true
         validate_projected: false
         rank_warmup: 1
@@ -685,7 +693,7 @@ trainer:
     assert (callback.every_n_train_steps, callback.start_step, callback.stop_step, callback.rank_warmup) == (2, 1, 5, 1)
     assert callback.reset_momentum and not callback.validate_projected and not callback.check_finite
     assert callback.recalibration_step is first_item_forward and callback.bn_recalibration_batches == 2
-    assert callback.loss_jump_batches == 1
+    assert callback.loss_jump_batches == 1 and callback.final_phase == 3
     cli.trainer.fit(cli.model, loader())
     assert callback.ranks == {"net.2": 2, "net.5": 3}
 
@@ -792,8 +800,8 @@ class StatisticsRecorder(LowRankProjection):
 @pytest.mark.slow  # two spawned processes
 def test_ddp_processes_sum_their_input_statistics(tmp_path):
     path = str(tmp_path / "statistics.pt")
-    callback = StatisticsRecorder(path, "svd", 2, every_n_train_steps=2, objective=Activation(batches=2),
-                                  final_projection=False)
+    callback = StatisticsRecorder(path, "svd", 2, every_n_train_steps=2, final_projection=False,
+                                  objective=Activation(batches=2, observe_training=False))
     trainer = ddp_trainer(tmp_path, [callback], max_epochs=1, limit_train_batches=2)
     torch.manual_seed(0)
     model = ScaledOnRankOne()

@@ -552,7 +552,7 @@ INVALID_OPTIONS = [
     (dict(rank=2, layers={"linear": 1}), r"`Selection\.linear` must be a bool, got 1"),
     (dict(rank=2, layers=3), r"`layers` must be a Selection or a mapping of its fields, got 3"),
     (dict(rank=2, objective="output"), r"`objective` must be 'weight', 'activation' or Activation\(batches=\.\.\., "
-                                       r"ridge=\.\.\., bn_weighting=\.\.\.\), got 'output'"),
+                                       r"ridge=\.\.\., bn_weighting=\.\.\., observe_training=\.\.\.\), got 'output'"),
     (dict(rank=2, objective={"ridge": 0}), r"`Activation\.ridge` must be a number > 0 .*got 0$"),
     (dict(rank=2, objective={"batches": 0}), r"`Activation\.batches` must be an int >= 1, got 0$"),
     (dict(rank=2, objective={"bn_weighting": 1}), r"`Activation\.bn_weighting` must be a bool, got 1"),
@@ -584,6 +584,7 @@ INVALID_PARTS = [
     (Activation, dict(ridge=0), r"`Activation\.ridge` must be a number > 0 .*got 0$"),
     (Activation, dict(batches=0), r"`Activation\.batches` must be an int >= 1, got 0$"),
     (Activation, dict(bn_weighting=1), r"`Activation\.bn_weighting` must be a bool, got 1"),
+    (Activation, dict(observe_training="yes"), r"`Activation\.observe_training` must be a bool, got 'yes'"),
 ]
 
 

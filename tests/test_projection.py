@@ -91,7 +91,7 @@ def test_the_activation_objective_keeps_the_outputs_better_on_the_calibration_da
 
 def test_project_without_calibration_under_the_activation_objective_names_it():
     with pytest.raises(ValueError, match=r"`objective`=Activation\(batches=2, ridge=0.01, "
-                                         r"bn_weighting=False\) needs `calibration`: an iterable of input batches .*got None"):
+                                         r"bn_weighting=False, observe_training=True\) needs `calibration`: an iterable of input batches .*got None"):
         project_(batchnorm_convs(), "svd", 3, objective="activation")
     assert all(s.output_rel_error is None for s in project_(batchnorm_convs(), "svd", 3))
 

@@ -8,8 +8,9 @@ from hydra.utils import instantiate
 from lightning.pytorch import LightningModule
 from omegaconf import DictConfig
 
+from ..distillation import frozen_teacher
 from .evaluation import run_test, val_accuracy
-from .job import backbone_spec, deployer, finish_backbone, fit, input_shape, make_trainer, resume_path, run_facts
+from .job import backbone_spec, deployer, distillation, finish_backbone, fit, input_shape, make_trainer, resume_path, run_facts
 from ..callback import LowRankProjection
 from .ranks import backbone_plans
 from .report import summarize, write_outputs
@@ -38,6 +39,9 @@ def decompose(cfg: DictConfig, run_dir: Path, datamodule, model: LightningModule
     if tuned:
         finetune = instantiate(cfg.model, num_classes=datamodule.num_classes, in_channels=datamodule.in_channels,
                                _partial_=True)(backbone=small)
+        distill = distillation(cfg)
+        if distill is not None:
+            finetune.distill_from(frozen_teacher(model.backbone), distill.weight, distill.temperature)
         seconds = fit(trainer, finetune, datamodule, resume_path(cfg.ckpt_path, run_dir))
         metrics.update(run_test(trainer, datamodule, factorized=small))
     else:

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ..callback import LowRankProjection
+from ..distillation import Distillation
 from ..export import factorize_planned
 from ..options import LowRankOptions
 from ..passes import Passes
@@ -151,3 +152,16 @@ def evaluate_and_export(trainer: Trainer, datamodule, model: LightningModule, op
                         cfg.latency_batch_size, metrics, extra)
     return write_outputs(run_dir, small, backbone_spec(model), summary,
                          deployer(cfg, run_dir, model.backbone, small, datamodule, plans))
+
+
+def distillation(cfg: DictConfig) -> Distillation | None:
+    """The job's ``distill`` settings (None when ``distill.weight`` is 0): the dense model (``init_ckpt``) teaches
+    the method and decompose-then-fine-tune alike."""
+    settings = cfg.get("distill") or {}
+    if not settings.get("weight", 0):
+        return None
+    distill = Distillation(settings.get("weight"), settings.get("temperature", Distillation.temperature))
+    if not cfg.init_ckpt and cfg.baseline is None:
+        raise ValueError(f"`distill.weight`={distill.weight} needs a dense teacher: set `init_ckpt` (a trained "
+                         "dense checkpoint the run starts from)")
+    return distill

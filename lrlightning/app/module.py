@@ -17,6 +17,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.classification import MulticlassAccuracy
 
 from lrlightning.backbones import build_backbone
+from lrlightning.distillation import Distillation
 
 __all__ = ["LitClassifier", "SCHEDULERS", "lr_factor"]
 
@@ -39,6 +40,9 @@ class LitClassifier(LightningModule):
             fractions of training) or "none".
         warmup_epochs: linear warm-up from lr/warmup_steps to lr over this many epochs (default 0).
         backbone_kwargs: extra keyword arguments for the registry builder (e.g. {"shortcut": "B"}).
+
+    `distill_from(teacher, weight, temperature)` adds knowledge distillation from a frozen teacher
+    (`lrlightning.distillation`): the training loss becomes (1 − weight)·cross-entropy + weight·KD.
 
     The schedule steps every optimizer step. Its length is `trainer.estimated_stepping_batches`, so it follows
     `max_epochs` or `max_steps`, and warm-up epochs are converted to steps with the number of batches per epoch.
@@ -93,6 +97,8 @@ class LitClassifier(LightningModule):
         else:
             raise TypeError(f"`backbone` must be a registry name (str) or an nn.Module, got {type(backbone).__name__}")
 
+        self.distillation: Distillation | None = None
+        self._teacher: list[nn.Module] = []  # held outside the registered submodules: not trained, saved or projected
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -104,10 +110,21 @@ class LitClassifier(LightningModule):
         """(N, C, H, W) float images -> (N, num_classes) logits."""
         return self.backbone(x)
 
+    def distill_from(self, teacher: nn.Module, weight: float = 0.5, temperature: float = 4.0) -> None:
+        """Train against `teacher`'s logits as well (a frozen module, e.g. `lrlightning.frozen_teacher(dense)`;
+        moved to this module's device when training starts)."""
+        self.distillation = Distillation(weight, temperature)
+        self._teacher = [teacher]
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        if self._teacher:
+            teacher = self._teacher[0].to(x.device)
+            with torch.no_grad():
+                teacher_logits = teacher(x)
+            loss = self.distillation.loss(logits, teacher_logits, loss)
         self.train_acc.update(logits, y)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)

@@ -10,11 +10,13 @@ from lightning.pytorch import seed_everything
 from omegaconf import DictConfig, OmegaConf
 
 from ..allocator import retain_freed_memory
+from ..distillation import frozen_teacher
 from ..rules import is_int
 from ..plan import relative_plans
 from .baseline import BASELINES, decompose
 from .deploy import check_deploy
-from .job import build_model, evaluate_and_export, finish_backbone, fit, load_weights, make_trainer, resume_path, run_facts
+from .job import build_model, distillation, evaluate_and_export, finish_backbone, fit, load_weights, make_trainer, \
+    resume_path, run_facts
 from .ranks import BACKBONE, projection_of
 from .report import METHOD, SUMMARY, allocation_facts
 
@@ -32,6 +34,7 @@ def check_job(cfg: DictConfig) -> None:
         if not (is_int(cfg[key]) and cfg[key] >= minimum):
             raise ValueError(f"`{key}` must be an int >= {minimum}, got {cfg[key]!r}")
     check_deploy(cfg.get("deploy"))
+    distillation(cfg)
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict | None:
@@ -50,6 +53,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict | None:
     model = build_model(cfg.model, datamodule)
     if cfg.init_ckpt:
         load_weights(model, cfg.init_ckpt)
+    distill = distillation(cfg)
+    if distill is not None and projection is not None and not cfg.baseline:
+        model.distill_from(frozen_teacher(model.backbone), distill.weight, distill.temperature)
     if cfg.baseline:
         return decompose(cfg, run_dir, datamodule, model, config, projection)
     trainer = make_trainer(cfg, run_dir, callbacks, config)

@@ -95,6 +95,21 @@ class Scheme:
         approx = self.project(weight.unsqueeze(0).expand(len(ranks), *shape).contiguous(), ranks, driver)
         return ((approx - weight).flatten(1).pow(2).sum(1) / weight.pow(2).sum().clamp_min(1e-30)).tolist()
 
+    def output_rank_errors(self, weight: Tensor, ranks: Sequence[Rank], driver: str,
+                           weighting: Weighting) -> list[float]:
+        """Normalized squared output error E‖D(W − W_r)x‖² / E‖D·W·x‖² of one float32 ``weight`` under a
+        ``weighting`` of one layer (batch 1), with W_r its weighted projection at each of ``ranks`` (one batched
+        ``project_weighted``): the error an ``objective="activation"`` projection makes at each rank."""
+        if not ranks:
+            return []
+        count, shape = len(ranks), tuple(weight.shape)
+        weights = weight.unsqueeze(0).expand(count, *shape).contiguous()
+        inputs = weighting.inputs.expand(count, *weighting.inputs.shape[1:])
+        outputs = weighting.outputs.expand(count, -1) if weighting.outputs is not None else None
+        batch = Weighting(inputs, outputs, weighting.ridge)
+        approx = self.project_weighted(weights, ranks, driver, batch)
+        return self.output_error(weights, approx, batch).pow(2).tolist()
+
     def factorized_layer(self, layer: nn.Module, rank: Rank) -> nn.Module:
         """The ``FactorizedLayer`` computing what ``layer`` computes with its weight projected at ``rank`` (exactly
         so when the weight already lies in the rank set), on the weight's device and dtype; ``layer`` is untouched."""

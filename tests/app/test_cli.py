@@ -97,10 +97,11 @@ def test_resume_baseline_and_basic_multirun(tmp_path, tiny_train):
     sweep = tmp_path / "sweep"
     ckpt = first / "checkpoints" / "last.ckpt"
     run("lrl-train", "-m", *tiny_train, f"init_ckpt={ckpt}", "method=lowrank_projection,decompose_finetune,decompose",
-        f"hydra.sweep.dir={sweep}")
+        "distill.weight=0.5", f"hydra.sweep.dir={sweep}")
     projected, baseline, decomposed = summary(sweep / "0"), summary(sweep / "1"), summary(sweep / "2")
     assert projected["method"] == "lowrank_projection" and projected["init_ckpt"] == str(ckpt)
     assert baseline["method"] == "decompose_finetune" and baseline["init_ckpt"] == str(ckpt)
+    assert projected["config"]["distill"] == baseline["config"]["distill"] == {"weight": 0.5, "temperature": 4.0}
     assert baseline["test_acc_projected"] is None and baseline["max_abs_logit_diff"] is None
     assert 0 <= baseline["test_acc_decomposed"] <= 1 and 0 <= baseline["test_acc_dense"] <= 1
     assert baseline["params_factorized"] == projected["params_factorized"]

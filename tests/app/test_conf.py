@@ -100,27 +100,43 @@ def test_every_experiment_composes_and_instantiates(name, tmp_path):
     assert cfg.baseline == ("decompose_finetune" if "decompose_finetune" in name else None)
 
 
-METHODS = {"lowrank_projection": (None, 200, False), "lowrank_projection_sd50": (None, 50, False),
-           "lowrank_projection_reset": (None, 200, True), "decompose_finetune": ("decompose_finetune", 200, False),
-           "decompose": ("decompose", 200, False)}
+METHODS = {"lowrank_projection": (None, 200, False, 0), "lowrank_projection_sd50": (None, 50, False, 0),
+           "lowrank_projection_reset": (None, 200, True, 0), "decompose_finetune": ("decompose_finetune", 200, False, 0),
+           "decompose": ("decompose", 200, False, 0), "lowrank_projection_final": (None, 200, False, 0.1)}
+STUDY_METHODS = [m for m in METHODS if m != "lowrank_projection_final"]  # fmnist_final_phase sweeps that one
 
 
 def test_study_sweeps_points_methods_lrs_and_seeds_from_one_checkpoint():
     cfg = compose_train(["experiment=fmnist_study", "init_ckpt=/dense/last.ckpt"], hydra=True)
     points = sweep_points(cfg)
     assert len(points) == 2 * 5 * 2 * 3 and len(set(points)) == len(points)
-    assert {o for p in points for o in p if o.startswith("method=")} == {f"method={m}" for m in METHODS}
+    assert {o for p in points for o in p if o.startswith("method=")} == {f"method={m}" for m in STUDY_METHODS}
     assert options("method") == sorted(METHODS)
-    for method, (baseline, period, reset) in METHODS.items():
+    for method, (baseline, period, reset, final_phase) in METHODS.items():
         cfg = compose_train(["experiment=fmnist_study", "init_ckpt=/dense/last.ckpt", f"method={method}",
                              "point=svd_4x", "model.lr=0.01", "seed=2"])
         check_job(cfg)
         callback = instantiate(cfg.lowrank, _convert_="all")
-        assert (cfg.baseline, callback.every_n_train_steps, callback.reset_momentum) == (baseline, period, reset)
+        assert (cfg.baseline, callback.every_n_train_steps, callback.reset_momentum, callback.final_phase) == (
+            baseline, period, reset, final_phase)
         assert (callback.options.scheme.name, callback.options.rank, cfg.model.lr, cfg.seed) == (
             "svd", Compression(4.0), 0.01, 2)
         assert callback.options.objective == "weight"  # the study's objective, over the preset's Activation
         assert cfg.init_ckpt == "/dense/last.ckpt" and cfg.trainer.max_epochs == 3
+
+
+def test_the_final_phase_study_sweeps_both_methods_with_and_without_distillation():
+    cfg = compose_train(["experiment=fmnist_final_phase", "init_ckpt=/dense/last.ckpt"], hydra=True)
+    points = sweep_points(cfg)
+    assert len(points) == 2 * 2 * 2 * 3 and len(set(points)) == len(points)
+    assert {o for p in points for o in p if o.startswith(("method=", "distill."))} == {
+        "method=lowrank_projection_final", "method=decompose_finetune", "distill.weight=0.0", "distill.weight=0.5"}
+    cfg = compose_train(["experiment=fmnist_final_phase", "init_ckpt=/dense/last.ckpt", "point=tucker2_0.3",
+                         "method=lowrank_projection_final", "distill.weight=0.5", "seed=1"])
+    check_job(cfg)
+    callback = instantiate(cfg.lowrank, _convert_="all")
+    assert callback.final_phase == 0.1 and callback.options.objective == Activation()
+    assert (cfg.distill.weight, cfg.distill.temperature, cfg.model.lr) == (0.5, 4.0, 0.03)
 
 
 BUDGET_POINTS = {"tucker2_budget": ("tucker2", 6.35, "params"), "tucker2_faster": ("tucker2", 1.3, "latency"),
@@ -206,6 +222,7 @@ def sweep_points(cfg) -> list[tuple[str, ...]]:
     """The override lists of a config sweep (``hydra.sweeper.params``), as the basic sweeper expands them."""
     parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()])
     return list(itertools.product(*([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
+                                    if o.is_sweep_override() else [f"{o.get_key_element()}={o.get_value_element_as_str()}"]
                                     for o in parsed)))
 
 

@@ -212,7 +212,8 @@ def test_a_file_of_format_1_loads_and_its_layer_specs_are_still_written(tmp_path
 
 
 def test_a_scheme_without_a_weighted_projection_refuses_the_activation_objective(input_svd):
-    with pytest.raises(ValueError, match=r"`objective`=Activation\(batches=2, ridge=0\.01, bn_weighting=False\) needs "
+    with pytest.raises(ValueError, match=r"`objective`=Activation\(batches=2, ridge=0\.01, bn_weighting=False, "
+                                         r"observe_training=True\) needs "
                                          r"a scheme with a weighted projection .*scheme 'input_svd' has none"):
         LowRankOptions("input_svd", rank=3, objective="activation")
     assert all(scheme_class(name).weighted for name in SCHEME_NAMES)
