@@ -58,6 +58,7 @@ class Allocation:
     check: SpeedupCheck | None = None
     table: dict | None = None
     errors: str = "weight"  # what the candidates' errors measure: "weight", or "output" (input statistics)
+    objective: str = "max"  # how they were traded: the largest ("max") or the summed ("sum") normalized error
 
     @property
     def achieved(self) -> float:
@@ -305,6 +306,7 @@ def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], 
             (module, inputs[name], timing_candidates(module, scheme, rank_choices(
                 scheme, tuple(module.weight.shape), multiple, LATENCY_CANDIDATES))) for name, module, scheme in layers])
         whole, in_model = table.model_ms(model, input_shape, names)
+    objective = rule.objective or ("sum" if weightings else "max")
     choices = [layer_choices(name, module, scheme, metric, inputs[name], driver, rule.rank_multiple, table,
                              projection_device, (weightings or {}).get(name)) for name, module, scheme in layers]
     if table is not None and in_model:
@@ -314,7 +316,7 @@ def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], 
     fastest = fixed + sum(min(c.costs) for c in choices)
 
     def choose(target: float) -> tuple[dict[str, Rank | None], float]:
-        ranks = allocate(choices, fixed, target, rule.objective)
+        ranks = allocate(choices, fixed, target, objective)
         return ranks, fixed + sum(c.costs[c.ranks.index(ranks[c.name])] for c in choices)
 
     check = None
@@ -344,4 +346,5 @@ def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], 
     return Allocation(budget, metric, ranks, costs, dense, allocated,
                       device=str(table.device) if table else None,
                       batch_size=rule.latency_batch_size if table else None, check=check,
-                      table=table.facts() if table else None, errors="output" if weightings else "weight")
+                      table=table.facts() if table else None, errors="output" if weightings else "weight",
+                      objective=objective)

@@ -62,8 +62,9 @@ class Budget:
     ``lrl-train deploy=onnx`` artifact runs; the ``onnx`` extra); the allocated model is then timed against dense and
     allocated again while it misses beyond the noise (``lrlightning.speedup_check``), and no layer is factorized
     into something not faster beyond the noise.
-    ``objective``: minimize the largest normalized weight error over layers (``"max"``, default) or their sum
-    (``"sum"``). Candidate ranks are multiples of ``rank_multiple`` (default 8) where a layer's full rank is at
+    ``objective``: minimize the largest normalized error over layers (``"max"``) or their sum (``"sum"``); default
+    None: ``"max"`` over weight errors, ``"sum"`` over output errors (an ``Activation`` projection objective with
+    input statistics), the better of the two for each on trained models (docs/results.md). Candidate ranks are multiples of ``rank_multiple`` (default 8) where a layer's full rank is at
     least 16× that, else of the largest power of two fitting 16 times.
     ``reallocations``: the callback allocates again from the current weights before each of its first
     ``reallocations`` periodic projections (default 0: once, when fit starts).
@@ -72,7 +73,7 @@ class Budget:
     factor: float
     metric: str = "params"
     input_shape: tuple[int, ...] | None = None
-    objective: str = "max"
+    objective: str | None = None
     rank_multiple: int = 8
     reallocations: int = 0
     latency_batch_size: int = 32
@@ -98,8 +99,8 @@ class Budget:
             raise ValueError(f"`Budget.metric`={self.metric!r} needs `input_shape`, the shape of one sample "
                              "((C, H, W), (C, L) or (C, D, H, W)), "
                              "got None")
-        if self.objective not in BUDGET_OBJECTIVES:
-            raise ValueError(f"`Budget.objective` must be one of {BUDGET_OBJECTIVES}, got {self.objective!r}")
+        if self.objective is not None and self.objective not in BUDGET_OBJECTIVES:
+            raise ValueError(f"`Budget.objective` must be None or one of {BUDGET_OBJECTIVES}, got {self.objective!r}")
         for argument, least in (("rank_multiple", 1), ("latency_batch_size", 1), ("reallocations", 0)):
             value = getattr(self, argument)
             if not (is_int(value) and value >= least):

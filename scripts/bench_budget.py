@@ -25,7 +25,7 @@ import warnings
 
 import torch
 
-from lrlightning import Budget, LowRankOptions, count_macs, count_params, factorize_planned, plan_layers
+from lrlightning import Budget, LowRankOptions, count_macs, count_params, factorize_planned
 from lrlightning.app.provenance import publish_table
 from lrlightning.backbones import build_backbone
 from lrlightning.plan import allocate_plan, candidate_layers

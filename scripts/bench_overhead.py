@@ -13,7 +13,7 @@ projection (``project_planned_``) group by group outside the fit, to show where 
     python scripts/bench_overhead.py --backbones resnet50 --image-size 224 --num-classes 1000 --batch-size 32 \
         --schemes svd tucker2 --periods 3 --steps 6 --skip 2 --rounds 1 --drivers auto --statistics-bytes --profile
     python scripts/bench_overhead.py --backbones resnet20 --steps 12 --rounds 1 --out overhead.json
-    python scripts/bench_overhead.py --drivers auto --objectives weight activation   # the projection objectives
+    python scripts/bench_overhead.py --drivers auto --objectives weight activation activation-passes   # objectives
     python scripts/bench_overhead.py --accelerator gpu --drivers exact gram auto --projection-devices same cpu
 """
 from __future__ import annotations
@@ -53,6 +53,10 @@ class StepTimer(L.Callback):
         self.times.append(time.perf_counter() - self.start)
 
 
+OBJECTIVES = {"weight": "weight", "activation": Activation(),  # statistics recorded on the training passes
+              "activation-passes": Activation(observe_training=False)}  # on separate passes before each projection
+
+
 def step_seconds(backbone: str, loader: DataLoader, steps: int, skip: int, every: int | None, scheme: str,
                  driver: str = "auto", accelerator: str = "cpu", objective: str = "weight",
                  projection_device: str | None = None, num_classes: int = 10) -> tuple[float, float]:
@@ -65,7 +69,7 @@ def step_seconds(backbone: str, loader: DataLoader, steps: int, skip: int, every
     projection = None
     if every is not None:
         projection = LowRankProjection(scheme, 0.5, every_n_train_steps=every, final_projection=False,
-                                       validate_projected=False, objective=objective,
+                                       validate_projected=False, objective=OBJECTIVES[objective],
                                        solver=Solver(driver=driver, device=projection_device))
         callbacks.insert(0, projection)
     trainer = L.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -142,7 +146,7 @@ def main() -> None:
     parser.add_argument("--periods", nargs="+", type=int, default=[1, 10, 200])
     parser.add_argument("--schemes", "--scheme", nargs="+", default=["tucker2"], help="schemes, side by side")
     parser.add_argument("--drivers", nargs="+", default=["exact", "auto"], help="svd_driver values, side by side")
-    parser.add_argument("--objectives", nargs="+", default=["weight"], choices=["weight", "activation"],
+    parser.add_argument("--objectives", nargs="+", default=["weight"], choices=list(OBJECTIVES),
                         help="projection objectives, side by side")
     parser.add_argument("--projection-devices", nargs="+", default=["same"],
                         help="projection_device values side by side ('same': the weights' device, or e.g. cpu)")

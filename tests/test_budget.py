@@ -167,14 +167,14 @@ def test_an_input_shape_the_model_cannot_take_is_refused_before_anything_is_proj
 def test_callback_allocates_once_at_fit_start_and_ends_low_rank(tmp_path, resnet):
     model = Classifier()
     model.backbone.load_state_dict(resnet.state_dict())
-    before = plan_layers(model, LowRankOptions("svd", Budget(3.0)), warn=False)[0]
     # the callback's old default objective was "activation": kept explicit so the same projection is tested
     callback = LowRankProjection("svd", Budget(3.0), every_n_train_steps=2, bn_recalibration_batches=2,
                                  objective="activation")
     data = TensorDataset(torch.randn(32, *SHAPE), torch.randint(0, 10, (32,)))
     L.Trainer(callbacks=[callback], logger=False, enable_progress_bar=False, enable_checkpointing=False,
               max_epochs=1, default_root_dir=tmp_path).fit(model, DataLoader(data, batch_size=8))
-    assert callback.ranks == {p.name: p.rank for p in before}
+    assert callback.allocation.errors == "output"  # allocated when fit started, from the output errors
+    assert callback.ranks == {name: rank for name, rank in callback.allocation.ranks.items() if rank is not None}
     assert callback.state_dict()["ranks"] == callback.ranks
     for plan in callback.plans:
         weight = model.get_submodule(plan.name).weight.detach().flatten(1)
@@ -303,7 +303,7 @@ def test_plan_table_shows_each_layers_cost_and_the_whole_model(resnet):
 
 @pytest.mark.parametrize("options, match", [
     (dict(rank_multiple=0), r"`Budget.rank_multiple` must be an int >= 1, got 0"),
-    (dict(objective="mean"), r"`Budget.objective` must be one of \('max', 'sum'\), got 'mean'"),
+    (dict(objective="mean"), r"`Budget.objective` must be None or one of \('max', 'sum'\), got 'mean'"),
     (dict(latency_batch_size=2.5), r"`Budget.latency_batch_size` must be an int >= 1, got 2.5"),
     (dict(metric="latency"), r"`Budget.metric`='latency' needs `input_shape`"),
     (dict(latency_device="gpu0"), r"`Budget.latency_device` must be 'cpu' or a CUDA device .* got 'gpu0'"),

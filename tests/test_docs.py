@@ -40,6 +40,28 @@ def test_readme_budget_example_builds_its_callback():
     assert options.layers.exclude == ("fc",)
 
 
+def test_readme_distillation_example_blends_the_teachers_logits_and_hides_the_teacher():
+    import torch
+    from torch import nn
+
+    from lrlightning import LowRankOptions, distillation_loss, plan_layers
+
+    namespace = {}
+    [block] = [b for b in python_blocks(ROOT / "README.md") if "DistilledClassifier" in b]
+    exec(compile(block, "README.md", "exec"), namespace)
+    torch.manual_seed(0)
+    make = lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.LazyLinear(4))
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 3])
+    student, dense = make(), make()
+    student(x), dense(x)
+    module = namespace["DistilledClassifier"](student, dense)
+    loss = module.training_step((x, y), 0)
+    logits = student(x)
+    expected = 0.5 * nn.functional.cross_entropy(logits, y) + 0.5 * distillation_loss(logits, dense(x), 4.0)
+    torch.testing.assert_close(loss, expected)
+    assert [p.name for p in plan_layers(module, LowRankOptions("svd", 2))[0]] == ["backbone.2"]  # not the teacher
+
+
 def test_readme_deploy_example_writes_checked_fp32_and_int8_files(empty_folder):
     pytest.importorskip("onnxruntime", reason="needs the `onnx` extra")
     pytest.importorskip("onnxscript", reason="needs the `onnx` extra")

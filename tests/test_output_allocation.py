@@ -108,9 +108,9 @@ def test_the_callback_allocates_an_activation_budget_from_training_batches(tmp_p
         L.Trainer(default_root_dir=tmp_path, max_epochs=1, logger=False, enable_progress_bar=False,
                   enable_model_summary=False, enable_checkpointing=False, accelerator="cpu",
                   callbacks=[callback]).fit(SkewedModule(), data)
-    assert callbacks["weight"].allocation.errors == "weight"
+    assert (callbacks["weight"].allocation.errors, callbacks["weight"].allocation.objective) == ("weight", "max")
     output = callbacks[Activation(batches=2)].allocation
-    assert output.errors == "output" and output.achieved >= 2.0 * 0.95
+    assert (output.errors, output.objective) == ("output", "sum") and output.achieved >= 2.0 * 0.95
 
 
 def test_statistics_missing_a_candidate_layer_are_named():

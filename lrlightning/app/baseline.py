@@ -10,7 +10,8 @@ from omegaconf import DictConfig
 
 from ..distillation import frozen_teacher
 from .evaluation import run_test, val_accuracy
-from .job import backbone_spec, deployer, distillation, finish_backbone, fit, input_shape, make_trainer, resume_path, run_facts
+from .job import (backbone_spec, data_passes, deployer, distillation, finish_backbone, fit, input_shape, make_trainer,
+                  resume_path, run_facts)
 from ..callback import LowRankProjection
 from .ranks import backbone_plans
 from .report import summarize, write_outputs
@@ -30,18 +31,19 @@ def decompose(cfg: DictConfig, run_dir: Path, datamodule, model: LightningModule
     if not cfg.init_ckpt:
         dense_trainer = make_trainer(cfg, run_dir / "dense", [], {**config, "baseline": None, "lowrank": None})
         fit(dense_trainer, model, datamodule, resume_path(None, run_dir / "dense"))
-    plans = backbone_plans(model, options)
+    plans = backbone_plans(model, options, passes=data_passes(datamodule), seed=cfg.seed)
     trainer = make_trainer(cfg, run_dir, [], config)
     metrics = run_test(trainer, datamodule, dense=model.backbone)
+    distill = distillation(cfg)
+    teacher = frozen_teacher(model.backbone) if distill is not None else None  # finishing projects the backbone
     small = finish_backbone(model, datamodule, plans, projection, cfg.seed)
     metrics.update(run_test(trainer, datamodule, decomposed=small))
     tuned, seconds = cfg.baseline == "decompose_finetune", 0.0
     if tuned:
         finetune = instantiate(cfg.model, num_classes=datamodule.num_classes, in_channels=datamodule.in_channels,
                                _partial_=True)(backbone=small)
-        distill = distillation(cfg)
-        if distill is not None:
-            finetune.distill_from(frozen_teacher(model.backbone), distill.weight, distill.temperature)
+        if teacher is not None:
+            finetune.distill_from(teacher, distill.weight, distill.temperature)
         seconds = fit(trainer, finetune, datamodule, resume_path(cfg.ckpt_path, run_dir))
         metrics.update(run_test(trainer, datamodule, factorized=small))
     else:

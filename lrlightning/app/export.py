@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..allocator import retain_freed_memory
 from .deploy import check_deploy
-from .job import CONFIG_KEY, build_model, evaluate_and_export, finish_backbone
+from .job import CONFIG_KEY, build_model, data_passes, evaluate_and_export, finish_backbone
 from .module import LitClassifier
 from .ranks import backbone_plans, projection_of
 from .report import FACTORIZED, METHOD, SUMMARY
@@ -94,8 +94,8 @@ def export(cfg: DictConfig, run_dir: Path) -> dict | None:
     projection = projection_of(lowrank_cfg, datamodule, cfg.latency_batch_size)
     options = projection.options
     state = {} if replans(chosen) else projection_state(checkpoint)
-    plans = backbone_plans(model, options, state.get("ranks") or None)
     step = checkpoint.get("global_step") or 0
+    plans = backbone_plans(model, options, state.get("ranks") or None, data_passes(datamodule), step)
     small = finish_backbone(model, datamodule, plans, projection, step)
     trainer = instantiate(cfg.trainer, default_root_dir=str(run_dir), logger=False, enable_checkpointing=False)
     extra = {"every_n_train_steps": projection.every_n_train_steps if state else None,

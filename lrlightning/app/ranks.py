@@ -3,6 +3,7 @@ selection, and the callback's own settings, one owner each) and the plans of its
 ranks, named relative to the backbone it exports)."""
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Mapping
 
 from hydra.utils import instantiate
@@ -10,7 +11,9 @@ from torch import nn
 
 from ..callback import LowRankProjection
 from ..options import LowRankOptions
+from ..passes import Passes
 from ..plan import LayerPlan, plan_layers, relative_plans
+from ..rules import Budget
 
 BACKBONE = "backbone"
 
@@ -43,9 +46,15 @@ def projection_of(node: Mapping[str, Any], datamodule, latency_batch_size: int) 
     return projection
 
 
-def backbone_plans(model: nn.Module, options: LowRankOptions, ranks: dict[str, Any] | None = None) -> list[LayerPlan]:
+def backbone_plans(model: nn.Module, options: LowRankOptions, ranks: dict[str, Any] | None = None,
+                   passes: Passes | None = None, seed: int = 0) -> list[LayerPlan]:
     """Plans named relative to ``model.backbone``: at ``ranks`` (named relative to ``model``, e.g. the ranks a
-    callback saved in a checkpoint), else under the options' rank rule."""
+    callback saved in a checkpoint), else under the options' rank rule; a ``Budget`` under ``objective=
+    "activation"`` is allocated from output errors on ``passes`` (``Activation.batches`` drawn with ``seed``), as
+    the callback allocates it."""
     if ranks is not None:
         options = options.replace_rank(ranks)
-    return relative_plans(plan_layers(model, options)[0], BACKBONE)
+    statistics = None
+    if passes is not None and options.weighted and isinstance(options.rank, Budget):
+        statistics = partial(passes.statistics, model, options=options, count=options.objective.batches, seed=seed)
+    return relative_plans(plan_layers(model, options, statistics=statistics)[0], BACKBONE)

@@ -32,12 +32,17 @@ FACTORIZED = "factorized.pt"
 
 
 def allocation_facts(allocation: Allocation | None) -> dict[str, Any]:
-    """What a latency budget's allocation found when it was made: ``budget_check`` (the allocated model's speedup
-    measured against dense, see ``lrlightning.speedup_check``) and ``latency_table`` (where its timings came from);
-    empty otherwise."""
-    if allocation is None or allocation.check is None:
+    """What a budget's allocation went by: ``budget_errors`` (``"weight"``, or ``"output"`` errors on data) and
+    ``budget_objective`` (``"max"`` or ``"sum"``), and
+    for latency what it found when it was made: ``budget_check`` (the allocated model's speedup measured against
+    dense, see ``lrlightning.speedup_check``) and ``latency_table`` (where its timings came from); empty without
+    a budget."""
+    if allocation is None:
         return {}
-    return {"budget_check": allocation.check.as_dict(), "latency_table": allocation.table}
+    facts = {"budget_errors": allocation.errors, "budget_objective": allocation.objective}
+    if allocation.check is None:
+        return facts
+    return {**facts, "budget_check": allocation.check.as_dict(), "latency_table": allocation.table}
 
 
 def training_facts(trainer: Trainer, seconds: float) -> dict[str, Any]:

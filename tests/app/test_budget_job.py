@@ -3,8 +3,6 @@ options, and summary.json records what was asked and what was measured."""
 import json
 import logging
 
-import pytest
-
 from hydra import compose, initialize_config_dir
 
 from lrlightning.app.cli import CONF_DIR
@@ -43,3 +41,12 @@ def test_a_mac_budget_from_the_command_line(tmp_path, tiny_train):
     summary = run_job(tmp_path, [*tiny_train, "lowrank.rank={_target_:lrlightning.Budget,factor:2,metric:macs}"])
     assert summary["rule"] == {"budget": 2.0, "metric": "macs"}
     assert 2.0 <= summary["mac_reduction"] <= 2.1
+
+
+def test_a_budget_under_the_activation_objective_is_allocated_from_output_errors(tmp_path, tiny_train):
+    rule = "lowrank.rank={_target_:lrlightning.Budget,factor:2}"
+    output = run_job(tmp_path / "activation", [*tiny_train, rule])  # the presets' objective: Activation
+    weight = run_job(tmp_path / "weight", [*tiny_train, rule, "lowrank.objective=weight"])
+    assert (output["budget_errors"], output["budget_objective"]) == ("output", "sum")
+    assert (weight["budget_errors"], weight["budget_objective"]) == ("weight", "max")
+    assert output["model_compression_ratio"] >= 2.0 * 0.95 and weight["model_compression_ratio"] >= 2.0 * 0.95
