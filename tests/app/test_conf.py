@@ -102,8 +102,9 @@ def test_every_experiment_composes_and_instantiates(name, tmp_path):
 
 METHODS = {"lowrank_projection": (None, 200, False, 0), "lowrank_projection_sd50": (None, 50, False, 0),
            "lowrank_projection_reset": (None, 200, True, 0), "decompose_finetune": ("decompose_finetune", 200, False, 0),
-           "decompose": ("decompose", 200, False, 0), "lowrank_projection_final": (None, 200, False, 0.1)}
-STUDY_METHODS = [m for m in METHODS if m != "lowrank_projection_final"]  # fmnist_final_phase sweeps that one
+           "decompose": ("decompose", 200, False, 0), "lowrank_projection_final": (None, 200, False, 0.1),
+           "lowrank_projection_finetune": (None, 50, False, 0.1)}
+STUDY_METHODS = [m for m in METHODS if m not in ("lowrank_projection_final", "lowrank_projection_finetune")]
 
 
 def test_study_sweeps_points_methods_lrs_and_seeds_from_one_checkpoint():
@@ -122,6 +123,7 @@ def test_study_sweeps_points_methods_lrs_and_seeds_from_one_checkpoint():
         assert (callback.options.scheme.name, callback.options.rank, cfg.model.lr, cfg.seed) == (
             "svd", Compression(4.0), 0.01, 2)
         assert callback.options.objective == "weight"  # the study's objective, over the preset's Activation
+        assert callback.start_step == (1 if method == "lowrank_projection_finetune" else 0)
         assert cfg.init_ckpt == "/dense/last.ckpt" and cfg.trainer.max_epochs == 3
 
 
