@@ -10,7 +10,8 @@ from torch import nn
 
 from lrlightning import Activation, LowRankProjection
 from lrlightning.activations import input_statistics
-from test_callback import CountingProjection, ManualTinyCNN, TinyCNN, ddp_trainer, fast_trainer, loader
+from test_callback import (CountingProjection, ManualTinyCNN, ScaledOnRankOne, TinyCNN, ddp_trainer, fast_trainer,
+                           loader)
 
 
 @pytest.mark.parametrize("final_phase, expected_start, expected", [
@@ -165,11 +166,6 @@ def test_a_layer_the_training_step_does_not_run_takes_separate_passes(tmp_path):
         fast_trainer(tmp_path, [callback], max_epochs=1).fit(PartialStep(), loader())
     assert callback.num_projections == 2
     assert callback.recorded == {4: None, 8: None}
-
-
-class ScaledOnRankOne(TinyCNN):
-    def forward(self, x):
-        return self.net(x * (3.0 if self.trainer.global_rank == 1 else 1.0))
 
 
 class RecordedOnEveryRank(RecordedStatistics):
