@@ -267,6 +267,16 @@ def lowest_max_error(layers: Sequence[LayerChoices], total, target: float) -> li
     return choose(thresholds[low])
 
 
+def closest_ranks(error: ValueError, choose, fastest: float, budget: float
+                  ) -> tuple[dict[str, Rank | None], SpeedupCheck | None] | None:
+    """What ``Budget(out_of_reach="closest")`` keeps of a request out of reach: the fastest allocation as measured
+    (``OutOfReach``, with its ``"short"`` check), or the smallest (params and MACs, no check); None for a latency
+    budget no layer of which has a faster candidate (nothing to keep)."""
+    if isinstance(error, OutOfReach):
+        return error.ranks, error.check(budget)
+    return None if math.isinf(fastest) else (choose(fastest)[0], None)
+
+
 def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], rule: Budget, driver: str,
                  projection_device: str | None = None, weightings: dict[str, Weighting] | None = None) -> Allocation:
     """Allocate the ``rule``'s budget over ``layers`` (name, module, scheme) of ``model``: layers not listed count
@@ -300,7 +310,7 @@ def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], 
         device = rule.latency_device or ("cpu" if rule.latency_backend == "onnxruntime"
                                          else next(model.parameters()).device)
         table = LatencyTable(device, rule.latency_batch_size, rule.latency_cache, rule.latency_remeasure,
-                             rule.latency_backend)
+                             rule.latency_backend, rule.latency_memory_format)
         multiple = rule.rank_multiple
         table.check(model, input_shape, [
             (module, inputs[name], timing_candidates(module, scheme, rank_choices(
@@ -335,11 +345,17 @@ def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], 
             best = f"{error}, with every selected layer at its fastest candidate"
         else:
             best = f"{dense / fastest:.2f}x {'faster (predicted)' if table else f'smaller in {metric}'}"
-        raise ValueError(f"`Budget.factor`={budget} ({metric}) is out of reach: with the selected layers at their smallest ranks the "
-                         f"model is at most {best} (layers left dense by the selection cap it"
-                         f"{'; so do layers no candidate of which runs faster than dense' if table else ''}); "
-                         "ask for less, or select more layers") from None
-    if check is not None and check.verdict != "met":
+        text = (f"`Budget.factor`={budget} ({metric}) is out of reach: with the selected layers at their smallest "
+                f"ranks the model is at most {best} (layers left dense by the selection cap it"
+                f"{'; so do layers no candidate of which runs faster than dense' if table else ''})")
+        kept = None if rule.out_of_reach == "raise" else closest_ranks(
+            error, choose, math.inf if table is not None and fastest >= dense else fastest, budget)
+        if kept is None:
+            raise ValueError(f"{text}; ask for less, or select more layers (or `Budget.out_of_reach`='closest' to "
+                             "keep the closest allocation)") from None
+        ranks, check = kept
+        warnings.warn(f"{text}; kept the closest allocation (`Budget.out_of_reach`='closest')", stacklevel=3)
+    if check is not None and check.verdict not in ("met", "short"):
         warnings.warn(f"Budget({budget}, metric='latency'): {check.text()}", stacklevel=3)
     costs = {c.name: (c.costs[-1], c.costs[c.ranks.index(ranks[c.name])]) for c in choices}
     allocated = fixed + sum(cost for _, cost in costs.values())

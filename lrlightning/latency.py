@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import platform
 import re
 import statistics
 import time
@@ -33,9 +32,11 @@ import torch
 from torch import nn
 
 from .allocator import freed_memory_retained
+from .cpu import cpu_label
 from .layers import is_conv
 from .names import named_modules
 from .rules import LATENCY_BACKENDS as BACKENDS
+from .serving import check_memory_format, serving_form, serving_input
 from .timing import ROUND_SECONDS, ROUNDS, Spread, interleaved_samples, on_device, paired_ratios, paired_speedup, synchronize
 
 FORMAT = 2  # of the cache file; a file of another format is measured anew
@@ -50,39 +51,31 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("LRLIGHTNING_CACHE") or Path.home() / ".cache" / "lrlightning")
 
 
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_key(device: torch.device, backend: str = "eager") -> str:
-    """What a latency depends on besides the layer: the processor (CPU model, thread count and whether freed memory
-    is retained, see ``lrlightning.allocator``; or the CUDA device name), the backend and the torch version."""
+def device_key(device: torch.device, backend: str = "eager", memory_format: str = "channels_last") -> str:
+    """What a latency depends on besides the layer: the processor (CPU model and instruction sets, see
+    ``lrlightning.cpu``; thread count and whether freed memory is retained, see ``lrlightning.allocator``; or the CUDA device name), the backend (eager: with its memory format, see ``lrlightning.serving``) and the torch
+    version."""
     if backend == "onnxruntime":
         import onnxruntime
 
-        return f"onnxruntime {onnxruntime.__version__} cpu {cpu_model()} {torch.get_num_threads()} threads torch " \
+        return f"onnxruntime {onnxruntime.__version__} cpu {cpu_label()} {torch.get_num_threads()} threads torch " \
                f"{torch.__version__}"
     if device.type == "cuda":
         where = f"cuda {torch.cuda.get_device_name(device)}"
     else:
         memory = " retained memory" if freed_memory_retained() else ""
-        where = f"{device.type} {cpu_model()} {torch.get_num_threads()} threads{memory}"
-    return f"{where} torch {torch.__version__}"
+        where = f"{device.type} {cpu_label()} {torch.get_num_threads()} threads{memory}"
+    return f"{where} {memory_format} torch {torch.__version__}"
 
 
-def runnable(module: nn.Module, example: torch.Tensor, backend: str):
-    """What is timed of ``module`` on inputs shaped like ``example``: the module in eval mode on ``example``'s
-    device (eager), or an ONNX Runtime session of it (``lrlightning.onnx_export.timing_bytes``)."""
+def runnable(module: nn.Module, example: torch.Tensor, backend: str, memory_format: str = "channels_last",
+             fold: bool = False):
+    """What is timed of ``module`` on inputs shaped like ``example``: eager, its serving form on ``example``'s
+    device (``lrlightning.serving``: eval mode, weights in ``memory_format``, BatchNorm folded when ``fold``), or
+    an ONNX Runtime session of it (``lrlightning.onnx_export.timing_bytes``; it folds BatchNorm itself)."""
     module = module.to(example.device).eval()
     if backend == "eager":
-        return module
+        return serving_form(module, memory_format, fold)
     from .onnx_export import SessionModule, session, timing_bytes
 
     return SessionModule(session(timing_bytes(module, example)))
@@ -122,7 +115,9 @@ LayerRequest = tuple[nn.Module, Sequence[int], dict[str, Callable[[], nn.Module]
 
 class LatencyTable:
     """Per-layer latencies on ``device`` at batch ``batch_size`` in ``backend`` (``"eager"``, default, or
-    ``"onnxruntime"``: CPU only), read from and written to a JSON cache.
+    ``"onnxruntime"``: CPU only), read from and written to a JSON cache. Eager modules are timed in their serving
+    form (``lrlightning.serving``): weights and inputs in ``memory_format`` (default ``"channels_last"``), whole
+    models with BatchNorm folded.
 
     ``remeasure=True`` ignores the cached entries this run needs: they are timed again and the cache updated.
     ``check`` (before a cached table is used) does the same when a cheap re-timed reference has moved. ``measured``
@@ -130,7 +125,7 @@ class LatencyTable:
     where the timings come from (``"measured"``, ``"cached"``, ``"stale"`` or ``"remeasured"``)."""
 
     def __init__(self, device: torch.device | str, batch_size: int, cache_dir: str | os.PathLike | None = None,
-                 remeasure: bool = False, backend: str = "eager"):
+                 remeasure: bool = False, backend: str = "eager", memory_format: str = "channels_last"):
         if backend not in BACKENDS:
             raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
         self.device = torch.device(device)
@@ -141,10 +136,11 @@ class LatencyTable:
 
             require_onnx("a latency table in ONNX Runtime")
         self.backend = backend
+        self.memory_format = check_memory_format("memory_format", memory_format)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.batch_size = batch_size
-        self.key = device_key(self.device, backend)
+        self.key = device_key(self.device, backend, memory_format)
         slug = re.sub(r"[^A-Za-z0-9.]+", "-", self.key).strip("-")
         self.path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.path = self.path / f"latency-{slug}.json"
@@ -206,7 +202,13 @@ class LatencyTable:
         self.fresh.add(key)
 
     def example(self, input_shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-        return torch.randn(self.batch_size, *input_shape, device=self.device, dtype=dtype)
+        """A random batch of ``batch_size`` inputs of ``input_shape``, in the table's memory format (eager)."""
+        example = torch.randn(self.batch_size, *input_shape, device=self.device, dtype=dtype)
+        return serving_input(example, self.memory_format) if self.backend == "eager" else example
+
+    def runnable(self, module: nn.Module, example: torch.Tensor, fold: bool = False):
+        """``runnable`` in this table's backend and memory format."""
+        return runnable(module, example, self.backend, self.memory_format, fold)
 
     def layer_times(self, module: nn.Module, input_shape: Sequence[int],
                     candidates: dict[str, Callable[[], nn.Module]]) -> LayerTimes:
@@ -221,7 +223,7 @@ class LatencyTable:
             build = {"dense": lambda: copy.deepcopy(module), **candidates}
             labels = ["dense", *missing]
             example = self.example(input_shape, dtype)
-            timed = [runnable(build[label](), example, self.backend) for label in labels]
+            timed = [self.runnable(build[label](), example) for label in labels]
             start = time.perf_counter()
             samples = interleaved_samples(timed, example)
             self.seconds += time.perf_counter() - start
@@ -236,7 +238,7 @@ class LatencyTable:
             float, dict[str, float]]:
         """(median ms of one forward pass of ``model``, {name: median ms spent inside that submodule during a
         pass}) for the submodules ``names`` (canonical names), so layers are also timed where they run, on the
-        model's own activations. Eval mode (restored after; a copy when the model lives on another device), a random
+        model's own activations. The model's serving form (a copy, see ``lrlightning.serving``), a random
         batch; cached under a hash of the model's structure (``model_key``). ONNX Runtime runs the graph whole, so
         there no submodule is timed inside it (the dict is empty)."""
         parameter = next(model.parameters())
@@ -244,7 +246,7 @@ class LatencyTable:
         if self.backend != "eager":
             if not self.cached(key):
                 example = self.example(input_shape, parameter.dtype)
-                timed = runnable(copy.deepcopy(model), example, self.backend)
+                timed = self.runnable(copy.deepcopy(model), example, fold=True)
                 start = time.perf_counter()
                 (samples,) = interleaved_samples([timed], example)
                 self.seconds += time.perf_counter() - start
@@ -254,7 +256,8 @@ class LatencyTable:
             return self.entries[key]["ms"].median, {}
         keys = {name: f"{key}|{name}" for name in names}
         if not self.cached(key) or any(not self.cached(k) for k in keys.values()):
-            timed = model if parameter.device == self.device else copy.deepcopy(model).to(self.device)
+            timed = serving_form(model.to(self.device) if parameter.device == self.device
+                                 else copy.deepcopy(model).to(self.device), self.memory_format)
             start = time.perf_counter()
             whole, inside = profile_ms(timed, self.example(input_shape, parameter.dtype), names)
             self.seconds += time.perf_counter() - start
@@ -270,7 +273,7 @@ class LatencyTable:
         ratios (``lrlightning.timing.paired_speedup``; eval-mode copies, never cached)."""
         parameter = next(dense.parameters())
         example = self.example(input_shape, parameter.dtype)
-        copies = [runnable(copy.deepcopy(m), example, self.backend) for m in (dense, factorized)]
+        copies = [self.runnable(copy.deepcopy(m), example, fold=True) for m in (dense, factorized)]
         return paired_speedup(*copies, example)[2]
 
     def check(self, model: nn.Module, input_shape: Sequence[int], layers: Sequence[LayerRequest]) -> None:
@@ -287,7 +290,7 @@ class LatencyTable:
         reference = model_key(model, (self.batch_size, *input_shape), parameter.dtype)
         if self.cached(reference):
             example = self.example(input_shape, parameter.dtype)
-            timed = runnable(copy.deepcopy(model), example, self.backend)
+            timed = self.runnable(copy.deepcopy(model), example, fold=True)
             (fresh,) = interleaved_samples([timed], example, CHECK_ROUNDS, ROUND_SECONDS, CHECK_ROUNDS)
             offs["the dense model"] = statistics.median(fresh) / self.entries[reference]["ms"].median
         layer_offs = [off for request in self.checked_layers(layers) for off in self.layer_offs(*request)]
@@ -330,7 +333,7 @@ class LatencyTable:
         """Re-timed / cached, for the dense layer, each candidate and each candidate's ratio to dense."""
         base = layer_key(module, (self.batch_size, *input_shape), module.weight.dtype)
         example = self.example(input_shape, module.weight.dtype)
-        timed = [runnable(build(), example, self.backend)
+        timed = [self.runnable(build(), example)
                  for build in (lambda: copy.deepcopy(module), *candidates.values())]
         samples = interleaved_samples(timed, example, CHECK_ROUNDS, ROUND_SECONDS, CHECK_ROUNDS)
         offs = [statistics.median(samples[0]) / self.entries[base]["ms"].median]
@@ -346,7 +349,8 @@ class LatencyTable:
         spent measuring the file's entries (over every run that measured some), ``check_seconds`` of the
         staleness check, and the cache ``path``."""
         unsettled = sum(not spread.settled for key in self.fresh for spread in self.entries[key].values())
-        return {"state": self.state, "backend": self.backend, "measured": self.measured, "unsettled": unsettled,
+        return {"state": self.state, "backend": self.backend,
+                "memory_format": self.memory_format if self.backend == "eager" else None, "measured": self.measured, "unsettled": unsettled,
                 "seconds": round(self.seconds, 3), "check_seconds": round(self.check_seconds, 3),
                 "path": str(self.path)}
 

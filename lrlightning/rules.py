@@ -7,11 +7,13 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from .devices import check_device
+from .serving import check_memory_format
 
 RankSpec = int | float | tuple[int, int] | dict[str, int | tuple[int, int]]
 BUDGET_METRICS = ("params", "macs", "latency")
 LATENCY_BACKENDS = ("eager", "onnxruntime")
 BUDGET_OBJECTIVES = ("max", "sum")
+OUT_OF_REACH = ("raise", "closest")
 
 
 def is_int(value: Any) -> bool:
@@ -59,7 +61,9 @@ class Budget:
     ``$LRLIGHTNING_CACHE`` or ~/.cache/lrlightning), checked for staleness before use and timed anew with
     ``latency_remeasure=True`` (``lrlightning.latency``), in ``latency_backend`` ``"eager"`` (default: PyTorch) or
     ``"onnxruntime"`` (each layer and the model exported to ONNX and timed in ONNX Runtime on the CPU, where an
-    ``lrl-train deploy=onnx`` artifact runs; the ``onnx`` extra); the allocated model is then timed against dense and
+    ``lrl-train deploy=onnx`` artifact runs; the ``onnx`` extra). Eager timings are of the model as it is served
+    (``lrlightning.serving``): BatchNorm folded, conv weights and inputs in ``latency_memory_format``
+    (``"channels_last"``, default, or ``"contiguous"``). The allocated model is then timed against dense and
     allocated again while it misses beyond the noise (``lrlightning.speedup_check``), and no layer is factorized
     into something not faster beyond the noise.
     ``objective``: minimize the largest normalized error over layers (``"max"``) or their sum (``"sum"``); default
@@ -68,6 +72,10 @@ class Budget:
     least 16× that, else of the largest power of two fitting 16 times.
     ``reallocations``: the callback allocates again from the current weights before each of its first
     ``reallocations`` periodic projections (default 0: once, when fit starts).
+    ``out_of_reach``: what a ``factor`` that the selected layers cannot reach does: ``"raise"`` (default) a
+    ValueError naming the best reachable ratio; ``"closest"`` keeps the allocation closest to it (the smallest, or
+    for latency the fastest as measured on this machine) with a warning, its ``Allocation.check`` verdict
+    ``"short"``: a request such as "1.3x faster" then holds on every CPU the model gets faster on at all.
     """
 
     factor: float
@@ -81,6 +89,8 @@ class Budget:
     latency_cache: str | None = None
     latency_remeasure: bool = False
     latency_backend: str = "eager"
+    latency_memory_format: str = "channels_last"
+    out_of_reach: str = "raise"
 
     def __post_init__(self):
         if not (is_number(self.factor) and self.factor > 1.0):
@@ -118,6 +128,9 @@ class Budget:
             raise ValueError(f"`Budget.latency_backend`='onnxruntime' times on the CPU; `Budget.latency_device` must "
                              f"be None or 'cpu', got {self.latency_device!r}")
         check_device("Budget.latency_device", self.latency_device)
+        check_memory_format("Budget.latency_memory_format", self.latency_memory_format)
+        if self.out_of_reach not in OUT_OF_REACH:
+            raise ValueError(f"`Budget.out_of_reach` must be one of {OUT_OF_REACH}, got {self.out_of_reach!r}")
 
 
 RankRule = RankSpec | Energy | Compression | Budget

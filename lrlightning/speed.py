@@ -11,6 +11,7 @@ from torch.fx.experimental.optimization import fuse
 from .latency import time_passes
 from .layers import FactorizedLayer
 from .names import named_modules, set_module
+from .serving import serving_form, serving_input
 from .timing import Spread, paired_speedup
 
 
@@ -40,15 +41,18 @@ def cpu_latency_ms(model: nn.Module, input_shape: tuple[int, ...], batch_size: i
 
 
 def measured_speedup(dense: nn.Module, factorized: nn.Module, input_shape: tuple[int, ...], batch_size: int = 32,
-                     device: torch.device | str = "cpu") -> tuple[Spread, Spread, Spread]:
-    """(dense ms, factorized ms, speedup dense / factorized per round) of copies of two models on ``device`` (eval
-    mode) on one random batch of ``batch_size`` inputs of ``input_shape`` (C, H, W), timed interleaved
+                     device: torch.device | str = "cpu", memory_format: str = "channels_last") -> tuple[
+                         Spread, Spread, Spread]:
+    """(dense ms, factorized ms, speedup dense / factorized per round) of the serving forms of two models on
+    ``device`` (``lrlightning.serving``: eval-mode copies, BatchNorm folded, weights and input in
+    ``memory_format``) on one random batch of ``batch_size`` inputs of ``input_shape`` (C, H, W), timed interleaved
     (``lrlightning.timing.paired_speedup``, torch's current thread count on CPU). The models themselves are not
     moved or switched to eval."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be an int >= 1, got {batch_size!r}")
-    copies = [copy.deepcopy(model).to(device).eval() for model in (dense, factorized)]
-    return paired_speedup(*copies, torch.randn(batch_size, *input_shape, device=device))
+    copies = [serving_form(model.to(device) if next(model.parameters()).device == torch.device(device)
+                           else copy.deepcopy(model).to(device), memory_format) for model in (dense, factorized)]
+    return paired_speedup(*copies, serving_input(torch.randn(batch_size, *input_shape, device=device), memory_format))
 
 
 def layer_inputs(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -23,8 +23,9 @@ class SpeedupCheck:
     factorized) and the ``verdict``: ``"met"`` (its median within ``SPEEDUP_TOLERANCE`` of ``budget``, or
     ``budget`` inside an interquartile range at most ``PRECISE_SPREAD`` of the median: off only by the noise),
     ``"noisy"`` (a range wider than ``NOISY_SPREAD`` of the median that holds the budget: the machine is too noisy
-    to tell) or ``"missed"`` (still off after ``attempts`` allocations, or no other allocation lies closer; the
-    ``closest`` one is kept)."""
+    to tell), ``"missed"`` (still off after ``attempts`` allocations, or no other allocation lies closer; the
+    ``closest`` one is kept) or ``"short"`` (out of reach on this machine: the fastest allocation, kept under
+    ``Budget(out_of_reach="closest")``, measured short of ``budget``)."""
 
     budget: float
     measured: Spread
@@ -44,6 +45,9 @@ class SpeedupCheck:
         if self.verdict == "noisy":
             return (f"the machine is too noisy to tell: measured {measured} against dense "
                     f"{'' if self.distinguishable else '(not distinguishable from 1.0) '}({tries})")
+        if self.verdict == "short":
+            return (f"out of reach on this machine: the fastest allocation measured {measured} against dense, asked "
+                    f"{self.budget:g}x; it is kept ({tries})")
         return f"missed: measured {measured} against dense, asked {self.budget:g}x ({tries})"
 
     def as_dict(self) -> dict[str, Any]:
@@ -52,11 +56,16 @@ class SpeedupCheck:
 
 
 class OutOfReach(ValueError):
-    """The fastest allocation measured short of the budget; ``measured`` is its speedup."""
+    """The fastest allocation measured short of the budget: ``ranks``, its ``measured`` speedup, and the
+    allocations timed so far (``attempts``)."""
 
-    def __init__(self, measured: Spread):
+    def __init__(self, measured: Spread, ranks: dict | None = None, attempts: int = 1):
         super().__init__(f"{measured.text(suffix='x')} faster (measured)")
-        self.measured = measured
+        self.measured, self.ranks, self.attempts = measured, ranks, attempts
+
+    def check(self, budget: float) -> SpeedupCheck:
+        """The ``"short"`` check of keeping this allocation anyway."""
+        return SpeedupCheck(budget, self.measured, "short", self.attempts)
 
 
 def judged(measured: Spread, budget: float) -> str | None:
@@ -87,7 +96,7 @@ def checked_ranks(choose: Callable[[float], tuple[dict, float]], measure: Callab
         ranks, total = choose(target)
         if any(ranks == earlier for earlier, _ in tried):
             if target <= fastest * (1 + 1e-9) and all(m.median < budget for _, m in tried):
-                raise OutOfReach(next(m for r, m in tried if r == ranks))
+                raise OutOfReach(next(m for r, m in tried if r == ranks), ranks, len(tried))
             break  # the corrected target gives ranks already timed: no allocation lies closer
         measured = measure(ranks)
         tried.append((ranks, measured))
@@ -95,7 +104,7 @@ def checked_ranks(choose: Callable[[float], tuple[dict, float]], measure: Callab
         if verdict is not None:
             return ranks, SpeedupCheck(budget, measured, verdict, attempt)
         if measured.median < budget and target <= fastest * (1 + 1e-9):
-            raise OutOfReach(measured)
+            raise OutOfReach(measured, ranks, len(tried))
         points.append((math.log(dense / total), math.log(measured.median)))
         target = dense / math.exp(corrected(points, math.log(budget)))
     ranks, measured = closest(tried, budget)

@@ -53,10 +53,11 @@ class MacLatencyTable:
 
     made: list["MacLatencyTable"] = []
 
-    def __init__(self, device, batch_size, cache_dir=None, remeasure=False, backend="eager"):
+    def __init__(self, device, batch_size, cache_dir=None, remeasure=False, backend="eager", memory_format="channels_last"):
         import torch
 
         self.device, self.batch_size, self.cache_dir = torch.device(device), batch_size, cache_dir
+        self.memory_format = memory_format
         self.remeasure, self.backend, self.state, self.checked = remeasure, backend, "measured", []
         MacLatencyTable.made.append(self)
 

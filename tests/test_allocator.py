@@ -6,7 +6,8 @@ import torch
 
 from lrlightning import allocator
 from lrlightning.allocator import freed_memory_retained, retain_freed_memory
-from lrlightning.latency import cpu_model, device_key
+from lrlightning.cpu import cpu_label
+from lrlightning.latency import device_key
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt exists on Linux only")
@@ -16,7 +17,7 @@ def test_retaining_freed_memory_applies_on_glibc_and_changes_the_latency_key():
     allocator._retained = False
     before = device_key(torch.device("cpu"))
     threads, version = torch.get_num_threads(), torch.__version__
-    assert before == f"cpu {cpu_model()} {threads} threads torch {version}"
+    assert before == f"cpu {cpu_label()} {threads} threads channels_last torch {version}"
     assert retain_freed_memory() is True and freed_memory_retained()
     after = device_key(torch.device("cpu"))
-    assert after == f"cpu {cpu_model()} {threads} threads retained memory torch {version}"
+    assert after == f"cpu {cpu_label()} {threads} threads retained memory channels_last torch {version}"

@@ -127,6 +127,8 @@ def test_an_unreachable_budget_names_the_best_reachable(resnet):
     (dict(factor=2.0, metric="flops"),
      r"`Budget.metric` must be one of \('params', 'macs', 'latency'\), got 'flops'"),
     (dict(factor=2.0, metric="macs"), r"`Budget.metric`='macs' needs `input_shape`"),
+    (dict(factor=2.0, out_of_reach="fastest"),
+     r"`Budget.out_of_reach` must be one of \('raise', 'closest'\), got 'fastest'"),
     (dict(factor=2.0, input_shape=(3, 0, 16)), r"`Budget.input_shape` must be the shape of one sample, such as \(C, H, W\), \(C, L\) or \(C, D, H, W\)"),
 ])
 def test_bad_budgets_are_refused(options, match):
@@ -230,6 +232,33 @@ def test_latency_budget_allocates_measured_costs_and_never_picks_a_slower_layer(
     with pytest.raises(ValueError, match=r"`Budget.factor`=1000.0 \(latency\) is out of reach: .* at most "
                                          r"\d+\.\d\dx \(IQR [\d.-]+\) faster \(measured\)"):
         allocate_plan(resnet, options.replace_rank(replace(options.rank, factor=1000.0)), warn=False)
+
+
+def test_a_latency_budget_out_of_reach_keeps_the_fastest_allocation_when_asked(resnet, mac_latency):
+    options = LowRankOptions("tucker2", Budget(1000.0, metric="latency", input_shape=SHAPE, latency_batch_size=4,
+                                               latency_device="cpu", out_of_reach="closest"))
+    with pytest.warns(UserWarning, match=r"`Budget.factor`=1000.0 \(latency\) is out of reach: .* kept the closest "
+                                         r"allocation \(`Budget.out_of_reach`='closest'\)"):
+        plans, _, allocation = allocate_plan(resnet, options, warn=False)
+    check = allocation.check
+    assert (check.verdict, check.attempts, check.budget) == ("short", 1, 1000.0)
+    factorized = {name: rank for name, rank in allocation.ranks.items() if rank is not None}
+    fastest = count_macs(resnet, SHAPE) / count_macs(factorize(resnet, "tucker2", factorized), SHAPE)
+    assert check.measured.median == pytest.approx(fastest) and 1.0 < check.measured.median < 1000.0
+    assert check.text().startswith(f"out of reach on this machine: the fastest allocation measured "
+                                   f"{check.measured.median:.2f}x")
+    reach = allocate_plan(resnet, options.replace_rank(replace(options.rank, factor=0.999 * fastest,
+                                                               out_of_reach="raise")), warn=False)[2]
+    assert reach.check.measured.median >= 0.97 * 0.999 * fastest  # what it measured is reachable as a request
+    assert plans and all(allocation.ranks[p.name] == p.rank for p in plans)
+
+
+def test_a_size_budget_out_of_reach_keeps_the_smallest_allocation_when_asked(resnet):
+    with pytest.warns(UserWarning, match=r"`Budget.factor`=50.0 \(params\) is out of reach"):
+        small = factorize(resnet, "svd", Budget(50.0, out_of_reach="closest"))
+    smallest = factorize(resnet, "svd", Budget(whole_ratio(resnet, small, "params") * 0.999))
+    assert count_params(small) == count_params(smallest)
+    assert whole_ratio(resnet, small, "params") < 50.0
 
 
 def spread(value, width=0.0):

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..latency import cpu_model
+from ..cpu import cpu_record
 from ..summary import format_table
 
 CHECKOUT = Path(__file__).resolve().parent.parent
@@ -37,11 +37,22 @@ def git_commit(checkout: Path = CHECKOUT) -> str | None:
 
 
 def machine() -> dict[str, Any]:
-    """Host name, CPU model, CPU count, torch's intra-op thread count, GPU name (None without CUDA), versions."""
-    return {"hostname": socket.gethostname(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+    """Host name, CPU model and its speed flags (``lrlightning.cpu.cpu_record``), CPU count, torch's intra-op thread
+    count, GPU name (None without CUDA), versions (ONNX Runtime's where installed)."""
+    return {"hostname": socket.gethostname(), **cpu_record(), "cpu_count": os.cpu_count(),
             "threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "torch": str(torch.__version__), "python": platform.python_version()}
+            "torch": str(torch.__version__), "onnxruntime": onnxruntime_version(), "python": platform.python_version()}
+
+
+def onnxruntime_version() -> str | None:
+    """ONNX Runtime's version, None where it is not installed."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version("onnxruntime")
+    except PackageNotFoundError:
+        return None
 
 
 def provenance() -> dict[str, Any]:
@@ -55,7 +66,9 @@ def describe_machine(value: dict[str, Any] | str | None) -> str:
     ``host: CPU, N cores, torch threads T[, GPU]``."""
     if not isinstance(value, dict):
         return str(value or "unknown")
-    text = f"{value.get('hostname')}: {value.get('cpu')}, {value.get('cpu_count')} cores, torch threads {value.get('threads')}"
+    features = f" ({' '.join(value['cpu_features'])})" if value.get("cpu_features") else ""
+    text = (f"{value.get('hostname')}: {value.get('cpu')}{features}, {value.get('cpu_count')} cores, torch threads "
+            f"{value.get('threads')}")
     return text + (f", {value['gpu']}" if value.get("gpu") else "")
 
 

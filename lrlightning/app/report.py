@@ -58,15 +58,17 @@ def summarize(method: str, options: LowRankOptions | None, plans: list[LayerPlan
               extra: dict) -> dict[str, Any]:
     """The fields of ``summary.json`` (``extra`` last): ``plans`` are the factorized layers of ``dense``, whose
     factorized copy is ``small``; ``metrics`` come from ``run_test`` and ``val_accuracy``. Latency: dense and
-    factorized timed interleaved at ``latency_batch_size``, on the CPU, or on the budget's ``latency_device``:
+    factorized timed interleaved in their serving form (``lrlightning.serving``: BatchNorm folded, the budget's
+    ``latency_memory_format``, default channels_last) at ``latency_batch_size``, on the CPU, or on the budget's
+    ``latency_device``:
     medians over the rounds, the speedup as the median of per-round ratios with its interquartile range
     (``speedup_low``, ``speedup_high``) and whether that range excludes 1.0 (``speedup_distinguishable``)."""
-    device = "cpu"
+    device, memory_format = "cpu", Budget.latency_memory_format
     rule = options.rank if options is not None else None
     if isinstance(rule, Budget) and rule.metric == "latency":
-        device = rule.latency_device or "cpu"
+        device, memory_format = rule.latency_device or "cpu", rule.latency_memory_format
     latency_dense, latency_factorized, speedup = measured_speedup(dense, small, input_shape, latency_batch_size,
-                                                                  device)
+                                                                  device, memory_format)
     weights_dense = sum(p.params_dense for p in plans)
     weights_factorized = sum(p.params_factorized for p in plans)
     params_dense, params_factorized = count_params(dense), count_params(small)
@@ -99,6 +101,7 @@ def summarize(method: str, options: LowRankOptions | None, plans: list[LayerPlan
         "latency_batch_size": latency_batch_size,
         "latency_device": str(device),
         "latency_threads": torch.get_num_threads(),
+        "latency_memory_format": memory_format,
         "objective": (("activation" if options.weighted else "weight") if options is not None else None),
         "ranks": {p.name: list(p.rank) if isinstance(p.rank, tuple) else p.rank for p in plans},
         **provenance(),
@@ -138,11 +141,18 @@ def summary_table(s: dict[str, Any]) -> str:
         head += f"; {pct(s['test_acc_decomposed'])} right after decomposition"
     check = s.get("budget_check")
     if check is not None:
-        head += (f"\nlatency budget {check['budget']:g}x, when fit started: {check['verdict']} "
-                 f"(measured {check['measured']['median']:.2f}x, IQR {check['measured']['low']:.2f}-"
-                 f"{check['measured']['high']:.2f})")
+        measured = check["measured"]
+        verdict = ("short: out of reach on this CPU, the fastest allocation kept" if check["verdict"] == "short"
+                   else check["verdict"])
+        head += (f"\nlatency budget {check['budget']:g}x, when fit started: {verdict} "
+                 f"(measured {measured['median']:.2f}x, IQR {measured['low']:.2f}-{measured['high']:.2f})")
     dense_label = "dense (projected)" if s["test_acc_projected"] is not None else "dense"
     table = head + "\n" + format_table(["", dense_label, "factorized", "ratio"], rows)
+    machine = s.get("machine")
+    if isinstance(machine, dict) and machine.get("cpu"):
+        features = " ".join(machine.get("cpu_features") or []) or "no AVX2"
+        table += (f"\nlatency timed on {machine['cpu']} ({features}), {s.get('latency_threads')} threads, "
+                  f"{s.get('latency_memory_format', 'contiguous')}, BatchNorm folded")
     if isinstance(s.get("deploy"), dict) and "rows" in s["deploy"]:
         table += "\n" + deploy_table(s["deploy"])
     return table

@@ -3,6 +3,8 @@ options, and summary.json records what was asked and what was measured."""
 import json
 import logging
 
+import pytest
+
 from hydra import compose, initialize_config_dir
 
 from lrlightning.app.cli import CONF_DIR
@@ -50,3 +52,24 @@ def test_a_budget_under_the_activation_objective_is_allocated_from_output_errors
     assert (output["budget_errors"], output["budget_objective"]) == ("output", "sum")
     assert (weight["budget_errors"], weight["budget_objective"]) == ("weight", "max")
     assert output["model_compression_ratio"] >= 2.0 * 0.95 and weight["model_compression_ratio"] >= 2.0 * 0.95
+
+
+def test_the_quickstart_point_keeps_the_fastest_allocation_when_its_request_is_out_of_reach(tmp_path, tiny_train,
+                                                                                            mac_latency, caplog):
+    caplog.set_level(logging.INFO)
+    summary = run_job(tmp_path, [*tiny_train, "point=tucker2_faster", "lowrank.rank.factor=50"])
+    check = summary["budget_check"]
+    assert (check["verdict"], check["budget"], check["distinguishable_from_dense"]) == ("short", 50.0, True)
+    assert check["measured"]["median"] == summary["mac_reduction"] < 50  # the stand-in's latency is MACs
+    assert summary["rule"] == {"budget": 50.0, "metric": "latency", "backend": "eager"}
+    assert summary["machine"]["cpu"] and "cpu_features" in summary["machine"]
+    assert "latency budget 50x, when fit started: short: out of reach on this CPU, the fastest allocation kept" \
+        in caplog.text
+
+
+def test_the_quickstart_point_refuses_a_request_out_of_reach_when_told_to(tmp_path, tiny_train, mac_latency):
+    with pytest.raises(ValueError, match=r"`Budget.factor`=50 \(latency\) is out of reach: .* at most "
+                                         r"\d+\.\d\dx .*faster \(measured\).*out_of_reach`='closest'"):
+        run_job(tmp_path, [*tiny_train, "point=tucker2_faster", "lowrank.rank.factor=50",
+                           "lowrank.rank.out_of_reach=raise"])
+    assert not (tmp_path / "summary.json").exists()

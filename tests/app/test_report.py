@@ -23,6 +23,7 @@ from lrlightning.app.collect import collect_rows
 from lrlightning.app.report import summarize, summary_table, write_json, write_outputs
 from lrlightning.rules import rule_label, rule_record
 from lrlightning.backbones import SimpleCNN
+from lrlightning.cpu import cpu_features, cpu_model
 from lrlightning.timing import MODEL_ROUNDS
 
 SHAPE = (3, 16, 16)
@@ -89,12 +90,15 @@ def test_summary_table_compares_dense_and_factorized(dense_and_small):
     metrics = {"acc_dense": 0.9, "acc_decomposed": 0.25, "acc_factorized": 0.875}
     s = summarize("decompose_finetune", options, plans, dense, small, SHAPE, 2, metrics, {})
     table = summary_table(s)
-    head, header, _, *rows = table.splitlines()
+    head, header, _, *rows, machine = table.splitlines()
     assert head.startswith("decompose_finetune: svd 4 on 2 layers, ")
     assert head.endswith("; 25.00 % right after decomposition")
     assert header.split() == ["dense", "factorized", "ratio"]
     assert rows[0].split()[-1] == f"{s['model_compression_ratio']:.2f}x"
     assert rows[-1].split()[-4:] == ["90.00", "%", "87.50", "%"]
+    assert s["machine"]["cpu_features"] == list(cpu_features()) and s["latency_memory_format"] == "channels_last"
+    assert machine == (f"latency timed on {cpu_model()} ({' '.join(cpu_features()) or 'no AVX2'}), "
+                       f"{torch.get_num_threads()} threads, channels_last, BatchNorm folded")
     dense_run = {**s, "method": "dense", "scheme": None, "test_acc_projected": 0.9, "max_abs_logit_diff": 0.0,
                  "test_acc_decomposed": None}
     dense_head, dense_header = summary_table(dense_run).splitlines()[:2]
