@@ -10,8 +10,8 @@ from omegaconf import DictConfig
 
 from ..distillation import frozen_teacher
 from .evaluation import run_test, val_accuracy
-from .job import (backbone_spec, data_passes, deployer, distillation, finish_backbone, fit, input_shape, make_trainer,
-                  resume_path, run_facts)
+from .job import (backbone_spec, data_facts, data_passes, deployer, distillation, finish_backbone, fit, input_shape,
+                  make_trainer, resume_path, run_facts)
 from ..callback import LowRankProjection
 from .ranks import backbone_plans
 from .report import summarize, write_outputs
@@ -53,7 +53,7 @@ def decompose(cfg: DictConfig, run_dir: Path, datamodule, model: LightningModule
         return None
     facts = run_facts(trainer, seconds, cfg.init_ckpt, config)
     extra = {"every_n_train_steps": None, "num_projections": 0, **facts,
-             "checkpoint": facts["checkpoint"] if tuned else None}
+             "checkpoint": facts["checkpoint"] if tuned else None, **data_facts(datamodule)}
     summary = summarize(cfg.baseline, options, plans, model.backbone, small, input_shape(datamodule),
                         cfg.latency_batch_size, metrics, extra)
     return write_outputs(run_dir, small, backbone_spec(model), summary,

@@ -104,6 +104,13 @@ def run_facts(trainer: Trainer, seconds: float, init_ckpt: str | None, config: d
             "config": config}
 
 
+def data_facts(datamodule) -> dict[str, Any]:
+    """The ``summary.json`` fields of the data: ``class_names`` (label i is ``class_names[i]``) where the
+    datamodule names its classes (image folders), else None."""
+    names = getattr(datamodule, "class_names", None)
+    return {"class_names": list(names) if names is not None else None}
+
+
 def input_shape(datamodule) -> tuple[int, int, int]:
     """(C, H, W) of the datamodule's images."""
     return datamodule.in_channels, datamodule.image_size, datamodule.image_size

@@ -15,8 +15,8 @@ from ..rules import is_int
 from ..plan import relative_plans
 from .baseline import BASELINES, decompose
 from .deploy import check_deploy
-from .job import build_model, distillation, evaluate_and_export, finish_backbone, fit, load_weights, make_trainer, \
-    resume_path, run_facts
+from .job import build_model, data_facts, distillation, evaluate_and_export, finish_backbone, fit, load_weights, \
+    make_trainer, resume_path, run_facts
 from .ranks import BACKBONE, projection_of
 from .report import METHOD, SUMMARY, allocation_facts
 
@@ -62,7 +62,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict | None:
     seconds = fit(trainer, model, datamodule, resume_path(cfg.ckpt_path, run_dir))
     facts = run_facts(trainer, seconds, cfg.init_ckpt, config)
     if projection is None:
-        extra = {"every_n_train_steps": None, "num_projections": 0, **facts}
+        extra = {"every_n_train_steps": None, "num_projections": 0, **facts, **data_facts(datamodule)}
         return evaluate_and_export(trainer, datamodule, model, None, [], model.backbone, run_dir, "dense", cfg, extra)
     plans, options = relative_plans(projection.plans, BACKBONE), projection.options
     if projection.final_projection:
@@ -70,5 +70,6 @@ def train(cfg: DictConfig, run_dir: Path) -> dict | None:
     else:
         small = finish_backbone(model, datamodule, plans, projection, trainer.global_step)
     extra = {"every_n_train_steps": projection.every_n_train_steps, "num_projections": projection.num_projections,
-             "projection_log": projection.history, **allocation_facts(projection.allocation), **facts}
+             "projection_log": projection.history, **allocation_facts(projection.allocation), **facts,
+             **data_facts(datamodule)}
     return evaluate_and_export(trainer, datamodule, model, options, plans, small, run_dir, METHOD, cfg, extra)

@@ -65,13 +65,16 @@ def test_default_job(tmp_path):
 
 @pytest.mark.parametrize("group", ["model", "data", "lowrank", "trainer", "logger"])
 def test_every_group_option_composes_and_instantiates(group, tmp_path):
+    for name in ("cats", "dogs"):  # class folders for data=image_folder, whose root is required
+        (tmp_path / "images" / name).mkdir(parents=True, exist_ok=True)
     for option in options(group):
-        cfg = compose_train([f"{group}={option}", "model=simple_cnn" if group != "model" else "data=synthetic"])
+        cfg = compose_train([f"{group}={option}", "model=simple_cnn" if group != "model" else "data=synthetic",
+                             *([f"data.root={tmp_path / 'images'}"] if option == "image_folder" else [])])
         data, model, callback, trainer = instantiate_job(cfg, tmp_path)
         assert isinstance(data, LightningDataModule) and isinstance(model, LightningModule)
         assert isinstance(trainer, Trainer) and isinstance(trainer.logger, Logger)
         if group == "model":
-            assert model.hparams.backbone == option
+            assert model.hparams.get("backbone") == (None if option == "custom_backbone" else option)
         if group == "lowrank":
             assert (callback is None) == (option == "none")
             if callback is not None:

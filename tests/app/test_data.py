@@ -11,8 +11,9 @@ def test_properties_and_registry():
         "cifar100": (100, 3, 32),
         "digits": (10, 1, 8),
         "synthetic": (10, 3, 32),
+        "cifar10_jpeg": (10, 3, 32),
     }
-    assert set(DATAMODULES) == set(expected)
+    assert set(DATAMODULES) == set(expected) | {"image_folder"}  # needs a root: tests/app/data/test_image_folder.py
     for key, properties in expected.items():
         datamodule = DATAMODULES[key]()
         assert (datamodule.num_classes, datamodule.in_channels, datamodule.image_size) == properties
