@@ -1,7 +1,10 @@
 """Plain-text tables of a low-rank plan: what is compressed, at which rank, for how many parameters."""
 from __future__ import annotations
 
+import torch
+
 from .budget import Allocation
+from .cpu import cpu_label
 from .plan import LayerPlan, SkippedLayer
 
 
@@ -51,6 +54,10 @@ def plan_table(plans: list[LayerPlan], skipped: list[SkippedLayer], scheme: str,
                  f" ({allocation.achieved:.2f}x)")
         if allocation.check is not None:
             text += f"\nSpeedup of the allocated model: {allocation.check.text()}"
+        if allocation.metric == "latency" and str(allocation.device).startswith("cpu"):
+            memory_format = (allocation.table or {}).get("memory_format")
+            text += (f"\nTimed on {cpu_label()}, {torch.get_num_threads()} threads"
+                     f"{f', {memory_format}' if memory_format else ''}")
     if skipped:
         text += "\nLeft dense:\n" + "\n".join(f"  {s.name}: {s.reason}" for s in skipped)
     return text

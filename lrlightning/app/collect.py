@@ -23,6 +23,7 @@ from .aggregate import (COLLAPSED, DIVERGED, METHOD_ALIASES, OK, aggregate, desc
                                    label_variants, report, summary_point)
 
 NO_SUMMARY = "no summary.json (failed or running)"
+UNFINISHED = "unfinished (deploy step did not end)"
 COLUMNS = ["run", "status", "overrides", "method", "point", "variant", "seed", "lr", "scheme", "rank",
            "compression_ratio", "model_compression_ratio", "mac_reduction", "params_dense", "params_factorized",
            "macs_dense", "macs_factorized", "val_acc_factorized", "test_acc_projected", "test_acc_factorized",
@@ -60,8 +61,10 @@ def config_of(run_dir: Path, summary: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def status_of(summary: dict[str, Any], collapse: float | None) -> str:
-    """``diverged`` (non-finite training loss or accuracy), ``collapsed`` (test accuracy below ``collapse`` %) or
-    ``ok``."""
+    """``unfinished`` (killed during its deploy step: ``finished`` false), ``diverged`` (non-finite training loss or
+    accuracy), ``collapsed`` (test accuracy below ``collapse`` %) or ``ok``."""
+    if summary.get("finished") is False:
+        return UNFINISHED
     accuracy = summary.get("test_acc_factorized")
     if summary.get("diverged") or accuracy is None or not math.isfinite(accuracy):
         return DIVERGED

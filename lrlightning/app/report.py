@@ -168,10 +168,12 @@ def write_json(path: Path, data: dict) -> None:
 def write_outputs(run_dir: Path, small: nn.Module, spec: dict | None, summary: dict,
                   deployed: Callable[[], dict | None] | None = None) -> dict:
     """Factorized model (weights + structure spec), then ``summary.json``; then, when ``deployed`` is given, its
-    entry (``lrlightning.app.deploy``) added to ``summary.json`` under ``deploy``. Logs the summary table. A deploy
+    entry (``lrlightning.app.deploy``) added to ``summary.json`` under ``deploy``. ``finished`` is false in a
+    summary written before its deploy step has ended (a run killed there reads as unfinished), true after. Logs the summary table. A deploy
     step that fails leaves ``factorized.pt`` and ``summary.json`` written, records its error under ``deploy`` and
     raises."""
     summary["factorized"] = FACTORIZED
+    summary["finished"] = deployed is None
     save_factorized(small, run_dir / FACTORIZED, backbone=spec, metadata=summary)
     write_json(run_dir / SUMMARY, summary)
     if deployed is not None:
@@ -184,6 +186,7 @@ def write_outputs(run_dir: Path, small: nn.Module, spec: dict | None, summary: d
             raise
         if entry is not None:
             summary["deploy"] = entry
-            write_json(run_dir / SUMMARY, summary)
+        summary["finished"] = True
+        write_json(run_dir / SUMMARY, summary)
     log.info("summary (%s)\n%s", run_dir / SUMMARY, summary_table(summary))
     return summary

@@ -4,10 +4,12 @@ import json
 import logging
 
 import pytest
+import torch
 
 from hydra import compose, initialize_config_dir
 
 from lrlightning.app.cli import CONF_DIR
+from lrlightning.cpu import cpu_label
 from lrlightning.app.train import train
 
 
@@ -37,6 +39,7 @@ def test_a_latency_budget_is_allocated_at_the_jobs_batch_on_the_cpu_and_recorded
     assert (f"Speedup of the allocated model: missed: measured {measured:.2f}x (IQR {measured:.2f}-{measured:.2f}) "
             "against dense, asked 1.5x (1 allocation timed)") in caplog.text
     assert f"latency budget 1.5x, when fit started: missed (measured {measured:.2f}x" in caplog.text
+    assert f"Timed on {cpu_label()}, {torch.get_num_threads()} threads" in caplog.text
 
 
 def test_a_mac_budget_from_the_command_line(tmp_path, tiny_train):

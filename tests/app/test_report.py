@@ -19,7 +19,7 @@ from lrlightning import (
     plan_layers,
 )
 from lrlightning.app.aggregate import config_rule, config_scheme, point_label, point_of, summary_point
-from lrlightning.app.collect import collect_rows
+from lrlightning.app.collect import UNFINISHED, collect_rows, status_of
 from lrlightning.app.report import summarize, summary_table, write_json, write_outputs
 from lrlightning.rules import rule_label, rule_record
 from lrlightning.backbones import SimpleCNN
@@ -126,6 +126,26 @@ def test_write_outputs_saves_the_factorized_model_then_the_summary(tmp_path, den
     x = torch.randn(2, *SHAPE)
     torch.testing.assert_close(loaded(x), small(x))
     assert torch.load(tmp_path / "factorized.pt", weights_only=True)["metadata"]["ranks"] == {p.name: p.rank for p in plans}
+
+
+def test_a_summary_reads_unfinished_until_its_deploy_step_has_ended(tmp_path, dense_and_small):
+    options, plans, dense, small = dense_and_small
+    metrics = {"acc_projected": 0.5, "acc_factorized": 0.5, "max_abs_logit_diff": 0.0}
+    seen = []
+
+    def deployed():
+        on_disk = json.loads((tmp_path / "summary.json").read_text())
+        seen.append((on_disk["finished"], status_of(on_disk, None)))
+        return {"format": "onnx"}
+
+    s = summarize("lowrank_projection", options, plans, dense, small, SHAPE, 2, metrics, {})
+    written = write_outputs(tmp_path, small, None, s, deployed)
+    assert seen == [(False, UNFINISHED)]  # a run killed during deploy leaves a summary that says so
+    assert written["finished"] is True and status_of(written, None) == "ok"
+    assert json.loads((tmp_path / "summary.json").read_text())["deploy"] == {"format": "onnx"}
+    (tmp_path / "plain").mkdir()
+    plain = write_outputs(tmp_path / "plain", small, None, dict(s))
+    assert plain["finished"] is True
 
 
 def test_summarize_records_the_schemes_options_and_the_objective(dense_and_small):
