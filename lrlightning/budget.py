@@ -71,6 +71,10 @@ class Allocation:
         return UNITS[self.metric]
 
 
+class Unreachable(ValueError):
+    """No allocation of the candidates meets the budget (before any model is timed)."""
+
+
 def layer_multiple(full: int, multiple: int) -> int:
     """The step of a rank whose full value is ``full``: ``multiple`` when ``full >= 16·multiple``, else the largest
     power of two <= full / 16 (at least 1), so narrow layers keep fine-grained candidates."""
@@ -224,7 +228,7 @@ def allocate(layers: Sequence[LayerChoices], fixed: float, target: float, object
 
     smallest = fixed + sum(min(c.costs) for c in layers)
     if smallest > target:
-        raise ValueError(f"smallest reachable size {smallest:.0f} exceeds the budget's {target:.0f}")
+        raise Unreachable(f"smallest reachable size {smallest:.0f} exceeds the budget's {target:.0f}")
     choice = (lowest_max_error if objective == "max" else lowest_summed_error)(layers, total, target)
     while True:
         spare = target - total(choice)
@@ -332,7 +336,7 @@ def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], 
     check = None
     try:
         if table is not None and fastest >= dense:
-            raise ValueError("no candidate of any selected layer runs faster than dense")
+            raise Unreachable("no candidate of any selected layer runs faster than dense")
         if table is None:
             ranks, _ = choose(dense / budget)
         else:
@@ -340,7 +344,7 @@ def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], 
                 return table.speedup(model, timing_model(model, layers, ranks), input_shape)
 
             ranks, check = checked_ranks(choose, measure, budget, dense, fastest)
-    except ValueError as error:
+    except (OutOfReach, Unreachable) as error:
         if isinstance(error, OutOfReach):
             best = f"{error}, with every selected layer at its fastest candidate"
         else:
@@ -351,8 +355,9 @@ def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], 
         kept = None if rule.out_of_reach == "raise" else closest_ranks(
             error, choose, math.inf if table is not None and fastest >= dense else fastest, budget)
         if kept is None:
-            raise ValueError(f"{text}; ask for less, or select more layers (or `Budget.out_of_reach`='closest' to "
-                             "keep the closest allocation)") from None
+            hint = " (or `Budget.out_of_reach`='closest' to keep the closest allocation)" \
+                if rule.out_of_reach == "raise" else ""
+            raise ValueError(f"{text}; ask for less, or select more layers{hint}") from None
         ranks, check = kept
         warnings.warn(f"{text}; kept the closest allocation (`Budget.out_of_reach`='closest')", stacklevel=3)
     if check is not None and check.verdict not in ("met", "short"):

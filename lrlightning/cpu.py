@@ -1,6 +1,6 @@
 """What CPU this is, as far as speed goes: its model name and the vector and matrix instruction sets that decide
 how fast int8, bf16 and fp32 convs run (AVX2, AVX-512, VNNI, AMX). Recorded with every timing, and part of every
-latency cache key, so that a figure says which processor made it and a table timed on one is never reused on
+CPU latency cache key, so that a figure says which processor made it and a table timed on one is never reused on
 another. Pure Python."""
 from __future__ import annotations
 

@@ -5,9 +5,10 @@ in ONNX Runtime on the CPU (``backend="onnxruntime"``, the ``onnx`` extra), so t
 will run.
 
 A table is one JSON file per device (``latency-<device key>.json`` under ``cache_dir``; default
-``$LRLIGHTNING_CACHE`` or ``~/.cache/lrlightning``). The key names the CPU model and torch's thread count, or the
-CUDA device, the backend (ONNX Runtime's version) and the torch version; an entry is keyed by the layer's geometry,
-its input (N, C, *size), dtype and the candidate (scheme and rank), never by weight values. Each entry holds a ``Spread`` (median and interquartile range
+``$LRLIGHTNING_CACHE`` or ``~/.cache/lrlightning``). The key names the CPU model, its instruction sets and torch's
+thread count, or the CUDA device, the backend (ONNX Runtime's version; eager: the memory format) and the torch
+version; an entry is keyed by the layer's geometry, its input (N, C, *size), dtype and the candidate (scheme and
+rank), never by weight values. Each entry holds a ``Spread`` (median and interquartile range
 over interleaved rounds) of milliseconds per forward pass of the whole batch; a candidate also holds its ratio to
 the dense layer, paired per round. A file that cannot be read, or was written in another format, is measured anew
 and replaced, with a log line saying so.
@@ -53,7 +54,8 @@ def default_cache_dir() -> Path:
 
 def device_key(device: torch.device, backend: str = "eager", memory_format: str = "channels_last") -> str:
     """What a latency depends on besides the layer: the processor (CPU model and instruction sets, see
-    ``lrlightning.cpu``; thread count and whether freed memory is retained, see ``lrlightning.allocator``; or the CUDA device name), the backend (eager: with its memory format, see ``lrlightning.serving``) and the torch
+    ``lrlightning.cpu``; thread count and whether freed memory is retained, see ``lrlightning.allocator``; or the
+    CUDA device name), the backend (eager: with its memory format, see ``lrlightning.serving``) and the torch
     version."""
     if backend == "onnxruntime":
         import onnxruntime
@@ -270,7 +272,7 @@ class LatencyTable:
 
     def speedup(self, dense: nn.Module, factorized: nn.Module, input_shape: Sequence[int]) -> Spread:
         """Dense / factorized whole-model speedup on this table's device and batch, timed interleaved, per-round
-        ratios (``lrlightning.timing.paired_speedup``; eval-mode copies, never cached)."""
+        ratios (``lrlightning.timing.paired_speedup``; serving forms of copies, never cached)."""
         parameter = next(dense.parameters())
         example = self.example(input_shape, parameter.dtype)
         copies = [self.runnable(copy.deepcopy(m), example, fold=True) for m in (dense, factorized)]
@@ -350,7 +352,8 @@ class LatencyTable:
         staleness check, and the cache ``path``."""
         unsettled = sum(not spread.settled for key in self.fresh for spread in self.entries[key].values())
         return {"state": self.state, "backend": self.backend,
-                "memory_format": self.memory_format if self.backend == "eager" else None, "measured": self.measured, "unsettled": unsettled,
+                "memory_format": self.memory_format if self.backend == "eager" else None,
+                "measured": self.measured, "unsettled": unsettled,
                 "seconds": round(self.seconds, 3), "check_seconds": round(self.check_seconds, 3),
                 "path": str(self.path)}
 

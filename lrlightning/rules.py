@@ -74,8 +74,9 @@ class Budget:
     ``reallocations`` periodic projections (default 0: once, when fit starts).
     ``out_of_reach``: what a ``factor`` that the selected layers cannot reach does: ``"raise"`` (default) a
     ValueError naming the best reachable ratio; ``"closest"`` keeps the allocation closest to it (the smallest, or
-    for latency the fastest as measured on this machine) with a warning, its ``Allocation.check`` verdict
-    ``"short"``: a request such as "1.3x faster" then holds on every CPU the model gets faster on at all.
+    for latency the fastest as measured on this machine, its ``Allocation.check`` verdict ``"short"``) with a
+    warning: a request such as "1.3x faster" then runs without an error on any CPU where some layer gets faster,
+    and the record says how far it got.
     """
 
     factor: float

@@ -5,6 +5,7 @@ layer is, without reordering the activations between them; ``"contiguous"`` leav
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import nn
@@ -23,10 +24,13 @@ def check_memory_format(argument: str, value: object) -> str:
 
 def folded(model: nn.Module) -> nn.Module:
     """``model`` (eval mode) with each BatchNorm that follows a conv folded into it, where ``torch.fx`` can trace
-    the model (factorized layers fold into their last conv); a model it cannot trace is returned as it is."""
+    the model (factorized layers fold into their last conv); a model it cannot trace is returned as it is, with a
+    warning."""
     try:
         return fuse(model, inplace=True)
-    except Exception:  # tracing fails on data-dependent control flow; such a model is served unfolded
+    except (torch.fx.proxy.TraceError, TypeError, RuntimeError, NotImplementedError, AttributeError) as error:
+        warnings.warn(f"{type(model).__name__} is served with its BatchNorm unfolded: torch.fx cannot trace it "
+                      f"({type(error).__name__}: {error})", stacklevel=3)
         return model
 
 

@@ -46,8 +46,8 @@ class SpeedupCheck:
             return (f"the machine is too noisy to tell: measured {measured} against dense "
                     f"{'' if self.distinguishable else '(not distinguishable from 1.0) '}({tries})")
         if self.verdict == "short":
-            return (f"out of reach on this machine: the fastest allocation measured {measured} against dense, asked "
-                    f"{self.budget:g}x; it is kept ({tries})")
+            return (f"short: out of reach on this machine, the fastest allocation measured {measured} against "
+                    f"dense, asked {self.budget:g}x; it is kept ({tries})")
         return f"missed: measured {measured} against dense, asked {self.budget:g}x ({tries})"
 
     def as_dict(self) -> dict[str, Any]:

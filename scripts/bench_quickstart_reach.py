@@ -67,7 +67,8 @@ def main() -> None:
     parser.add_argument("--memory-formats", nargs="+", default=list(MEMORY_FORMATS), choices=MEMORY_FORMATS)
     parser.add_argument("--runs", type=int, default=1, help="fresh allocations per memory format")
     parser.add_argument("--override", nargs="*", default=[], help="more Hydra overrides of the quickstart config")
-    parser.add_argument("--out", default=None, help="result file (default results/speed/<date>-quickstart-reach-<cpu>.json)")
+    parser.add_argument("--out", default=None,
+                        help="result file (default results/speed/<date>-quickstart-reach-<cpu>.json)")
     args = parser.parse_args()
     cfg, rule = preset_rule(args.override)
     if cfg.get("retain_freed_memory"):

@@ -53,7 +53,8 @@ class MacLatencyTable:
 
     made: list["MacLatencyTable"] = []
 
-    def __init__(self, device, batch_size, cache_dir=None, remeasure=False, backend="eager", memory_format="channels_last"):
+    def __init__(self, device, batch_size, cache_dir=None, remeasure=False, backend="eager",
+                 memory_format="channels_last"):
         import torch
 
         self.device, self.batch_size, self.cache_dir = torch.device(device), batch_size, cache_dir

@@ -245,7 +245,7 @@ def test_a_latency_budget_out_of_reach_keeps_the_fastest_allocation_when_asked(r
     factorized = {name: rank for name, rank in allocation.ranks.items() if rank is not None}
     fastest = count_macs(resnet, SHAPE) / count_macs(factorize(resnet, "tucker2", factorized), SHAPE)
     assert check.measured.median == pytest.approx(fastest) and 1.0 < check.measured.median < 1000.0
-    assert check.text().startswith(f"out of reach on this machine: the fastest allocation measured "
+    assert check.text().startswith(f"short: out of reach on this machine, the fastest allocation measured "
                                    f"{check.measured.median:.2f}x")
     reach = allocate_plan(resnet, options.replace_rank(replace(options.rank, factor=0.999 * fastest,
                                                                out_of_reach="raise")), warn=False)[2]

@@ -24,6 +24,7 @@ from .aggregate import (COLLAPSED, DIVERGED, METHOD_ALIASES, OK, aggregate, desc
 
 NO_SUMMARY = "no summary.json (failed or running)"
 UNFINISHED = "unfinished (deploy step did not end)"
+DEPLOY_FAILED = "deploy failed"
 COLUMNS = ["run", "status", "overrides", "method", "point", "variant", "seed", "lr", "scheme", "rank",
            "compression_ratio", "model_compression_ratio", "mac_reduction", "params_dense", "params_factorized",
            "macs_dense", "macs_factorized", "val_acc_factorized", "test_acc_projected", "test_acc_factorized",
@@ -61,10 +62,13 @@ def config_of(run_dir: Path, summary: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def status_of(summary: dict[str, Any], collapse: float | None) -> str:
-    """``unfinished`` (killed during its deploy step: ``finished`` false), ``diverged`` (non-finite training loss or
+    """``unfinished`` (killed during its deploy step: ``finished`` false), ``deploy failed`` (its ``deploy``
+    holds an error), ``diverged`` (non-finite training loss or
     accuracy), ``collapsed`` (test accuracy below ``collapse`` %) or ``ok``."""
     if summary.get("finished") is False:
         return UNFINISHED
+    if isinstance(summary.get("deploy"), dict) and "error" in summary["deploy"]:
+        return DEPLOY_FAILED
     accuracy = summary.get("test_acc_factorized")
     if summary.get("diverged") or accuracy is None or not math.isfinite(accuracy):
         return DIVERGED

@@ -149,7 +149,7 @@ def summary_table(s: dict[str, Any]) -> str:
     dense_label = "dense (projected)" if s["test_acc_projected"] is not None else "dense"
     table = head + "\n" + format_table(["", dense_label, "factorized", "ratio"], rows)
     machine = s.get("machine")
-    if isinstance(machine, dict) and machine.get("cpu"):
+    if isinstance(machine, dict) and machine.get("cpu") and str(s.get("latency_device", "cpu")).startswith("cpu"):
         features = " ".join(machine.get("cpu_features") or []) or "no AVX2"
         table += (f"\nlatency timed on {machine['cpu']} ({features}), {s.get('latency_threads')} threads, "
                   f"{s.get('latency_memory_format', 'contiguous')}, BatchNorm folded")
@@ -169,18 +169,20 @@ def write_outputs(run_dir: Path, small: nn.Module, spec: dict | None, summary: d
                   deployed: Callable[[], dict | None] | None = None) -> dict:
     """Factorized model (weights + structure spec), then ``summary.json``; then, when ``deployed`` is given, its
     entry (``lrlightning.app.deploy``) added to ``summary.json`` under ``deploy``. ``finished`` is false in a
-    summary written before its deploy step has ended (a run killed there reads as unfinished), true after. Logs the summary table. A deploy
+    summary written before its deploy step has ended (a run killed there reads as unfinished), true after. Logs
+    the summary table. A deploy
     step that fails leaves ``factorized.pt`` and ``summary.json`` written, records its error under ``deploy`` and
     raises."""
     summary["factorized"] = FACTORIZED
-    summary["finished"] = deployed is None
     save_factorized(small, run_dir / FACTORIZED, backbone=spec, metadata=summary)
+    summary["finished"] = deployed is None
     write_json(run_dir / SUMMARY, summary)
     if deployed is not None:
         try:
             entry = deployed()
         except Exception as error:
             summary["deploy"] = {"error": f"{type(error).__name__}: {error}"}
+            summary["finished"] = True
             write_json(run_dir / SUMMARY, summary)
             log.error("deploy failed; %s and %s are written without it", FACTORIZED, SUMMARY)
             raise

@@ -141,6 +141,7 @@ def test_a_summary_reads_unfinished_until_its_deploy_step_has_ended(tmp_path, de
     s = summarize("lowrank_projection", options, plans, dense, small, SHAPE, 2, metrics, {})
     written = write_outputs(tmp_path, small, None, s, deployed)
     assert seen == [(False, UNFINISHED)]  # a run killed during deploy leaves a summary that says so
+    assert "finished" not in torch.load(tmp_path / "factorized.pt", weights_only=True)["metadata"]
     assert written["finished"] is True and status_of(written, None) == "ok"
     assert json.loads((tmp_path / "summary.json").read_text())["deploy"] == {"format": "onnx"}
     (tmp_path / "plain").mkdir()

@@ -31,7 +31,7 @@ def extract_tar(archive: str | os.PathLike, target: str | os.PathLike, required:
     try:
         try:
             with tarfile.open(archive) as tar:
-                tar.extractall(partial, filter="data")
+                safe_extract(tar, partial, archive)
         except (tarfile.TarError, EOFError, OSError) as error:
             raise ValueError(f"cannot extract {archive}: {type(error).__name__}: {error}") from error
         content = _content(partial, required)
@@ -40,9 +40,9 @@ def extract_tar(archive: str | os.PathLike, target: str | os.PathLike, required:
             found = sorted(p.name for p in content.iterdir())
             raise ValueError(f"archive {archive} must hold {list(required)} at its top (or in a single top folder), "
                              f"found {found}")
-        if target.is_dir():
-            target.rmdir()
         try:
+            if target.is_dir():
+                target.rmdir()
             content.rename(target)
         except OSError:
             if not all((target / name).exists() for name in required) or not required:
@@ -52,6 +52,19 @@ def extract_tar(archive: str | os.PathLike, target: str | os.PathLike, required:
         shutil.rmtree(partial, ignore_errors=True)
     log.info("extracted %s into %s in %.1f s", archive, target, time.perf_counter() - start)
     return target
+
+
+def safe_extract(tar: tarfile.TarFile, folder: Path, archive: Path) -> None:
+    """Extract ``tar`` into ``folder`` with tarfile's "data" filter; on a Python without it (before 3.10.12), only
+    an archive of plain files and folders with relative paths inside ``folder`` is extracted."""
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(folder, filter="data")
+        return
+    for member in tar.getmembers():
+        inside = (folder / member.name).resolve().is_relative_to(folder.resolve())
+        if not (member.isfile() or member.isdir()) or Path(member.name).is_absolute() or not inside:
+            raise ValueError(f"archive {archive} holds {member.name!r}, which is not a plain file or folder inside it")
+    tar.extractall(folder)
 
 
 def _content(folder: Path, required: tuple[str, ...]) -> Path:

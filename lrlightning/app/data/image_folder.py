@@ -116,8 +116,10 @@ class ImageFolderDataModule(ImageDataModule):
         return cache_path(self.folder(), self.image_size, self.in_channels, self.cache_dir)
 
     def prepare_data(self) -> None:
-        """Decode the folder into the cache unless it is there and current (runs on one process per node)."""
-        self._prepared = self.decoded()
+        """Decode the folder into the cache unless it is there and current (runs on one process per node; nothing
+        once the data is set up)."""
+        if self.train_data is None:
+            self._prepared = self.decoded()
 
     def decoded(self) -> DecodedFolder:
         """The decoded folder: from the cache when it matches the folder's files, else decoded and cached."""
