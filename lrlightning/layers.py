@@ -83,6 +83,9 @@ class LowRankConv2d(nn.Sequential, FactorizedLayer):
         self.scheme = scheme
         self.rank = rank
 
+    def extra_repr(self) -> str:
+        return f"scheme={self.scheme}, rank={self.rank}"
+
     def spec(self) -> dict:
         parts = [{"shuffle": m.groups} if isinstance(m, nn.ChannelShuffle) else conv_spec(m) for m in self]
         return {"type": self.kind, "scheme": self.scheme, "rank": self.rank, "layers": parts}
@@ -102,6 +105,9 @@ class LowRankLinear(nn.Sequential, FactorizedLayer):
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True):
         super().__init__(nn.Linear(in_features, rank, bias=False), nn.Linear(rank, out_features, bias=bias))
         self.rank = rank
+
+    def extra_repr(self) -> str:
+        return f"scheme=svd, rank={self.rank}"
 
     def spec(self) -> dict:
         return {"type": self.kind, "scheme": "svd", "in_features": self[0].in_features,

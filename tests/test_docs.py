@@ -87,3 +87,42 @@ def test_adding_a_scheme_recipe_runs_and_registers_an_option(empty_folder):
             namespace["BalancedSVD"](power=2)
     finally:
         SCHEMES.pop("balanced_svd", None)
+
+
+def readme_section(title: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    return text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_options_table_lists_every_callback_argument_with_its_default():
+    import inspect
+
+    from lrlightning import LowRankProjection
+
+    options = readme_section("Options").split("Rank rules", 1)[0]
+    rows = re.findall(r"^\| `([^|]+?)` \| ([^|]*?) \|", options, re.M)
+    table = {}
+    for names, defaults in rows:
+        for name, default in zip(names.split("`, `"), defaults.split(", ")):
+            table[name] = default.strip().strip("`")
+    parameters = inspect.signature(LowRankProjection).parameters
+    assert list(table) == list(parameters)
+    for name, parameter in parameters.items():
+        default = parameter.default
+        if default is None or isinstance(default, (bool, int, float, str)):
+            written = f'"{default}"' if isinstance(default, str) else str(default)
+            assert table[name] == written or (default is None and name in ("layers", "solver")), name
+
+
+def test_readme_config_group_lists_match_the_conf_folders():
+    text = " ".join((ROOT / "README.md").read_text().split())
+    listed = text.split("Config groups: ", 1)[1].split(". ", 1)[0]
+    conf = ROOT / "conf"
+    for group in ("model", "data", "lowrank", "method", "point", "trainer", "logger", "deploy", "hydra/launcher"):
+        found = re.search(rf"`{group}/` \(([^()]*(?:\([^()]*\)[^()]*)*)\)", listed)
+        assert found, f"README's config groups do not list {group}/"
+        words = set(re.findall(r"[a-z][a-z0-9_.]*", found.group(1)))
+        files = {path.stem for path in (conf / group).glob("*.yaml")}
+        variants = {f"lowrank_projection{name}" for name in re.findall(r"`(_[a-z0-9]+)`", found.group(1))}
+        missing = files - words - variants
+        assert not missing, f"README's `{group}/` list misses {sorted(missing)}"

@@ -133,3 +133,22 @@ def test_restored_ranks_of_a_compiled_run_take_canonical_names():
     small = fresh.factorize(net())
     assert sorted(structure_spec(small)) == ["2", "5"]
     assert structure_spec(small) == structure_spec(factorize(net(), "svd", rank={"2": 3, "5": 4}))
+
+
+
+def test_printed_factorized_layers_show_their_scheme_and_rank():
+    from torch import nn
+
+    from lrlightning import Selection, TiledSVD, factorize
+
+    every = Selection(skip_first_conv=False, linear=True)
+
+    def printed(layer, scheme, rank):
+        return repr(factorize(nn.Sequential(layer), scheme, rank, layers=every))
+
+    assert "LowRankConv2d(\n    scheme=tucker2, rank=(2, 4)\n    (0): Conv2d(8, 2" in printed(
+        nn.Conv2d(8, 16, 3), "tucker2", (2, 4))
+    assert "LowRankConv2d(\n    scheme=svd, rank=2\n    (0): Conv1d(4, 2" in printed(nn.Conv1d(4, 8, 3), "svd", 2)
+    tiled = printed(nn.Conv2d(8, 16, 3), TiledSVD(tile_shape=(8, 24)), 2)
+    assert "scheme=tiled_svd, tile_shape=" in tiled and "rank=2)" in tiled
+    assert "LowRankLinear(\n    scheme=svd, rank=4\n" in printed(nn.Linear(32, 16), "svd", 4)

@@ -53,6 +53,10 @@ class TiledSVDConv2d(nn.Module, FactorizedLayer):
         self.second = nn.Parameter(torch.empty(nr, tr, nc * self.rank))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
 
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"scheme=tiled_svd, tile_shape={self.tile_shape}, rank={self.rank}")
+
     def spec(self) -> dict:
         fields = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "padding_mode",
                   "tile_shape", "rank")
