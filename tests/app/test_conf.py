@@ -82,7 +82,10 @@ def test_every_group_option_composes_and_instantiates(group, tmp_path):
 
 
 SHORT_EXPERIMENTS = {"fmnist_mobilenet_dense": ("mobilenet_v2", 800, None),
-                     "fmnist_mobilenet_study": ("mobilenet_v2", 300, 50)}  # (backbone, train batches, S_D)
+                     "fmnist_mobilenet_study": ("mobilenet_v2", 300, 50),
+                     "cifar10_dense": ("resnet20", 1.0, None),
+                     "cifar10_short": ("resnet20", 1.0, 100)}  # (backbone, train batches, S_D)
+DATAMODULES = {"fmnist": "FashionMNISTDataModule", "cifar10_": "CIFAR10JPEGDataModule", "": "CIFAR10DataModule"}
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -92,7 +95,7 @@ def test_every_experiment_composes_and_instantiates(name, tmp_path):
     data, model, callback, trainer = instantiate_job(cfg, tmp_path)
     dense = name.endswith("dense") or name.startswith("paper_dense")
     assert (callback is None) == dense
-    assert type(data).__name__ == ("FashionMNISTDataModule" if name.startswith("fmnist") else "CIFAR10DataModule")
+    assert type(data).__name__ == next(kind for prefix, kind in DATAMODULES.items() if name.startswith(prefix))
     backbone, batches, period = SHORT_EXPERIMENTS.get(
         name, ("resnet20" if name.startswith("fmnist") else "resnet32", 1.0, 200))
     assert model.hparams.backbone == backbone
