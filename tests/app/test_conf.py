@@ -84,7 +84,9 @@ def test_every_group_option_composes_and_instantiates(group, tmp_path):
 SHORT_EXPERIMENTS = {"fmnist_mobilenet_dense": ("mobilenet_v2", 800, None),
                      "fmnist_mobilenet_study": ("mobilenet_v2", 300, 50),
                      "cifar10_dense": ("resnet20", 1.0, None),
-                     "cifar10_short": ("resnet20", 1.0, 100)}  # (backbone, train batches, S_D)
+                     "cifar10_short": ("resnet20", 1.0, 100),
+                     "cifar10_regime": ("resnet20", 1.0, 200),
+                     "cifar10_tiled_svd": ("resnet32", 1.0, 50)}  # (backbone, train batches, S_D)
 DATAMODULES = {"fmnist": "FashionMNISTDataModule", "cifar10_": "CIFAR10JPEGDataModule", "": "CIFAR10DataModule"}
 
 
