@@ -82,8 +82,10 @@ def resume_path(ckpt_path: str | None, root: Path) -> str | None:
 
 
 def make_trainer(cfg: DictConfig, root: Path, callbacks: list[Callback], config: dict) -> Trainer:
-    """The configured Trainer writing into ``root``: ``checkpoints/last.ckpt`` (with the job's config) and logs."""
-    checkpoint = ModelCheckpoint(dirpath=root / CHECKPOINTS, save_top_k=0, save_last=True)
+    """The configured Trainer writing into ``root``: ``checkpoints/last.ckpt`` (with the job's config), written at
+    every epoch's end, and logs. Lightning writes ``last.ckpt`` only beside a kept checkpoint, so the newest epoch's
+    is kept too (``save_top_k=1``, no monitor)."""
+    checkpoint = ModelCheckpoint(dirpath=root / CHECKPOINTS, save_top_k=1, save_last=True)
     logger = instantiate(cfg.logger, save_dir=str(root)) if cfg.get("logger") else False
     return instantiate(cfg.trainer, default_root_dir=str(root), logger=logger,
                        callbacks=[checkpoint, StoreConfig(config), *callbacks])

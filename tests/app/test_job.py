@@ -52,3 +52,28 @@ def test_trainer_of_a_job_checkpoints_with_the_job_config(tmp_path, synthetic_da
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint[CONFIG_KEY] == {"seed": 3} and checkpoint["global_step"] == 2
     assert resume_path(None, tmp_path) == str(tmp_path / "checkpoints" / "last.ckpt")
+
+
+def test_a_run_writes_last_ckpt_at_every_epoch_end_so_a_killed_run_can_resume(tmp_path, tiny_train):
+    from lightning.pytorch import Callback
+
+    from lrlightning.app.job import make_trainer
+
+    seen = []
+
+    class LastOnDisk(Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            seen.append((tmp_path / "checkpoints" / "last.ckpt").is_file())
+
+    from hydra import compose, initialize_config_dir
+
+    from lrlightning.app.cli import CONF_DIR
+    from lrlightning.app.data import SyntheticDataModule
+    from lrlightning.app.module import LitClassifier
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[*tiny_train, "trainer.max_epochs=3", "logger=csv"])
+    trainer = make_trainer(cfg, tmp_path, [LastOnDisk()], {})
+    data = SyntheticDataModule(num_samples=96, image_size=8, in_channels=3, batch_size=32, val_size=32)
+    trainer.fit(LitClassifier("simple_cnn", num_classes=10, in_channels=3), datamodule=data)
+    assert seen == [False, True, True]  # written after epochs 1 and 2, before training had ended
