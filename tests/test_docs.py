@@ -1,5 +1,5 @@
-"""The manual's code runs as written: the README's examples and the recipe of docs/adding-a-scheme.md, each in an
-empty folder."""
+"""The manual's code runs as written: the examples of the README, docs/guide.md and docs/deploy.md and the recipe
+of docs/adding-a-scheme.md, each in an empty folder; its tables and lists match the code and conf/."""
 import re
 from pathlib import Path
 
@@ -40,15 +40,15 @@ def test_readme_budget_example_builds_its_callback():
     assert options.layers.exclude == ("fc",)
 
 
-def test_readme_distillation_example_blends_the_teachers_logits_and_hides_the_teacher():
+def test_guide_distillation_example_blends_the_teachers_logits_and_hides_the_teacher():
     import torch
     from torch import nn
 
     from lrlightning import LowRankOptions, distillation_loss, plan_layers
 
     namespace = {}
-    [block] = [b for b in python_blocks(ROOT / "README.md") if "DistilledClassifier" in b]
-    exec(compile(block, "README.md", "exec"), namespace)
+    [block] = [b for b in python_blocks(ROOT / "docs" / "guide.md") if "DistilledClassifier" in b]
+    exec(compile(block, "guide.md", "exec"), namespace)
     torch.manual_seed(0)
     make = lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.LazyLinear(4))
     x, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 3])
@@ -62,12 +62,12 @@ def test_readme_distillation_example_blends_the_teachers_logits_and_hides_the_te
     assert [p.name for p in plan_layers(module, LowRankOptions("svd", 2))[0]] == ["backbone.2"]  # not the teacher
 
 
-def test_readme_deploy_example_writes_checked_fp32_and_int8_files(empty_folder):
+def test_deploy_example_writes_checked_fp32_and_int8_files(empty_folder):
     pytest.importorskip("onnxruntime", reason="needs the `onnx` extra")
     pytest.importorskip("onnxscript", reason="needs the `onnx` extra")
-    [block] = [b for b in python_blocks(ROOT / "README.md") if "quantize_int8" in b]
+    [block] = [b for b in python_blocks(ROOT / "docs" / "deploy.md") if "quantize_int8" in b]
     namespace = {}
-    exec(compile(block, "README.md", "exec"), namespace)
+    exec(compile(block, "deploy.md", "exec"), namespace)
     fp32, int8, logits = namespace["fp32"], namespace["int8"], namespace["logits"]
     assert (empty_folder / "small.onnx").is_file() and (empty_folder / "small.int8.onnx").is_file()
     assert fp32.max_abs_diff < 1e-4 and int8.size_bytes < fp32.size_bytes and int8.quantized
@@ -114,15 +114,15 @@ def test_readme_options_table_lists_every_callback_argument_with_its_default():
             assert table[name] == written or (default is None and name in ("layers", "solver")), name
 
 
-def test_readme_config_group_lists_match_the_conf_folders():
-    text = " ".join((ROOT / "README.md").read_text().split())
+def test_app_config_group_lists_match_the_conf_folders():
+    text = " ".join((ROOT / "docs" / "app.md").read_text().split())
     listed = text.split("Config groups: ", 1)[1].split(". ", 1)[0]
     conf = ROOT / "conf"
     for group in ("model", "data", "lowrank", "method", "point", "trainer", "logger", "deploy", "hydra/launcher"):
         found = re.search(rf"`{group}/` \(([^()]*(?:\([^()]*\)[^()]*)*)\)", listed)
-        assert found, f"README's config groups do not list {group}/"
+        assert found, f"docs/app.md's config groups do not list {group}/"
         words = set(re.findall(r"[a-z][a-z0-9_.]*", found.group(1)))
         files = {path.stem for path in (conf / group).glob("*.yaml")}
         variants = {f"lowrank_projection{name}" for name in re.findall(r"`(_[a-z0-9]+)`", found.group(1))}
         missing = files - words - variants
-        assert not missing, f"README's `{group}/` list misses {sorted(missing)}"
+        assert not missing, f"docs/app.md's `{group}/` list misses {sorted(missing)}"
