@@ -271,16 +271,6 @@ def lowest_max_error(layers: Sequence[LayerChoices], total, target: float) -> li
     return choose(thresholds[low])
 
 
-def closest_ranks(error: ValueError, choose, fastest: float, budget: float
-                  ) -> tuple[dict[str, Rank | None], SpeedupCheck | None] | None:
-    """What ``Budget(out_of_reach="closest")`` keeps of a request out of reach: the fastest allocation as measured
-    (``OutOfReach``, with its ``"short"`` check), or the smallest (params and MACs, no check); None for a latency
-    budget no layer of which has a faster candidate (nothing to keep)."""
-    if isinstance(error, OutOfReach):
-        return error.ranks, error.check(budget)
-    return None if math.isinf(fastest) else (choose(fastest)[0], None)
-
-
 def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], rule: Budget, driver: str,
                  projection_device: str | None = None, weightings: dict[str, Weighting] | None = None) -> Allocation:
     """Allocate the ``rule``'s budget over ``layers`` (name, module, scheme) of ``model``: layers not listed count
@@ -352,13 +342,15 @@ def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], 
         text = (f"`Budget.factor`={budget} ({metric}) is out of reach: with the selected layers at their smallest "
                 f"ranks the model is at most {best} (layers left dense by the selection cap it"
                 f"{'; so do layers no candidate of which runs faster than dense' if table else ''})")
-        kept = None if rule.out_of_reach == "raise" else closest_ranks(
-            error, choose, math.inf if table is not None and fastest >= dense else fastest, budget)
-        if kept is None:
+        # "closest" keeps the fastest allocation as measured (latency) or the smallest (params, MACs); a latency
+        # budget no layer of which has a faster candidate leaves nothing to keep
+        closest = rule.out_of_reach == "closest" and (isinstance(error, OutOfReach) or table is None)
+        if not closest:
             hint = " (or `Budget.out_of_reach`='closest' to keep the closest allocation)" \
                 if rule.out_of_reach == "raise" else ""
             raise ValueError(f"{text}; ask for less, or select more layers{hint}") from None
-        ranks, check = kept
+        ranks, check = (error.ranks, error.check(budget)) if isinstance(error, OutOfReach) else (choose(fastest)[0],
+                                                                                               None)
         warnings.warn(f"{text}; kept the closest allocation (`Budget.out_of_reach`='closest')", stacklevel=3)
     if check is not None and check.verdict not in ("met", "short"):
         warnings.warn(f"Budget({budget}, metric='latency'): {check.text()}", stacklevel=3)

@@ -39,10 +39,14 @@ def cpu_features() -> tuple[str, ...]:
     return ()
 
 
+def features_text(features: list[str] | tuple[str, ...]) -> str:
+    """``"avx2 fma"``: recorded speed flags as one text, ``"no AVX2"`` for none."""
+    return " ".join(features) or "no AVX2"
+
+
 def cpu_label() -> str:
     """``"AMD EPYC (avx2 fma)"``: the model and its speed flags, for keys and one-line records."""
-    features = cpu_features()
-    return f"{cpu_model()} ({' '.join(features) if features else 'no AVX2'})"
+    return f"{cpu_model()} ({features_text(cpu_features())})"
 
 
 def int8_path() -> str:

@@ -75,9 +75,9 @@ def runnable(module: nn.Module, example: torch.Tensor, backend: str, memory_form
     """What is timed of ``module`` on inputs shaped like ``example``: eager, its serving form on ``example``'s
     device (``lrlightning.serving``: eval mode, weights in ``memory_format``, BatchNorm folded when ``fold``), or
     an ONNX Runtime session of it (``lrlightning.onnx_export.timing_bytes``; it folds BatchNorm itself)."""
-    module = module.to(example.device).eval()
     if backend == "eager":
-        return serving_form(module, memory_format, fold)
+        return serving_form(module, memory_format, fold).to(example.device)
+    module = module.to(example.device).eval()
     from .onnx_export import SessionModule, session, timing_bytes
 
     return SessionModule(session(timing_bytes(module, example)))
@@ -258,8 +258,7 @@ class LatencyTable:
             return self.entries[key]["ms"].median, {}
         keys = {name: f"{key}|{name}" for name in names}
         if not self.cached(key) or any(not self.cached(k) for k in keys.values()):
-            timed = serving_form(model.to(self.device) if parameter.device == self.device
-                                 else copy.deepcopy(model).to(self.device), self.memory_format)
+            timed = serving_form(model, self.memory_format).to(self.device)
             start = time.perf_counter()
             whole, inside = profile_ms(timed, self.example(input_shape, parameter.dtype), names)
             self.seconds += time.perf_counter() - start

@@ -50,8 +50,7 @@ def measured_speedup(dense: nn.Module, factorized: nn.Module, input_shape: tuple
     moved or switched to eval."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be an int >= 1, got {batch_size!r}")
-    copies = [serving_form(model.to(device) if next(model.parameters()).device == torch.device(device)
-                           else copy.deepcopy(model).to(device), memory_format) for model in (dense, factorized)]
+    copies = [serving_form(model, memory_format).to(device) for model in (dense, factorized)]
     return paired_speedup(*copies, serving_input(torch.randn(batch_size, *input_shape, device=device), memory_format))
 
 

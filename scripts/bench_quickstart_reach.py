@@ -36,7 +36,7 @@ from lrlightning.allocator import retain_freed_memory
 from lrlightning.app.cli import CONF_DIR
 from lrlightning.app.provenance import publish_table
 from lrlightning.backbones import build_backbone
-from lrlightning.cpu import cpu_features, cpu_model, int8_path
+from lrlightning.cpu import cpu_features, cpu_model, features_text, int8_path
 from lrlightning.plan import allocate_plan
 from lrlightning.serving import MEMORY_FORMATS
 
@@ -76,7 +76,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_backbone("resnet20", num_classes=10, in_channels=INPUT_SHAPE[0]).eval()
     scheme = cfg.lowrank.scheme
-    features = " ".join(cpu_features()) or "no AVX2"
+    features = features_text(cpu_features())
     print(f"CPU {cpu_model()} ({features}; int8 path {int8_path()}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
     rows, data = [], []

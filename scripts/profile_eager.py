@@ -20,7 +20,7 @@ import torch
 from lrlightning import factorize
 from lrlightning.app.provenance import write_result
 from lrlightning.backbones import build_backbone
-from lrlightning.cpu import cpu_features, cpu_model
+from lrlightning.cpu import cpu_features, cpu_model, features_text
 from lrlightning.layers import FactorizedLayer
 from lrlightning.serving import serving_form, serving_input
 from lrlightning.speed import layer_inputs
@@ -53,7 +53,7 @@ def main() -> None:
     dense = build_backbone("resnet20", num_classes=10, in_channels=1).eval()
     small = factorize(dense, "tucker2", args.rank).eval()
     x = torch.randn(args.batch_size, 1, 28, 28)
-    features = " ".join(cpu_features()) or "no AVX2"
+    features = features_text(cpu_features())
     print(f"CPU {cpu_model()} ({features}), {torch.get_num_threads()} threads")
     whole_rows, whole_data, models, plain = [], {}, [], None
     for label, (memory_format, fold) in FORMS.items():

@@ -14,6 +14,7 @@ from lightning.pytorch import Trainer
 from torch import nn
 
 from ..counting import count_macs, count_params
+from ..cpu import features_text
 from ..export import save_factorized
 from ..options import LowRankOptions
 from ..plan import LayerPlan
@@ -150,7 +151,7 @@ def summary_table(s: dict[str, Any]) -> str:
     table = head + "\n" + format_table(["", dense_label, "factorized", "ratio"], rows)
     machine = s.get("machine")
     if isinstance(machine, dict) and machine.get("cpu") and str(s.get("latency_device", "cpu")).startswith("cpu"):
-        features = " ".join(machine.get("cpu_features") or []) or "no AVX2"
+        features = features_text(machine.get("cpu_features") or [])
         table += (f"\nlatency timed on {machine['cpu']} ({features}), {s.get('latency_threads')} threads, "
                   f"{s.get('latency_memory_format', 'contiguous')}, BatchNorm folded")
     if isinstance(s.get("deploy"), dict) and "rows" in s["deploy"]:
