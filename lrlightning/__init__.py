@@ -6,18 +6,18 @@ torch only (Lightning pulls in torchmetrics, which imports matplotlib whenever i
 from typing import TYPE_CHECKING
 
 from .counting import count_macs, count_params
-from .distillation import Distillation, distillation_loss, frozen_teacher
+from .training.distillation import Distillation, distillation_loss, frozen_teacher
 from .export import factorize, factorize_planned, load_factorized, save_factorized
 from .finish import finish, finish_
 from .objectives import Activation
 from .options import LowRankOptions, Selection, Solver
-from .plan import LayerPlan, plan_layers, relative_plans, relative_ranks
+from .plan import LayerPlan, Plan, make_plan, plan_layers, relative_plans, relative_ranks
 from .projection import LayerStats, NonFiniteWeightError, gather_statistics, project_
 from .rules import Budget, Compression, Energy
 from .schemes import SCHEME_NAMES, LoweredSVD, SpatialSVD, TiledSVD, Tucker2, register
 
 if TYPE_CHECKING:
-    from .callback import LowRankProjection, NonFiniteTrainingError
+    from .training.callback import LowRankProjection, NonFiniteTrainingError
 
 __version__ = "0.1.0"
 
@@ -35,6 +35,7 @@ __all__ = [
     "Tucker2",
     "register",
     "LayerPlan",
+    "Plan",
     "LayerStats",
     "LowRankOptions",
     "LowRankProjection",
@@ -51,6 +52,7 @@ __all__ = [
     "frozen_teacher",
     "gather_statistics",
     "load_factorized",
+    "make_plan",
     "plan_layers",
     "project_",
     "relative_plans",
@@ -63,7 +65,7 @@ _CALLBACK_NAMES = ("LowRankProjection", "NonFiniteTrainingError")
 
 def __getattr__(name: str):
     if name in _CALLBACK_NAMES:
-        from . import callback
+        from .training import callback
 
         return getattr(callback, name)
     raise AttributeError(f"module 'lrlightning' has no attribute {name!r}")

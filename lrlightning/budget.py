@@ -17,13 +17,13 @@ import torch
 from torch import nn
 
 from .counting import count_macs, count_params
-from .latency import LatencyTable
+from .speed.latency import LatencyTable
 from .names import set_module
 from .rules import Budget
 from .schemes import Rank, Scheme, Weighting
-from .speed import layer_inputs
-from .speedup_check import OutOfReach, SpeedupCheck, checked_ranks
-from .timing import Spread
+from .speed.measure import layer_inputs
+from .speed.speedup_check import OutOfReach, SpeedupCheck, checked_ranks
+from .speed.timing import Spread
 
 MAX_CANDIDATES = 32  # ranks tried per layer, evenly spread from the largest that shrinks to the smallest
 LATENCY_CANDIDATES = 16  # fewer when each one is timed
@@ -277,7 +277,7 @@ def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], 
     at their dense cost; errors are computed where projections decompose (``projection_device``, default the
     weights' device) with ``driver``, as output errors under ``weightings`` ({layer: one layer's Weighting}) when
     given, else as weight errors. A latency budget checks a cached table for staleness first
-    (``LatencyTable.check``) and its result against dense afterwards (``lrlightning.speedup_check``). Raises
+    (``LatencyTable.check``) and its result against dense afterwards (``lrlightning.speed.speedup_check``). Raises
     ValueError naming the best reachable ratio (for latency: measured, with its spread)."""
     budget, metric, input_shape = rule.factor, rule.metric, rule.input_shape
     names = [name for name, _, _ in layers]

@@ -13,9 +13,9 @@ from torch import nn
 from .layers import FactorizedLayer
 from .names import canonical_name, canonical_state_dict, get_module, load_canonical_state_dict, set_module
 from .objectives import WEIGHT, Objective
-from .options import LowRankOptions, Selection, Solver
+from .options import LowRankOptions, Selection, Solver, requested
 from .rules import DEFAULT_RULE, RankRule
-from .plan import LayerPlan, plan_layers, plan_scheme
+from .plan import LayerPlan, Plan, layer_scheme, plan_layers, unpacked
 from .projection import planned_with_statistics, project_planned_
 from .schemes import Scheme, layer_from_spec
 
@@ -24,12 +24,13 @@ FORMAT = "lrlightning.factorized/1"
 
 def factorize(model: nn.Module, scheme: Scheme | str = "svd", rank: RankRule = DEFAULT_RULE, *,
               objective: Objective = WEIGHT, layers: Selection | None = None, solver: Solver | None = None,
-              calibration: Iterable[Any] | None = None,
+              options: LowRankOptions | None = None, calibration: Iterable[Any] | None = None,
               forward: Callable[[nn.Module, Any], Any] | None = None) -> nn.Module:
     """A copy of ``model`` whose selected layers are replaced by factorized modules; ``model`` is untouched.
 
-    ``scheme``, ``rank``, ``objective``, ``layers`` and ``solver`` as in ``LowRankOptions`` (shared with
-    ``LowRankProjection``; a trained callback's own ``factorize`` reuses its plans). Each replaced
+    ``scheme``, ``rank``, ``objective``, ``layers`` and ``solver`` as in ``LowRankOptions``, or all of them in
+    one ``options=LowRankOptions(...)`` (shared with ``LowRankProjection``; a trained callback's own ``factorize``
+    reuses its plans). Each replaced
     layer computes exactly what the dense layer computes with its weight projected at that rank, so a model
     trained with the callback gives the same outputs (float32: max abs logit difference ~1e-5). Layers that
     would not shrink stay dense, with a warning naming them. A ``torch.compile``d ``model`` gives a compiled copy;
@@ -39,7 +40,7 @@ def factorize(model: nn.Module, scheme: Scheme | str = "svd", rank: RankRule = D
     ``calibration`` batches (``forward(model, batch)``, default ``model(batch)``; see ``project_``); a ``Budget``
     is then allocated from the layers' output errors on them.
     """
-    opts = LowRankOptions(scheme, rank, objective, layers, solver)
+    opts = requested(options, scheme, rank, objective, layers, solver)
     if opts.weighted:
         plans, statistics = planned_with_statistics(model, opts, calibration, forward)
         model = copy.deepcopy(model)
@@ -49,13 +50,15 @@ def factorize(model: nn.Module, scheme: Scheme | str = "svd", rank: RankRule = D
     return factorize_planned(model, plans, opts)
 
 
-def factorize_planned(model: nn.Module, plans: list[LayerPlan], options: LowRankOptions) -> nn.Module:
-    """``factorize`` at given plans (names relative to ``model``, e.g. a callback's ``plans`` made relative with
-    ``relative_plans``), without planning again; ``model`` is untouched."""
+def factorize_planned(model: nn.Module, plans: Plan | list[LayerPlan],
+                      options: LowRankOptions | None = None) -> nn.Module:
+    """``factorize`` at a ``Plan`` (or layer plans with their ``options``; names relative to ``model``, e.g. a
+    callback's ``plans`` made relative with ``relative_plans``), without planning again; ``model`` is untouched."""
+    plans, options = unpacked(plans, options)
     result = copy.deepcopy(model)
     for plan in plans:
         dense = get_module(result, plan.name)
-        set_module(result, plan.name, plan_scheme(plan, options).factorized_layer(dense, plan.rank))
+        set_module(result, plan.name, layer_scheme(plan, options).factorized_layer(dense, plan.rank))
     return result
 
 
@@ -124,14 +127,14 @@ def load_factorized(path: str | os.PathLike, model: nn.Module | None = None, map
     """Rebuild a factorized model saved by ``save_factorized``.
 
     ``model``: a dense model of the same architecture, plain or ``torch.compile``d (copied, not modified); when
-    None, the saved ``backbone`` entry is built with ``lrlightning.backbones.build_backbone``. Raises a ValueError
+    None, the saved ``backbone`` entry is built with ``lrlightning.zoo.build_backbone``. Raises a ValueError
     naming ``path`` when it is not such a file (see ``read_factorized``).
     """
     payload = read_factorized(path, map_location)
     if model is None:
         if not payload["backbone"]:
             raise ValueError(f"{os.fspath(path)!r} records no `backbone`; pass the dense `model` to load_factorized")
-        from .backbones import build_backbone
+        from .zoo import build_backbone
 
         info = dict(payload["backbone"])
         model = build_backbone(info.pop("name"), **info)

@@ -10,17 +10,17 @@ from .batchnorm import recalibrate_batchnorm_
 from .export import factorize_planned
 from .options import LowRankOptions
 from .activations import LayerStatistics
-from .plan import LayerPlan
+from .plan import LayerPlan, Plan
 from .projection import LayerStats, project_planned_
 
 
-def finish_(model: nn.Module, plans: list[LayerPlan], options: LowRankOptions, batches: Iterable[Any] = (),
-            forward: Callable[[nn.Module, Any], Any] | None = None, seed: int = 0,
+def finish_(model: nn.Module, plans: Plan | list[LayerPlan], options: LowRankOptions | None = None,
+            batches: Iterable[Any] = (), forward: Callable[[nn.Module, Any], Any] | None = None, seed: int = 0,
             synchronize: Callable[[nn.Module], None] | None = None,
             statistics: dict[str, LayerStatistics] | None = None) -> list[LayerStats]:
-    """Project ``model``'s planned weights in place (``statistics``: the layers' input statistics, needed by
-    an ``Activation`` objective), call ``synchronize(model)`` if given (e.g. to share one
-    process's weights under DDP), then re-estimate its BatchNorm statistics over ``batches`` (``forward(model,
+    """Project ``model``'s planned weights (a ``Plan``, or layer plans with their ``options``) in place
+    (``statistics``: the layers' input statistics, needed by an ``Activation`` objective), call
+    ``synchronize(model)`` if given (e.g. to share one process's weights under DDP), then re-estimate its BatchNorm statistics over ``batches`` (``forward(model,
     batch)``, default ``model(batch)``; torch's generators seeded with ``seed``; no batches: statistics kept).
     Returns the projection's ``LayerStats``."""
     stats = project_planned_(model, plans, options, statistics)
@@ -30,8 +30,8 @@ def finish_(model: nn.Module, plans: list[LayerPlan], options: LowRankOptions, b
     return stats
 
 
-def finish(model: nn.Module, plans: list[LayerPlan], options: LowRankOptions, batches: Iterable[Any] = (),
-           forward: Callable[[nn.Module, Any], Any] | None = None, seed: int = 0,
+def finish(model: nn.Module, plans: Plan | list[LayerPlan], options: LowRankOptions | None = None,
+           batches: Iterable[Any] = (), forward: Callable[[nn.Module, Any], Any] | None = None, seed: int = 0,
            synchronize: Callable[[nn.Module], None] | None = None,
            statistics: dict[str, LayerStatistics] | None = None) -> nn.Module:
     """``finish_`` (in place), then the factorized copy of ``model`` at ``plans``: its outputs are the projected

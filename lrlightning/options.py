@@ -27,7 +27,7 @@ def check_patterns(argument: str, value: Any) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class Selection:
     """Which layers are projected: every Conv1d, Conv2d and Conv3d whose factorized form can be smaller (pointwise,
-    grouped and depthwise ones too; see ``lrlightning.plan.scheme_for`` for the scheme each kind takes), except
+    grouped and depthwise ones too; see ``lrlightning.plan.FIXED_SCHEMES`` for the kinds whose scheme is fixed), except
     the first conv of the model (``skip_first_conv``, default True), plus every Linear when ``linear`` (default
     False; Linear layers always use ``svd``; ConvNeXt-style blocks hold their pointwise layers as Linear).
     ``include``/``exclude``: glob patterns on module names (a pattern or a list); ``include`` keeps only the layers
@@ -112,3 +112,21 @@ class LowRankOptions:
     def replace_rank(self, rank: RankRule) -> "LowRankOptions":
         """The same options with another rank rule."""
         return replace(self, rank=rank)
+
+
+def requested(options: LowRankOptions | None, scheme: Scheme | str = "svd", rank: RankRule = DEFAULT_RULE,
+              objective: Objective = WEIGHT, layers: Selection | None = None,
+              solver: Solver | None = None) -> LowRankOptions:
+    """The request of a call taking ``options=`` or the five arguments it bundles: ``options`` when given (a
+    ``LowRankOptions``, or a mapping of its fields), else ``LowRankOptions(scheme, rank, objective, layers,
+    solver)``. Giving both is a ValueError naming the arguments set beside ``options``."""
+    if options is None:
+        return LowRankOptions(scheme, rank, objective, layers, solver)
+    given = [name for name, value, default in (("scheme", scheme, "svd"), ("rank", rank, DEFAULT_RULE),
+                                               ("objective", objective, WEIGHT), ("layers", layers, None),
+                                               ("solver", solver, None)) if value is not default]
+    if given:
+        raise ValueError(f"`options` bundles scheme, rank, objective, layers and solver; got it together with "
+                         f"{', '.join(f'`{name}`' for name in given)}: pass those inside `options` instead")
+    return coerced("options", options, LowRankOptions)
+

@@ -57,6 +57,51 @@ class SkippedLayer:
     reason: str
 
 
+@dataclass(frozen=True)
+class Plan:
+    """A request resolved for one model: its ``options``, the ``layers`` to factorize (a ``LayerPlan`` each, in
+    model order), the selected layers left dense (``skipped``, with the reason) and a ``Budget``'s ``allocation``
+    (else None). ``make_plan`` builds it; ``factorize_planned``, ``project_planned_`` and ``finish`` take it."""
+
+    options: LowRankOptions
+    layers: tuple[LayerPlan, ...] = ()
+    skipped: tuple[SkippedLayer, ...] = ()
+    allocation: Allocation | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "skipped", tuple(self.skipped))
+
+    @property
+    def ranks(self) -> dict[str, Rank]:
+        """``{layer name: rank}``, usable as ``rank=`` to reproduce the plan."""
+        return frozen_ranks(list(self.layers))
+
+    def relative(self, prefix: str) -> "Plan":
+        """The plan named relative to the submodule ``prefix`` (``relative_plans``)."""
+        return replace(self, layers=relative_plans(list(self.layers), prefix))
+
+
+def make_plan(model: nn.Module, options: LowRankOptions, warn: bool = True,
+              statistics: Statistics | None = None) -> Plan:
+    """The ``Plan`` of ``options`` for ``model`` (``allocate_plan``)."""
+    layers, skipped, allocation = allocate_plan(model, options, warn, statistics)
+    return Plan(options, layers, skipped, allocation)
+
+
+def unpacked(plans: Plan | list[LayerPlan], options: LowRankOptions | None) -> tuple[list[LayerPlan], LowRankOptions]:
+    """The layer plans and options of a call taking ``plans``: a ``Plan`` carries its options (``options`` must then
+    be None or the same); a list of ``LayerPlan`` needs ``options``."""
+    if isinstance(plans, Plan):
+        if options is not None and options != plans.options:
+            raise ValueError(f"`options`={options!r} differ from the `Plan`'s own options {plans.options!r}: "
+                             "pass the Plan alone")
+        return list(plans.layers), plans.options
+    if options is None:
+        raise ValueError("`options` is needed with a list of `LayerPlan`s (a `Plan` carries its own)")
+    return list(plans), options
+
+
 def conv_kind(module: nn.Module) -> str:
     """``"linear"``, or a conv's kind: ``"pointwise"`` (1×1), ``"depthwise"`` (groups > 1, one input channel per
     group), ``"grouped"`` or ``"dense"``, followed by its dimension (``"pointwise conv2d"``)."""
@@ -72,48 +117,53 @@ def conv_kind(module: nn.Module) -> str:
     return f"{kind} conv{dims}d"
 
 
+FIXED_SCHEMES: dict[str, type[Scheme]] = {"linear": LoweredSVD, "pointwise": LoweredSVD, "depthwise2d": SpatialSVD}
+"""The weight kinds (``weight_kind``) whose scheme is fixed, whatever the chosen one: Linear weights and pointwise
+kernels are the same matrix problem under every scheme (``svd``); a depthwise 2-D kernel holds one input channel
+per group, so lowering it gains nothing (``spatial_svd``). Every other kind takes the chosen scheme."""
+
+
+def weight_kind(shape: tuple[int, ...], groups: int = 1) -> str:
+    """``"linear"`` (2-D), ``"pointwise"`` (1×1… kernel), ``"depthwise2d"`` (2-D kernel, one input channel per
+    group) or ``"conv"``, for a weight of ``shape`` (T, S / groups, *kernel) split into ``groups``."""
+    if len(shape) == 2:
+        return "linear"
+    if math.prod(shape[2:]) == 1:
+        return "pointwise"
+    return "depthwise2d" if groups > 1 and shape[1] == 1 and len(shape) == 4 else "conv"
+
+
 def group_scheme(shape: tuple[int, ...], options: LowRankOptions, groups: int = 1) -> Scheme:
-    """The scheme of each group of a weight of ``shape`` with ``groups``: Linear weights (2-D) and pointwise
-    kernels ``svd`` (the same matrix problem under every scheme), depthwise 2-D kernels (one input channel per
-    group) ``spatial_svd`` (lowering a single channel gains nothing), others the chosen scheme."""
-    if len(shape) == 2 or math.prod(shape[2:]) == 1:
-        return LoweredSVD()
-    if groups > 1 and shape[1] == 1 and len(shape) == 4:
-        return SpatialSVD()
-    return options.scheme
+    """The scheme of each group of a weight of ``shape``: ``FIXED_SCHEMES`` of its kind, else ``options.scheme``."""
+    fixed = FIXED_SCHEMES.get(weight_kind(shape, groups))
+    return fixed() if fixed is not None else options.scheme
 
 
-def scheme_for(shape: tuple[int, ...], options: LowRankOptions, groups: int = 1) -> Scheme:
-    """The scheme a weight of ``shape`` with ``groups`` uses: ``group_scheme``, applied group by group
-    (``GroupedScheme``) when ``groups`` > 1."""
+def layer_scheme(layer: LayerPlan | nn.Module, options: LowRankOptions) -> Scheme:
+    """The scheme a layer (its ``LayerPlan``, or the Conv/Linear module) uses: ``group_scheme``, applied group by
+    group (``GroupedScheme``) when the conv has ``groups`` > 1."""
+    if isinstance(layer, LayerPlan):
+        shape, groups = layer.shape, layer.groups
+    else:
+        shape, groups = tuple(layer.weight.shape), getattr(layer, "groups", 1)
     scheme = group_scheme(shape, options, groups)
     return GroupedScheme(scheme, groups) if groups > 1 else scheme
 
 
-def module_scheme(module: nn.Module, options: LowRankOptions) -> Scheme:
-    """The scheme ``module`` (a Conv or Linear) uses (``scheme_for`` of its weight shape and groups)."""
-    return scheme_for(tuple(module.weight.shape), options, getattr(module, "groups", 1))
-
-
-def plan_scheme(plan: LayerPlan, options: LowRankOptions) -> Scheme:
-    """The scheme ``plan``'s layer uses (``scheme_for`` of its shape and groups)."""
-    return scheme_for(plan.shape, options, plan.groups)
-
-
-def layer_scheme(module: nn.Module, options: LowRankOptions) -> Scheme | str:
-    """The scheme of a selectable layer, or why it stays dense: the scheme does not apply to its kind, or no rank
-    makes it smaller."""
+def layer_refusal(module: nn.Module, options: LowRankOptions) -> str | None:
+    """Why a selectable layer stays dense (the scheme does not apply to its kind, or no rank makes it smaller), or
+    None."""
     shape, groups = tuple(module.weight.shape), getattr(module, "groups", 1)
     refusal = group_scheme(shape, options, groups).refusal(shape, groups) if len(shape) > 2 else None
     if refusal is not None:
         return f"{conv_kind(module)}: {refusal}"
-    scheme = scheme_for(shape, options, groups)
+    scheme = layer_scheme(module, options)
     smallest = scheme.clamp(shape, 1)
     factorized, dense = scheme.factorized_params(shape, smallest), math.prod(shape)
     if factorized >= dense:
         return (f"{conv_kind(module)}: no rank makes it smaller (rank {smallest} under {scheme.name!r} gives "
                 f"{factorized} >= {dense} dense params)")
-    return scheme
+    return None
 
 
 def candidate_layers(model: nn.Module, options: LowRankOptions) -> tuple[list[tuple[str, nn.Module]], list[SkippedLayer]]:
@@ -135,8 +185,8 @@ def candidate_layers(model: nn.Module, options: LowRankOptions) -> tuple[list[tu
             skipped.append(SkippedLayer(name, "excluded by `exclude`"))
         elif name == first_conv and selection.skip_first_conv and not selection.include:
             skipped.append(SkippedLayer(name, "first conv (`Selection.skip_first_conv=True`)"))
-        elif isinstance(scheme := layer_scheme(module, options), str):
-            skipped.append(SkippedLayer(name, scheme))
+        elif (refusal := layer_refusal(module, options)) is not None:
+            skipped.append(SkippedLayer(name, refusal))
         else:
             chosen.append((name, module))
     return chosen, skipped
@@ -213,7 +263,7 @@ def allocate_plan(model: nn.Module, options: LowRankOptions, warn: bool = True,
     decomposed_on = chosen[0][1].weight.device if options.solver.device is None else options.solver.device
     driver = resolve_driver(options.solver.driver, decomposed_on)
     if budget is not None:
-        layers = [(name, module, module_scheme(module, options)) for name, module in chosen]
+        layers = [(name, module, layer_scheme(module, options)) for name, module in chosen]
         weightings = None
         if statistics is not None and options.weighted:
             weightings = output_weightings(layers, options, statistics)
@@ -222,7 +272,7 @@ def allocate_plan(model: nn.Module, options: LowRankOptions, warn: bool = True,
     plans, unreachable = [], []
     for name, module in chosen:
         shape = tuple(module.weight.shape)
-        scheme = module_scheme(module, options)
+        scheme = layer_scheme(module, options)
         if budget is not None and allocated[name] is None:
             skipped.append(SkippedLayer(name, f"kept dense by {rule_label(rule_record(budget))}"))
             continue
@@ -317,7 +367,7 @@ def annealed_plans(plans: list[LayerPlan], options: LowRankOptions, index: int, 
     remaining = (1.0 - (index + 1) / (warmup + 1)) ** 3
     annealed = []
     for plan in plans:
-        scheme = plan_scheme(plan, options)
+        scheme = layer_scheme(plan, options)
         full, target = scheme.full_rank(plan.shape), plan.rank
         if isinstance(target, tuple):
             rank = tuple(t + math.floor((f - t) * remaining) for t, f in zip(target, full))

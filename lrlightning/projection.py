@@ -12,9 +12,9 @@ from torch import nn
 from .activations import LayerStatistics, input_statistics
 from .names import named_modules
 from .objectives import WEIGHT, Activation, Objective
-from .options import LowRankOptions, Selection, Solver
+from .options import LowRankOptions, Selection, Solver, requested
 from .rules import DEFAULT_RULE, Budget, RankRule
-from .plan import LayerPlan, NonFiniteWeightError, plan_layers, plan_scheme
+from .plan import LayerPlan, NonFiniteWeightError, Plan, layer_scheme, plan_layers, unpacked
 from .schemes import Scheme, Weighting, resolve_driver
 from .transfer import host_lists, moved
 
@@ -71,9 +71,10 @@ def placed_weightings(groups: list[list[LayerPlan]], devices: list[torch.device]
     return weightings
 
 
-def project_planned_(model: nn.Module, plans: list[LayerPlan], options: LowRankOptions,
+def project_planned_(model: nn.Module, plans: Plan | list[LayerPlan], options: LowRankOptions | None = None,
                      statistics: dict[str, LayerStatistics] | None = None) -> list[LayerStats]:
-    """Overwrite each planned layer's weight by its low-rank projection, in place, under ``torch.no_grad``.
+    """Overwrite each planned layer's weight (a ``Plan``, or layer plans with their ``options``) by its low-rank
+    projection, in place, under ``torch.no_grad``.
 
     Layers of equal shape, dtype and device share one batched decomposition, on ``options.solver.device``
     (default: their own device). The host waits for the device once per device for the finite check and once
@@ -85,6 +86,7 @@ def project_planned_(model: nn.Module, plans: list[LayerPlan], options: LowRankO
     ``statistics`` (``lrlightning.activations.input_statistics``, by layer name): needed by ``objective=
     "activation"``; with them every layer's ``output_rel_error`` is measured, under either objective.
     """
+    plans, options = unpacked(plans, options)
     check_statistics(plans, statistics, options)
     modules = named_modules(model)
     grouped: dict[tuple, list[LayerPlan]] = defaultdict(list)
@@ -105,7 +107,7 @@ def project_planned_(model: nn.Module, plans: list[LayerPlan], options: LowRankO
         weightings = placed_weightings(groups, devices, statistics, options)
         measured, projected = [], []
         for group, original, weighting in zip(groups, stacked, weightings):
-            scheme = plan_scheme(group[0], options)
+            scheme = layer_scheme(group[0], options)
             driver = resolve_driver(options.solver.driver, original.device)
             ranks = [p.rank for p in group]
             if options.weighted:
@@ -142,7 +144,7 @@ def gather_statistics(model: nn.Module, plans: list[LayerPlan], options: LowRank
 
 def weights_channels(plan: LayerPlan, options: LowRankOptions) -> bool:
     """Whether ``plan``'s conv gathers its input pixels' channel moments rather than im2col moments."""
-    return len(plan.shape) > 2 and plan_scheme(plan, options).input_statistic == "channels"
+    return len(plan.shape) > 2 and layer_scheme(plan, options).input_statistic == "channels"
 
 
 def empty_statistics(plan: LayerPlan, options: LowRankOptions, device: torch.device) -> LayerStatistics:
@@ -187,15 +189,15 @@ def planned_with_statistics(model: nn.Module, options: LowRankOptions, calibrati
 
 def project_(model: nn.Module, scheme: Scheme | str = "svd", rank: RankRule = DEFAULT_RULE, *,
              objective: Objective = WEIGHT, layers: Selection | None = None, solver: Solver | None = None,
-             calibration: Iterable[Any] | None = None,
+             options: LowRankOptions | None = None, calibration: Iterable[Any] | None = None,
              forward: Callable[[nn.Module, Any], Any] | None = None) -> list[LayerStats]:
     """Project the selected layers of ``model`` in place; ``scheme``, ``rank``, ``objective``, ``layers`` and
-    ``solver`` as in ``LowRankOptions``.
+    ``solver`` as in ``LowRankOptions``, or all of them in one ``options=LowRankOptions(...)``.
 
     ``calibration``/``forward``: batches whose forward passes (``forward(model, batch)``, default ``model(batch)``)
     give the input statistics of an ``Activation`` objective; optional otherwise (then ``output_rel_error`` is
     measured). Returns one ``LayerStats`` per projected layer, in model order.
     """
-    opts = LowRankOptions(scheme, rank, objective, layers, solver)
+    opts = requested(options, scheme, rank, objective, layers, solver)
     plans, statistics = planned_with_statistics(model, opts, calibration, forward)
     return project_planned_(model, plans, opts, statistics)

@@ -3,11 +3,11 @@ mapping of layer names to ranks), ``Energy``, ``Compression`` or ``Budget``; eac
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Mapping, Sequence
 
 from .devices import check_device
-from .serving import check_memory_format
+from .speed.serving import check_memory_format
 
 RankSpec = int | float | tuple[int, int] | dict[str, int | tuple[int, int]]
 BUDGET_METRICS = ("params", "macs", "latency")
@@ -59,12 +59,12 @@ class Budget:
     ``"latency"``: measured per layer on ``latency_device`` (default: the weights' device; the CPU at torch's thread
     count) at batch ``latency_batch_size`` (default 32), cached under ``latency_cache`` (default
     ``$LRLIGHTNING_CACHE`` or ~/.cache/lrlightning), checked for staleness before use and timed anew with
-    ``latency_remeasure=True`` (``lrlightning.latency``), in ``latency_backend`` ``"eager"`` (default: PyTorch) or
+    ``latency_remeasure=True`` (``lrlightning.speed.latency``), in ``latency_backend`` ``"eager"`` (default: PyTorch) or
     ``"onnxruntime"`` (each layer and the model exported to ONNX and timed in ONNX Runtime on the CPU, where an
     ``lrl-train deploy=onnx`` artifact runs; the ``onnx`` extra). Eager timings are of the model as it is served
-    (``lrlightning.serving``): BatchNorm folded, conv weights and inputs in ``latency_memory_format``
+    (``lrlightning.speed.serving``): BatchNorm folded, conv weights and inputs in ``latency_memory_format``
     (``"channels_last"``, default, or ``"contiguous"``). The allocated model is then timed against dense and
-    allocated again while it misses beyond the noise (``lrlightning.speedup_check``), and no layer is factorized
+    allocated again while it misses beyond the noise (``lrlightning.speed.speedup_check``), and no layer is factorized
     into something not faster beyond the noise.
     ``objective``: minimize the largest normalized error over layers (``"max"``) or their sum (``"sum"``); default
     None: ``"max"`` over weight errors, ``"sum"`` over output errors (an ``Activation`` projection objective with
@@ -170,17 +170,25 @@ def rank_rule(rank: Any, pair: bool) -> RankRule:
 
 def rule_record(rule: RankRule) -> dict[str, Any]:
     """The rule as ``summary.json`` records it: ``{"rank": ...}``, ``{"energy": f}``, ``{"compression": c}`` or
-    ``{"budget": b, "metric": m}`` (JSON values: tuples as lists)."""
-    if isinstance(rule, Energy):
-        return {"energy": rule.fraction}
-    if isinstance(rule, Compression):
-        return {"compression": float(rule.factor)}
-    if isinstance(rule, Budget):
-        record = {"budget": float(rule.factor), "metric": rule.metric}
-        return {**record, "backend": rule.latency_backend} if rule.metric == "latency" else record
+    ``{"budget": b, "metric": m}`` (``"backend"`` too for latency; JSON values: tuples as lists)."""
+    if isinstance(rule, (Energy, Compression, Budget)):
+        return record_of(type(rule).__name__, vars(rule))
     if isinstance(rule, dict):
         return {"rank": {name: list(r) if isinstance(r, tuple) else r for name, r in rule.items()}}
     return {"rank": list(rule) if isinstance(rule, tuple) else rule}
+
+
+def record_of(kind: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """``rule_record`` of an ``Energy``, ``Compression`` or ``Budget`` (``kind``) given by its field ``values``, such
+    as a config node (missing fields take the class's defaults)."""
+    classes = {"Energy": Energy, "Compression": Compression, "Budget": Budget}
+    values = {**{f.name: f.default for f in fields(classes[kind])}, **values}
+    if kind == "Energy":
+        return {"energy": values["fraction"]}
+    if kind == "Compression":
+        return {"compression": float(values["factor"])}
+    record = {"budget": float(values["factor"]), "metric": values["metric"]}
+    return {**record, "backend": values["latency_backend"]} if values["metric"] == "latency" else record
 
 
 def rule_label(record: Mapping[str, Any]) -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import re
 import time
 import warnings
 
@@ -27,39 +26,19 @@ import torch
 
 from lrlightning import Budget, LowRankOptions, count_macs, count_params, factorize_planned
 from lrlightning.app.provenance import publish_table
-from lrlightning.backbones import build_backbone
 from lrlightning.plan import allocate_plan, candidate_layers
 from lrlightning.projection import project_planned_
 
-IMAGENET_BACKBONES = ("resnet18", "resnet50", "mobilenet_v2")  # 3×224×224, 1000 classes
+from bench_common import input_shape, refusal, seeded_backbone
 
 
-def input_shape(name: str, args: argparse.Namespace) -> tuple[int, ...]:
-    """One sample's shape for backbone ``name`` (see the module docstring)."""
-    size = args.image_size or (224 if name in IMAGENET_BACKBONES else 32)
-    if name in IMAGENET_BACKBONES:
-        return (3, size, size)
-    if name == "conv3d":
-        return (args.in_channels, args.depth, size, size)
-    if name == "conv1d":
-        return (args.in_channels, args.length)
-    return (args.in_channels, size, size)
-
-
-def refusal(message: str) -> str:
-    """The reachable maximum an out-of-reach budget's error names, e.g. "refused: at most 2.92x smaller in macs"."""
-    found = re.search(r"at most (\d+\.\d+x [a-z ]+)", message)
-    return f"refused: at most {found.group(1).strip()}" if found else message
-
-
-def load_backbone(name: str, in_channels: int, checkpoint: str | None) -> torch.nn.Module:
-    torch.manual_seed(0)
-    imagenet = name in IMAGENET_BACKBONES
-    model = build_backbone(name, num_classes=1000 if imagenet else 10, in_channels=3 if imagenet else in_channels)
+def load_backbone(name: str, shape: tuple[int, ...], checkpoint: str | None) -> torch.nn.Module:
+    """The seeded backbone ``name``, with the backbone weights of a Lightning ``checkpoint`` when given."""
+    model = seeded_backbone(name, shape)
     if checkpoint:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
         model.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")})
-    return model.eval()
+    return model
 
 
 def measure(model: torch.nn.Module, options: LowRankOptions, metric: str, shape: tuple[int, ...]) -> dict:
@@ -102,8 +81,9 @@ def main() -> None:
 
     rows, data, asked_rows, asked_data, shapes = [], [], [], [], {}
     for backbone in args.backbones:
-        model = load_backbone(backbone, args.in_channels, args.checkpoint)
-        shape = shapes[backbone] = input_shape(backbone, args)
+        shape = shapes[backbone] = input_shape(backbone, args.in_channels, args.image_size, 32, args.depth,
+                                               args.length)
+        model = load_backbone(backbone, shape, args.checkpoint)
         dense_params, dense_macs = count_params(model), count_macs(model, shape)
         for scheme in args.schemes:
             for metric in args.metrics:

@@ -21,12 +21,13 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from lrlightning.backbones import build_backbone
 from lrlightning.app.data import DATAMODULES, ImageDataModule, normalize, random_crop, random_horizontal_flip
 from lrlightning.app.provenance import write_result
+from lrlightning.zoo import build_backbone
+
+from bench_common import timed_training_step
 
 
 class PerImageDataset(Dataset):
@@ -95,17 +96,10 @@ def main() -> None:
     times = {name: {"data": [], "step": []} for name in variants}
     for step in range(args.warmup + args.steps):
         for name, batches in variants.items():
-            t0 = time.perf_counter()
-            x, y = next(batches)
-            t1 = time.perf_counter()
-            loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            t2 = time.perf_counter()
+            data_s, step_s = timed_training_step(model, optimizer, batches)
             if step >= args.warmup:
-                times[name]["data"].append(t1 - t0)
-                times[name]["step"].append(t2 - t1)
+                times[name]["data"].append(data_s)
+                times[name]["step"].append(step_s)
 
     rows = []
     for name, measured in times.items():

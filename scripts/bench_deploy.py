@@ -2,8 +2,8 @@
 
 For each backbone, the weights (random, BatchNorm statistics set by two train-mode passes) are projected at ranks
 allocated for ``--mac-budget`` times fewer MACs (``svd`` by default), the model is factorized, and the dense and the
-factorized model are exported (``lrlightning.onnx_export.export_onnx``: BatchNorm folded, dynamic batch, checked
-against PyTorch) and quantized to int8 (``lrlightning.int8.quantize_int8``: static QDQ, per-channel weights,
+factorized model are exported (``lrlightning.deploy.onnx.export_onnx``: BatchNorm folded, dynamic batch, checked
+against PyTorch) and quantized to int8 (``lrlightning.deploy.int8.quantize_int8``: static QDQ, per-channel weights,
 calibrated on ``--calibration-batches`` random batches). The four files are then timed interleaved in ONNX Runtime
 (CPU, torch's thread count, no spin-waiting) at each of ``--batch-sizes``: median ms over the rounds, speedups as
 per-round ratios against dense fp32. Targets (ResNet-18 at 224, about 3x fewer MACs): factorized int8 >= 5x faster
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -32,12 +31,14 @@ from lrlightning import Budget, LowRankOptions, count_macs, factorize_planned
 from lrlightning.app.collect import overrides_of
 from lrlightning.app.deploy import DEPLOY_ROUNDS
 from lrlightning.app.provenance import publish_table
-from lrlightning.backbones import build_backbone
-from lrlightning.int8 import quantize_int8
-from lrlightning.onnx_export import SessionModule, export_onnx, session
+from lrlightning.deploy.int8 import quantize_int8
+from lrlightning.deploy.onnx import SessionModule, export_onnx, session
 from lrlightning.plan import allocate_plan
 from lrlightning.projection import project_planned_
-from lrlightning.timing import Spread, interleaved_samples, paired_ratios
+from lrlightning.speed.timing import Spread, interleaved_samples, paired_ratios
+from lrlightning.zoo import build_backbone
+
+from bench_common import wait_policy
 
 LABELS = ("dense_fp32", "factorized_fp32", "dense_int8", "factorized_int8")
 
@@ -162,12 +163,11 @@ def main() -> None:
                                              if label == "factorized_int8" else None)})
     columns = ["backbone", "model", "file", "smaller", *[f"ms, batch {b}" for b in args.batch_sizes],
                *[f"speedup vs dense fp32, batch {b}" for b in args.batch_sizes], "logits ~ PyTorch"]
-    wait = f", OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}" if os.environ.get("OMP_WAIT_POLICY") else ""
     footnote = (f"({args.scheme} at {args.mac_budget:g}x fewer MACs, inputs {shape}, random weights with BatchNorm "
                 f"statistics from two train-mode passes; int8: ONNX Runtime static QDQ, per-channel 7-bit int8 weights, uint8 "
                 f"activations, convs with fewer than {args.min_channels} output channels or inputs per output in float, calibrated on {args.calibration_batches} random batches of {args.calibration_batch_size}; "
-                f"ONNX Runtime CPU, {torch.get_num_threads()} threads, no spin-waiting{wait}; the four files timed "
-                f"interleaved over {args.rounds} rounds, median ms and per-round speedup with its interquartile range; "
+                f"ONNX Runtime CPU, {torch.get_num_threads()} threads, no spin-waiting{wait_policy()}; the four "
+                f"files timed interleaved over {args.rounds} rounds, median ms and per-round speedup with its interquartile range; "
                 "logits ~ PyTorch: correlation of the file's logits with the projected dense PyTorch model's on 4 random "
                 "inputs (the factorized model computes the same function); targets for the factorized int8 "
                 "model: >= 5x faster than dense fp32 at every batch, >= 10x smaller)")

@@ -18,25 +18,19 @@ import argparse
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from lrlightning.app.data import CIFAR10JPEGDataModule
 from lrlightning.app.data.decode import default_workers
 from lrlightning.app.provenance import write_result
-from lrlightning.backbones import build_backbone
+from lrlightning.zoo import build_backbone
+
+from bench_common import timed, timed_training_step
 
 TARGET_RATIO = 0.05
 TARGET_DECODE_S = 60.0
-
-
-def timed(function) -> float:
-    start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -76,17 +70,10 @@ def main() -> None:
         loader = iter(datamodule.train_dataloader())
         load_times, step_times = [], []
         for step in range(args.warmup + args.steps):
-            t0 = time.perf_counter()
-            x, y = next(loader)
-            t1 = time.perf_counter()
-            loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            t2 = time.perf_counter()
+            load_s, step_s = timed_training_step(model, optimizer, loader)
             if step >= args.warmup:
-                load_times.append(t1 - t0)
-                step_times.append(t2 - t1)
+                load_times.append(load_s)
+                step_times.append(step_s)
 
     system_load_end = os.getloadavg()[0]
     load_ms, step_ms = 1e3 * statistics.fmean(load_times), 1e3 * statistics.fmean(step_times)

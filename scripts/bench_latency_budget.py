@@ -23,28 +23,23 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import re
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
 from lrlightning import Budget, LowRankOptions, count_macs, factorize_planned
-from lrlightning.allocator import retain_freed_memory
+from lrlightning.speed.allocator import retain_freed_memory
 from lrlightning.app.provenance import publish_table
-from lrlightning.backbones import build_backbone
-from lrlightning.onnx_export import export_onnx, session
 from lrlightning.plan import allocate_plan
 from lrlightning.projection import project_planned_
-from lrlightning.summary import format_table
-from lrlightning.timing import Spread, paired_ratios
+from lrlightning.training.summary import format_table
+from lrlightning.speed.timing import Spread, interleaved_samples, paired_ratios
 
-IMAGENET_BACKBONES = ("resnet18", "resnet50", "mobilenet_v2")  # 3×224×224, 1000 classes
+from bench_common import input_shape, onnx_runner, refusal, seeded_backbone, wait_policy
+
 MODES = ("eager", "onnxruntime")
 
 
@@ -58,66 +53,24 @@ def exported(model: torch.nn.Module, options: LowRankOptions) -> tuple[torch.nn.
     return factorize_planned(projected, plans, options).eval(), allocation, seconds
 
 
-def refusal(message: str) -> str:
-    """The reachable maximum an out-of-reach budget's error names, e.g. "refused: at most 1.19x faster"."""
-    found = re.search(r"at most (\d+\.\d+x(?: \(IQR [^)]*\))?(?: [a-z]+)+(?: \([a-z]+\))?)", message)
-    return f"refused: at most {found.group(1).strip()}" if found else message
-
-
-def onnx_session(model: torch.nn.Module, example: torch.Tensor):
-    """An onnxruntime CPU session of ``model`` as ``lrlightning.onnx_export.export_onnx`` writes it (dynamic batch,
-    BatchNorm folded, checked), torch's intra-op thread count, no spin-waiting."""
-    with tempfile.TemporaryDirectory() as folder:
-        return session(export_onnx(model, example, Path(folder) / "model.onnx").path)
-
-
 def runners(mode: str, dense: torch.nn.Module, small: torch.nn.Module, shape: tuple[int, ...]
-            ) -> Callable[[torch.Tensor], tuple[Callable[[], object], Callable[[], object]]]:
-    """For ``mode``, a function of an input batch giving (dense pass, factorized pass) callables."""
+            ) -> tuple[Callable[[torch.Tensor], object], Callable[[torch.Tensor], object]]:
+    """For ``mode``, (dense, factorized) called like modules on a batch: the models themselves (eager), or both
+    exported to ONNX once, with a dynamic batch, in onnxruntime CPU sessions (``bench_common.onnx_runner``)."""
     if mode == "eager":
-        return lambda x: (lambda: dense(x), lambda: small(x))
+        return dense, small
     example = torch.randn(2, *shape)
-    sessions = [onnx_session(model, example) for model in (dense, small)]
-
-    def make(x: torch.Tensor):
-        feeds = [{session.get_inputs()[0].name: x.numpy()} for session in sessions]
-        return tuple((lambda s=session, f=feed: s.run(None, f)) for session, feed in zip(sessions, feeds))
-    return make
+    return onnx_runner(dense, example, dynamic_batch=True), onnx_runner(small, example, dynamic_batch=True)
 
 
-def paired_times(dense: Callable[[], object], small: Callable[[], object], rounds: int,
-                 round_seconds: float = 0.2) -> tuple[Spread, Spread, Spread]:
-    """(dense ms, factorized ms, speedup dense / factorized) over ``rounds`` interleaved rounds, each timing both
-    over as many passes as the faster one runs in about ``round_seconds`` (at least one), which goes first
-    alternating round by round; one warm-up pass each first (a second one times it, unless the first took longer
-    than ``round_seconds``). Speedup: per-round ratios (``paired_ratios``)."""
-    runs = (dense, small)
-    with torch.inference_mode():
-        probes = []
-        for run in runs:
-            for _ in range(2):
-                start = time.perf_counter()
-                run()
-                probe = time.perf_counter() - start
-                if probe > round_seconds:
-                    break
-            probes.append(probe)
-        number = max(1, int(round_seconds / max(min(probes), 1e-7)))
-        samples: list[list[float]] = [[], []]
-        for index in range(rounds):
-            for which in ((0, 1) if index % 2 == 0 else (1, 0)):
-                start = time.perf_counter()
-                for _ in range(number):
-                    runs[which]()
-                samples[which].append(1000.0 * (time.perf_counter() - start) / number)
-    return Spread.of(samples[0]), Spread.of(samples[1]), paired_ratios(samples[0], samples[1])
-
-
-def sample_shape(backbone: str, args: argparse.Namespace) -> tuple[int, ...]:
-    if backbone in IMAGENET_BACKBONES:
-        size = args.image_size if args.image_size_given else 224
-        return (3, size, size)
-    return (args.in_channels, args.image_size, args.image_size)
+def paired_times(dense: Callable[[torch.Tensor], object], small: Callable[[torch.Tensor], object], x: torch.Tensor,
+                 rounds: int, round_seconds: float = 0.2) -> tuple[Spread, Spread, Spread]:
+    """(dense ms, factorized ms, speedup dense / factorized) on ``x`` over ``rounds`` interleaved rounds, each
+    timing both over as many passes as the faster one runs in about ``round_seconds`` (at least one), which goes
+    first alternating round by round (``lrlightning.speed.timing.interleaved_samples``). Speedup: per-round ratios
+    (``paired_ratios``)."""
+    dense_ms, small_ms = interleaved_samples([dense, small], x, rounds, round_seconds, rounds)
+    return Spread.of(dense_ms), Spread.of(small_ms), paired_ratios(dense_ms, small_ms)
 
 
 def main() -> None:
@@ -142,11 +95,9 @@ def main() -> None:
     parser.add_argument("--cache", default=None, help="latency cache dir (default: $LRLIGHTNING_CACHE or "
                         "~/.cache/lrlightning)")
     parser.add_argument("--retain-freed-memory", action="store_true",
-                        help="keep freed CPU memory in the process (lrlightning.allocator.retain_freed_memory)")
+                        help="keep freed CPU memory in the process (lrlightning.speed.allocator.retain_freed_memory)")
     parser.add_argument("--out", default="results/budget/bench_latency_budget.json")
     args = parser.parse_args()
-    args.image_size_given = args.image_size is not None
-    args.image_size = args.image_size or 28
     warnings.simplefilter("ignore", UserWarning)
     retained = args.retain_freed_memory and retain_freed_memory()
     latency = dict(latency_batch_size=args.batch_size, latency_device="cpu", latency_cache=args.cache,
@@ -156,10 +107,8 @@ def main() -> None:
 
     rows, data, shapes = [], [], {}
     for backbone in args.backbones:
-        shape = shapes[backbone] = sample_shape(backbone, args)
-        torch.manual_seed(0)
-        imagenet = backbone in IMAGENET_BACKBONES
-        dense = build_backbone(backbone, num_classes=1000 if imagenet else 10, in_channels=shape[0]).eval()
+        shape = shapes[backbone] = input_shape(backbone, args.in_channels, args.image_size, default_size=28)
+        dense = seeded_backbone(backbone, shape)
         macs = count_macs(dense, shape)
         examples = {batch: torch.randn(batch, *shape) for batch in batches}
         for scheme in args.schemes:
@@ -188,10 +137,11 @@ def main() -> None:
                            if allocation.check is not None else "-")
                 measurements = []
                 for mode in modes:
-                    make = runners(mode, dense, small, shape)
+                    dense_runner, small_runner = runners(mode, dense, small, shape)
                     for batch in batches:
                         rounds = args.large_batch_rounds if batch >= 8 and args.large_batch_rounds else args.rounds
-                        dense_ms, small_ms, speedup = paired_times(*make(examples[batch]), rounds)
+                        dense_ms, small_ms, speedup = paired_times(dense_runner, small_runner, examples[batch],
+                                                                   rounds)
                         measurements.append({"mode": mode, "batch_size": batch, "rounds": rounds,
                                              "dense_ms": dense_ms.as_dict(), "factorized_ms": small_ms.as_dict(),
                                              "speedup": speedup.as_dict(),
@@ -206,7 +156,7 @@ def main() -> None:
                         print(format_table(["backbone", "scheme", "asked", "mode", "batch", "ms", "speedup"],
                                            [[*rows[-1][:3], mode, str(batch), rows[-1][9], rows[-1][10]]]),
                               file=sys.stderr, flush=True)
-                    del make
+                    del dense_runner, small_runner
                 data.append({**entry, "allocated": allocation.achieved, "allocation_check": check,
                              "latency_table": allocation.table, "mac_reduction": mac_reduction,
                              "layers_factorized": layers, "allocation_seconds": seconds,
@@ -215,17 +165,20 @@ def main() -> None:
     columns = ["backbone", "scheme", "asked", "rank multiple", "allocated", "checked at allocation", "MAC reduction",
                "mode", "batch", "ms dense/fact", "measured speedup (IQR)", "layers factorized, allocation time"]
     memory = "freed memory retained" if retained else "glibc's default allocator"
-    wait = f", OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}" if os.environ.get("OMP_WAIT_POLICY") else ""
     inputs = ", ".join(f"{name} {shape}" for name, shape in shapes.items())
-    footnote = (f"(inputs {inputs}; latency table ({args.latency_backend}) and allocation at batch {args.batch_size}; "
-                f"CPU threads "
-                f"{torch.get_num_threads()}, {memory}{wait}; random initialization; latency tables measured per layer "
-                "in this run or read from the cache; checked at allocation: the library's own whole-model timing of "
-                "the allocation and its verdict; measured: dense and factorized timed interleaved after export, eager "
-                "as allocated (BatchNorm unfolded), onnxruntime on the exported ONNX graphs (CPU provider); median of "
-                f"per-round ratios over {args.rounds} rounds ({args.large_batch_rounds or args.rounds} at batch >= 8) "
-                "with the interquartile range; targets: measured speedup within 10 % of a latency budget and never "
-                "below 1)")
+    footnote = "(" + "; ".join([
+        f"inputs {inputs}",
+        f"latency table ({args.latency_backend}) and allocation at batch {args.batch_size}",
+        f"CPU threads {torch.get_num_threads()}, {memory}{wait_policy()}",
+        "random initialization",
+        "latency tables measured per layer in this run or read from the cache",
+        "checked at allocation: the library's own whole-model timing of the allocation and its verdict",
+        "measured: dense and factorized timed interleaved after export, eager as allocated (BatchNorm unfolded), "
+        "onnxruntime on the exported ONNX graphs (CPU provider)",
+        f"median of per-round ratios over {args.rounds} rounds ({args.large_batch_rounds or args.rounds} at batch "
+        ">= 8) with the interquartile range",
+        "targets: measured speedup within 10 % of a latency budget and never below 1",
+    ]) + ")"
     publish_table(args.out, f"Latency budgets: asked against measured speedup ({', '.join(args.backbones)}, CPU)",
                   "budget", columns, rows, footnote, data)
 

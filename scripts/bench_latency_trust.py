@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 
 from lrlightning import Budget, LowRankOptions, count_macs, factorize_planned
-from lrlightning.allocator import retain_freed_memory
+from lrlightning.speed.allocator import retain_freed_memory
 from lrlightning.app.provenance import write_result
-from lrlightning.backbones import build_backbone
 from lrlightning.plan import allocate_plan
 from lrlightning.projection import project_planned_
-from lrlightning.speed import measured_speedup
+from lrlightning.speed.measure import measured_speedup
+from lrlightning.zoo import build_backbone
 
 COLUMNS = ["run", "table", "allocations timed", "check at allocation", "MAC reduction", "layers",
            "measured speedup (IQR)", "vs budget", "allocation s"]

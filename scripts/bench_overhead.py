@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
 import time
 from collections import defaultdict
@@ -30,12 +29,14 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lrlightning import Activation, LowRankOptions, LowRankProjection, Solver, gather_statistics, plan_layers
-from lrlightning.allocator import retain_freed_memory
+from lrlightning.speed.allocator import retain_freed_memory
 from lrlightning.app.module import LitClassifier
 from lrlightning.app.provenance import publish_table
-from lrlightning.backbones import build_backbone
-from lrlightning.latency import synchronize
+from lrlightning.speed.latency import synchronize
 from lrlightning.projection import project_planned_
+from lrlightning.zoo import build_backbone
+
+from bench_common import wait_policy
 
 
 class StepTimer(L.Callback):
@@ -162,7 +163,7 @@ def main() -> None:
                         help="also time one projection group by group (outside the fit), per scheme and driver")
     parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--retain-freed-memory", action="store_true",
-                        help="keep freed CPU memory in the process (lrlightning.allocator), as lrl-train does")
+                        help="keep freed CPU memory in the process (lrlightning.speed.allocator), as lrl-train does")
     parser.add_argument("--out", default="results/overhead/bench_overhead.json", help="result file (see docs/results.md)")
     args = parser.parse_args()
     retained = args.retain_freed_memory and retain_freed_memory()
@@ -230,8 +231,7 @@ def main() -> None:
                       f"{','.join(group['ranks'])}: {group['seconds'] * 1000:.0f} ms", flush=True)
     machine = torch.cuda.get_device_name() if args.accelerator == "gpu" else f"CPU threads {torch.get_num_threads()}"
     machine += ", freed memory retained" if retained else ""
-    if os.environ.get("OMP_WAIT_POLICY"):
-        machine += f", OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
+    machine += wait_policy()
     footnote = (f"(rank 0.5, batch {args.batch_size}, {size}x{size} synthetic images, {machine}; step: time of a "
                 f"step with the callback / dense, a projection timed with its input statistics; projection / step: "
                 f"one projection in dense training steps; targets: x1.15 at S_D=1, < 1% at S_D=200, < 2% with "

@@ -24,14 +24,15 @@ import time
 import torch
 from torch import nn
 
-from lrlightning.app.provenance import write_result
-from lrlightning.backbones import build_backbone
-from lrlightning.latency import synchronize
 from lrlightning import LowRankOptions, Solver, TiledSVD
+from lrlightning.app.provenance import write_result
 from lrlightning.plan import plan_layers
 from lrlightning.projection import project_planned_
 from lrlightning.schemes import CUSOLVER_DRIVERS, SVD_DRIVERS, resolve_driver
-from lrlightning.summary import format_table
+from lrlightning.training.summary import format_table
+from lrlightning.zoo import build_backbone
+
+from bench_common import timed
 
 SCHEMES = {
     "svd": dict(scheme="svd", rank=0.5),
@@ -39,16 +40,6 @@ SCHEMES = {
     "spatial_svd": dict(scheme="spatial_svd", rank=0.45),
     "tiled_svd": dict(scheme=TiledSVD(tile_shape=(16, 16)), rank=4),
 }
-
-
-
-def timed(function, device: torch.device) -> float:
-    """Wall seconds of one call, with the device synchronized on both sides."""
-    synchronize(device)
-    start = time.perf_counter()
-    function()
-    synchronize(device)
-    return time.perf_counter() - start
 
 
 def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor):

@@ -32,13 +32,13 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from lrlightning import LowRankOptions, count_macs, factorize_planned
-from lrlightning.allocator import retain_freed_memory
+from lrlightning.speed.allocator import retain_freed_memory
 from lrlightning.app.cli import CONF_DIR
 from lrlightning.app.provenance import publish_table
-from lrlightning.backbones import build_backbone
-from lrlightning.cpu import cpu_features, cpu_model, features_text, int8_path
+from lrlightning.speed.cpu import cpu_features, cpu_model, features_text, int8_path
 from lrlightning.plan import allocate_plan
-from lrlightning.serving import MEMORY_FORMATS
+from lrlightning.speed.serving import MEMORY_FORMATS
+from lrlightning.zoo import build_backbone
 
 INPUT_SHAPE = (1, 28, 28)  # Fashion-MNIST, the quickstart's data
 

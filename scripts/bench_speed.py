@@ -8,9 +8,7 @@ batch size. Reported per batch size: median ms of one pass, speedup (dense / fac
 params) or a whole-model budget (``--budget`` with ``--budget-metric``, see ``LowRankOptions``). CIFAR backbones run
 at 3×32×32 with 10 classes, ``resnet18``/``resnet50``/``mobilenet_v2`` at 3×224×224 with 1000 classes;
 ``--image-size`` overrides the size. Modes: eager, channels_last, jit (trace + freeze), compile (``torch.compile``, needs a C++ compiler on
-the CPU) and onnxruntime (ONNX export, CPU provider, needs the ``onnx`` extra). ``--guard`` adds a variant that
-keeps dense every factorized layer that measured slower than its dense layer (``keep_faster_layers``; slow at
-224 px). Usage:
+the CPU) and onnxruntime (ONNX export, CPU provider, needs the ``onnx`` extra). Usage:
 
     python scripts/bench_speed.py                                   # ResNet-32, all schemes, 2× and 4× per layer
     python scripts/bench_speed.py --backbones resnet18 --budget 3 --budget-metric macs --schemes tucker2 \\
@@ -27,27 +25,26 @@ import argparse
 import copy
 import importlib.util
 import itertools
-import os
 import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable
 
 import torch
 
 from lrlightning import Budget, Compression, LowRankOptions, TiledSVD, count_macs, count_params, factorize_planned, plan_layers
-from lrlightning.allocator import retain_freed_memory
+from lrlightning.speed.allocator import retain_freed_memory
 from lrlightning.app.provenance import publish_table
-from lrlightning.backbones import BACKBONES, build_backbone
-from lrlightning.latency import synchronize
-from lrlightning.onnx_export import EXTRA
+from lrlightning.deploy.onnx import EXTRA
 from lrlightning.projection import project_planned_
-from lrlightning.speed import fold_batchnorm, keep_faster_layers
+from lrlightning.speed.serving import folded
+from lrlightning.speed.timing import interleaved_samples
+from lrlightning.zoo import BACKBONES
+
+from bench_common import input_shape, onnx_runner, seeded_backbone, wait_policy
 
 SCHEMES = {"svd": "svd", "tucker2": "tucker2", "spatial_svd": "spatial_svd", "tiled_svd": TiledSVD(tile_shape=(16, 16))}
 MODES = ("eager", "channels_last", "jit", "compile", "onnxruntime")
-IMAGENET_BACKBONES = ("resnet18", "resnet50", "mobilenet_v2")  # run at 224 px with 1000 classes
 BUDGET_METRICS = ("params", "macs", "latency")
 
 
@@ -63,47 +60,35 @@ def onnxruntime_missing() -> list[str]:
     return [name for name in EXTRA if importlib.util.find_spec(name) is None]
 
 
-def onnxruntime_runner(model: torch.nn.Module, example: torch.Tensor) -> Callable[[], object]:
-    """One forward pass of ``model`` exported to ONNX for ``example``'s shape
-    (``lrlightning.onnx_export.timing_bytes``) in an ONNX Runtime CPU session with torch's intra-op thread count,
-    whose threads do not spin-wait after a pass (they leave the cores to the other model timed alternately)."""
-    from lrlightning.onnx_export import SessionModule, session, timing_bytes
-
-    runner = SessionModule(session(timing_bytes(model, example)))
-    return lambda: runner(example)
+def mode_input(mode: str, example: torch.Tensor) -> torch.Tensor:
+    """``example`` as ``mode`` takes it: channels_last for channels_last and compile."""
+    return example.to(memory_format=torch.channels_last) if mode in ("channels_last", "compile") else example
 
 
-def prepare(mode: str, model: torch.nn.Module, example: torch.Tensor) -> Callable[[], object]:
-    """A callable running one forward pass of ``model`` on ``example`` in ``mode``: eager, channels_last, jit
-    (trace + freeze), compile (``torch.compile`` of the channels_last model) or onnxruntime (CPU)."""
+def prepare(mode: str, model: torch.nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], object]:
+    """``model`` as ``mode`` runs it on ``example`` (``mode_input``): eager, channels_last, jit (trace + freeze),
+    compile (``torch.compile`` of the channels_last model) or onnxruntime (exported for ``example``'s shape, in an
+    ONNX Runtime CPU session whose threads do not spin-wait after a pass, so they leave the cores to the other model
+    timed alternately; ``bench_common.onnx_runner``)."""
     if mode in ("channels_last", "compile"):
         model = copy.deepcopy(model).to(memory_format=torch.channels_last)
-        example = example.to(memory_format=torch.channels_last)
         if mode == "compile":
             model = torch.compile(model, dynamic=False)
     elif mode == "jit":
         with torch.no_grad():
             model = torch.jit.freeze(torch.jit.trace(model, example))
     elif mode == "onnxruntime":
-        return onnxruntime_runner(model, example)
-    return lambda: model(example)
+        return onnx_runner(model, example)
+    return model
 
 
-def timed_pair(dense: Callable[[], object], factorized: Callable[[], object], repeats: int,
-               device: torch.device, warmup: int = 3) -> tuple[float, float]:
-    """Median ms of one pass of ``dense`` and of ``factorized``, alternating pass by pass (and which goes first)
-    so that machine noise hits both alike; ``warmup`` pairs are not counted."""
-    times = {dense: [], factorized: []}
-    with torch.inference_mode():
-        for index in range(warmup + repeats):
-            for run in (dense, factorized) if index % 2 == 0 else (factorized, dense):
-                synchronize(device)
-                start = time.perf_counter()
-                run()
-                synchronize(device)
-                if index >= warmup:
-                    times[run].append(time.perf_counter() - start)
-    return 1000.0 * statistics.median(times[dense]), 1000.0 * statistics.median(times[factorized])
+def timed_pair(dense: Callable[[torch.Tensor], object], factorized: Callable[[torch.Tensor], object],
+               x: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """Median ms of one pass of ``dense`` and of ``factorized`` on ``x``: ``repeats`` rounds of one pass each,
+    which goes first alternating so that machine noise hits both alike, after warm-up passes
+    (``lrlightning.speed.timing.interleaved_samples``)."""
+    dense_ms, factorized_ms = interleaved_samples([dense, factorized], x, repeats, 0.0, repeats)
+    return statistics.median(dense_ms), statistics.median(factorized_ms)
 
 
 def target_options(scheme: str, target: float, args: argparse.Namespace, shape: tuple[int, int, int]) -> LowRankOptions:
@@ -114,18 +99,13 @@ def target_options(scheme: str, target: float, args: argparse.Namespace, shape: 
     return LowRankOptions(SCHEMES[scheme], Budget(target, metric=args.budget_metric, input_shape=shape, **extra))
 
 
-def compressed_pair(base: torch.nn.Module, options: LowRankOptions, guard_input: torch.Tensor | None, repeats: int):
-    """(projected dense copy of ``base``, ``{variant: (factorized model, layers kept dense by the guard)}``, number
-    of factorized layers): ranks resolved once, so that projection and factorization use the same ones."""
+def compressed_pair(base: torch.nn.Module, options: LowRankOptions):
+    """(projected dense copy of ``base``, its factorized copy, number of factorized layers): ranks resolved once, so
+    that projection and factorization use the same ones."""
     dense = copy.deepcopy(base)
     plans = plan_layers(dense, options)[0]
     project_planned_(dense, plans, options)
-    factorized = factorize_planned(dense, plans, options).eval()
-    variants = {"plain": (factorized, 0)}
-    if guard_input is not None:
-        guarded, report = keep_faster_layers(dense, factorized, guard_input, repeats)
-        variants["guard"] = (guarded, sum(not r["factorized"] for r in report))
-    return dense, variants, len(plans)
+    return dense, factorize_planned(dense, plans, options).eval(), len(plans)
 
 
 def parse_args() -> argparse.Namespace:
@@ -142,13 +122,12 @@ def parse_args() -> argparse.Namespace:
                          help="whole-model compression in --budget-metric (dense / compressed)")
     parser.add_argument("--budget-metric", default="params", choices=BUDGET_METRICS)
     parser.add_argument("--modes", nargs="+", default=["eager", "channels_last", "jit"], choices=MODES)
-    parser.add_argument("--guard", action="store_true", help="also time the guarded variant (keep_faster_layers)")
     parser.add_argument("--repeats", type=positive_int, default=20, help="timed passes of each model")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="intra-op threads of torch and onnxruntime (default: torch's own count)")
     parser.add_argument("--retain-freed-memory", action="store_true",
-                        help="keep freed CPU memory in the process (lrlightning.allocator.retain_freed_memory)")
+                        help="keep freed CPU memory in the process (lrlightning.speed.allocator.retain_freed_memory)")
     parser.add_argument("--out", default="results/speed/bench_speed.json", help="result file (see docs/results.md)")
     return parser.parse_args()
 
@@ -171,47 +150,39 @@ def main() -> None:
     batch_sizes = sorted(set(args.batch_sizes))
     rows, results = [], []
     for backbone in args.backbones:
-        imagenet = backbone in IMAGENET_BACKBONES
-        size = args.image_size or (224 if imagenet else 32)
-        shape = (3, size, size)
-        torch.manual_seed(0)
-        base = build_backbone(backbone, num_classes=1000 if imagenet else 10, in_channels=3).eval().to(device)
+        shape = input_shape(backbone, 3, args.image_size)
+        size = shape[-1]
+        base = seeded_backbone(backbone, shape).to(device)
         examples = {batch: torch.randn(batch, *shape, device=device) for batch in batch_sizes}
         for scheme, target in itertools.product(args.schemes, target_values):
             label = f"{target:g}x {metric or 'per layer'}"
             print(f"{backbone} {size}px {scheme} {label} ...", file=sys.stderr, flush=True)
-            guard_input = examples[batch_sizes[-1]] if args.guard else None
-            dense, variants, layers = compressed_pair(base, target_options(scheme, target, args, shape), guard_input,
-                                                      args.repeats)
-            dense_folded = fold_batchnorm(dense)
-            for variant, (model, kept_dense) in variants.items():
-                folded = fold_batchnorm(model)
-                with torch.no_grad():
-                    diff = (folded(examples[batch_sizes[0]]) - dense(examples[batch_sizes[0]])).abs().max().item()
-                mac_reduction = count_macs(dense, shape) / count_macs(model, shape)
-                for mode, batch in itertools.product(modes, batch_sizes):
-                    dense_ms, fact_ms = timed_pair(prepare(mode, dense_folded, examples[batch]),
-                                                   prepare(mode, folded, examples[batch]), args.repeats, device)
-                    speedup = dense_ms / fact_ms
-                    results.append({
-                        "backbone": backbone, "image_size": size, "batch_size": batch, "scheme": scheme, "rule": rule,
-                        "target": target, "budget_metric": metric, "variant": variant, "mode": mode,
-                        "device": str(device), "layers_factorized": layers - kept_dense,
-                        "layers_kept_dense": kept_dense, "mac_reduction": mac_reduction,
-                        "param_reduction": count_params(dense) / count_params(model), "ms_dense": dense_ms,
-                        "ms_factorized": fact_ms, "speedup": speedup, "efficiency": speedup / mac_reduction,
-                        "images_per_s_dense": 1000 * batch / dense_ms,
-                        "images_per_s_factorized": 1000 * batch / fact_ms, "max_abs_logit_diff": diff})
-                    row = [backbone, str(size), str(batch), scheme, label, variant, mode, f"{mac_reduction:.2f}x",
-                           f"{dense_ms:.2f}/{fact_ms:.2f}", f"{speedup:.2f}x", f"{speedup / mac_reduction:.2f}"]
-                    rows.append(row + ([str(kept_dense)] if args.guard else []))
-    columns = ["backbone", "px", "batch", "scheme", "target", "variant", "mode", "MAC reduction", "ms dense/fact",
-               "speedup", "efficiency"] + (["kept dense"] if args.guard else [])
+            dense, model, layers = compressed_pair(base, target_options(scheme, target, args, shape))
+            dense_folded, model_folded = (folded(copy.deepcopy(m).eval()) for m in (dense, model))
+            with torch.no_grad():
+                diff = (model_folded(examples[batch_sizes[0]]) - dense(examples[batch_sizes[0]])).abs().max().item()
+            mac_reduction = count_macs(dense, shape) / count_macs(model, shape)
+            for mode, batch in itertools.product(modes, batch_sizes):
+                dense_ms, fact_ms = timed_pair(prepare(mode, dense_folded, examples[batch]),
+                                               prepare(mode, model_folded, examples[batch]),
+                                               mode_input(mode, examples[batch]), args.repeats)
+                speedup = dense_ms / fact_ms
+                results.append({
+                    "backbone": backbone, "image_size": size, "batch_size": batch, "scheme": scheme, "rule": rule,
+                    "target": target, "budget_metric": metric, "variant": "plain", "mode": mode,
+                    "device": str(device), "layers_factorized": layers, "layers_kept_dense": 0,
+                    "mac_reduction": mac_reduction, "param_reduction": count_params(dense) / count_params(model),
+                    "ms_dense": dense_ms, "ms_factorized": fact_ms, "speedup": speedup,
+                    "efficiency": speedup / mac_reduction, "images_per_s_dense": 1000 * batch / dense_ms,
+                    "images_per_s_factorized": 1000 * batch / fact_ms, "max_abs_logit_diff": diff})
+                rows.append([backbone, str(size), str(batch), scheme, label, mode, f"{mac_reduction:.2f}x",
+                             f"{dense_ms:.2f}/{fact_ms:.2f}", f"{speedup:.2f}x", f"{speedup / mac_reduction:.2f}"])
+    columns = ["backbone", "px", "batch", "scheme", "target", "mode", "MAC reduction", "ms dense/fact", "speedup",
+               "efficiency"]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU threads {torch.get_num_threads()}"
     if device.type == "cpu":
         where += ", freed memory retained" if retained else ", glibc's default allocator"
-    if os.environ.get("OMP_WAIT_POLICY"):
-        where += f", OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
+    where += wait_policy()
     footnote = (f"BatchNorm folded in both, {where}; medians of {args.repeats} passes, dense and factorized "
                 f"alternating; efficiency = speedup / MAC reduction")
     publish_table(args.out, f"Speed of the factorized {', '.join(args.backbones)} ({where})", "speed", columns, rows,

@@ -1,7 +1,7 @@
 """Why eager factorized ResNet-20 gains what it gains: dense against factorized at batch 128 on 1×28×28, per layer
 and whole, in each serving form.
 
-Whole models are timed interleaved in four forms (``lrlightning.serving``): as trained (NCHW, BatchNorm unfolded),
+Whole models are timed interleaved in four forms (``lrlightning.speed.serving``): as trained (NCHW, BatchNorm unfolded),
 channels_last, BatchNorm folded, and both (what eager latency budgets time). Each conv is then timed alone on its
 real input, dense against its factorized chain, contiguous and channels_last. Ratios are medians of per-round
 ratios with their interquartile range; the CPU's model and instruction sets go into the result file. Usage:
@@ -19,13 +19,13 @@ import torch
 
 from lrlightning import factorize
 from lrlightning.app.provenance import write_result
-from lrlightning.backbones import build_backbone
-from lrlightning.cpu import cpu_features, cpu_model, features_text
+from lrlightning.speed.cpu import cpu_features, cpu_model, features_text
 from lrlightning.layers import FactorizedLayer
-from lrlightning.serving import serving_form, serving_input
-from lrlightning.speed import layer_inputs
-from lrlightning.summary import format_table
-from lrlightning.timing import Spread, interleaved_samples, paired_ratios
+from lrlightning.speed.serving import serving_form, serving_input
+from lrlightning.speed.measure import layer_inputs
+from lrlightning.training.summary import format_table
+from lrlightning.speed.timing import Spread, interleaved_samples, paired_ratios
+from lrlightning.zoo import build_backbone
 
 FORMS = {"as trained (NCHW)": ("contiguous", False), "channels_last": ("channels_last", False),
          "BatchNorm folded": ("contiguous", True), "folded + channels_last": ("channels_last", True)}

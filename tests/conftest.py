@@ -1,7 +1,6 @@
-"""Fixtures shared by the test files: a quiet CPU Trainer, tiny synthetic data, and the overrides of a
-seconds-long ``lrl-train`` run."""
+"""Fixtures shared by the test files: tiny synthetic data, the overrides of a seconds-long ``lrl-train`` run and
+latency budgets without timing (the quiet CPU Trainer is ``helpers.quiet_trainer``)."""
 import pytest
-from lightning.pytorch import Trainer
 
 from lrlightning.app.data import SyntheticDataModule
 
@@ -25,18 +24,6 @@ def tiny_train() -> tuple[str, ...]:
 
 
 @pytest.fixture
-def cpu_trainer(tmp_path):
-    """``cpu_trainer(max_epochs=2, **kwargs)``: a Trainer on the CPU writing into ``tmp_path``, without logger,
-    progress bar, model summary or checkpoints unless ``kwargs`` say otherwise."""
-    def make(max_epochs: int = 2, **kwargs) -> Trainer:
-        defaults = dict(default_root_dir=tmp_path, max_epochs=max_epochs, accelerator="cpu", logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
-        return Trainer(**{**defaults, **kwargs})
-
-    return make
-
-
-@pytest.fixture
 def synthetic_data():
     """``synthetic_data(num_classes=10, **kwargs)``: 256 synthetic 3×12×12 images (192 train, 64 val, 64 test) in
     batches of 32."""
@@ -48,7 +35,7 @@ def synthetic_data():
 
 
 class MacLatencyTable:
-    """A stand-in for ``lrlightning.latency.LatencyTable`` whose "measured" milliseconds are MACs / 1e6, with no
+    """A stand-in for ``lrlightning.speed.latency.LatencyTable`` whose "measured" milliseconds are MACs / 1e6, with no
     spread, so that latency budgets are tested without timing; ``made`` keeps every table built."""
 
     made: list["MacLatencyTable"] = []
@@ -64,7 +51,7 @@ class MacLatencyTable:
 
     @staticmethod
     def exact(value):
-        from lrlightning.timing import Spread
+        from lrlightning.speed.timing import Spread
 
         return Spread(value, value, value, 1)
 
@@ -77,7 +64,7 @@ class MacLatencyTable:
 
     def layer_times(self, module, input_shape, candidates):
         from lrlightning import count_macs
-        from lrlightning.latency import LayerTimes
+        from lrlightning.speed.latency import LayerTimes
 
         dense = count_macs(module, input_shape) / 1e6
         return LayerTimes(self.exact(dense), {label: self.exact(count_macs(build(), input_shape) / 1e6 / dense)

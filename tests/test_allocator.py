@@ -4,10 +4,10 @@ import sys
 import pytest
 import torch
 
-from lrlightning import allocator
-from lrlightning.allocator import freed_memory_retained, retain_freed_memory
-from lrlightning.cpu import cpu_label
-from lrlightning.latency import device_key
+from lrlightning.speed import allocator
+from lrlightning.speed.allocator import freed_memory_retained, retain_freed_memory
+from lrlightning.speed.cpu import cpu_label
+from lrlightning.speed.latency import device_key
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt exists on Linux only")

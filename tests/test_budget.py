@@ -13,12 +13,14 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lrlightning import (Budget, LowRankOptions, LowRankProjection, Selection, count_macs, count_params, factorize,
                          plan_layers, project_)
-from lrlightning.backbones import build_backbone
 from lrlightning.budget import (LayerChoices, allocate, fitted_ratios, in_model_costs, layer_multiple, layer_structure,
                                 rounded_rank, timing_layer)
-from lrlightning.timing import Spread
+from lrlightning.speed.timing import Spread
 from lrlightning.plan import allocate_plan
-from lrlightning.summary import plan_table
+from lrlightning.training.summary import plan_table
+from lrlightning.zoo import build_backbone
+
+from helpers import quiet_trainer
 
 SHAPE = (3, 16, 16)
 WIDTH = 16  # channels 16, 32, 64: wide enough for rank multiples of 4 and 8
@@ -173,8 +175,7 @@ def test_callback_allocates_once_at_fit_start_and_ends_low_rank(tmp_path, resnet
     callback = LowRankProjection("svd", Budget(3.0), every_n_train_steps=2, bn_recalibration_batches=2,
                                  objective="activation")
     data = TensorDataset(torch.randn(32, *SHAPE), torch.randint(0, 10, (32,)))
-    L.Trainer(callbacks=[callback], logger=False, enable_progress_bar=False, enable_checkpointing=False,
-              max_epochs=1, default_root_dir=tmp_path).fit(model, DataLoader(data, batch_size=8))
+    quiet_trainer(tmp_path, [callback], max_epochs=1).fit(model, DataLoader(data, batch_size=8))
     assert callback.allocation.errors == "output"  # allocated when fit started, from the output errors
     assert callback.ranks == {name: rank for name, rank in callback.allocation.ranks.items() if rank is not None}
     assert callback.state_dict()["ranks"] == callback.ranks
@@ -345,26 +346,26 @@ def test_bad_latency_options_are_refused(options, match):
 
 
 def test_the_callback_reallocates_from_the_current_weights_for_k_projections_then_keeps_the_ranks(tmp_path, resnet):
-    class Recording(LowRankProjection):
-        allocations = []
-
-        def _make_plan(self, pl_module, trainer=None, reallocate=False):
-            expected = allocate_plan(copy.deepcopy(pl_module), self.options, warn=False)[0] if reallocate else None
-            super()._make_plan(pl_module, trainer, reallocate)
-            if reallocate:
-                Recording.allocations.append((trainer.global_step, self.ranks))
-                assert self.ranks == {p.name: p.rank for p in expected}
-
     model = Classifier()
     model.backbone.load_state_dict(resnet.state_dict())
-    callback = Recording("tucker2", Budget(3.0, reallocations=2), every_n_train_steps=2, bn_recalibration_batches=0)
+    callback = LowRankProjection("tucker2", Budget(3.0, reallocations=2), every_n_train_steps=2,
+                                 bn_recalibration_batches=0)
+    projector, allocations, plan = callback.projector, [], callback.projector.resolve
+
+    def recorded_plan(module, passes=None, seed=0, reallocate=False, on_rank_zero=None):
+        expected = allocate_plan(copy.deepcopy(module), projector.options, warn=False)[0] if reallocate else None
+        plan(module, passes, seed, reallocate, on_rank_zero)
+        if reallocate:  # at a periodic projection, seeded with its optimizer step
+            allocations.append((seed, projector.ranks))
+            assert projector.ranks == {p.name: p.rank for p in expected}
+
+    projector.resolve = recorded_plan
     # weight errors, so that the expected allocation needs no batches (test_output_allocation covers output errors)
     data = TensorDataset(torch.randn(64, *SHAPE), torch.randint(0, 10, (64,)))
-    L.Trainer(callbacks=[callback], logger=False, enable_progress_bar=False, enable_checkpointing=False,
-              max_epochs=1, default_root_dir=tmp_path).fit(model, DataLoader(data, batch_size=8))
-    assert [step for step, _ in Recording.allocations] == [2, 4]
+    quiet_trainer(tmp_path, [callback], max_epochs=1).fit(model, DataLoader(data, batch_size=8))
+    assert [step for step, _ in allocations] == [2, 4]
     assert callback.budget_reallocations == 2
-    assert callback.num_projections == 4 and callback.ranks == Recording.allocations[-1][1]
+    assert callback.num_projections == 4 and callback.ranks == allocations[-1][1]
     assert callback.allocation.achieved >= 3.0
 
 
@@ -434,8 +435,7 @@ def test_a_reallocation_follows_weights_that_moved(tmp_path, resnet):
     callback = LowRankProjection("svd", Budget(2.0, reallocations=2), every_n_train_steps=2,
                                  bn_recalibration_batches=0, objective="activation")  # the old default objective
     data = TensorDataset(torch.randn(32, *SHAPE), torch.randint(0, 10, (32,)))
-    trainer = L.Trainer(callbacks=[Skew(), callback], logger=False, enable_progress_bar=False,
-                        enable_checkpointing=False, max_steps=4, default_root_dir=tmp_path)
+    trainer = quiet_trainer(tmp_path, [Skew(), callback], max_steps=4)
     first = plan_layers(model, LowRankOptions("svd", Budget(2.0)), warn=False)[0]
     trainer.fit(model, DataLoader(data, batch_size=8))
     assert callback.ranks["backbone.layer3.2.conv2"] < {p.name: p.rank for p in first}["backbone.layer3.2.conv2"]

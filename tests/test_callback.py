@@ -7,120 +7,24 @@ import lightning as L
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from lrlightning import (Activation, Budget, Compression, Energy, LowRankOptions, LowRankProjection,
                          NonFiniteTrainingError, Selection, Solver, TiledSVD, Tucker2, factorize)
 from lrlightning.plan import annealed_plans
-from lrlightning.callback import SHARDED_STRATEGIES
+from lrlightning.training.callback import SHARDED_STRATEGIES
+from lrlightning.training.projector import Projector
 
-
-class TinyCNN(L.LightningModule):
-    """Three 3×3 convs on 3×8×8 inputs; the first is left dense by default, so conv2 and conv3 are projected."""
-
-    def __init__(self, lr: float = 0.05):
-        super().__init__()
-        self.lr = lr
-        self.net = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(8, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(),
-            nn.Conv2d(12, 12, 3, stride=2, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 4),
-        )
-        self.val_acc = []
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        acc = (self(x).argmax(1) == y).float().mean()
-        self.log("val_acc", acc)
-        self.val_acc.append(acc.item())
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
-
-
-def loader(n=64, batch_size=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    data = TensorDataset(torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 4, (n,), generator=g))
-    return DataLoader(data, batch_size=batch_size, shuffle=False)
-
-
-def fast_trainer(tmp_path, callbacks, **kwargs):
-    args = dict(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                enable_checkpointing=False, max_epochs=2, limit_val_batches=0, accelerator="cpu", devices=1)
-    args.update(kwargs)
-    return L.Trainer(callbacks=callbacks, **args)
-
-
-class EndProcessGroup(L.Callback):
-    """In each ``ddp_spawn`` process, after every other hook: wait for the others, then shut the process group down
-    (spawned processes skip the ``atexit`` handler that would, and gloo may abort a process left holding one)."""
-
-    def teardown(self, trainer, pl_module, stage):
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
-
-
-def ddp_trainer(tmp_path, callbacks, **kwargs):
-    """``fast_trainer`` with two ``ddp_spawn`` processes on the CPU."""
-    return fast_trainer(tmp_path, [*callbacks, EndProcessGroup()], strategy="ddp_spawn", devices=2, **kwargs)
-
-
-class CountingProjection(LowRankProjection):
-    """Records the optimizer step of every projection, periodic and final."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.steps = []
-
-    def _project(self, pl_module, step, plans, statistics):
-        self.steps.append(step)
-        return super()._project(pl_module, step, plans, statistics)
-
-    def on_train_end(self, trainer, pl_module):
-        before = self.last_stats
-        super().on_train_end(trainer, pl_module)
-        if self.last_stats is not before:
-            self.steps.append(trainer.global_step)
+from helpers import CountingProjection, ManualTinyCNN, ScaledOnRankOne, TinyCNN, ddp_trainer, loader, quiet_trainer
 
 
 def test_schedule_counts_optimizer_steps_not_batches(tmp_path):
     callback = CountingProjection("svd", 0.5, every_n_train_steps=3, final_projection=False)
-    trainer = fast_trainer(tmp_path, [callback], accumulate_grad_batches=2)
+    trainer = quiet_trainer(tmp_path, [callback], accumulate_grad_batches=2)
     trainer.fit(TinyCNN(), loader())
     assert trainer.global_step == 8
     assert callback.steps == [3, 6]
     assert callback.num_projections == 2
-
-
-class ManualTinyCNN(TinyCNN):
-    """Manual optimization with two optimizers (convs, head), both stepping on every batch."""
-
-    def __init__(self):
-        super().__init__()
-        self.automatic_optimization = False
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = nn.functional.cross_entropy(self(x), y)
-        for optimizer in self.optimizers():
-            optimizer.zero_grad()
-        self.manual_backward(loss)
-        for optimizer in self.optimizers():
-            optimizer.step()
-        return loss
-
-    def configure_optimizers(self):
-        return (torch.optim.SGD(self.net[:6].parameters(), lr=self.lr),
-                torch.optim.SGD(self.net[6:].parameters(), lr=self.lr))
 
 
 @pytest.mark.parametrize("every, start, expected", [
@@ -130,7 +34,7 @@ class ManualTinyCNN(TinyCNN):
 def test_manual_optimization_with_two_optimizers_honours_every_scheduled_step(tmp_path, every, start, expected):
     model = ManualTinyCNN()
     callback = CountingProjection("svd", 2, every_n_train_steps=every, start_step=start, final_projection=False)
-    trainer = fast_trainer(tmp_path, [callback], max_epochs=1)
+    trainer = quiet_trainer(tmp_path, [callback], max_epochs=1)
     trainer.fit(model, loader())
     assert trainer.global_step == 16, "two optimizer steps per batch"
     assert callback.steps == expected
@@ -139,7 +43,7 @@ def test_manual_optimization_with_two_optimizers_honours_every_scheduled_step(tm
 
 def test_start_and_stop_steps(tmp_path):
     callback = CountingProjection("svd", 0.5, every_n_train_steps=2, start_step=3, stop_step=11)
-    trainer = fast_trainer(tmp_path, [callback])
+    trainer = quiet_trainer(tmp_path, [callback])
     trainer.fit(TinyCNN(), loader())
     assert trainer.global_step == 16
     assert callback.steps == [3, 5, 7, 9, 11, 16]
@@ -156,7 +60,7 @@ def test_weights_end_exactly_low_rank(tmp_path, scheme, rank, options, objective
     model = TinyCNN()
     configured = TiledSVD(**options) if scheme == "tiled_svd" else scheme
     callback = LowRankProjection(configured, rank, every_n_train_steps=5, objective=objective)
-    fast_trainer(tmp_path, [callback]).fit(model, loader())
+    quiet_trainer(tmp_path, [callback]).fit(model, loader())
     assert all((s.output_rel_error is not None) == (objective == "activation") for s in callback.last_stats)
     assert len(callback.history) == 3 and all(("output_rel_error" in h) == (objective == "activation")
                                                for h in callback.history)
@@ -183,7 +87,7 @@ def test_structure_and_parameters_unchanged(tmp_path):
     model = TinyCNN()
     keys = list(model.state_dict())
     ids = [id(p) for p in model.parameters()]
-    fast_trainer(tmp_path, [LowRankProjection("tucker2", 0.5, every_n_train_steps=2)]).fit(model, loader())
+    quiet_trainer(tmp_path, [LowRankProjection("tucker2", 0.5, every_n_train_steps=2)]).fit(model, loader())
     assert list(model.state_dict()) == keys
     assert [id(p) for p in model.parameters()] == ids
 
@@ -196,7 +100,7 @@ def test_validation_sees_the_projected_weights(tmp_path):
     model = Recording()
     callback = LowRankProjection("svd", 1, every_n_train_steps=3, final_projection=False, bn_recalibration_batches=0,
                                  objective="weight")  # factorize below truncates the weights as they are
-    trainer = fast_trainer(tmp_path, [callback], max_epochs=1, limit_train_batches=7, limit_val_batches=1,
+    trainer = quiet_trainer(tmp_path, [callback], max_epochs=1, limit_train_batches=7, limit_val_batches=1,
                            num_sanity_val_steps=0)
     trainer.fit(model, loader(), loader(32, batch_size=32, seed=1))
     x, _ = next(iter(loader(32, batch_size=32, seed=1)))
@@ -224,7 +128,7 @@ def test_resume_between_projections_matches_uninterrupted_run(tmp_path, rule):
     def run(model, root, **kwargs):
         checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1)
         callback = LowRankProjection("svd", every_n_train_steps=3, **rule)
-        trainer = fast_trainer(root, [callback, checkpoint], max_epochs=3, enable_checkpointing=True, **kwargs)
+        trainer = quiet_trainer(root, [callback, checkpoint], max_epochs=3, enable_checkpointing=True, **kwargs)
         return trainer, callback
 
     full_model = make()
@@ -259,7 +163,7 @@ def test_resume_between_projections_matches_uninterrupted_run(tmp_path, rule):
 
 def test_rank_warmup_anneals_down_to_target():
     callback = LowRankProjection("tucker2", 0.25, every_n_train_steps=1, rank_warmup=3)
-    callback._make_plan(TinyCNN())
+    callback.projector.resolve(TinyCNN())
     schedule = [[p.rank for p in annealed_plans(callback.plans, callback.options, i, 3)] for i in range(5)]
     assert schedule[3] == schedule[4] == [p.rank for p in callback.plans]
     for layer in range(2):
@@ -268,21 +172,24 @@ def test_rank_warmup_anneals_down_to_target():
         assert out_ranks[0] > out_ranks[3]
 
 
+class EveryStepsProbe(L.Callback):
+    """``records``: ``record(pl_module)`` after each optimizer step that is a multiple of ``every``."""
+
+    def __init__(self, every, record):
+        self.every, self.record, self.records = every, record, []
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        if trainer.global_step % self.every == 0:
+            self.records.append(self.record(pl_module))
+
+
 def test_rank_warmup_trains_through_annealed_ranks(tmp_path):
-    class RankProbe(L.Callback):
-        def __init__(self):
-            self.ranks = []
-
-        def on_train_batch_end(self, trainer, pl_module, *args):
-            if trainer.global_step % 2 == 0:
-                self.ranks.append([torch.linalg.matrix_rank(pl_module.net[i].weight.detach().flatten(1)).item()
-                                   for i in (2, 5)])
-
-    probe = RankProbe()
+    probe = EveryStepsProbe(2, lambda module: [torch.linalg.matrix_rank(module.net[i].weight.detach().flatten(1)).item()
+                                               for i in (2, 5)])
     callback = LowRankProjection("svd", 2, every_n_train_steps=2, rank_warmup=3)
-    fast_trainer(tmp_path, [callback, probe], max_epochs=1).fit(TinyCNN(), loader())
+    quiet_trainer(tmp_path, [callback, probe], max_epochs=1).fit(TinyCNN(), loader())
     # full rank 12, target 2: 2 + floor(10 * (1 - (i + 1) / 4) ** 3) for projections i = 0, 1, 2
-    assert probe.ranks == [[6, 6], [3, 3], [2, 2], [2, 2]]
+    assert probe.records == [[6, 6], [3, 3], [2, 2], [2, 2]]
     assert callback.num_projections == 4
 
 
@@ -302,7 +209,7 @@ class MomentumProbe(L.Callback):
 def test_reset_momentum_zeroes_only_projected_weights_at_projections(tmp_path, reset):
     callback = LowRankProjection("svd", 2, every_n_train_steps=3, reset_momentum=reset)
     probe = MomentumProbe()
-    fast_trainer(tmp_path, [callback, probe]).fit(TinyCNN(), loader())
+    quiet_trainer(tmp_path, [callback, probe]).fit(TinyCNN(), loader())
     for step, (conv2, conv3, head) in enumerate(probe.norms, start=1):
         assert head > 0
         zeroed = reset and step % 3 == 0
@@ -310,15 +217,7 @@ def test_reset_momentum_zeroes_only_projected_weights_at_projections(tmp_path, r
 
 
 def test_logged_projection_metrics_match_the_singular_values(tmp_path):
-    class BeforeProjection(L.Callback):
-        def __init__(self):
-            self.weights = []
-
-        def on_train_batch_end(self, trainer, pl_module, *args):
-            if trainer.global_step % 4 == 0:
-                self.weights.append([pl_module.net[i].weight.detach().clone() for i in (2, 5)])
-
-    before = BeforeProjection()
+    before = EveryStepsProbe(4, lambda module: [module.net[i].weight.detach().clone() for i in (2, 5)])
     class LossLogging(TinyCNN):
         def training_step(self, batch, batch_idx):
             loss = super().training_step(batch, batch_idx)
@@ -327,18 +226,20 @@ def test_logged_projection_metrics_match_the_singular_values(tmp_path):
 
     logger = L.pytorch.loggers.CSVLogger(tmp_path)
     callback = LowRankProjection("svd", 2, every_n_train_steps=4, objective="weight")  # the weights' spectrum
-    trainer = fast_trainer(tmp_path, [before, callback], logger=logger, log_every_n_steps=1)
+    trainer = quiet_trainer(tmp_path, [before, callback], logger=logger, log_every_n_steps=1)
     trainer.fit(LossLogging(), loader())
     with (tmp_path / "lightning_logs/version_0/metrics.csv").open() as handle:
         table = list(csv.DictReader(handle))
-    rows = [row for row in table if row["lowrank/rel_error"]]
+    logged = [row for row in table if row["lowrank/rel_error"]]
+    rows = [row for i, row in enumerate(logged) if i == 0 or row["lowrank/seconds"] != logged[i - 1]["lowrank/seconds"]]
     lightning_step = {float(row["loss_at_step"]): int(row["step"]) for row in table if row["loss_at_step"]}
     assert [int(row["step"]) for row in rows] == [lightning_step[s] for s in (4, 8, 12, 16)], \
-        "one row per projection, on the logging step Lightning gives the batch of optimizer steps 4, 8, 12, 16"
+        "each projection first logged on the logging step Lightning gives the batch of optimizer steps 4, 8, 12, 16"
+    assert [float(row["lowrank/seconds"]) for row in rows] == pytest.approx([h["seconds"] for h in callback.history])
     assert trainer.callback_metrics["lowrank/rel_error"].item() == pytest.approx(float(rows[-1]["lowrank/rel_error"]))
-    assert len(before.weights) == 4
+    assert len(before.records) == 4
     compression = (12 * 72 + 12 * 108) / (2 * (12 + 72) + 2 * (12 + 108))
-    for row, weights in zip(rows, before.weights):
+    for row, weights in zip(rows, before.records):
         squares = [torch.linalg.svdvals(w.flatten(1)).pow(2) for w in weights]
         errors = [(s[2:].sum() / s.sum()).sqrt().item() for s in squares]
         energies = [(s[:2].sum() / s.sum()).item() for s in squares]
@@ -349,8 +250,9 @@ def test_logged_projection_metrics_match_the_singular_values(tmp_path):
 
 
 def test_plan_table_printed_at_fit_start(tmp_path, caplog):
+    callback = LowRankProjection("svd", 2, every_n_train_steps=4)
     with caplog.at_level("INFO"):
-        fast_trainer(tmp_path, [LowRankProjection("svd", 2, every_n_train_steps=4)], max_epochs=1).fit(TinyCNN(), loader())
+        quiet_trainer(tmp_path, [callback], max_epochs=1).fit(TinyCNN(), loader())
     text = caplog.text
     assert "net.2" in text and "net.5" in text and "first conv" in text and "total" in text
 
@@ -371,26 +273,26 @@ class Diverging(TinyCNN):
 
 def test_non_finite_loss_stops_with_step(tmp_path):
     with pytest.raises(NonFiniteTrainingError, match=r"nan at optimizer step 3\..*HINT"):
-        fast_trainer(tmp_path, [LowRankProjection("svd", 2, every_n_train_steps=4)]).fit(Diverging(range(2, 99)),
+        quiet_trainer(tmp_path, [LowRankProjection("svd", 2, every_n_train_steps=4)]).fit(Diverging(range(2, 99)),
                                                                                           loader())
 
 
 def test_a_loss_that_diverges_between_projections_is_named_at_its_first_step_within_the_check_period(tmp_path):
-    from lrlightning.callback import FINITE_CHECK_STEPS
+    from lrlightning.training.divergence import FINITE_CHECK_STEPS
 
     model = Diverging((5, 6), float("inf"))
     callback = LowRankProjection("svd", 2, every_n_train_steps=1000, final_projection=False,
                                  validate_projected=False)
     with pytest.raises(NonFiniteTrainingError, match=r"became (inf|nan) at optimizer step 6\..*HINT"):
-        fast_trainer(tmp_path, [callback], max_epochs=100).fit(model, loader())
+        quiet_trainer(tmp_path, [callback], max_epochs=100).fit(model, loader())
     assert max(model.steps) < FINITE_CHECK_STEPS  # stopped at the first read, not at the (far) next projection
-    fast_trainer(tmp_path, [callback], max_steps=4).fit(TinyCNN(), loader())  # a new fit starts with a clean record
+    quiet_trainer(tmp_path, [callback], max_steps=4).fit(TinyCNN(), loader())  # a new fit starts with a clean record
 
 
 def test_a_diverged_loss_is_named_before_validation_sees_the_weights(tmp_path):
     model = Diverging([1])
     callback = LowRankProjection("svd", 2, every_n_train_steps=1000, final_projection=False)
-    trainer = fast_trainer(tmp_path, [callback], max_epochs=1, limit_val_batches=1, val_check_interval=3,
+    trainer = quiet_trainer(tmp_path, [callback], max_epochs=1, limit_val_batches=1, val_check_interval=3,
                            num_sanity_val_steps=0)
     with pytest.raises(NonFiniteTrainingError, match=r"nan at optimizer step 2\."):
         trainer.fit(model, loader(), loader())
@@ -405,11 +307,11 @@ def test_recording_the_loss_never_waits_for_the_device():
     torch.cuda.set_sync_debug_mode("error")
     try:
         for step in range(1, 5):
-            callback._losses.add(loss * (float("nan") if step == 3 else 1.0), step)
+            callback.projector.losses.add(loss * (float("nan") if step == 3 else 1.0), step)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     with pytest.raises(NonFiniteTrainingError, match=r"nan at optimizer step 3\."):
-        callback._losses.check()
+        callback.projector.losses.check()
 
 
 def test_non_finite_weight_names_layer_and_step(tmp_path):
@@ -421,13 +323,13 @@ def test_non_finite_weight_names_layer_and_step(tmp_path):
 
     callback = LowRankProjection("svd", 2, every_n_train_steps=4)
     with pytest.raises(NonFiniteTrainingError, match=r"'net\.5'.*optimizer step 4"):
-        fast_trainer(tmp_path, [Poison(), callback]).fit(TinyCNN(), loader())
+        quiet_trainer(tmp_path, [Poison(), callback]).fit(TinyCNN(), loader())
 
 
 def test_bf16_true_precision_keeps_dtype(tmp_path):
     model = TinyCNN()
     callback = LowRankProjection("svd", 2, every_n_train_steps=2)
-    fast_trainer(tmp_path, [callback], precision="bf16-true", max_epochs=1).fit(model, loader())
+    quiet_trainer(tmp_path, [callback], precision="bf16-true", max_epochs=1).fit(model, loader())
     weight = model.net[2].weight
     assert weight.dtype == torch.bfloat16
     singular_values = torch.linalg.svdvals(weight.detach().float().flatten(1))
@@ -439,7 +341,7 @@ def test_two_instances_coexist_and_pickle(tmp_path):
     second = LowRankProjection("tucker2", 0.5, every_n_train_steps=3, layers={"include": "net.5"})
     assert first.state_key != second.state_key
     model = TinyCNN()
-    trainer = fast_trainer(tmp_path, [first, second], max_epochs=1)
+    trainer = quiet_trainer(tmp_path, [first, second], max_epochs=1)
     trainer.fit(model, loader())
     assert [p.name for p in first.plans] == ["net.2"] and [p.name for p in second.plans] == ["net.5"]
     assert torch.linalg.matrix_rank(model.net[2].weight.detach().flatten(1)).item() == 2
@@ -450,15 +352,15 @@ def test_two_instances_coexist_and_pickle(tmp_path):
 def test_restored_ranks_win_over_rule():
     callback = LowRankProjection("svd", Energy(0.5), every_n_train_steps=2)
     callback.load_state_dict({"last_step": 4, "projections": 2, "ranks": {"net.2": 3, "net.5": 5}})
-    callback._make_plan(TinyCNN())
+    callback.projector.resolve(TinyCNN())
     assert callback.ranks == {"net.2": 3, "net.5": 5}
     assert callback.state_dict() == {"last_step": 4, "projections": 2, "ranks": {"net.2": 3, "net.5": 5},
                                      "final_phase_start": None, "statistics_window": {}}
     callback.load_state_dict({})  # a checkpoint without the callback's state: a fresh start under the rule
-    callback._make_plan(TinyCNN())
+    callback.projector.resolve(TinyCNN())
     assert callback.state_dict()["last_step"] == 0 and callback.num_projections == 0
     fresh = LowRankProjection("svd", Energy(0.5), every_n_train_steps=2)
-    fresh._make_plan(TinyCNN())
+    fresh.projector.resolve(TinyCNN())
     assert callback.ranks == fresh.ranks != {"net.2": 3, "net.5": 5}
 
 
@@ -471,13 +373,13 @@ def test_sharded_strategy_rejected():
 def test_no_layer_selected_lists_candidates(tmp_path):
     callback = LowRankProjection("svd", 2, layers=Selection(include="backbone.*"))
     with pytest.raises(ValueError, match=r"no layer selected.*net\.0"):
-        fast_trainer(tmp_path, [callback], max_epochs=1).fit(TinyCNN(), loader())
+        quiet_trainer(tmp_path, [callback], max_epochs=1).fit(TinyCNN(), loader())
 
 
 def test_rank_above_full_rank_is_clamped_with_warning(tmp_path):
     callback = LowRankProjection("tucker2", (100, 3), every_n_train_steps=2, layers=Selection(include="net.5"))
     with pytest.warns(UserWarning, match=r"rank \(100, 3\) of layer 'net\.5'.*clamped to \(12, 3\)"):
-        callback._make_plan(TinyCNN())
+        callback.projector.resolve(TinyCNN())
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -568,12 +470,12 @@ class SameWeightsCheck(L.Callback):
 def test_callback_copy_is_independent():
     callback = LowRankProjection("svd", 2)
     callback.load_state_dict({"last_step": 4, "projections": 2, "ranks": {"net.2": 3, "net.5": 2}})
-    callback._make_plan(TinyCNN())
+    callback.projector.resolve(TinyCNN())
     plans, state = list(callback.plans), callback.state_dict()
     clone = copy.deepcopy(callback)
     clone.plans.clear()  # changed in place: a shallow copy would share the list
     clone.load_state_dict({"last_step": 9, "projections": 5, "ranks": {"net.2": 1}})
-    clone._make_plan(TinyCNN())
+    clone.projector.resolve(TinyCNN())
     assert callback.plans == plans and callback.state_dict() == state
     assert clone.ranks == {"net.2": 1} and clone.state_dict()["last_step"] == 9
 
@@ -582,7 +484,7 @@ def test_final_projection_recalibrates_batchnorm_on_projected_weights(tmp_path):
     model = TinyCNN()
     data = loader()
     callback = LowRankProjection("svd", 2, every_n_train_steps=5, bn_recalibration_batches=3)
-    trainer = fast_trainer(tmp_path, [callback])
+    trainer = quiet_trainer(tmp_path, [callback])
     trainer.fit(model, data)
 
     expected = copy.deepcopy(model)
@@ -615,7 +517,7 @@ def test_projected_validation_restores_weights_and_batchnorm(tmp_path):
 
     snapshot, during, after = Snapshot(), During(), After()
     callback = LowRankProjection("svd", 2, every_n_train_steps=3, bn_recalibration_batches=2)
-    trainer = fast_trainer(tmp_path, [snapshot, callback, during, after], max_epochs=1, limit_train_batches=4,
+    trainer = quiet_trainer(tmp_path, [snapshot, callback, during, after], max_epochs=1, limit_train_batches=4,
                            limit_val_batches=2, num_sanity_val_steps=0)
     trainer.fit(TinyCNN(), loader(), loader(16, seed=2))
     assert torch.linalg.matrix_rank(snapshot.before["net.2.weight"].flatten(1)).item() > 2
@@ -630,7 +532,7 @@ def test_gpu_fit_ends_low_rank_and_factorizes_exactly(tmp_path):
     model = TinyCNN()
     callback = LowRankProjection("tucker2", (3, 4), every_n_train_steps=3, reset_momentum=True,
                                  bn_recalibration_batches=2)
-    fast_trainer(tmp_path, [callback], accelerator="gpu").fit(model, loader())
+    quiet_trainer(tmp_path, [callback], accelerator="gpu").fit(model, loader())
     model = model.cuda().eval()
     for plan in callback.plans:
         w = model.get_submodule(plan.name).weight.detach()
@@ -717,7 +619,7 @@ trainer:
 
 def mean_loss(model, step, count=2):
     """Mean cross-entropy of ``model`` (train mode, no grad) on the ``count`` batches drawn with seed ``step``."""
-    from lrlightning.recalibration import reshuffled
+    from lrlightning.training.recalibration import reshuffled
 
     with torch.no_grad():
         model.train()
@@ -738,7 +640,7 @@ def test_loss_jump_is_the_training_loss_just_before_and_after_the_projection(tmp
     probe = LossBeforeProjection()
     callback = LowRankProjection("svd", 2, every_n_train_steps=8, final_projection=False, validate_projected=False,
                                  loss_jump_batches=2)
-    fast_trainer(tmp_path, [probe, callback], max_epochs=1).fit(model, loader())
+    quiet_trainer(tmp_path, [probe, callback], max_epochs=1).fit(model, loader())
     (entry,) = callback.history
     assert entry["step"] == 8
     assert entry["loss_before"] == pytest.approx(probe.loss, rel=1e-5)
@@ -750,7 +652,7 @@ def test_loss_jump_is_the_training_loss_just_before_and_after_the_projection(tmp
 def test_loss_jump_needs_automatic_optimization(tmp_path):
     callback = LowRankProjection("svd", 2, every_n_train_steps=2, loss_jump_batches=1)
     with pytest.raises(ValueError, match=r"`loss_jump_batches`=1 .* ManualTinyCNN uses manual optimization"):
-        fast_trainer(tmp_path, [callback]).fit(ManualTinyCNN(), loader())
+        quiet_trainer(tmp_path, [callback]).fit(ManualTinyCNN(), loader())
 
 
 class SpareConvCNN(TinyCNN):
@@ -764,37 +666,36 @@ class SpareConvCNN(TinyCNN):
 def test_the_activation_objective_refuses_a_layer_the_forward_skips_at_train_start(tmp_path):
     callback = LowRankProjection("svd", 2, every_n_train_steps=2, objective="activation")
     with pytest.raises(ValueError, match=r"does not run \['spare'\]"):
-        fast_trainer(tmp_path, [callback]).fit(SpareConvCNN(), loader())
+        quiet_trainer(tmp_path, [callback]).fit(SpareConvCNN(), loader())
 
 
-class ScaledOnRankOne(TinyCNN):
-    """Rank 1 sees its inputs three times larger, so its input statistics differ from rank 0's."""
+class StatisticsRecordingProjector(Projector):
+    """Keeps the statistics of conv ``net.2`` that every rank gathered, after the DDP sum."""
 
-    def forward(self, x):
-        return self.net(x * (3.0 if self.trainer.global_rank == 1 else 1.0))
-
-
-class StatisticsRecorder(LowRankProjection):
-    """Writes (global rank 0) the statistics of conv ``net.2`` that every rank gathered, after the DDP sum."""
-
-    def __init__(self, path, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.path, self.seen = path, []
-
-    def _statistics(self, trainer, pl_module, count=None):
-        statistics = super()._statistics(trainer, pl_module, count)
+    def statistics(self, model, passes, seed, count=None):
+        statistics = super().statistics(model, passes, seed, count)
         if statistics:
             layer = statistics["net.2"]
             vector = torch.cat([layer.moment_sum.flatten(), layer.rows.view(1)]).float()
-            gathered = [torch.empty_like(vector) for _ in range(trainer.world_size)]
+            gathered = [torch.empty_like(vector) for _ in range(torch.distributed.get_world_size())]
             torch.distributed.all_gather(gathered, vector)
             self.seen.append(torch.stack(gathered))
         return statistics
 
+
+class StatisticsRecorder(LowRankProjection):
+    """Writes (global rank 0) what ``StatisticsRecordingProjector`` kept."""
+
+    def __init__(self, path, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.path = path
+        self.projector.__class__ = StatisticsRecordingProjector
+        self.projector.seen = []
+
     def on_train_end(self, trainer, pl_module):
         super().on_train_end(trainer, pl_module)
         if trainer.is_global_zero:
-            torch.save(self.seen, self.path)
+            torch.save(self.projector.seen, self.path)
 
 
 @pytest.mark.slow  # two spawned processes
@@ -812,7 +713,7 @@ def test_ddp_processes_sum_their_input_statistics(tmp_path):
     for gathered in seen:
         assert torch.equal(gathered[0], gathered[1])  # every process holds the same sums
     from lrlightning.activations import ROWS_PER_FEATURE, input_statistics
-    from lrlightning.recalibration import reshuffled
+    from lrlightning.training.recalibration import reshuffled
 
     drawn = [next(iter(reshuffled(loader(), 1, seed=rank)))[0] for rank in (0, 1)]  # step 0: seed 0 · 2 + rank
     assert not torch.equal(drawn[0], drawn[1])  # each process draws its own batches
@@ -827,7 +728,7 @@ def test_the_sanity_check_validates_weights_projected_from_training_statistics(t
     """Before training, the training loader is loaded for the statistics (Lightning loads it lazily)."""
     model = TinyCNN()
     callback = LowRankProjection("svd", 2, every_n_train_steps=4, objective="activation")
-    trainer = fast_trainer(tmp_path, [callback], limit_val_batches=1, num_sanity_val_steps=1, max_epochs=1)
+    trainer = quiet_trainer(tmp_path, [callback], limit_val_batches=1, num_sanity_val_steps=1, max_epochs=1)
     trainer.fit(model, loader(), loader())
     assert len(model.val_acc) == 2  # the sanity check and the epoch's validation, both on projected weights
     assert callback.num_projections == 2
@@ -840,7 +741,7 @@ def test_the_callback_factorizes_and_saves_what_it_trained(tmp_path):
     callback = LowRankProjection(TiledSVD(tile_shape=(6, 27)), 2, every_n_train_steps=4)
     with pytest.raises(ValueError, match=r"no plans yet: fit with the callback first"):
         callback.factorize(model)
-    fast_trainer(tmp_path, [callback], max_epochs=1).fit(model, loader())
+    quiet_trainer(tmp_path, [callback], max_epochs=1).fit(model, loader())
     model.eval()
     x = torch.randn(5, 3, 8, 8)
     small = callback.factorize(model).eval()
@@ -866,7 +767,7 @@ def test_no_arguments_project_every_conv_but_the_first_at_half_the_parameters(tm
     model = TinyCNN()
     callback = LowRankProjection(every_n_train_steps=4)
     assert callback.options == LowRankOptions("svd", Compression(2.0), "weight")
-    fast_trainer(tmp_path, [callback], max_epochs=1).fit(model, loader())
+    quiet_trainer(tmp_path, [callback], max_epochs=1).fit(model, loader())
     assert [p.name for p in callback.plans] == ["net.2", "net.5"]
     assert all(2 * p.params_factorized <= p.params_dense for p in callback.plans)
     for plan in callback.plans:

@@ -8,16 +8,15 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lrlightning import Activation, LowRankProjection
-from lrlightning.plan import plan_scheme
+from lrlightning.plan import layer_scheme
 
-from test_callback import EndProcessGroup
-from test_layer_kinds import mixed1d, mixed2d, mixed3d
+from helpers import ddp_trainer, mixed1d, mixed2d, mixed3d, quiet_trainer
 
 NETS = {"2d": (mixed2d, (3, 12, 12), 48), "1d": (mixed1d, (2, 40), 32), "3d": (mixed3d, (3, 6, 8, 8), 16)}
 
 
 class Classifier(L.LightningModule):
-    """``body`` (one of the mixed nets of test_layer_kinds), global average pooling, a Linear head to 4 classes."""
+    """``body`` (one of the mixed nets of ``helpers``), global average pooling, a Linear head to 4 classes."""
 
     def __init__(self, dims: str):
         super().__init__()
@@ -43,12 +42,6 @@ def loader(dims, n=48, seed=0):
                       batch_size=8)
 
 
-def trainer(tmp_path, callbacks, **kwargs):
-    args = dict(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                enable_checkpointing=False, max_epochs=2, accelerator="cpu", devices=1)
-    return L.Trainer(callbacks=callbacks, **{**args, **kwargs})
-
-
 def group_ranks(layer, scheme):
     """The matrix rank of each group's view under ``scheme`` (its ``inner`` scheme's matrix for a grouped layer)."""
     weight = layer.weight.detach().double()
@@ -65,11 +58,11 @@ def test_every_kind_ends_exactly_low_rank_and_factorizes_exactly(tmp_path, dims,
     model = Classifier(dims)
     callback = LowRankProjection("svd", 0.25, every_n_train_steps=3,
                                  objective=Activation(batches=2) if objective == "activation" else "weight")
-    trainer(tmp_path, [callback]).fit(model, loader(dims))
+    quiet_trainer(tmp_path, [callback]).fit(model, loader(dims))
     kinds = {p.name.split(".")[-1] for p in callback.plans}
     assert {"pointwise", "grouped"} <= kinds and "stem" not in kinds
     for plan in callback.plans:
-        scheme = plan_scheme(plan, callback.options)
+        scheme = layer_scheme(plan, callback.options)
         assert all(r <= plan.rank for r in group_ranks(model.get_submodule(plan.name), scheme)), plan.name
     assert all((s.output_rel_error is not None) == (objective == "activation") for s in callback.last_stats)
     small = callback.factorize(model).eval()
@@ -84,7 +77,7 @@ def test_resume_on_grouped_and_depthwise_convs_matches_the_uninterrupted_run(tmp
     def run(root, model, epochs=2):
         checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1)
         callback = LowRankProjection("tucker2", 0.5, every_n_train_steps=4, objective=Activation(batches=2))
-        return trainer(root, [callback, checkpoint], max_epochs=epochs, enable_checkpointing=True), callback
+        return quiet_trainer(root, [callback, checkpoint], max_epochs=epochs, enable_checkpointing=True), callback
 
     torch.manual_seed(0)
     full = Classifier("2d")
@@ -126,8 +119,8 @@ def test_ddp_processes_hold_identical_grouped_and_depthwise_weights(tmp_path):
     model = Classifier("2d")
     callback = LowRankProjection("svd", 0.5, every_n_train_steps=2, final_projection=False,
                                  objective=Activation(batches=2))
-    fit = trainer(tmp_path, [callback, SpreadCheck(str(tmp_path / "spread.txt")), EndProcessGroup()],
-                  strategy="ddp_spawn", devices=2, max_epochs=1, limit_train_batches=4)
+    fit = ddp_trainer(tmp_path, [callback, SpreadCheck(str(tmp_path / "spread.txt"))], max_epochs=1,
+                      limit_train_batches=4)
     fit.fit(model, loader("2d"))
     spread, planned = (tmp_path / "spread.txt").read_text().split()
     assert float(spread) == 0.0 and int(planned) == 5

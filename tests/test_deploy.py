@@ -11,12 +11,12 @@ pytest.importorskip("onnxscript", reason="needs the `onnx` extra")
 onnxruntime = pytest.importorskip("onnxruntime", reason="needs the `onnx` extra")
 
 from lrlightning import Budget, LowRankOptions, factorize, project_  # noqa: E402
-from lrlightning.backbones import build_backbone  # noqa: E402
-from lrlightning.int8 import quantize_int8, weight_layers  # noqa: E402
-from lrlightning.latency import LatencyTable  # noqa: E402
-from lrlightning.onnx_export import OnnxExportError, SessionModule, export_onnx, session  # noqa: E402
+from lrlightning.deploy.int8 import quantize_int8, weight_layers  # noqa: E402
+from lrlightning.speed.latency import LatencyTable  # noqa: E402
+from lrlightning.deploy.onnx import OnnxExportError, SessionModule, export_onnx, session  # noqa: E402
 from lrlightning.plan import plan_layers  # noqa: E402
 from lrlightning.rules import rule_label, rule_record  # noqa: E402
+from lrlightning.zoo import build_backbone  # noqa: E402
 
 
 def settled(model, shape):

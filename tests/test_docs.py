@@ -126,3 +126,16 @@ def test_app_config_group_lists_match_the_conf_folders():
         variants = {f"lowrank_projection{name}" for name in re.findall(r"`(_[a-z0-9]+)`", found.group(1))}
         missing = files - words - variants
         assert not missing, f"docs/app.md's `{group}/` list misses {sorted(missing)}"
+
+
+def test_guide_plain_loop_example_projects_on_its_schedule_and_factorizes_exactly(empty_folder):
+    import torch
+
+    namespace = {}
+    [block] = [b for b in python_blocks(ROOT / "docs" / "guide.md") if "projector.after_step" in b]
+    exec(compile(block, "guide.md", "exec"), namespace)
+    projector, model, small = namespace["projector"], namespace["model"], namespace["small"]
+    assert [entry["step"] for entry in projector.history] == [4, 8]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(small.eval()(x), model.eval()(x), rtol=1e-4, atol=1e-5)

@@ -1,6 +1,7 @@
 """Factorization of issue #2: every factorized layer computes exactly what the projected dense layer computes;
 layer selection, the break-even guard, parameter and MAC accounting, save/load, non-finite weights and the
 validation of every option."""
+import copy
 import re
 
 import pytest
@@ -25,10 +26,10 @@ from lrlightning import (
     project_,
     save_factorized,
 )
-from lrlightning.backbones import build_backbone
 from lrlightning.layers import LowRankConv2d, LowRankLinear
 from lrlightning.plan import frozen_ranks
 from lrlightning.schemes.tiled_svd import TiledSVDConv2d
+from lrlightning.zoo import build_backbone
 
 IN_CHANNELS, OUT_CHANNELS = 8, 12
 
@@ -655,3 +656,27 @@ def test_rank_above_full_rank_is_clamped_with_a_warning():
     with pytest.warns(UserWarning, match=message):
         (plan,), _ = plan_layers(model, LowRankOptions("tucker2", rank=(2, 9)))
     assert plan.rank == (2, 4)
+
+
+def test_one_options_object_makes_the_same_request_as_its_five_arguments():
+    from lrlightning import LowRankOptions, LowRankProjection, Selection, project_
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.Conv2d(16, 16, 3))
+    options = LowRankOptions("tucker2", 0.5, layers=Selection(exclude=("3",)))
+    spelled = factorize(model, "tucker2", 0.5, layers=Selection(exclude=("3",)))
+    bundled = factorize(model, options=options)
+    x = torch.randn(2, 3, 12, 12)
+    torch.testing.assert_close(spelled(x), bundled(x), rtol=0, atol=0)
+    assert LowRankProjection(options=options, every_n_train_steps=3).options == options
+    assert LowRankProjection(options={"scheme": "tucker2", "rank": 0.5}).options == LowRankOptions("tucker2", 0.5)
+    copy_a, copy_b = copy.deepcopy(model), copy.deepcopy(model)
+    project_(copy_a, options=options), project_(copy_b, "tucker2", 0.5, layers=Selection(exclude=("3",)))
+    torch.testing.assert_close(copy_a[2].weight, copy_b[2].weight, rtol=0, atol=0)
+    for call in (lambda: factorize(model, "tucker2", options=options),
+                 lambda: project_(model, rank=0.5, layers=Selection(), options=options),
+                 lambda: LowRankProjection("tucker2", options=options)):
+        with pytest.raises(ValueError, match=r"`options` bundles .* together with `(scheme|rank)`"):
+            call()
+    with pytest.raises(ValueError, match=r"`options` must be a LowRankOptions or a mapping of its fields, got 3"):
+        factorize(model, options=3)

@@ -10,8 +10,9 @@ from torch import nn
 
 from lrlightning import Activation, LowRankProjection
 from lrlightning.activations import input_statistics
-from test_callback import (CountingProjection, ManualTinyCNN, ScaledOnRankOne, TinyCNN, ddp_trainer, fast_trainer,
-                           loader)
+from lrlightning.training.schedule import ProjectionSchedule
+
+from helpers import CountingProjection, ManualTinyCNN, ScaledOnRankOne, TinyCNN, ddp_trainer, loader, quiet_trainer
 
 
 @pytest.mark.parametrize("final_phase, expected_start, expected", [
@@ -22,7 +23,7 @@ from test_callback import (CountingProjection, ManualTinyCNN, ScaledOnRankOne, T
 def test_the_final_phase_projects_after_every_step_of_the_end(tmp_path, final_phase, expected_start, expected):
     callback = CountingProjection("svd", 2, every_n_train_steps=5, final_phase=final_phase, final_projection=False)
     model = TinyCNN()
-    fast_trainer(tmp_path, [callback]).fit(model, loader())
+    quiet_trainer(tmp_path, [callback]).fit(model, loader())
     assert callback.final_phase_start == expected_start
     assert callback.steps == expected
     rank = torch.linalg.matrix_rank(model.net[2].weight.detach().flatten(1)).item()
@@ -31,7 +32,7 @@ def test_the_final_phase_projects_after_every_step_of_the_end(tmp_path, final_ph
 
 def test_the_final_phase_counts_optimizer_steps_under_gradient_accumulation(tmp_path):
     callback = CountingProjection("svd", 2, every_n_train_steps=3, final_phase=0.25, final_projection=False)
-    trainer = fast_trainer(tmp_path, [callback], accumulate_grad_batches=2)
+    trainer = quiet_trainer(tmp_path, [callback], accumulate_grad_batches=2)
     trainer.fit(TinyCNN(), loader())
     assert trainer.global_step == 8 and callback.final_phase_start == 6
     assert callback.steps == [3, 6, 7, 8]
@@ -39,7 +40,7 @@ def test_the_final_phase_counts_optimizer_steps_under_gradient_accumulation(tmp_
 
 def test_the_final_phase_under_manual_optimization_with_two_steps_a_batch(tmp_path):
     callback = CountingProjection("svd", 2, every_n_train_steps=6, final_phase=4, final_projection=False)
-    trainer = fast_trainer(tmp_path, [callback], max_epochs=1)
+    trainer = quiet_trainer(tmp_path, [callback], max_epochs=1)
     trainer.fit(ManualTinyCNN(), loader())
     assert trainer.global_step == 16 and callback.final_phase_start == 12
     assert callback.steps == [6, 12, 14, 16]  # steps 13-16 fall in the batches ending at 14 and 16
@@ -57,7 +58,7 @@ def test_momentum_is_kept_inside_the_final_phase(tmp_path):
             self.zeroed.append(bool(torch.all(buffer == 0)))
 
     callback = Zeroed("svd", 2, every_n_train_steps=2, final_phase=4, reset_momentum=True, final_projection=False)
-    fast_trainer(tmp_path, [callback], max_epochs=1).fit(TinyCNN(), loader())
+    quiet_trainer(tmp_path, [callback], max_epochs=1).fit(TinyCNN(), loader())
     assert callback.zeroed == [False, True, False, True, False, False, False, False]
 
 
@@ -68,9 +69,9 @@ def test_final_phase_validation(value):
 
 
 def test_a_fractional_final_phase_needs_a_finite_training_length():
-    trainer = type("EndlessTrainer", (), {"estimated_stepping_batches": math.inf, "lightning_module": TinyCNN()})()
     with pytest.raises(ValueError, match=r"`final_phase`=0.1 needs a finite training length"):
-        LowRankProjection(final_phase=0.1)._resolve_final_phase(trainer)
+        ProjectionSchedule(final_phase=0.1).final_phase_start(math.inf)
+    assert ProjectionSchedule(final_phase=0.1).final_phase_start(100.0) == 90
 
 
 class ForwardCounter(TinyCNN):
@@ -89,7 +90,7 @@ def test_statistics_from_the_training_passes_need_no_extra_forward_pass(tmp_path
     callback = LowRankProjection("svd", 2, every_n_train_steps=2, final_projection=False, validate_projected=False,
                                  bn_recalibration_batches=0,
                                  objective=Activation(batches=3, observe_training=observe))
-    fast_trainer(tmp_path, [callback], max_epochs=1).fit(model, loader())
+    quiet_trainer(tmp_path, [callback], max_epochs=1).fit(model, loader())
     start_checks = 2  # at train start: the forward check and one statistics pass
     assert callback.num_projections == 4
     assert model.forwards == 8 + start_checks + (0 if observe else 4 * 3)
@@ -111,10 +112,16 @@ class RecordedStatistics(LowRankProjection):
         super().__init__(*args, **kwargs)
         self.recorded = {}
 
-    def _recorded_statistics(self, step):
-        statistics = super()._recorded_statistics(step)
-        self.recorded[step] = statistics
-        return statistics
+    def on_train_start(self, trainer, pl_module):
+        super().on_train_start(trainer, pl_module)
+        window = self.projector.window
+        recorded = window.statistics
+
+        def kept(step, plans, objective):
+            self.recorded[step] = recorded(step, plans, objective)
+            return self.recorded[step]
+
+        window.statistics = kept
 
 
 @pytest.mark.parametrize("scheme, batches, accumulate", [("tucker2", 2, 1), ("tucker2", 2, 2), ("svd", 1, 1)])
@@ -127,7 +134,7 @@ def test_recorded_statistics_are_those_of_the_steps_own_batches(tmp_path, scheme
                                   objective=Activation(batches=batches))
     snapshots = Snapshots({2, 3}) if accumulate == 1 else None
     callbacks = [callback] + ([snapshots] if snapshots else [])
-    fast_trainer(tmp_path, callbacks, max_epochs=1, accumulate_grad_batches=accumulate).fit(TinyCNN(), loader())
+    quiet_trainer(tmp_path, callbacks, max_epochs=1, accumulate_grad_batches=accumulate).fit(TinyCNN(), loader())
     recorded = callback.recorded[3]
     assert set(recorded) == {"net.2", "net.5"}
     images_per_step = 8 * accumulate
@@ -163,7 +170,7 @@ class PartialStep(TinyCNN):
 def test_a_layer_the_training_step_does_not_run_takes_separate_passes(tmp_path):
     callback = RecordedStatistics("svd", 2, every_n_train_steps=4, final_projection=False, objective="activation")
     with pytest.warns(UserWarning, match=r"training step's forward passes do not run \['net.5'\]"):
-        fast_trainer(tmp_path, [callback], max_epochs=1).fit(PartialStep(), loader())
+        quiet_trainer(tmp_path, [callback], max_epochs=1).fit(PartialStep(), loader())
     assert callback.num_projections == 2
     assert callback.recorded == {4: None, 8: None}
 

@@ -10,7 +10,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lrlightning import LowRankOptions, LowRankProjection, factorize, plan_layers, relative_plans
 from lrlightning.finish import finish, finish_
-from lrlightning.recalibration import reshuffled
+from lrlightning.training.recalibration import reshuffled
+
+from helpers import NetModule, quiet_trainer
 
 
 def net(dropout=0.0):
@@ -23,19 +25,9 @@ def net(dropout=0.0):
     )
 
 
-class Wrapped(L.LightningModule):
+class Wrapped(NetModule):
     def __init__(self):
-        super().__init__()
-        self.net = net()
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        return nn.functional.cross_entropy(self(batch[0]), batch[1])
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+        super().__init__(net(), lr=0.1, momentum=0.9)
 
 
 def data(n=64):
@@ -85,8 +77,7 @@ def test_a_checkpoint_before_the_final_projection_finishes_into_the_callbacks_mo
 
     before, model = BeforeFinal(), Wrapped()
     callback = LowRankProjection("svd", 3, every_n_train_steps=3, bn_recalibration_batches=4, objective="weight")
-    L.Trainer(callbacks=[before, callback], logger=False, enable_progress_bar=False, enable_checkpointing=False,
-              max_epochs=2, default_root_dir=tmp_path).fit(model, DataLoader(data(), batch_size=8, shuffle=True))
+    quiet_trainer(tmp_path, [before, callback]).fit(model, DataLoader(data(), batch_size=8, shuffle=True))
 
     restored = Wrapped()
     restored.load_state_dict(before.state)

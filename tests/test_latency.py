@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from lrlightning import count_macs, latency
+from lrlightning import count_macs
+from lrlightning.speed import latency
 from lrlightning.layers import FactorizedLayer
-from lrlightning.latency import FORMAT, LatencyTable, device_key, layer_key, model_key
+from lrlightning.speed.latency import FORMAT, LatencyTable, device_key, layer_key, model_key
 from lrlightning.schemes.tucker2 import Tucker2
 
 
@@ -24,7 +25,7 @@ def candidates(layer, ranks=((4, 4), (2, 2))):
 
 
 class MacClock:
-    """Stands in for ``lrlightning.latency.interleaved_samples``: each module takes its MACs / 1e3 ms times
+    """Stands in for ``lrlightning.speed.latency.interleaved_samples``: each module takes its MACs / 1e3 ms times
     ``slowdown`` (``candidate_slowdown`` for factorized layers), in every round; ``calls`` counts the timings."""
 
     def __init__(self):
@@ -107,7 +108,7 @@ def test_the_whole_model_and_its_layers_in_place_are_cached_by_structure_and_its
 
 def test_a_valid_cached_table_is_confirmed_without_re_measuring(tmp_path, clock, model, caplog):
     fill(LatencyTable("cpu", 2, tmp_path), model)
-    caplog.set_level(logging.INFO, "lrlightning.latency")
+    caplog.set_level(logging.INFO, "lrlightning.speed.latency")
     table = LatencyTable("cpu", 2, tmp_path)
     calls = clock.calls
     table.check(model, (8, 6, 6), requests(model))
@@ -127,7 +128,7 @@ def test_a_table_whose_reference_time_is_off_is_re_measured_and_the_cache_update
     stored["entries"][reference]["ms"] = {**cached, **{k: cached[k] * 3 for k in ("median", "low", "high")}}
     path.write_text(json.dumps(stored))
 
-    caplog.set_level(logging.INFO, "lrlightning.latency")
+    caplog.set_level(logging.INFO, "lrlightning.speed.latency")
     table = LatencyTable("cpu", 2, tmp_path)
     table.check(model, (8, 6, 6), requests(model))
     assert table.state == "stale" and not table.trusted
@@ -148,7 +149,7 @@ def test_a_machine_that_slowed_down_or_candidates_cached_too_fast_make_a_table_s
     fill(LatencyTable("cpu", 2, tmp_path, remeasure=True), model)
 
     clock.candidate_slowdown = 2.5  # the cached candidates read 2.5x faster than they now run
-    caplog.set_level(logging.WARNING, "lrlightning.latency")
+    caplog.set_level(logging.WARNING, "lrlightning.speed.latency")
     table = LatencyTable("cpu", 2, tmp_path)
     table.check(model, (8, 6, 6), requests(model))
     assert table.state == "stale" and "layer timings (median) 2.5" in caplog.text

@@ -7,26 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from lrlightning import (
-    Activation,
-    Budget,
-    Compression,
-    Energy,
-    LowRankOptions,
-    Selection,
-    TiledSVD,
-    Tucker2,
-    count_macs,
-    count_params,
-    factorize,
-    load_factorized,
-    plan_layers,
-    project_,
-    save_factorized,
-)
+from lrlightning import (Activation, Budget, Compression, Energy, LowRankOptions, Selection, TiledSVD, Tucker2,
+                         count_macs, count_params, factorize, load_factorized, plan_layers, project_, save_factorized)
 from lrlightning.layers import LowRankConv2d
-from lrlightning.plan import conv_kind, plan_scheme
+from lrlightning.plan import conv_kind, layer_scheme
 from lrlightning.schemes import GroupedScheme, LoweredSVD, SpatialSVD
+
+from helpers import MIXED_MODELS, mixed1d, mixed2d, named
 
 
 def seeded(seed):
@@ -37,36 +24,6 @@ def relative_diff(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
 
-def named(*layers):
-    model = nn.Sequential()
-    for name, layer in layers:
-        model.add_module(name, layer)
-    return model
-
-
-def mixed2d():
-    """stem, depthwise 5×5, grouped 3×3 (4 groups), pointwise, dense 3×3, a channel-multiplier depthwise 3×3."""
-    return named(("stem", nn.Conv2d(3, 16, 3, padding=1)), ("bn", nn.BatchNorm2d(16)),
-                 ("depthwise", nn.Conv2d(16, 16, 5, padding=2, groups=16)),
-                 ("grouped", nn.Conv2d(16, 32, 3, padding=1, groups=4, bias=False)), ("relu", nn.ReLU()),
-                 ("pointwise", nn.Conv2d(32, 24, 1)), ("bn2", nn.BatchNorm2d(24)),
-                 ("full", nn.Conv2d(24, 24, 3, stride=2, padding=1)),
-                 ("multiplier", nn.Conv2d(24, 48, 3, padding=1, groups=24)))
-
-
-def mixed1d():
-    return named(("stem", nn.Conv1d(2, 16, 9, stride=2, padding=4)), ("body", nn.Conv1d(16, 32, 5, padding=2)),
-                 ("bn", nn.BatchNorm1d(32)), ("pointwise", nn.Conv1d(32, 48, 1)),
-                 ("grouped", nn.Conv1d(48, 32, 3, padding=2, groups=4, dilation=2)))
-
-
-def mixed3d():
-    return named(("stem", nn.Conv3d(3, 8, 3, padding=1)), ("body", nn.Conv3d(8, 16, 3, stride=2, padding=1)),
-                 ("bn", nn.BatchNorm3d(16)), ("pointwise", nn.Conv3d(16, 24, 1)),
-                 ("grouped", nn.Conv3d(24, 16, (3, 1, 3), padding=(1, 0, 1), groups=2)))
-
-
-MODELS = {"2d": (mixed2d, (3, 12, 12)), "1d": (mixed1d, (2, 40)), "3d": (mixed3d, (3, 6, 8, 8))}
 SCHEMES = {"svd": "svd", "tucker2": Tucker2(), "tucker2-hooi": Tucker2(hooi_iters=2), "spatial_svd": "spatial_svd",
            "tiled_svd": TiledSVD((8, 8))}
 
@@ -87,20 +44,20 @@ def test_pointwise_grouped_and_depthwise_convs_are_selected_with_their_schemes()
     assert set(by_name) == {"depthwise", "grouped", "pointwise", "full", "multiplier"}
     assert [s.name for s in skipped] == ["stem"]
     options = LowRankOptions("tucker2", rank=0.5)
-    assert type(plan_scheme(by_name["pointwise"], options)) is LoweredSVD  # one matrix problem, whatever the scheme
+    assert type(layer_scheme(by_name["pointwise"], options)) is LoweredSVD  # one matrix problem, whatever the scheme
     assert by_name["pointwise"].scheme == "svd" and by_name["full"].scheme == "tucker2"
-    depthwise = plan_scheme(by_name["depthwise"], options)
+    depthwise = layer_scheme(by_name["depthwise"], options)
     assert isinstance(depthwise, GroupedScheme) and type(depthwise.inner) is SpatialSVD and depthwise.groups == 16
-    grouped = plan_scheme(by_name["grouped"], options)
+    grouped = layer_scheme(by_name["grouped"], options)
     assert isinstance(grouped, GroupedScheme) and type(grouped.inner) is Tucker2 and by_name["grouped"].groups == 4
     assert by_name["grouped"].rank == (2, 4)  # half of each group's (S/g, T/g) = (4, 8)
 
 
-@pytest.mark.parametrize("dims", sorted(MODELS))
+@pytest.mark.parametrize("dims", sorted(MIXED_MODELS))
 @pytest.mark.parametrize("scheme", sorted(SCHEMES))
 def test_the_factorized_model_computes_what_the_projected_model_computes(dims, scheme):
     seeded(0)
-    build, shape = MODELS[dims]
+    build, shape = MIXED_MODELS[dims]
     model = build().eval()
     options = dict(scheme=SCHEMES[scheme], rank=0.5)
     plans, skipped = plan_layers(model, LowRankOptions(**options), warn=False)
@@ -121,10 +78,10 @@ def test_the_factorized_model_computes_what_the_projected_model_computes(dims, s
                    or "second" in n) == plan.params_factorized
 
 
-@pytest.mark.parametrize("dims", sorted(MODELS))
+@pytest.mark.parametrize("dims", sorted(MIXED_MODELS))
 def test_grouped_layers_are_exported_as_grouped_convs(dims):
     seeded(1)
-    build, shape = MODELS[dims]
+    build, shape = MIXED_MODELS[dims]
     model = build()
     factorized = factorize(model, "svd", rank=0.5)
     chain = factorized.grouped
@@ -162,7 +119,7 @@ def test_a_grouped_projection_is_each_groups_projection():
 
 def test_projection_is_idempotent_on_every_kind():
     seeded(4)
-    for build, _ in MODELS.values():
+    for build, _ in MIXED_MODELS.values():
         model = build()
         project_(model, "tucker2", rank=0.5)
         before = [p.detach().clone() for p in model.parameters()]
@@ -190,12 +147,12 @@ def test_tiled_svd_leaves_grouped_convs_dense_and_says_why():
     assert "depthwise" not in reasons  # depthwise convs take spatial_svd
 
 
-@pytest.mark.parametrize("dims, scheme", [(dims, scheme) for dims in sorted(MODELS) for scheme in
+@pytest.mark.parametrize("dims, scheme", [(dims, scheme) for dims in sorted(MIXED_MODELS) for scheme in
                                            ("svd", "tucker2", "spatial_svd") if dims == "2d" or scheme != "spatial_svd"])
 def test_the_activation_objective_on_every_kind_lowers_the_output_error(dims, scheme):
     """spatial_svd factorizes Conv2d only, so it is run on the 2-D net alone."""
     seeded(5)
-    build, shape = MODELS[dims]
+    build, shape = MIXED_MODELS[dims]
     batches = [torch.randn(16, *shape) * torch.linspace(0.1, 3, shape[0]).reshape(-1, *[1] * (len(shape) - 1))
                for _ in range(3)]
     weight_model, activation_model = build(), build()
@@ -229,10 +186,10 @@ def test_rank_rules_count_grouped_layers_per_group():
 
 
 @pytest.mark.parametrize("metric", ["params", "macs"])
-@pytest.mark.parametrize("dims", sorted(MODELS))
+@pytest.mark.parametrize("dims", sorted(MIXED_MODELS))
 def test_budgets_are_met_on_every_kind(metric, dims):
     seeded(7)
-    build, shape = MODELS[dims]
+    build, shape = MIXED_MODELS[dims]
     model = build()
     rule = Budget(1.5, metric=metric, input_shape=shape if metric == "macs" else None)
     factorized = factorize(model, "svd", rank=rule)
@@ -245,9 +202,9 @@ def test_budgets_are_met_on_every_kind(metric, dims):
     assert 1.5 <= reached <= 1.5 * 1.25
 
 
-@pytest.mark.parametrize("dims", sorted(MODELS))
+@pytest.mark.parametrize("dims", sorted(MIXED_MODELS))
 def test_macs_are_counted_on_every_kind(dims):
-    build, shape = MODELS[dims]
+    build, shape = MIXED_MODELS[dims]
     model = build()
     per_layer = count_macs(model, shape, per_layer=True)
     x = torch.zeros(1, *shape)
@@ -258,10 +215,10 @@ def test_macs_are_counted_on_every_kind(dims):
             assert per_layer[name] == expected
 
 
-@pytest.mark.parametrize("dims", sorted(MODELS))
+@pytest.mark.parametrize("dims", sorted(MIXED_MODELS))
 def test_save_and_load_rebuild_every_kind(tmp_path, dims):
     seeded(8)
-    build, shape = MODELS[dims]
+    build, shape = MIXED_MODELS[dims]
     model = build().eval()
     factorized = factorize(model, "tucker2", rank=0.5).eval()
     save_factorized(factorized, tmp_path / "model.pt")

@@ -1,6 +1,5 @@
 """Layer names of ``torch.compile``d models: plans, ranks and saved files use the uncompiled names, so projection,
 ``factorize``, ``save_factorized`` and ``load_factorized`` work across compiled and plain models."""
-import lightning as L
 import pytest
 import torch
 from torch import nn
@@ -18,6 +17,8 @@ from lrlightning import (
 from lrlightning.export import structure_spec
 from lrlightning.names import canonical_name, get_module, set_module
 
+from helpers import NetModule, quiet_trainer
+
 
 def net():
     torch.manual_seed(0)
@@ -29,19 +30,9 @@ def net():
     )
 
 
-class CompiledNet(L.LightningModule):
+class CompiledNet(NetModule):
     def __init__(self):
-        super().__init__()
-        self.net = torch.compile(net(), backend="eager")
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        return nn.functional.cross_entropy(self(batch[0]), batch[1])
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
+        super().__init__(torch.compile(net(), backend="eager"))
 
 
 def inputs():
@@ -78,8 +69,7 @@ def test_callback_ranks_factorize_compiled_and_plain_models(tmp_path):
     callback = LowRankProjection("tucker2", (3, 4), every_n_train_steps=2, bn_recalibration_batches=2,
                                  objective="activation")  # the callback's old default objective
     data = TensorDataset(torch.randn(32, 3, 8, 8), torch.randint(0, 4, (32,)))
-    L.Trainer(callbacks=[callback], logger=False, enable_progress_bar=False, enable_checkpointing=False,
-              max_epochs=1, default_root_dir=tmp_path).fit(model, DataLoader(data, batch_size=8))
+    quiet_trainer(tmp_path, [callback], max_epochs=1).fit(model, DataLoader(data, batch_size=8))
     assert callback.ranks == {"net.2": (3, 4), "net.5": (3, 4)}
     model.eval()
     x = inputs()
@@ -126,7 +116,7 @@ def test_relative_ranks_refuses_layers_outside_the_prefix(prefix, match):
 def test_restored_ranks_of_a_compiled_run_take_canonical_names():
     callback = LowRankProjection("svd", 2)
     callback.load_state_dict({"last_step": 2, "projections": 1, "ranks": {"_orig_mod.2": 3, "_orig_mod.5": 4}})
-    callback._make_plan(net())
+    callback.projector.resolve(net())
     assert callback.ranks == {"2": 3, "5": 4}
     fresh = LowRankProjection("svd", 2)  # the public path: factorizing from restored state, without a fit
     fresh.load_state_dict({"last_step": 2, "projections": 1, "ranks": {"_orig_mod.2": 3, "_orig_mod.5": 4}})

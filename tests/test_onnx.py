@@ -8,7 +8,9 @@ pytest.importorskip("onnxscript", reason="needs the `onnx` extra")
 from onnx.reference import ReferenceEvaluator  # noqa: E402
 
 from lrlightning import TiledSVD, factorize, project_  # noqa: E402
-from lrlightning.backbones import build_backbone  # noqa: E402
+from lrlightning.zoo import build_backbone  # noqa: E402
+
+from helpers import MIXED_MODELS  # noqa: E402
 
 
 def exported(module, x, path):
@@ -53,10 +55,8 @@ def test_factorized_resnet18_runs_in_onnxruntime_with_the_projected_dense_logits
 
 @pytest.mark.parametrize("dims", ["1d", "2d", "3d"])
 def test_grouped_depthwise_pointwise_conv1d_and_conv3d_layers_export_to_onnx(tmp_path, dims):
-    from test_layer_kinds import MODELS
-
     torch.manual_seed(1)
-    build, shape = MODELS[dims]
+    build, shape = MIXED_MODELS[dims]
     dense = build().eval()
     project_(dense, "svd", 0.5)
     small = factorize(dense, "svd", 0.5).eval()

@@ -1,6 +1,5 @@
 """Data-aware allocation: under ``objective="activation"`` a ``Budget`` chooses ranks by the layers' output errors on
 data (``Scheme.output_rank_errors``), gathered once over the candidate layers."""
-import lightning as L
 import pytest
 import torch
 from torch import nn
@@ -8,6 +7,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lrlightning import Activation, Budget, LowRankProjection, factorize, project_
 from lrlightning.schemes import Weighting, scheme_of
+
+from helpers import NetModule, quiet_trainer
 
 
 @pytest.mark.parametrize("scheme, n", [("svd", 8 * 9), ("tucker2", 8)])
@@ -84,19 +85,14 @@ def test_factorize_allocates_an_activation_budget_from_output_errors_and_exports
         torch.testing.assert_close(small(x), projected.eval()(x), rtol=1e-4, atol=1e-5)
 
 
-class SkewedModule(L.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.net = Skewed()
+class SkewedModule(NetModule):
+    """``Skewed`` trained to small outputs (mean square) on batches of images alone, SGD."""
 
-    def forward(self, x):
-        return self.net(x)
+    def __init__(self):
+        super().__init__(Skewed(), lr=1e-3)
 
     def training_step(self, batch, batch_idx):
         return self(batch[0]).pow(2).mean()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=1e-3)
 
 
 def test_the_callback_allocates_an_activation_budget_from_training_batches(tmp_path):
@@ -105,9 +101,7 @@ def test_the_callback_allocates_an_activation_budget_from_training_batches(tmp_p
                  for objective in ("weight", Activation(batches=2))}
     for callback in callbacks.values():
         torch.manual_seed(4)
-        L.Trainer(default_root_dir=tmp_path, max_epochs=1, logger=False, enable_progress_bar=False,
-                  enable_model_summary=False, enable_checkpointing=False, accelerator="cpu",
-                  callbacks=[callback]).fit(SkewedModule(), data)
+        quiet_trainer(tmp_path, [callback], max_epochs=1).fit(SkewedModule(), data)
     assert (callbacks["weight"].allocation.errors, callbacks["weight"].allocation.objective) == ("weight", "max")
     output = callbacks[Activation(batches=2)].allocation
     assert (output.errors, output.objective) == ("output", "sum") and output.achieved >= 2.0 * 0.95

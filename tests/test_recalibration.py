@@ -10,7 +10,9 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from lrlightning import LowRankProjection, factorize, relative_ranks
 from lrlightning.batchnorm import recalibrate_batchnorm_
-from lrlightning.recalibration import reshuffled
+from lrlightning.training.recalibration import reshuffled
+
+from helpers import TwoOptimizersByHand, quiet_trainer
 
 
 def small_net():
@@ -54,26 +56,13 @@ class DictBatches(NoForward):
         return loss
 
 
-class ManualTwoOptimizers(NoForward):
+class ManualTwoOptimizers(TwoOptimizersByHand, NoForward):
     """Manual optimization: the convs and the head step with separate optimizers on every batch."""
 
-    def __init__(self):
-        super().__init__()
-        self.automatic_optimization = False
+    HEAD = 5
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = nn.functional.cross_entropy(self.net(x), y)
-        for optimizer in self.optimizers():
-            optimizer.zero_grad()
-        self.manual_backward(loss)
-        for optimizer in self.optimizers():
-            optimizer.step()
-        return loss
-
-    def configure_optimizers(self):
-        return (torch.optim.SGD(self.net[:5].parameters(), lr=0.05),
-                torch.optim.SGD(self.net[5:].parameters(), lr=0.05))
+    def logits(self, x):
+        return self.net(x)
 
 
 class DictDataset(torch.utils.data.Dataset):
@@ -102,9 +91,7 @@ def tensors(n=48, seed=0):
 
 
 def fit(model, data, callback, **kwargs):
-    args = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                max_epochs=1, accelerator="cpu", devices=1)
-    trainer = L.Trainer(callbacks=[callback], **{**args, **kwargs})
+    trainer = quiet_trainer(None, [callback], max_epochs=1, **kwargs)
     trainer.fit(model, DataLoader(data, batch_size=8), DataLoader(data, batch_size=8))
     return trainer
 
@@ -164,8 +151,7 @@ def test_recalibration_step_handles_custom_batches(tmp_path):
     model = CustomBatches()
     callback = LowRankProjection("svd", 2, every_n_train_steps=2, bn_recalibration_batches=2, recalibration_step=step,
                                  objective="weight")  # no statistics passes: only re-estimation runs `step`
-    trainer = L.Trainer(callbacks=[callback], logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        enable_checkpointing=False, max_epochs=1, default_root_dir=tmp_path)
+    trainer = quiet_trainer(tmp_path, [callback], max_epochs=1)
     trainer.fit(model, DataLoader(data, batch_size=8, collate_fn=collate))
     assert seen == [(8, 3, 8, 8)] * 3, "one check at train start, then two batches after the final projection"
 
@@ -176,8 +162,7 @@ def test_manual_optimization_without_forward_is_refused_at_train_start(tmp_path)
             raise AssertionError("training started")
 
     callback = LowRankProjection("svd", 2, every_n_train_steps=2)
-    trainer = L.Trainer(callbacks=[callback, Stop()], logger=False, enable_progress_bar=False,
-                        enable_checkpointing=False, max_epochs=1, default_root_dir=tmp_path)
+    trainer = quiet_trainer(tmp_path, [callback, Stop()], max_epochs=1)
     with pytest.raises(RuntimeError, match=r"BatchNorm re-estimation cannot run on ManualTwoOptimizers.*manual "
                                            r"optimization.*`recalibration_step=`.*`bn_recalibration_batches=0`"):
         trainer.fit(ManualTwoOptimizers(), DataLoader(tensors(), batch_size=8))
@@ -224,8 +209,7 @@ def test_recalibration_of_a_compiled_backbone_does_not_recompile(tmp_path):
 
     model, counter = Compiled(), CountAtLastBatch()
     callback = LowRankProjection("svd", 2, every_n_train_steps=2, bn_recalibration_batches=3)
-    trainer = L.Trainer(callbacks=[counter, callback], logger=False, enable_progress_bar=False,
-                        enable_checkpointing=False, max_epochs=1, default_root_dir=tmp_path)
+    trainer = quiet_trainer(tmp_path, [counter, callback], max_epochs=1)
     trainer.fit(model, DataLoader(tensors(), batch_size=8))
     assert counter.count >= 1
     assert len(compilations) == counter.count, "re-estimation after the last batch compiled nothing"
@@ -294,7 +278,7 @@ def test_reshuffled_keeps_drop_last():
 def test_each_process_of_a_distributed_fit_draws_its_own_batches():
     from types import SimpleNamespace
 
-    from lrlightning.recalibration import training_batches
+    from lrlightning.training.recalibration import training_batches
 
     def trainer(world_size, global_rank):
         return SimpleNamespace(train_dataloader=DataLoader(tensors(64), batch_size=8), world_size=world_size,

@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from lrlightning import factorize
-from lrlightning.backbones import build_backbone
 from lrlightning.rules import Budget
-from lrlightning.serving import serving_form, serving_input
+from lrlightning.speed.serving import serving_form, serving_input
+from lrlightning.zoo import build_backbone
 
 
 def batchnorms(model):

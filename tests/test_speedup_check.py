@@ -3,8 +3,8 @@ miss beyond the noise, in either direction; a noisy machine is said to be; an un
 measured."""
 import pytest
 
-from lrlightning.speedup_check import (CHECK_ATTEMPTS, OutOfReach, SpeedupCheck, checked_ranks, closest, judged)
-from lrlightning.timing import Spread
+from lrlightning.speed.speedup_check import (CHECK_ATTEMPTS, OutOfReach, SpeedupCheck, checked_ranks, closest, judged)
+from lrlightning.speed.timing import Spread
 
 DENSE = 100.0  # predicted dense cost (ms)
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from lrlightning import timing
-from lrlightning.timing import Spread, interleaved_samples, paired_ratios, paired_speedup, time_interleaved
+from lrlightning.speed import timing
+from lrlightning.speed.timing import Spread, interleaved_samples, paired_ratios, paired_speedup, time_interleaved
 
 
 def test_a_spread_is_the_median_and_interquartile_range_of_its_samples():

@@ -14,7 +14,7 @@ import statistics
 from collections.abc import Iterable
 from typing import Any
 
-from ..rules import rule_label
+from ..rules import record_of, rule_label
 
 METHOD = "lowrank_projection"
 BASELINE = "decompose_finetune"
@@ -69,12 +69,8 @@ def config_rule(lowrank: dict[str, Any]) -> dict[str, Any] | None:
     """The rank rule of a ``lowrank`` config as ``lrlightning.rules.rule_record`` writes it; None without one."""
     rank = lowrank.get("rank")
     kind = target_name(rank)
-    if kind == "Budget":
-        return {"budget": rank.get("factor"), "metric": rank.get("metric", "params")}
-    if kind == "Energy":
-        return {"energy": rank.get("fraction")}
-    if kind == "Compression":
-        return {"compression": rank.get("factor")}
+    if kind in ("Budget", "Energy", "Compression"):
+        return record_of(kind, {key: value for key, value in rank.items() if key != "_target_"})
     if lowrank.get("budget") is not None:
         return {"budget": lowrank["budget"], "metric": lowrank.get("budget_metric", "params")}
     if rank is not None:

@@ -8,11 +8,11 @@ from hydra.utils import instantiate
 from lightning.pytorch import LightningModule
 from omegaconf import DictConfig
 
-from ..distillation import frozen_teacher
+from ..training.distillation import frozen_teacher
 from .evaluation import run_test, val_accuracy
 from .job import (backbone_spec, data_facts, data_passes, deployer, distillation, finish_backbone, fit, input_shape,
                   make_trainer, resume_path, run_facts)
-from ..callback import LowRankProjection
+from ..training.callback import LowRankProjection
 from .ranks import backbone_plans
 from .report import summarize, write_outputs
 

@@ -12,12 +12,12 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from ..int8 import quantize_int8
-from ..onnx_export import SessionModule, export_onnx, require_onnx, session
-from ..recalibration import reshuffled
+from ..deploy.int8 import MIN_CHANNELS, quantize_int8
+from ..deploy.onnx import SessionModule, export_onnx, require_onnx, session
+from ..training.recalibration import reshuffled
 from ..rules import is_int
-from ..timing import Spread, interleaved_samples, paired_ratios
-from ..summary import format_table
+from ..speed.timing import Spread, interleaved_samples, paired_ratios
+from ..training.summary import format_table
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,8 @@ def deploy_settings(node: DictConfig | dict | None) -> tuple[str, int, int]:
     batches = node.get("calibration_batches", 8)
     if not (is_int(batches) and batches >= 1):
         raise ValueError(f"`deploy.calibration_batches` must be an int >= 1, got {batches!r}")
-    min_channels = node.get("min_channels", 16)
+    min_channels = node.get("min_channels")
+    min_channels = MIN_CHANNELS if min_channels is None else min_channels
     if not (is_int(min_channels) and min_channels >= 1):
         raise ValueError(f"`deploy.min_channels` must be an int >= 1, got {min_channels!r}")
     unknown = sorted(set(node) - {"format", "calibration_batches", "min_channels"})

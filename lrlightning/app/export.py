@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from lightning.pytorch import seed_everything
 from omegaconf import DictConfig, OmegaConf
 
-from ..allocator import retain_freed_memory
+from ..speed.allocator import retain_freed_memory
 from .deploy import check_deploy
 from .job import CONFIG_KEY, build_model, data_passes, evaluate_and_export, finish_backbone
 from .module import LitClassifier
@@ -30,6 +30,26 @@ def projection_state(checkpoint: dict) -> dict:
 
 def container(node: DictConfig | None) -> dict:
     return OmegaConf.to_container(node, resolve=True) if node else {}
+
+
+MOVED_MODULES = {f"lrlightning.{former}": f"lrlightning.{current}" for former, current in (  # for checkpoints' configs
+    ("backbones", "zoo"), ("callback", "training.callback"), ("distillation", "training.distillation"),
+    ("passes", "training.passes"), ("recalibration", "training.recalibration"), ("summary", "training.summary"),
+    ("latency", "speed.latency"), ("timing", "speed.timing"), ("allocator", "speed.allocator"),
+    ("serving", "speed.serving"), ("int8", "deploy.int8"), ("onnx_export", "deploy.onnx"))}
+
+
+def current_targets(node):
+    """``node`` (a config read from a checkpoint, as plain dicts and lists) with every ``_target_`` in a module of
+    ``MOVED_MODULES`` naming the module it lives in now (``lrlightning.backbones.CifarResNet`` ->
+    ``lrlightning.zoo.CifarResNet``)."""
+    if isinstance(node, list):
+        return [current_targets(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    module, _, name = str(node.get("_target_", "")).rpartition(".")
+    moved = {"_target_": f"{MOVED_MODULES[module]}.{name}"} if module in MOVED_MODULES else {}
+    return {key: current_targets(value) for key, value in node.items()} | moved
 
 
 def replans(chosen: dict) -> bool:
@@ -87,7 +107,7 @@ def export(cfg: DictConfig, run_dir: Path) -> dict | None:
     seed_everything(cfg.seed)
     datamodule = instantiate(data_cfg)
     if saved.get("model"):
-        model = build_model(saved.model, datamodule)
+        model = build_model(OmegaConf.create(current_targets(container(saved.model))), datamodule)
         model.load_state_dict(checkpoint["state_dict"])
     else:
         model = LitClassifier.load_from_checkpoint(path, map_location="cpu")

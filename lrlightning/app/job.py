@@ -16,13 +16,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 from torch import nn
 
-from ..callback import LowRankProjection
-from ..distillation import Distillation
+from ..training.callback import LowRankProjection
+from ..training.distillation import Distillation
 from ..export import factorize_planned
 from ..options import LowRankOptions
-from ..passes import Passes
+from ..training.passes import Passes
 from ..plan import LayerPlan
-from ..recalibration import reshuffled
+from ..training.recalibration import reshuffled
 from .deploy import deploy
 from .evaluation import run_test, val_accuracy
 from .report import summarize, training_facts, write_outputs
@@ -132,8 +132,7 @@ def finish_backbone(model: LightningModule, datamodule, plans: list[LayerPlan], 
                     seed: int) -> nn.Module:
     """The end of training of ``projection`` (``Passes.finish``) on ``model.backbone``, with batches drawn from the
     datamodule with ``seed`` (the optimizer step), then its factorized copy at ``plans``."""
-    data_passes(datamodule).finish(model.backbone, plans, projection.options, projection.bn_recalibration_batches,
-                                   seed)
+    projection.projector.finish(model.backbone, data_passes(datamodule), seed, plans)
     return factorize_planned(model.backbone, plans, projection.options)
 
 

@@ -16,8 +16,8 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.classification import MulticlassAccuracy
 
-from lrlightning.backbones import build_backbone
-from lrlightning.distillation import Distillation
+from lrlightning.training.distillation import Distillation
+from lrlightning.zoo import build_backbone
 
 __all__ = ["LitClassifier", "SCHEDULERS", "lr_factor"]
 
@@ -29,7 +29,7 @@ class LitClassifier(LightningModule):
     """Image classifier: `backbone` + cross-entropy + SGD with momentum, under a per-step learning-rate schedule.
 
     Args:
-        backbone: a registry name from `lrlightning.backbones.BACKBONES` (built here, so checkpoints hold only
+        backbone: a registry name from `lrlightning.zoo.BACKBONES` (built here, so checkpoints hold only
             scalars and `load_from_checkpoint(path)` needs nothing else), or any `nn.Module` mapping
             (N, in_channels, H, W) to (N, num_classes) logits (e.g. from Hydra `_target_`). A module is left out of
             the hyperparameters: pass it again to `load_from_checkpoint(path, backbone=...)`.
@@ -42,7 +42,7 @@ class LitClassifier(LightningModule):
         backbone_kwargs: extra keyword arguments for the registry builder (e.g. {"shortcut": "B"}).
 
     `distill_from(teacher, weight, temperature)` adds knowledge distillation from a frozen teacher
-    (`lrlightning.distillation`): the training loss becomes (1 − weight)·cross-entropy + weight·KD.
+    (`lrlightning.training.distillation`): the training loss becomes (1 − weight)·cross-entropy + weight·KD.
 
     The schedule steps every optimizer step. Its length is `trainer.estimated_stepping_batches`, so it follows
     `max_epochs` or `max_steps`, and warm-up epochs are converted to steps with the number of batches per epoch.

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from ..cpu import cpu_record
-from ..summary import format_table
+from ..speed.cpu import cpu_record
+from ..training.summary import format_table
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 
@@ -37,7 +37,7 @@ def git_commit(checkout: Path = CHECKOUT) -> str | None:
 
 
 def machine() -> dict[str, Any]:
-    """Host name, CPU model and its speed flags (``lrlightning.cpu.cpu_record``), CPU count, torch's intra-op thread
+    """Host name, CPU model and its speed flags (``lrlightning.speed.cpu.cpu_record``), CPU count, torch's intra-op thread
     count, GPU name (None without CUDA), versions (ONNX Runtime's where installed)."""
     return {"hostname": socket.gethostname(), **cpu_record(), "cpu_count": os.cpu_count(),
             "threads": torch.get_num_threads(),

@@ -9,9 +9,9 @@ from typing import Any, Mapping
 from hydra.utils import instantiate
 from torch import nn
 
-from ..callback import LowRankProjection
+from ..training.callback import LowRankProjection
 from ..options import LowRankOptions
-from ..passes import Passes
+from ..training.passes import Passes
 from ..plan import LayerPlan, plan_layers, relative_plans
 from ..rules import Budget
 

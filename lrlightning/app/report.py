@@ -14,14 +14,14 @@ from lightning.pytorch import Trainer
 from torch import nn
 
 from ..counting import count_macs, count_params
-from ..cpu import features_text
+from ..speed.cpu import features_text
 from ..export import save_factorized
 from ..options import LowRankOptions
 from ..plan import LayerPlan
 from ..budget import Allocation
 from ..rules import Budget, rule_label, rule_record
-from ..speed import measured_speedup
-from ..summary import format_table
+from ..speed.measure import measured_speedup
+from ..training.summary import format_table
 from .deploy import deploy_table
 from .provenance import provenance
 
@@ -36,7 +36,7 @@ def allocation_facts(allocation: Allocation | None) -> dict[str, Any]:
     """What a budget's allocation went by: ``budget_errors`` (``"weight"``, or ``"output"`` errors on data) and
     ``budget_objective`` (``"max"`` or ``"sum"``), and
     for latency what it found when it was made: ``budget_check`` (the allocated model's speedup measured against
-    dense, see ``lrlightning.speedup_check``) and ``latency_table`` (where its timings came from); empty without
+    dense, see ``lrlightning.speed.speedup_check``) and ``latency_table`` (where its timings came from); empty without
     a budget."""
     if allocation is None:
         return {}
@@ -59,7 +59,7 @@ def summarize(method: str, options: LowRankOptions | None, plans: list[LayerPlan
               extra: dict) -> dict[str, Any]:
     """The fields of ``summary.json`` (``extra`` last): ``plans`` are the factorized layers of ``dense``, whose
     factorized copy is ``small``; ``metrics`` come from ``run_test`` and ``val_accuracy``. Latency: dense and
-    factorized timed interleaved in their serving form (``lrlightning.serving``: BatchNorm folded, the budget's
+    factorized timed interleaved in their serving form (``lrlightning.speed.serving``: BatchNorm folded, the budget's
     ``latency_memory_format``, default channels_last) at ``latency_batch_size``, on the CPU, or on the budget's
     ``latency_device``:
     medians over the rounds, the speedup as the median of per-round ratios with its interquartile range

@@ -9,8 +9,8 @@ from hydra.utils import instantiate
 from lightning.pytorch import seed_everything
 from omegaconf import DictConfig, OmegaConf
 
-from ..allocator import retain_freed_memory
-from ..distillation import frozen_teacher
+from ..speed.allocator import retain_freed_memory
+from ..training.distillation import frozen_teacher
 from ..rules import is_int
 from ..plan import relative_plans
 from .baseline import BASELINES, decompose

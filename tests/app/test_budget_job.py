@@ -9,7 +9,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from lrlightning.app.cli import CONF_DIR
-from lrlightning.cpu import cpu_label
+from lrlightning.speed.cpu import cpu_label
 from lrlightning.app.train import train
 
 

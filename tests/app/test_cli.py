@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lrlightning import count_params, load_factorized
-from lrlightning.app.collect import main as collect_main
+from lrlightning.app.cli import collect_main
 from lrlightning.app.data import DEBIAN_FASHION_MNIST
 
 REPO = Path(__file__).resolve().parents[2]

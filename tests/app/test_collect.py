@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from lrlightning.app.aggregate import BASELINE, aggregate, chosen_table, verdicts
-from lrlightning.app.collect import NO_SUMMARY, collect_rows, main as collect_main
+from lrlightning.app.cli import collect_main
+from lrlightning.app.collect import NO_SUMMARY, collect_rows
 from lrlightning.app.provenance import describe_machine, git_commit, machine, provenance
 from lrlightning.app.results_doc import COMMAND, document, find_entries
 

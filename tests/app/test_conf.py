@@ -21,6 +21,8 @@ from lrlightning.app.cli import CONF_DIR
 from lrlightning.app.ranks import with_budget_defaults
 from lrlightning.app.train import check_job
 
+from helpers import compose_train
+
 CONF = Path(CONF_DIR)
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 TARGET_PREFIXES = ("lrlightning.", "lightning.pytorch.")
@@ -28,11 +30,6 @@ TARGET_PREFIXES = ("lrlightning.", "lightning.pytorch.")
 
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-
-
-def compose_train(overrides=(), hydra=False):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose("train", overrides=list(overrides), return_hydra_config=hydra)
 
 
 def instantiate_job(cfg, tmp_path):

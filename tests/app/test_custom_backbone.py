@@ -4,14 +4,14 @@ import torch
 from hydra.utils import instantiate
 
 from lrlightning.app.job import build_model, input_shape
-from lrlightning.backbones import CifarResNet, ChannelPadShortcut
+from lrlightning.zoo import CifarResNet, ChannelPadShortcut
 
-from .test_conf import compose_train
+from helpers import compose_train
 
 
 def test_custom_backbone_takes_classes_and_channels_from_the_datamodule():
     cfg = compose_train(["model=custom_backbone", "data=synthetic", "+data.in_channels=1", "+data.num_classes=7"])
-    assert cfg.model.backbone._target_ == "lrlightning.backbones.CifarResNet"
+    assert cfg.model.backbone._target_ == "lrlightning.zoo.CifarResNet"
     datamodule = instantiate(cfg.data)
     model = build_model(cfg.model, datamodule)
     assert isinstance(model.backbone, CifarResNet) and "backbone" not in model.hparams

@@ -17,7 +17,7 @@ from lrlightning.app.collect import collect_rows, plot_deployed, write_sweep  # 
 from lrlightning.app.deploy import check_deploy  # noqa: E402
 from lrlightning.app.export import export  # noqa: E402
 from lrlightning.app.train import train  # noqa: E402
-from lrlightning.onnx_export import OnnxExportError, SessionModule, session  # noqa: E402
+from lrlightning.deploy.onnx import OnnxExportError, SessionModule, session  # noqa: E402
 
 ROW_FIELDS = {"file", "size_bytes", "latency_ms", "latency_ms_batch1", "speedup", "speedup_low", "speedup_high",
               "speedup_batch1", "test_acc"}
@@ -143,3 +143,13 @@ def test_a_dense_run_deploys_the_dense_model_only(tmp_path, tiny_train):
     summary = train(compose_job("train", [*dense, "lowrank=none", "deploy=onnx"]), tmp_path)
     assert list(summary["deploy"]["rows"]) == ["dense_fp32"]
     assert [p.name for p in tmp_path.glob("*.onnx")] == ["dense.onnx"]
+
+
+def test_the_int8_preset_takes_the_library_default_for_thin_convs():
+    from lrlightning.app.deploy import deploy_settings
+    from lrlightning.deploy.int8 import MIN_CHANNELS
+
+    preset = compose_job("train", ["deploy=int8"]).deploy
+    assert preset.min_channels is None
+    assert deploy_settings(preset) == ("int8", 8, MIN_CHANNELS)
+    assert deploy_settings({"format": "int8", "min_channels": 4})[2] == 4

@@ -3,7 +3,8 @@ import pytest
 from hydra.utils import instantiate
 
 from lrlightning import Compression, LowRankOptions, Selection, Solver, TiledSVD
-from lrlightning.app.export import export_lowrank, projection_state, replans
+from lrlightning.app.export import current_targets, export_lowrank, projection_state, replans
+from lrlightning.zoo import CifarResNet
 
 SCHEME = {"_target_": "lrlightning.TiledSVD", "tile_shape": [8, 8]}
 RULE = {"_target_": "lrlightning.Compression", "factor": 2.0}
@@ -88,3 +89,25 @@ def test_lrl_export_with_a_nested_override_replans(tmp_path, tiny_train):
     assert (rank["method"], rank["scheme_options"], rank["rule"]) == (
         "decompose", {"tile_shape": [8, 8]}, {"compression": 4.0})
     assert rank["compression_ratio"] >= 4.0 > trained["compression_ratio"]
+
+
+def test_a_checkpoint_config_naming_the_former_backbones_module_builds_its_backbone_from_the_zoo():
+    backbone = {"_target_": "lrlightning.backbones.CifarResNet", "depth": 20, "shortcut": "B", "num_classes": 7,
+                "in_channels": 1}
+    saved = {"_target_": "lrlightning.app.module.LitClassifier", "num_classes": 7, "in_channels": 1,
+             "backbone": backbone}
+    current = current_targets(saved)
+    assert current == {**saved, "backbone": {**backbone, "_target_": "lrlightning.zoo.CifarResNet"}}
+    model = instantiate(current)
+    assert isinstance(model.backbone, CifarResNet) and model.backbone.fc.out_features == 7
+    assert current_targets([{"_target_": "lrlightning.backbones.build_backbone", "name": "resnet20"}]) == [
+        {"_target_": "lrlightning.zoo.build_backbone", "name": "resnet20"}]
+    assert current_targets(SAVED) == SAVED and current_targets({"_target_": "lrlightning.zoo.SimpleCNN"}) == {
+        "_target_": "lrlightning.zoo.SimpleCNN"}
+
+
+def test_a_checkpoint_config_naming_a_module_before_the_subpackages_still_instantiates():
+    former = "lrlightning." + "distillation.Distillation"  # the module path a checkpoint of an earlier version holds
+    current = current_targets({"_target_": former, "weight": 0.5, "temperature": 2.0})
+    assert current["_target_"] == "lrlightning.training.distillation.Distillation"
+    assert instantiate(current).weight == 0.5

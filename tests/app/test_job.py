@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 from lrlightning.app.job import CONFIG_KEY, backbone_spec, fit, load_weights, make_trainer, resume_path
 from lrlightning.app.module import LitClassifier
-from lrlightning.backbones import SimpleCNN
+from lrlightning.zoo import SimpleCNN
 
 
 def test_resume_path_prefers_the_given_path_then_the_newest_checkpoint(tmp_path):

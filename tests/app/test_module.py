@@ -7,14 +7,16 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lrlightning.app.module import LitClassifier, lr_factor
-from lrlightning.backbones import SimpleCNN
+from lrlightning.zoo import SimpleCNN
+
+from helpers import quiet_trainer
 
 
-def test_fit_on_synthetic_data_lowers_validation_loss_and_logs_metrics(cpu_trainer, synthetic_data):
+def test_fit_on_synthetic_data_lowers_validation_loss_and_logs_metrics(tmp_path, synthetic_data):
     torch.manual_seed(0)
     datamodule = synthetic_data()
     model = LitClassifier("simple_cnn", num_classes=10, in_channels=3, lr=0.05, warmup_epochs=1)
-    trainer = cpu_trainer(max_epochs=4)
+    trainer = quiet_trainer(tmp_path, max_epochs=4)
     before = trainer.validate(model, datamodule, verbose=False)[0]["val/loss"]
     trainer.fit(model, datamodule)
     after = trainer.callback_metrics["val/loss"].item()
@@ -26,18 +28,18 @@ def test_fit_on_synthetic_data_lowers_validation_loss_and_logs_metrics(cpu_train
     assert set(tested) == {"test/loss", "test/acc", "test/acc_top5"}
 
 
-def test_top5_is_not_logged_for_five_classes(cpu_trainer, synthetic_data):
+def test_top5_is_not_logged_for_five_classes(tmp_path, synthetic_data):
     model = LitClassifier("simple_cnn", num_classes=5, in_channels=3, scheduler="none")
-    tested = cpu_trainer().test(model, synthetic_data(num_classes=5), verbose=False)[0]
+    tested = quiet_trainer(tmp_path).test(model, synthetic_data(num_classes=5), verbose=False)[0]
     assert set(tested) == {"test/loss", "test/acc"}
 
 
-def test_checkpoint_reloads_without_extra_arguments_and_holds_only_plain_values(tmp_path, cpu_trainer, synthetic_data):
+def test_checkpoint_reloads_without_extra_arguments_and_holds_only_plain_values(tmp_path, synthetic_data):
     model = LitClassifier(
         "resnet20", num_classes=10, in_channels=3, backbone_kwargs={"width": 4}, step_milestones=[0.3, 0.6]
     )
     checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="last")
-    trainer = cpu_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1,
+    trainer = quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=1,
                            enable_checkpointing=True, callbacks=[checkpoint])
     trainer.fit(model, synthetic_data())
     path = tmp_path / "last.ckpt"
@@ -54,13 +56,13 @@ def test_checkpoint_reloads_without_extra_arguments_and_holds_only_plain_values(
     torch.testing.assert_close(reloaded(x), model(x))
 
 
-def test_module_backbone_is_used_and_kept_out_of_hyperparameters(tmp_path, cpu_trainer, synthetic_data):
+def test_module_backbone_is_used_and_kept_out_of_hyperparameters(tmp_path, synthetic_data):
     backbone = SimpleCNN(num_classes=10, in_channels=3, width=4)
     model = LitClassifier(backbone, num_classes=10, in_channels=3)
     assert model.backbone is backbone
     assert "backbone" not in model.hparams
     checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="last")
-    trainer = cpu_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1,
+    trainer = quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=1,
                            enable_checkpointing=True, callbacks=[checkpoint])
     trainer.fit(model, synthetic_data())
     reloaded = LitClassifier.load_from_checkpoint(tmp_path / "last.ckpt", backbone=SimpleCNN(10, 3, width=4))
@@ -68,9 +70,9 @@ def test_module_backbone_is_used_and_kept_out_of_hyperparameters(tmp_path, cpu_t
 
 
 @pytest.mark.parametrize(("scheduler", "final_factor"), [("step", 0.01), ("cosine", 0.0), ("none", 1.0)])
-def test_learning_rate_after_fit_follows_the_schedule(scheduler, final_factor, cpu_trainer, synthetic_data):
+def test_learning_rate_after_fit_follows_the_schedule(scheduler, final_factor, tmp_path, synthetic_data):
     model = LitClassifier("simple_cnn", num_classes=10, in_channels=3, lr=0.2, scheduler=scheduler)
-    trainer = cpu_trainer(max_epochs=2, limit_val_batches=0)
+    trainer = quiet_trainer(tmp_path, max_epochs=2, limit_val_batches=0)
     trainer.fit(model, synthetic_data())
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.2 * final_factor, abs=1e-9)
 

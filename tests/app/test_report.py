@@ -22,9 +22,9 @@ from lrlightning.app.aggregate import config_rule, config_scheme, point_label, p
 from lrlightning.app.collect import UNFINISHED, collect_rows, status_of
 from lrlightning.app.report import summarize, summary_table, write_json, write_outputs
 from lrlightning.rules import rule_label, rule_record
-from lrlightning.backbones import SimpleCNN
-from lrlightning.cpu import cpu_features, cpu_model
-from lrlightning.timing import MODEL_ROUNDS
+from lrlightning.speed.cpu import cpu_features, cpu_model
+from lrlightning.speed.timing import MODEL_ROUNDS
+from lrlightning.zoo import SimpleCNN
 
 SHAPE = (3, 16, 16)
 
@@ -178,6 +178,10 @@ def test_the_recorded_rule_is_a_dict_that_aggregate_reads_back_into_the_same_poi
     assert recorded["rule"] == {"budget": 2.0, "metric": "macs"} == written["rule"]
     # the train config and the summary's record name the same point: read as dicts, no string parsed
     assert config_rule(lowrank) == recorded["rule"] and config_scheme(lowrank) == recorded["scheme"]
+    latency = {"_target_": "lrlightning.Budget", "factor": 1.3, "metric": "latency", "latency_backend": "onnxruntime"}
+    budget = Budget(1.3, metric="latency", latency_backend="onnxruntime", input_shape=SHAPE)
+    assert config_rule({"rank": latency}) == rule_record(budget) == {"budget": 1.3, "metric": "latency",
+                                                                      "backend": "onnxruntime"}
     label = point_label(recorded["scheme"], recorded["rule"])
     assert label == point_of(lowrank) == summary_point(recorded) == "svd:budget=2x macs"
     # an lrl-export summary: its config holds only the overrides, so the point comes from the rule record

@@ -4,7 +4,6 @@ here; one with an option of its own) that work with ``project_``, ``factorize``,
 ``load_factorized`` and ``LowRankProjection``."""
 import re
 
-import lightning as L
 import pytest
 import torch
 from torch import nn
@@ -17,6 +16,8 @@ from lrlightning.export import structure_spec
 from lrlightning.layers import LowRankConv2d, geometry, new_conv
 from lrlightning.schemes import (SCHEME_NAMES, LoweredSVD, MatrixScheme, TiledSVD, Tucker2, layer_from_spec,
                                  register, scheme_class, scheme_of, truncated_svd)
+
+from helpers import NetModule, quiet_trainer
 
 
 class InputSideSVD(MatrixScheme):
@@ -47,7 +48,7 @@ class PowerSVD(LoweredSVD):
     name = "power_svd"
 
     def __init__(self, power: int = 2):
-        if not (isinstance(power, int) and not isinstance(power, bool) and power >= 1):
+        if isinstance(power, bool) or not isinstance(power, int) or power < 1:
             raise ValueError(f"`power` of PowerSVD must be an int >= 1, got {power!r}")
         self.power = power
 
@@ -263,35 +264,16 @@ def test_a_scheme_with_an_option_factorizes_saves_and_loads(power_svd, tmp_path)
         assert torch.equal(loaded(x), small(x))
 
 
-class TwoConvModule(L.LightningModule):
-    """``model_with_two_convs`` as ``net``, with a 16-class cross-entropy loss, SGD."""
-
-    def __init__(self):
-        super().__init__()
-        self.net = model_with_two_convs()
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
-
-
-def test_a_scheme_with_an_option_trains_with_the_callback_and_factorizes_what_it_trained(power_svd, cpu_trainer,
-                                                                                       tmp_path):
+def test_a_scheme_with_an_option_trains_with_the_callback_and_factorizes_what_it_trained(power_svd, tmp_path):
     generator = torch.Generator().manual_seed(5)
     data = TensorDataset(torch.randn(32, 3, 12, 12, generator=generator),
                          torch.randint(0, 16, (32,), generator=generator))
-    module = TwoConvModule()
+    module = NetModule(model_with_two_convs())  # 16-class cross-entropy, SGD
     before = [module.net[i].weight.detach().clone() for i in (2, 4)]
     projection = LowRankProjection(scheme=PowerSVD(power=3), rank=3, every_n_train_steps=2)
     assert projection.options.scheme == PowerSVD(power=3)
     assert "PowerSVD(power=3)" in projection.state_key
-    trainer = cpu_trainer(max_epochs=1, callbacks=[projection])
+    trainer = quiet_trainer(tmp_path, [projection], max_epochs=1)
     trainer.fit(module, DataLoader(data, batch_size=8))
     assert trainer.global_step == 4 and projection.num_projections == 2
     assert projection.ranks == {"net.2": 3, "net.4": 3}

@@ -56,16 +56,8 @@ class ImageDataModule(LightningDataModule):
     crop_padding = 0
     flip = False
 
-    def __init__(
-        self,
-        root: str | None = None,
-        batch_size: int = 128,
-        val_size: int = 5000,
-        seed: int = 0,
-        num_workers: int = 0,
-        augment: bool = True,
-        download: bool = True,
-    ):
+    def __init__(self, root: str | None = None, batch_size: int = 128, val_size: int = 5000, seed: int = 0,
+                 num_workers: int = 0, augment: bool = True, download: bool = True):
         super().__init__()
         check_int("batch_size", batch_size, minimum=1)
         check_int("val_size", val_size, minimum=1)

@@ -63,18 +63,10 @@ class CIFAR100DataModule(CIFAR10DataModule):
     archive, folder = "cifar-100-python.tar.gz", "cifar-100-python"
     marker = "test"
 
-    def __init__(
-        self,
-        root: str | None = None,
-        batch_size: int = 128,
-        val_size: int = 5000,
-        seed: int = 0,
-        num_workers: int = 0,
-        augment: bool = True,
-        download: bool = True,
-        coarse: bool = False,
-    ):
-        super().__init__(root, batch_size, val_size, seed, num_workers, augment, download)
+    def __init__(self, *args, coarse: bool = False, **kwargs):
+        """`coarse`: label the 20 superclasses (default False: the 100 classes); the other arguments are
+        `ImageDataModule`'s."""
+        super().__init__(*args, **kwargs)
         self.coarse = coarse
         self.num_classes = 20 if coarse else 100
 

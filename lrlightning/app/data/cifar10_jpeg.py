@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ...latency import default_cache_dir
+from ...speed.latency import default_cache_dir
 from .archives import extract_tar
 from .files import DATA_ROOT_ENV, DataNotFoundError
 from .folders import SPLITS

@@ -20,17 +20,9 @@ class DigitsDataModule(ImageDataModule):
     crop_padding = 1
     test_size = 360
 
-    def __init__(
-        self,
-        root: str | None = None,
-        batch_size: int = 128,
-        val_size: int = 180,
-        seed: int = 0,
-        num_workers: int = 0,
-        augment: bool = True,
-        download: bool = True,
-    ):
-        super().__init__(root, batch_size, val_size, seed, num_workers, augment, download)
+    def __init__(self, *args, val_size: int = 180, **kwargs):
+        """The arguments of `ImageDataModule`, with 180 validation images by default."""
+        super().__init__(*args, val_size=val_size, **kwargs)
 
     def load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         try:

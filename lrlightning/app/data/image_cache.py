@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...latency import default_cache_dir
+from ...speed.latency import default_cache_dir
 
 FORMAT_VERSION = 1
 SUBDIR = "image_folder"

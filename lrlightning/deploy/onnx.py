@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .names import named_modules
+from ..names import named_modules
 
 EXTRA = ("onnx", "onnxscript", "onnxruntime")  # the modules of the ``onnx`` extra
 INPUT, OUTPUT = "input", "output"  # the graph's input and output names
@@ -153,7 +153,7 @@ def session(model: str | Path | bytes, threads: int | None = None):
 
 class SessionModule:
     """An ONNX Runtime session called like a module: ``runner(x)`` on a CPU tensor returns the first output as a
-    numpy array (what ``lrlightning.timing`` times and ``lrlightning.app.deploy`` evaluates)."""
+    numpy array (what ``lrlightning.speed.timing`` times and ``lrlightning.app.deploy`` evaluates)."""
 
     def __init__(self, inference_session):
         self.session = inference_session

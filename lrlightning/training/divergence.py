@@ -7,7 +7,7 @@ from typing import Iterator
 
 import torch
 
-from .projection import NonFiniteWeightError
+from ..projection import NonFiniteWeightError
 
 FINITE_CHECK_STEPS = 32  # the host reads the record this often (optimizer steps) and before each projection
 DIVERGENCE_HINT = ("HINT: lower the learning rate, set the Trainer's `gradient_clip_val`, use a larger `rank` or "

@@ -6,7 +6,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .names import named_modules
+from ..names import named_modules
 
 
 def broadcast_weights(module: nn.Module, plans: list) -> None:

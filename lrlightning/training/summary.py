@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from .budget import Allocation
-from .cpu import cpu_label
-from .plan import LayerPlan, SkippedLayer
+from ..budget import Allocation
+from ..speed.cpu import cpu_label
+from ..plan import LayerPlan, SkippedLayer
 
 
 TABLE_STATES = {"measured": "timed now", "cached": "cached, confirmed by re-timing", "stale": "the cached table was "

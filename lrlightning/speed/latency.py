@@ -34,9 +34,9 @@ from torch import nn
 
 from .allocator import freed_memory_retained
 from .cpu import cpu_label
-from .layers import is_conv
-from .names import named_modules
-from .rules import LATENCY_BACKENDS as BACKENDS
+from ..layers import is_conv
+from ..names import named_modules
+from ..rules import LATENCY_BACKENDS as BACKENDS
 from .serving import check_memory_format, serving_form, serving_input
 from .timing import ROUND_SECONDS, ROUNDS, Spread, interleaved_samples, on_device, paired_ratios, paired_speedup, synchronize
 
@@ -54,8 +54,8 @@ def default_cache_dir() -> Path:
 
 def device_key(device: torch.device, backend: str = "eager", memory_format: str = "channels_last") -> str:
     """What a latency depends on besides the layer: the processor (CPU model and instruction sets, see
-    ``lrlightning.cpu``; thread count and whether freed memory is retained, see ``lrlightning.allocator``; or the
-    CUDA device name), the backend (eager: with its memory format, see ``lrlightning.serving``) and the torch
+    ``lrlightning.speed.cpu``; thread count and whether freed memory is retained, see ``lrlightning.speed.allocator``; or the
+    CUDA device name), the backend (eager: with its memory format, see ``lrlightning.speed.serving``) and the torch
     version."""
     if backend == "onnxruntime":
         import onnxruntime
@@ -73,12 +73,12 @@ def device_key(device: torch.device, backend: str = "eager", memory_format: str 
 def runnable(module: nn.Module, example: torch.Tensor, backend: str, memory_format: str = "channels_last",
              fold: bool = False):
     """What is timed of ``module`` on inputs shaped like ``example``: eager, its serving form on ``example``'s
-    device (``lrlightning.serving``: eval mode, weights in ``memory_format``, BatchNorm folded when ``fold``), or
-    an ONNX Runtime session of it (``lrlightning.onnx_export.timing_bytes``; it folds BatchNorm itself)."""
+    device (``lrlightning.speed.serving``: eval mode, weights in ``memory_format``, BatchNorm folded when ``fold``), or
+    an ONNX Runtime session of it (``lrlightning.deploy.onnx.timing_bytes``; it folds BatchNorm itself)."""
     if backend == "eager":
         return serving_form(module, memory_format, fold).to(example.device)
     module = module.to(example.device).eval()
-    from .onnx_export import SessionModule, session, timing_bytes
+    from ..deploy.onnx import SessionModule, session, timing_bytes
 
     return SessionModule(session(timing_bytes(module, example)))
 
@@ -118,7 +118,7 @@ LayerRequest = tuple[nn.Module, Sequence[int], dict[str, Callable[[], nn.Module]
 class LatencyTable:
     """Per-layer latencies on ``device`` at batch ``batch_size`` in ``backend`` (``"eager"``, default, or
     ``"onnxruntime"``: CPU only), read from and written to a JSON cache. Eager modules are timed in their serving
-    form (``lrlightning.serving``): weights and inputs in ``memory_format`` (default ``"channels_last"``), whole
+    form (``lrlightning.speed.serving``): weights and inputs in ``memory_format`` (default ``"channels_last"``), whole
     models with BatchNorm folded.
 
     ``remeasure=True`` ignores the cached entries this run needs: they are timed again and the cache updated.
@@ -134,7 +134,7 @@ class LatencyTable:
         if backend == "onnxruntime":
             if self.device.type != "cpu":
                 raise ValueError(f"`backend`='onnxruntime' times on the CPU, got device {str(device)!r}")
-            from .onnx_export import require_onnx
+            from ..deploy.onnx import require_onnx
 
             require_onnx("a latency table in ONNX Runtime")
         self.backend = backend
@@ -240,7 +240,7 @@ class LatencyTable:
             float, dict[str, float]]:
         """(median ms of one forward pass of ``model``, {name: median ms spent inside that submodule during a
         pass}) for the submodules ``names`` (canonical names), so layers are also timed where they run, on the
-        model's own activations. The model's serving form (a copy, see ``lrlightning.serving``), a random
+        model's own activations. The model's serving form (a copy, see ``lrlightning.speed.serving``), a random
         batch; cached under a hash of the model's structure (``model_key``). ONNX Runtime runs the graph whole, so
         there no submodule is timed inside it (the dict is empty)."""
         parameter = next(model.parameters())
@@ -271,7 +271,7 @@ class LatencyTable:
 
     def speedup(self, dense: nn.Module, factorized: nn.Module, input_shape: Sequence[int]) -> Spread:
         """Dense / factorized whole-model speedup on this table's device and batch, timed interleaved, per-round
-        ratios (``lrlightning.timing.paired_speedup``; serving forms of copies, never cached)."""
+        ratios (``lrlightning.speed.timing.paired_speedup``; serving forms of copies, never cached)."""
         parameter = next(dense.parameters())
         example = self.example(input_shape, parameter.dtype)
         copies = [self.runnable(copy.deepcopy(m), example, fold=True) for m in (dense, factorized)]

@@ -10,15 +10,15 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 
-from .activations import LayerStatistics
-from .batchnorm import batchnorm_layers, kept_batchnorm_statistics, recalibrate_batchnorm_, seeded
-from .finish import finish_
-from .options import LowRankOptions
-from .plan import LayerPlan
-from .projection import LayerStats, empty_statistics, gather_statistics
+from ..activations import LayerStatistics
+from ..batchnorm import batchnorm_layers, kept_batchnorm_statistics, recalibrate_batchnorm_, seeded
+from ..finish import finish_
+from ..options import LowRankOptions
+from ..plan import LayerPlan
+from ..projection import LayerStats, empty_statistics, gather_statistics
 from .recalibration import defines_forward, eager, preserved_metrics, run_training_step, silenced_logging, \
     training_batches
-from .transfer import host_lists
+from ..transfer import host_lists
 
 Forward = Callable[[nn.Module, Any, int], Any]  # (module, batch, index) -> anything; one forward pass
 
@@ -143,6 +143,26 @@ def module_forward(module: LightningModule, batch: Any, index: int, step: Forwar
         raise TypeError(f"{type(module).__name__} uses manual optimization and has no {kind} for its batches of "
                         f"type {type(batch).__name__}, so BatchNorm re-estimation cannot run it")
     run_training_step(module, batch, index)
+
+
+def first_item(batch: Any) -> Any:
+    """What a module's forward takes from a training batch by default: the first item of a tuple/list, else the
+    batch."""
+    return batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+
+
+def batch_forward(step: Forward | None = None, input_of: Callable[[Any], Any] = first_item,
+                  chosen: bool = False) -> Forward:
+    """``module_forward`` with the input ``input_of(batch)`` when the module defines ``forward`` and that input is
+    a tensor, or was ``chosen`` by the caller (an override of the default ``first_item``)."""
+    def forward(module: LightningModule, batch: Any, index: int) -> None:
+        inputs = None
+        if step is None and defines_forward(module):
+            inputs = input_of(batch)
+            inputs = inputs if chosen or isinstance(inputs, torch.Tensor) else None
+        module_forward(module, batch, index, step, inputs)
+
+    return forward
 
 
 @contextlib.contextmanager

@@ -3,9 +3,9 @@ import torch
 from torch import nn
 
 from lrlightning import factorize, project_
-from lrlightning.backbones import (
-    BACKBONES, BasicBlock, Bottleneck, CifarResNet, ImageNetResNet, InvertedResidual, MobileNetV2, ResNeXt,
-    ResNeXtBlock, build_backbone,
+from lrlightning.zoo import (
+    BACKBONES, IMAGENET_BACKBONES, BasicBlock, Bottleneck, CifarResNet, ImageNetResNet, InvertedResidual, MobileNetV2,
+    ResNeXt, ResNeXtBlock, build_backbone,
 )
 
 
@@ -119,26 +119,65 @@ def test_factorized_resnet18_matches_the_projected_dense_model():
 def test_registry_names():
     assert set(BACKBONES) == {"resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet18", "resnet50",
                               "vgg", "simple_cnn", "mobilenet_v2", "resnext", "conv1d", "conv3d"}
+    assert IMAGENET_BACKBONES == ("resnet18", "resnet50", "mobilenet_v2")
 
 
-def test_bad_arguments_raise_value_errors_naming_them():
-    with pytest.raises(ValueError,
-                       match=r"`name` must be one of \['resnet20', .*'simple_cnn', .*'conv3d'\], got 'resnet34'"):
-        build_backbone("resnet34")
-    with pytest.raises(ValueError, match=r"`depth` must be 6n\+2.*21"):
-        CifarResNet(21)
-    with pytest.raises(ValueError, match=r"`depth` must be one of \[18, 50\], got 34"):
-        ImageNetResNet(34)
-    with pytest.raises(ValueError, match=r"`out_channels` must be a multiple of 4, got 10"):
-        Bottleneck(8, 10)
-    with pytest.raises(ValueError, match=r"`width`.*0"):
-        build_backbone("resnet18", width=0)
-    with pytest.raises(ValueError, match=r"`shortcut`.*\['A', 'B'\].*'C'"):
-        CifarResNet(20, shortcut="C")
-    with pytest.raises(ValueError, match=r"`num_classes`.*0"):
-        build_backbone("simple_cnn", num_classes=0)
-    with pytest.raises(ValueError, match=r"`in_channels`.*2\.5"):
-        build_backbone("vgg", in_channels=2.5)
+def batchnorm_state(name: str, channels: int) -> list[tuple[str, tuple[int, ...]]]:
+    return [(f"{name}.{key}", (channels,)) for key in ("weight", "bias", "running_mean", "running_var")] + [
+        (f"{name}.num_batches_tracked", ())]
+
+
+def bottleneck_state(in_channels: int, inner: int, out_channels: int, groups: int, projection: bool
+                     ) -> list[tuple[str, tuple[int, ...]]]:
+    """The (key, shape) pairs, in order, of a bottleneck block's state_dict: 1×1 conv1 to `inner`, 3×3 conv2 in
+    `groups` groups, 1×1 conv3 to `out_channels`, each followed by its BN, then the 1×1 conv + BN shortcut where it
+    projects (none for the identity)."""
+    state = [("conv1.weight", (inner, in_channels, 1, 1)), *batchnorm_state("bn1", inner),
+             ("conv2.weight", (inner, inner // groups, 3, 3)), *batchnorm_state("bn2", inner),
+             ("conv3.weight", (out_channels, inner, 1, 1)), *batchnorm_state("bn3", out_channels)]
+    if projection:
+        state += [("shortcut.0.weight", (out_channels, in_channels, 1, 1)),
+                  *batchnorm_state("shortcut.1", out_channels)]
+    return state
+
+
+@pytest.mark.parametrize(("block", "expected"), [
+    (lambda: Bottleneck(64, 256, stride=2), bottleneck_state(64, 64, 256, 1, projection=True)),
+    (lambda: Bottleneck(256, 256), bottleneck_state(256, 64, 256, 1, projection=False)),
+    (lambda: ResNeXtBlock(64, 64, 128, stride=2, groups=8), bottleneck_state(64, 64, 128, 8, projection=True)),
+    (lambda: ResNeXtBlock(128, 64, 128, groups=4), bottleneck_state(128, 64, 128, 4, projection=False)),
+])
+def test_bottleneck_and_resnext_blocks_keep_their_state_dict_keys_and_shapes(block, expected):
+    """Checkpoints of ResNet-50 and ResNeXt load: the blocks' parameters and buffers keep their names and shapes."""
+    assert [(key, tuple(value.shape)) for key, value in block().state_dict().items()] == expected
+
+
+@pytest.mark.parametrize(("build", "match"), [
+    (lambda: build_backbone("resnet34"),
+     r"`name` must be one of \['resnet20', .*'simple_cnn', .*'conv3d'\], got 'resnet34'"),
+    (lambda: CifarResNet(21), r"`depth` must be 6n\+2.*21"),
+    (lambda: ImageNetResNet(34), r"`depth` must be one of \[18, 50\], got 34"),
+    (lambda: Bottleneck(8, 10), r"`out_channels` must be a multiple of 4, got 10"),
+    (lambda: build_backbone("resnet18", width=0), r"`width`.*0"),
+    (lambda: CifarResNet(20, shortcut="C"), r"`shortcut`.*\['A', 'B'\].*'C'"),
+    (lambda: build_backbone("simple_cnn", num_classes=0), r"`num_classes`.*0"),
+    (lambda: build_backbone("vgg", in_channels=2.5), r"`in_channels`.*2\.5"),
+    (lambda: build_backbone("resnext", cardinality=6),
+     r"`width` must be a multiple of `cardinality` \(6\).*got width=64"),
+    (lambda: build_backbone("resnext", cardinality=0), r"`cardinality`.*0"),
+    (lambda: build_backbone("resnext", blocks=0), r"`blocks`.*0"),
+    (lambda: ResNeXtBlock(8, 12, 16, groups=8), r"`bottleneck_width` must be a multiple of `groups` \(8\), got 12"),
+    (lambda: build_backbone("mobilenet_v2", width=0), r"`width` must be a number > 0.*got 0"),
+    (lambda: build_backbone("mobilenet_v2", small_input="yes"), r"`small_input` must be a bool, got 'yes'"),
+    (lambda: InvertedResidual(8, 8, 1, expansion=0), r"`expansion`.*0"),
+    (lambda: build_backbone("conv1d", width=0), r"`width` must be a positive int, got 0"),
+    (lambda: build_backbone("conv3d", width=0), r"`width` must be a positive int, got 0"),
+    (lambda: build_backbone("conv1d", in_channels=-1), r"`in_channels`.*-1"),
+    (lambda: build_backbone("conv3d", in_channels=-1), r"`in_channels`.*-1"),
+])
+def test_bad_arguments_raise_value_errors_naming_them(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
 
 
 def test_backbone_learns_a_batch():
@@ -297,25 +336,3 @@ def test_new_backbones_train_every_parameter(name, kwargs, shape):
     loss = nn.functional.cross_entropy(model(torch.randn(4, *shape)), torch.tensor([0, 1, 2, 0]))
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
-
-
-def test_new_backbones_reject_bad_arguments_naming_them():
-    with pytest.raises(ValueError, match=r"`width` must be a multiple of `cardinality` \(6\).*got width=64"):
-        build_backbone("resnext", cardinality=6)
-    with pytest.raises(ValueError, match=r"`cardinality`.*0"):
-        build_backbone("resnext", cardinality=0)
-    with pytest.raises(ValueError, match=r"`blocks`.*0"):
-        build_backbone("resnext", blocks=0)
-    with pytest.raises(ValueError, match=r"`bottleneck_width` must be a multiple of `groups` \(8\), got 12"):
-        ResNeXtBlock(8, 12, 16, groups=8)
-    with pytest.raises(ValueError, match=r"`width` must be a number > 0.*got 0"):
-        build_backbone("mobilenet_v2", width=0)
-    with pytest.raises(ValueError, match=r"`small_input` must be a bool, got 'yes'"):
-        build_backbone("mobilenet_v2", small_input="yes")
-    with pytest.raises(ValueError, match=r"`expansion`.*0"):
-        InvertedResidual(8, 8, 1, expansion=0)
-    for name in ("conv1d", "conv3d"):
-        with pytest.raises(ValueError, match=r"`width` must be a positive int, got 0"):
-            build_backbone(name, width=0)
-        with pytest.raises(ValueError, match=r"`in_channels`.*-1"):
-            build_backbone(name, in_channels=-1)

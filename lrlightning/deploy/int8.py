@@ -18,7 +18,7 @@ from typing import Iterable
 
 import torch
 
-from .onnx_export import require_onnx
+from .onnx import require_onnx
 
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -95,13 +95,16 @@ def thin_convs(model, min_channels: int) -> list[str]:
     return thin
 
 
+MIN_CHANNELS = 16  # convs thinner than this stay in float (``thin_convs``)
+
+
 def quantize_int8(fp32: str | Path, out: str | Path, calibration: Iterable, per_channel: bool = True,
-                  reduce_range: bool = True, min_channels: int = 16) -> Int8File:
+                  reduce_range: bool = True, min_channels: int = MIN_CHANNELS) -> Int8File:
     """Write ``fp32`` (an ONNX file, ``export_onnx``) to ``out`` quantized to int8: ONNX Runtime's pre-processing
     (shape inference, graph optimization), then static QDQ quantization, int8 weights (per output channel when
     ``per_channel``, default; 7-bit when ``reduce_range``, default) and uint8 activations whose ranges come from
     running ``calibration`` (an iterable of input batches or (input, target) batches; at least one) through the
-    model (min-max). Convs with fewer than ``min_channels`` (default 16; 1: none) output channels or products per
+    model (min-max). Convs with fewer than ``min_channels`` (default ``MIN_CHANNELS``; 1: none) output channels or products per
     output (``thin_convs``) stay in float."""
     require_onnx("quantize_int8")
     import onnx

@@ -1,0 +1,1 @@
+"""Deployment files: ONNX export and int8 quantization."""

@@ -1,0 +1,1 @@
+"""Measured speed: latency tables and timing, the allocation check, the CPU and the serving form."""
