@@ -124,7 +124,8 @@ def requested(options: LowRankOptions | None, scheme: Scheme | str = "svd", rank
         return LowRankOptions(scheme, rank, objective, layers, solver)
     given = [name for name, value, default in (("scheme", scheme, "svd"), ("rank", rank, DEFAULT_RULE),
                                                ("objective", objective, WEIGHT), ("layers", layers, None),
-                                               ("solver", solver, None)) if value is not default]
+                                               ("solver", solver, None))
+             if value is not default and value != default]
     if given:
         raise ValueError(f"`options` bundles scheme, rank, objective, layers and solver; got it together with "
                          f"{', '.join(f'`{name}`' for name in given)}: pass those inside `options` instead")

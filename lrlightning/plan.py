@@ -13,7 +13,7 @@ from torch import nn
 from .activations import LayerStatistics
 from .budget import Allocation, budget_ranks
 from .names import canonical_name, named_modules
-from .options import LowRankOptions
+from .options import LowRankOptions, coerced
 from .rules import Budget, Compression, Energy, rule_label, rule_record
 from .layers import is_conv
 from .schemes import GroupedScheme, LoweredSVD, Rank, Scheme, SpatialSVD, Weighting, resolve_driver
@@ -93,7 +93,7 @@ def unpacked(plans: Plan | list[LayerPlan], options: LowRankOptions | None) -> t
     """The layer plans and options of a call taking ``plans``: a ``Plan`` carries its options (``options`` must then
     be None or the same); a list of ``LayerPlan`` needs ``options``."""
     if isinstance(plans, Plan):
-        if options is not None and options != plans.options:
+        if options is not None and coerced("options", options, LowRankOptions) != plans.options:
             raise ValueError(f"`options`={options!r} differ from the `Plan`'s own options {plans.options!r}: "
                              "pass the Plan alone")
         return list(plans.layers), plans.options

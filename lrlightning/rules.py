@@ -3,7 +3,7 @@ mapping of layer names to ranks), ``Energy``, ``Compression`` or ``Budget``; eac
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Any, Mapping, Sequence
 
 from .devices import check_device
@@ -178,11 +178,14 @@ def rule_record(rule: RankRule) -> dict[str, Any]:
     return {"rank": list(rule) if isinstance(rule, tuple) else rule}
 
 
-def record_of(kind: str, values: Mapping[str, Any]) -> dict[str, Any]:
+def record_of(kind: str, values: Mapping[str, Any]) -> dict[str, Any] | None:
     """``rule_record`` of an ``Energy``, ``Compression`` or ``Budget`` (``kind``) given by its field ``values``, such
-    as a config node (missing fields take the class's defaults)."""
+    as a config node (missing fields take the class's defaults); None when a field without default is missing."""
     classes = {"Energy": Energy, "Compression": Compression, "Budget": Budget}
-    values = {**{f.name: f.default for f in fields(classes[kind])}, **values}
+    defaults = {f.name: f.default for f in fields(classes[kind]) if f.default is not MISSING}
+    values = {**defaults, **values}
+    if any(f.name not in values for f in fields(classes[kind]) if f.default is MISSING and f.init):
+        return None
     if kind == "Energy":
         return {"energy": values["fraction"]}
     if kind == "Compression":

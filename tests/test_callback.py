@@ -286,7 +286,8 @@ def test_a_loss_that_diverges_between_projections_is_named_at_its_first_step_wit
     with pytest.raises(NonFiniteTrainingError, match=r"became (inf|nan) at optimizer step 6\..*HINT"):
         quiet_trainer(tmp_path, [callback], max_epochs=100).fit(model, loader())
     assert max(model.steps) < FINITE_CHECK_STEPS  # stopped at the first read, not at the (far) next projection
-    quiet_trainer(tmp_path, [callback], max_steps=4).fit(TinyCNN(), loader())  # a new fit starts with a clean record
+    # a new fit starts with a clean record, its sanity check included
+    quiet_trainer(tmp_path, [callback], max_steps=4).fit(TinyCNN(), loader(), loader(16))
 
 
 def test_a_diverged_loss_is_named_before_validation_sees_the_weights(tmp_path):
@@ -773,3 +774,13 @@ def test_no_arguments_project_every_conv_but_the_first_at_half_the_parameters(tm
     for plan in callback.plans:
         w = model.get_submodule(plan.name).weight.detach().flatten(1)
         assert torch.linalg.matrix_rank(w).item() == plan.rank < min(w.shape)
+
+
+def test_a_subclass_schedule_decides_the_projection_steps(tmp_path):
+    class OddSteps(CountingProjection):
+        def should_project(self, step):
+            return step % 2 == 1
+
+    callback = OddSteps("svd", 2, final_projection=False, validate_projected=False)
+    quiet_trainer(tmp_path, [callback], max_steps=6).fit(TinyCNN(), loader())
+    assert callback.steps == [1, 3, 5] and callback.num_projections == 3

@@ -669,6 +669,7 @@ def test_one_options_object_makes_the_same_request_as_its_five_arguments():
     x = torch.randn(2, 3, 12, 12)
     torch.testing.assert_close(spelled(x), bundled(x), rtol=0, atol=0)
     assert LowRankProjection(options=options, every_n_train_steps=3).options == options
+    assert LowRankProjection("svd", Compression(2.0), options=options).options == options  # defaults, spelled out
     assert LowRankProjection(options={"scheme": "tucker2", "rank": 0.5}).options == LowRankOptions("tucker2", 0.5)
     copy_a, copy_b = copy.deepcopy(model), copy.deepcopy(model)
     project_(copy_a, options=options), project_(copy_b, "tucker2", 0.5, layers=Selection(exclude=("3",)))

@@ -117,8 +117,8 @@ class RecordedStatistics(LowRankProjection):
         window = self.projector.window
         recorded = window.statistics
 
-        def kept(step, plans, objective):
-            self.recorded[step] = recorded(step, plans, objective)
+        def kept(step, plans, objective, warn):
+            self.recorded[step] = recorded(step, plans, objective, warn)
             return self.recorded[step]
 
         window.statistics = kept

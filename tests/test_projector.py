@@ -93,6 +93,18 @@ def test_a_plan_carries_its_options_layers_skipped_layers_and_allocation():
         factorize_planned(model, plan, LowRankOptions("svd", 0.5))
     with pytest.raises(ValueError, match=r"`options` is needed with a list of `LayerPlan`s"):
         factorize_planned(model, layers)
+    torch.testing.assert_close(factorize_planned(model, plan, {"scheme": "tucker2", "rank": 0.5})(x),
+                               factorize_planned(model, plan)(x), rtol=0, atol=0)
+
+
+def test_a_projector_that_needs_training_batches_says_so_without_passes():
+    model = small_cnn()
+    for projector, purpose in ((Projector(LowRankOptions("svd", 2, objective="activation")), "`objective`="),
+                               (Projector(LowRankOptions("svd", 2), loss_jump_batches=2), "`loss_jump_batches`")):
+        projector.resolve(model)
+        projector.start()
+        with pytest.raises(ValueError, match=f"{purpose}.* runs forward passes on training batches: give `passes`"):
+            projector.project(model, 1)
 
 
 def test_the_schedule_projects_every_s_d_steps_between_start_and_stop_then_every_step_of_the_final_phase():

@@ -36,7 +36,9 @@ MOVED_MODULES = {f"lrlightning.{former}": f"lrlightning.{current}" for former, c
     ("backbones", "zoo"), ("callback", "training.callback"), ("distillation", "training.distillation"),
     ("passes", "training.passes"), ("recalibration", "training.recalibration"), ("summary", "training.summary"),
     ("latency", "speed.latency"), ("timing", "speed.timing"), ("allocator", "speed.allocator"),
-    ("serving", "speed.serving"), ("int8", "deploy.int8"), ("onnx_export", "deploy.onnx"))}
+    ("serving", "speed.serving"), ("int8", "deploy.int8"), ("onnx_export", "deploy.onnx"),
+    ("distributed", "training.distributed"), ("divergence", "training.divergence"), ("momentum", "training.momentum"),
+    ("cpu", "speed.cpu"), ("speedup_check", "speed.speedup_check"))}
 
 
 def current_targets(node):
@@ -100,7 +102,7 @@ def export(cfg: DictConfig, run_dir: Path) -> dict | None:
     if data_cfg is None:
         raise ValueError(f"{path} records no data config (not written by lrl-train): choose one, e.g. data=fashion_mnist")
     chosen = {k: v for k, v in container(cfg.get("lowrank")).items() if v is not None}
-    lowrank_cfg = export_lowrank(chosen, container(saved.get("lowrank")))
+    lowrank_cfg = export_lowrank(chosen, current_targets(container(saved.get("lowrank"))))
     if "_target_" not in lowrank_cfg:
         raise ValueError(f"{path} records no low-rank settings (trained dense or not by lrl-train): choose a preset, "
                          "e.g. lowrank=tucker2 lowrank.rank=0.5")

@@ -8,13 +8,13 @@ from operator import attrgetter
 from typing import Any, Callable
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
 from ..batchnorm import batchnorm_layers
 from .distributed import made_on_rank_zero
-from .divergence import NonFiniteTrainingError
+from .divergence import LossRecord, NonFiniteTrainingError
 from ..export import save_factorized
 from ..objectives import WEIGHT, Objective
 from ..options import LowRankOptions, Selection, Solver, requested
@@ -52,32 +52,24 @@ class LowRankProjection(Callback):
         rank: the rank rule: an int, a fraction in (0, 1], a tucker2 pair, ``{layer name: rank}``, ``Energy``,
             ``Compression`` or ``Budget`` (``lrlightning.rules``; default ``Compression(2.0)``), resolved when fit
             starts and kept in ``ranks`` and in checkpoints, so that export and resume use the same ranks.
-        every_n_train_steps: S_D, in optimizer steps (gradient accumulation does not change the schedule).
-        start_step: projections follow optimizer steps ``k = start_step + j * every_n_train_steps > 0``.
-        stop_step: no periodic projection after this optimizer step (None: never stop).
-        final_phase: project after every optimizer step of the last part of fit: a fraction in (0, 1) of the
-            optimizer steps the Trainer will take (``trainer.estimated_stepping_batches``) or a number of steps
-            (default 0: none; under manual optimization each optimizer is taken to step once a batch). Resolved
-            when fit starts and kept in checkpoints; ``reset_momentum`` skips it.
+        every_n_train_steps, start_step, stop_step, final_phase, rank_warmup: the schedule
+            (``lrlightning.training.schedule.ProjectionSchedule``), in optimizer steps: S_D, after steps
+            ``start_step + j * S_D > 0`` up to ``stop_step``, then after every step of the final phase (a fraction
+            in (0, 1) of ``trainer.estimated_stepping_batches``, or a step count; kept in checkpoints).
         final_projection: project once more when training ends, so the final weights are exactly low-rank.
-        validate_projected: validation during fit sees the projected weights (the exportable model), then
-            training resumes from the unprojected ones.
-        rank_warmup: the first ``rank_warmup`` projections anneal the ranks from full down to the target (cubic).
+        validate_projected: validation during fit sees the projected weights, then training resumes unprojected.
         reset_momentum: zero the optimizers' first moments (``momentum_buffer``, ``exp_avg``) of the projected
             weights after each periodic projection before the final phase.
         bn_recalibration_batches: re-estimate BatchNorm statistics over this many training batches after each
             projection whose weights are evaluated (validation, the final projection); 0 keeps them (default 20).
-        recalibration_step: ``(module, batch) -> Any``, a forward pass on a training batch, for modules whose
-            batches or forward the default (``module(batch[0])``, else ``training_step``) does not fit.
-        check_finite: stop with ``NonFiniteTrainingError`` when the loss or a selected weight becomes NaN/Inf
-            (read by the host every ``FINITE_CHECK_STEPS`` steps and before each projection and validation).
+        recalibration_step: ``(module, batch)``, a forward pass where ``module(batch[0])``/``training_step`` won't do.
+        check_finite: stop with ``NonFiniteTrainingError`` when the loss or a selected weight becomes NaN/Inf.
         objective: ``"weight"`` (default), ``"activation"`` or ``Activation(batches=2, ridge=1e-2)``: keep each
             layer's outputs on the training batches of the steps before each projection, recorded on the training
             step's own forward passes (``Activation.observe_training``; ``lrlightning.objectives``).
         layers: which layers are projected (``Selection``: include, exclude, linear, skip_first_conv).
         solver: how and where projections decompose (``Solver``: driver, device).
-        options: ``scheme``, ``rank``, ``objective``, ``layers`` and ``solver`` in one ``LowRankOptions`` (then
-            those five keep their defaults).
+        options: ``scheme``, ``rank``, ``objective``, ``layers`` and ``solver`` in one ``LowRankOptions``.
         loss_jump_batches: when > 0, log the training loss on this many batches just before and after each
             periodic projection, and the output-space error (automatic optimization only; default 0).
 
@@ -113,6 +105,9 @@ class LowRankProjection(Callback):
                                    recalibration_batches=bn_recalibration_batches, check_finite=check_finite)
         self.final_projection, self.validate_projected = final_projection, validate_projected
         self.recalibration_step, self._trained = recalibration_step, None  # _trained: a weakref to the fitted module
+        self.projector.warn = rank_zero_warn
+        if type(self).should_project is not LowRankProjection.should_project:  # a schedule of the subclass
+            self.projector.should_project = self.should_project
 
     options = _delegated("options", "The ``LowRankOptions``: scheme, rank rule, objective, layers, solver.")
     plans = _delegated("plans", "The ``LayerPlan`` of every projected layer, resolved at fit start.")
@@ -122,8 +117,7 @@ class LowRankProjection(Callback):
     history = _delegated("history", "The logged metrics of every periodic projection, with its ``step``.")
     last_stats = _delegated("last_stats", "The ``LayerStats`` of the last projection.")
     num_projections = _delegated("projections", "Periodic projections so far.")
-    budget_reallocations = _delegated("budget_reallocations")
-    final_phase_start = _delegated("final_phase_start", "The final phase projects after every later step.")
+    budget_reallocations, final_phase_start = _delegated("budget_reallocations"), _delegated("final_phase_start")
     every_n_train_steps, start_step = _delegated("schedule.every_n_train_steps"), _delegated("schedule.start_step")
     stop_step, final_phase = _delegated("schedule.stop_step"), _delegated("schedule.final_phase")
     rank_warmup, bn_recalibration_batches = _delegated("schedule.rank_warmup"), _delegated("recalibration_batches")
@@ -140,6 +134,13 @@ class LowRankProjection(Callback):
         return self._generate_state_key(scheme=repr(scheme) if scheme.options() else scheme.name,
                                         rank=rank if isinstance(rank, (int, float, tuple, dict)) else repr(rank),
                                         include=self.options.layers.include, exclude=self.options.layers.exclude)
+
+    def should_project(self, step: int) -> bool:
+        """Whether to project after optimizer step ``step`` (override for another schedule)."""
+        return self.projector.schedule.due(step, self.projector.final_phase_start)
+
+    def in_final_phase(self, step: int) -> bool:
+        return self.projector.in_final_phase(step)
 
     def recalibration_input(self, batch: Any) -> Any:
         """What the module's forward takes from a training batch (default: the first item of a tuple/list)."""
@@ -173,7 +174,7 @@ class LowRankProjection(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._trained = weakref.ref(pl_module)
+        self._trained, self.projector.losses = weakref.ref(pl_module), LossRecord()
         self.projector.resolve(pl_module, self._passes(trainer, pl_module), trainer.global_step,
                                on_rank_zero=self._on_rank_zero(trainer))
         if trainer.is_global_zero:

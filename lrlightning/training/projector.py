@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
@@ -64,6 +65,8 @@ class Projector:
         self.restored_ranks: dict[str, Any] | None = None
         self.restored_phase: tuple[int | None, dict] | None = None
         self.backup: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.warn: Callable[[str], Any] = warnings.warn  # how warnings are shown (once per process group)
+        self.warned = False
 
     def __getstate__(self) -> dict[str, Any]:  # hooks and generators stay with the process
         return {**self.__dict__, "window": StatisticsWindow(self.window.entries), "backup": []}
@@ -155,9 +158,10 @@ class Projector:
         plans = annealed_plans(self.plans, self.options, self.projections, self.schedule.rank_warmup)
         start, jump = time.perf_counter(), {}
         if self.loss_jump_batches:
-            jump["lowrank/loss_before"] = passes.mean_loss(model, self.loss_jump_batches, step)
-        statistics = self.window.statistics(step, self.plans, self.options.objective) if self.options.weighted \
-            else None
+            jump["lowrank/loss_before"] = self.needed(passes, "`loss_jump_batches`").mean_loss(
+                model, self.loss_jump_batches, step)
+        statistics = self.window.statistics(step, self.plans, self.options.objective, self.warn_once) \
+            if self.options.weighted else None
         if statistics is None:
             count = None if self.options.weighted or not self.loss_jump_batches else self.loss_jump_batches
             statistics = self.statistics(model, passes, step, count)
@@ -188,7 +192,21 @@ class Projector:
         if count is None and not self.options.weighted:
             return None
         count = self.options.objective.batches if count is None else count
-        return passes.statistics(model, self.plans, self.options, count, seed)
+        return self.needed(passes, f"`objective`={self.options.objective}").statistics(model, self.plans,
+                                                                                        self.options, count, seed)
+
+    @staticmethod
+    def needed(passes: Passes | None, purpose: str) -> Passes:
+        """``passes``, or a ValueError saying that ``purpose`` draws training batches."""
+        if passes is None:
+            raise ValueError(f"{purpose} runs forward passes on training batches: give `passes` "
+                             "(lrlightning.training.passes.Passes over your training data)")
+        return passes
+
+    def warn_once(self, message: str) -> None:
+        if not self.warned:
+            self.warn(message)
+        self.warned = True
 
     def reduced(self, model: nn.Module, passes: Passes | None, recorded: dict) -> dict:
         return recorded if passes is None else passes.reduced(model, self.plans, self.options, recorded)

@@ -3,7 +3,6 @@ a projection (``Activation.observe_training``). Pure torch."""
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, Callable
 
 import torch
@@ -27,7 +26,6 @@ class StatisticsWindow:
         self.steps = 1
         self.recorder: InputRecorder | None = None
         self.generator: torch.Generator | None = None
-        self.fell_back = False
 
     def start(self, model: nn.Module, plans: list[LayerPlan], options: LowRankOptions,
               batches_per_step: int = 1) -> None:
@@ -66,10 +64,11 @@ class StatisticsWindow:
             self.recorder.reset()
         self.entries = {taken: recorded for taken, recorded in self.entries.items() if taken > step - self.steps}
 
-    def statistics(self, step: int, plans: list[LayerPlan], objective: Any) -> dict[str, LayerStatistics] | None:
-        """The statistics of the window ending at ``step``, summed, or None (separate passes take over, with one
-        warning naming the layers) when a planned layer is missing or a step was not recorded (resumed inside the
-        window, or the projection was not foreseen)."""
+    def statistics(self, step: int, plans: list[LayerPlan], objective: Any,
+                   warn: Callable[[str], Any]) -> dict[str, LayerStatistics] | None:
+        """The statistics of the window ending at ``step``, summed, or None (separate passes take over; ``warn``
+        names the layers) when a planned layer is missing or a step was not recorded (resumed inside the window, or
+        the projection was not foreseen)."""
         if self.recorder is None:
             return None
         steps = [taken for taken in range(step - self.steps + 1, step + 1) if taken > 0]
@@ -78,10 +77,8 @@ class StatisticsWindow:
         entries = [self.entries[taken] for taken in steps]
         missing = [p.name for p in plans if not all(p.name in entry for entry in entries)]
         if missing:
-            if not self.fell_back:
-                warnings.warn(f"`objective`={objective}: the training step's forward passes do not run {missing}; "
-                              "their input statistics come from separate passes instead.")
-            self.fell_back = True
+            warn(f"`objective`={objective}: the training step's forward passes do not run {missing}; their input "
+                 "statistics come from separate passes instead.")
             return None
         device = next(self.recorder.model.parameters()).device
         summed = {}

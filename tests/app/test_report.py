@@ -182,6 +182,7 @@ def test_the_recorded_rule_is_a_dict_that_aggregate_reads_back_into_the_same_poi
     budget = Budget(1.3, metric="latency", latency_backend="onnxruntime", input_shape=SHAPE)
     assert config_rule({"rank": latency}) == rule_record(budget) == {"budget": 1.3, "metric": "latency",
                                                                       "backend": "onnxruntime"}
+    assert config_rule({"rank": {"_target_": "lrlightning.Compression", "_args_": [4]}}) is None  # no field named
     label = point_label(recorded["scheme"], recorded["rule"])
     assert label == point_of(lowrank) == summary_point(recorded) == "svd:budget=2x macs"
     # an lrl-export summary: its config holds only the overrides, so the point comes from the rule record
