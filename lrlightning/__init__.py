@@ -13,7 +13,7 @@ from .objectives import Activation
 from .options import LowRankOptions, Selection, Solver
 from .plan import LayerPlan, Plan, make_plan, plan_layers, relative_plans, relative_ranks
 from .projection import LayerStats, NonFiniteWeightError, gather_statistics, project_
-from .rules import Budget, Compression, Energy
+from .rules import Budget, Compression, Energy, Latency
 from .schemes import SCHEME_NAMES, LoweredSVD, SpatialSVD, TiledSVD, Tucker2, register
 
 if TYPE_CHECKING:
@@ -24,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Activation",
     "Budget",
+    "Latency",
     "Compression",
     "Distillation",
     "Energy",

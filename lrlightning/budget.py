@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Sequence
 
@@ -45,7 +45,8 @@ class LayerChoices:
 class Allocation:
     """What a budget allocated: ``ranks`` ({layer: rank, or None for dense}), ``costs`` ({layer: (dense,
     allocated)}) and the whole model's ``dense`` and ``allocated`` totals, in ``metric`` units (parameters, MACs per
-    sample, or milliseconds per batch of ``batch_size`` on ``device`` for latency)."""
+    sample, or milliseconds per batch of ``batch_size`` on ``device`` for latency). A latency budget over several
+    batch sizes gives its costs at the first, and the predicted totals at each in ``predicted``."""
 
     budget: float
     metric: str
@@ -59,6 +60,7 @@ class Allocation:
     table: dict | None = None
     errors: str = "weight"  # what the candidates' errors measure: "weight", or "output" (input statistics)
     objective: str = "max"  # how they were traded: the largest ("max") or the summed ("sum") normalized error
+    predicted: dict[int, tuple[float, float]] = field(default_factory=dict)  # {batch size: (dense, allocated) ms}
 
     @property
     def achieved(self) -> float:
@@ -135,31 +137,26 @@ def timing_layer(module: nn.Module, scheme: Scheme, rank: Rank) -> nn.Module:
 
 
 def layer_choices(name: str, module: nn.Module, scheme: Scheme, metric: str, input_shape: tuple[int, ...] | None,
-                  driver: str, multiple: int = 1, table: LatencyTable | None = None,
-                  device: str | torch.device | None = None, weighting: Weighting | None = None) -> LayerChoices:
+                  driver: str, multiple: int = 1, tables: Sequence[LatencyTable] = (),
+                  device: str | torch.device | None = None, weighting: Weighting | None = None) -> list[LayerChoices]:
     """The candidates of one layer: ranks whose factorized form has fewer parameters (``rank_choices``), and
-    dense. ``input_shape`` is the layer's own input (C, *size) for ``metric="macs"`` and ``"latency"``. With
-    ``"latency"`` a candidate costs ``table``'s dense ms times its ratio to dense (paired per round) as fitted over
-    the layer's candidates against their MACs (``fitted_ratios``), kept only when faster beyond the noise (the
-    fitted ratio plus its standard error below 1). The errors are computed on ``device`` (default: the weight's),
-    with ``driver``: of the weight, or with a ``weighting`` of the layer's output (``Scheme.output_rank_errors``)."""
+    dense; one ``LayerChoices`` per latency table (one per batch size, the same ranks in each), else one.
+    ``input_shape`` is the layer's own input (C, *size) for ``metric="macs"`` and ``"latency"``. With ``"latency"``
+    a candidate costs ``latency_costs`` in each of ``tables``, and is kept only where it is faster beyond the noise
+    in all of them. The errors are computed on ``device`` (default: the weight's), with ``driver``: of the weight,
+    or with a ``weighting`` of the layer's output (``Scheme.output_rank_errors``)."""
     weight = module.weight.detach().float()
     shape = tuple(weight.shape)
     ranks = rank_choices(scheme, shape, multiple, LATENCY_CANDIDATES if metric == "latency" else MAX_CANDIDATES)
     if metric == "params":
-        costs, dense = [scheme.factorized_params(shape, r) for r in ranks], math.prod(shape)
+        costs = [([scheme.factorized_params(shape, r) for r in ranks], math.prod(shape))]
     elif metric == "macs":
-        costs = [count_macs(layer_structure(module, scheme, r), input_shape) for r in ranks]
-        dense = count_macs(module, input_shape)
+        costs = [([count_macs(layer_structure(module, scheme, r), input_shape) for r in ranks],
+                  count_macs(module, input_shape))]
     else:
-        times = table.layer_times(module, input_shape, timing_candidates(module, scheme, ranks))
-        dense_macs = count_macs(module, input_shape)
-        fractions = [count_macs(layer_structure(module, scheme, r), input_shape) / dense_macs for r in ranks]
-        fitted = fitted_ratios(fractions, list(times.ratios.values()))
-        faster = [(r, ratio) for r, (ratio, error) in zip(ranks, fitted) if ratio + error < 1.0]
-        ranks = [r for r, _ in faster]
-        dense = times.dense.median
-        costs = [dense * ratio for _, ratio in faster]
+        timed = [latency_costs(module, scheme, ranks, input_shape, table) for table in tables]
+        ranks = [r for r in ranks if all(r in faster for faster, _ in timed)]
+        costs = [([faster[r] for r in ranks], dense) for faster, dense in timed]
     on = weight.device if device is None else torch.device(device)
     with torch.no_grad():
         if weighting is None:
@@ -168,7 +165,22 @@ def layer_choices(name: str, module: nn.Module, scheme: Scheme, metric: str, inp
             outputs = weighting.outputs.to(on) if weighting.outputs is not None else None
             errors = scheme.output_rank_errors(weight.to(on), ranks, driver,
                                                Weighting(weighting.inputs.to(on), outputs, weighting.ridge))
-    return LayerChoices(name, (*ranks, None), (*errors, 0.0), tuple(float(c) for c in (*costs, dense)))
+    return [LayerChoices(name, (*ranks, None), (*errors, 0.0), tuple(float(c) for c in (*candidates, dense)))
+            for candidates, dense in costs]
+
+
+def latency_costs(module: nn.Module, scheme: Scheme, ranks: Sequence[Rank], input_shape: tuple[int, ...],
+                  table: LatencyTable) -> tuple[dict[Rank, float], float]:
+    """({rank: ms} of the candidates faster than dense beyond the noise, dense ms) of one layer at ``table``'s
+    batch: ``table``'s dense ms times the candidate's ratio to dense (paired per round) as fitted over the layer's
+    candidates against their MACs (``fitted_ratios``), kept when the fitted ratio plus its standard error is below
+    1."""
+    times = table.layer_times(module, input_shape, timing_candidates(module, scheme, ranks))
+    dense_macs = count_macs(module, input_shape)
+    fractions = [count_macs(layer_structure(module, scheme, r), input_shape) / dense_macs for r in ranks]
+    fitted = fitted_ratios(fractions, list(times.ratios.values()))
+    dense = times.dense.median
+    return {r: dense * ratio for r, (ratio, error) in zip(ranks, fitted) if ratio + error < 1.0}, dense
 
 
 def fitted_ratios(fractions: Sequence[float], ratios: Sequence[Spread]) -> list[tuple[float, float]]:
@@ -277,11 +289,13 @@ def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], 
     at their dense cost; errors are computed where projections decompose (``projection_device``, default the
     weights' device) with ``driver``, as output errors under ``weightings`` ({layer: one layer's Weighting}) when
     given, else as weight errors. A latency budget checks a cached table for staleness first
-    (``LatencyTable.check``) and its result against dense afterwards (``lrlightning.speed.speedup_check``). Raises
-    ValueError naming the best reachable ratio (for latency: measured, with its spread)."""
+    (``LatencyTable.check``), allocates on each batch size's share of its dense model time (so every batch size
+    served weighs alike), and times its result against dense at every batch size afterwards
+    (``lrlightning.speed.speedup_check``: the slowest must meet the budget). Raises ValueError naming the best
+    reachable ratio (for latency: measured, with its spread, and the batch size it falls short at)."""
     budget, metric, input_shape = rule.factor, rule.metric, rule.input_shape
     names = [name for name, _, _ in layers]
-    table, inputs = None, dict.fromkeys(names)
+    tables, inputs = [], dict.fromkeys(names)
     if metric != "params":
         parameter = next(model.parameters())
         example = torch.zeros((1, *input_shape), device=parameter.device, dtype=parameter.dtype)
@@ -297,25 +311,34 @@ def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], 
             raise ValueError(f"`Budget.metric`={metric!r} needs every selected layer to run in the model's forward "
                              f"pass; these do not: {unused}. HINT: leave them out with `Selection.exclude`")
     if metric == "params":
-        whole = count_params(model)
+        wholes = [count_params(model)]
     elif metric == "macs":
-        whole = count_macs(model, input_shape)
+        wholes = [count_macs(model, input_shape)]
     else:
-        device = rule.latency_device or ("cpu" if rule.latency_backend == "onnxruntime"
-                                         else next(model.parameters()).device)
-        table = LatencyTable(device, rule.latency_batch_size, rule.latency_cache, rule.latency_remeasure,
-                             rule.latency_backend, rule.latency_memory_format)
-        multiple = rule.rank_multiple
-        table.check(model, input_shape, [
-            (module, inputs[name], timing_candidates(module, scheme, rank_choices(
-                scheme, tuple(module.weight.shape), multiple, LATENCY_CANDIDATES))) for name, module, scheme in layers])
-        whole, in_model = table.model_ms(model, input_shape, names)
+        latency = rule.latency
+        device = latency.device or ("cpu" if latency.backend == "onnxruntime" else next(model.parameters()).device)
+        requests = [(module, inputs[name], timing_candidates(module, scheme, rank_choices(
+            scheme, tuple(module.weight.shape), rule.rank_multiple, LATENCY_CANDIDATES)))
+            for name, module, scheme in layers]
+        wholes, in_models = [], []
+        for batch_size in latency.batch_sizes:
+            table = LatencyTable(device, batch_size, latency.cache, latency.remeasure, latency.backend,
+                                 latency.memory_format)
+            table.check(model, input_shape, requests)
+            whole, in_model = table.model_ms(model, input_shape, names)
+            tables.append(table)
+            wholes.append(whole)
+            in_models.append(in_model)
     objective = rule.objective or ("sum" if weightings else "max")
-    choices = [layer_choices(name, module, scheme, metric, inputs[name], driver, rule.rank_multiple, table,
-                             projection_device, (weightings or {}).get(name)) for name, module, scheme in layers]
-    if table is not None and in_model:
-        choices = in_model_costs(choices, in_model)
-    fixed = max(0.0, whole - sum(c.costs[-1] for c in choices))
+    per_layer = [layer_choices(name, module, scheme, metric, inputs[name], driver, rule.rank_multiple, tables,
+                               projection_device, (weightings or {}).get(name)) for name, module, scheme in layers]
+    by_batch = [[choices[b] for choices in per_layer] for b in range(len(wholes))]  # [batch][layer]
+    if tables:
+        by_batch = [in_model_costs(choices, in_model) if in_model else choices
+                    for choices, in_model in zip(by_batch, in_models)]
+    fixeds = [max(0.0, whole - sum(c.costs[-1] for c in choices)) for whole, choices in zip(wholes, by_batch)]
+    denses = [fixed + sum(c.costs[-1] for c in choices) for fixed, choices in zip(fixeds, by_batch)]
+    choices, fixed = shares(by_batch, fixeds, denses) if len(by_batch) > 1 else (by_batch[0], fixeds[0])
     dense = fixed + sum(c.costs[-1] for c in choices)
     fastest = fixed + sum(min(c.costs) for c in choices)
 
@@ -325,26 +348,27 @@ def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], 
 
     check = None
     try:
-        if table is not None and fastest >= dense:
+        if tables and fastest >= dense:
             raise Unreachable("no candidate of any selected layer runs faster than dense")
-        if table is None:
+        if not tables:
             ranks, _ = choose(dense / budget)
         else:
-            def measure(ranks: dict[str, Rank | None]):
-                return table.speedup(model, timing_model(model, layers, ranks), input_shape)
+            def measure(ranks: dict[str, Rank | None]) -> dict[int, Spread]:
+                timed = timing_model(model, layers, ranks)
+                return {table.batch_size: table.speedup(model, timed, input_shape) for table in tables}
 
             ranks, check = checked_ranks(choose, measure, budget, dense, fastest)
     except (OutOfReach, Unreachable) as error:
         if isinstance(error, OutOfReach):
             best = f"{error}, with every selected layer at its fastest candidate"
         else:
-            best = f"{dense / fastest:.2f}x {'faster (predicted)' if table else f'smaller in {metric}'}"
+            best = f"{dense / fastest:.2f}x {'faster (predicted)' if tables else f'smaller in {metric}'}"
         text = (f"`Budget.factor`={budget} ({metric}) is out of reach: with the selected layers at their smallest "
                 f"ranks the model is at most {best} (layers left dense by the selection cap it"
-                f"{'; so do layers no candidate of which runs faster than dense' if table else ''})")
+                f"{'; so do layers no candidate of which runs faster than dense' if tables else ''})")
         # "closest" keeps the fastest allocation as measured (latency) or the smallest (params, MACs); a latency
         # budget no layer of which has a faster candidate leaves nothing to keep
-        closest = rule.out_of_reach == "closest" and (isinstance(error, OutOfReach) or table is None)
+        closest = rule.out_of_reach == "closest" and (isinstance(error, OutOfReach) or not tables)
         if not closest:
             hint = " (or `Budget.out_of_reach`='closest' to keep the closest allocation)" \
                 if rule.out_of_reach == "raise" else ""
@@ -354,10 +378,27 @@ def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], 
         warnings.warn(f"{text}; kept the closest allocation (`Budget.out_of_reach`='closest')", stacklevel=3)
     if check is not None and check.verdict not in ("met", "short"):
         warnings.warn(f"Budget({budget}, metric='latency'): {check.text()}", stacklevel=3)
-    costs = {c.name: (c.costs[-1], c.costs[c.ranks.index(ranks[c.name])]) for c in choices}
-    allocated = fixed + sum(cost for _, cost in costs.values())
-    return Allocation(budget, metric, ranks, costs, dense, allocated,
-                      device=str(table.device) if table else None,
-                      batch_size=rule.latency_batch_size if table else None, check=check,
-                      table=table.facts() if table else None, errors="output" if weightings else "weight",
-                      objective=objective)
+    predicted = {}
+    for table, layer_costs, fixed_ms, dense_ms in zip(tables, by_batch, fixeds, denses):
+        allocated_ms = fixed_ms + sum(c.costs[c.ranks.index(ranks[c.name])] for c in layer_costs)
+        predicted[table.batch_size] = (dense_ms, allocated_ms)
+    first = by_batch[0]
+    costs = {c.name: (c.costs[-1], c.costs[c.ranks.index(ranks[c.name])]) for c in first}
+    allocated = fixeds[0] + sum(cost for _, cost in costs.values())
+    return Allocation(budget, metric, ranks, costs, denses[0], allocated,
+                      device=str(tables[0].device) if tables else None,
+                      batch_size=tables[0].batch_size if tables else None, check=check,
+                      table=tables[0].facts() if tables else None, errors="output" if weightings else "weight",
+                      objective=objective, predicted=predicted if len(predicted) > 1 else {})
+
+
+def shares(by_batch: Sequence[Sequence[LayerChoices]], fixeds: Sequence[float], denses: Sequence[float]) -> tuple[
+        list[LayerChoices], float]:
+    """(the layers' candidates, the fixed cost) over several batch sizes as one cost: at each batch size a cost's
+    share of that batch's dense model time, averaged over the batch sizes (the dense model costs 1.0)."""
+    count = len(denses)
+    merged = [LayerChoices(layer[0].name, layer[0].ranks, layer[0].errors,
+                           tuple(sum(c.costs[i] / d for c, d in zip(layer, denses)) / count
+                                 for i in range(len(layer[0].costs))))
+              for layer in zip(*by_batch)]
+    return merged, sum(f / d for f, d in zip(fixeds, denses)) / count

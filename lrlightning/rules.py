@@ -3,7 +3,8 @@ mapping of layer names to ranks), ``Energy``, ``Compression`` or ``Budget``; eac
 from __future__ import annotations
 
 import os
-from dataclasses import MISSING, dataclass, fields
+import warnings
+from dataclasses import MISSING, InitVar, dataclass, field, fields
 from typing import Any, Mapping, Sequence
 
 from .devices import check_device
@@ -49,27 +50,80 @@ class Compression:
                              f"got {self.factor!r}")
 
 
+LATENCY_FIELDS = ("batch_sizes", "device", "cache", "remeasure", "backend", "memory_format")
+FLAT_LATENCY = {"latency_batch_size": "batch_sizes", **{f"latency_{name}": name for name in LATENCY_FIELDS[1:]}}
+
+
+@dataclass(frozen=True)
+class Latency:
+    """How a ``Budget(metric="latency")`` is timed (``lrlightning.speed.latency``).
+
+    ``batch_sizes``: the batch sizes the model is served at (one or more ints >= 1; default (32,)); the allocation
+    meets the budget at each of them, or says which one it cannot meet. ``device``: where layers are timed (default
+    None: the weights' device; the CPU at torch's thread count). ``cache``: the directory of the latency table
+    (default ``$LRLIGHTNING_CACHE`` or ~/.cache/lrlightning); a cached table is checked for staleness before use
+    and timed anew with ``remeasure=True``. ``backend``: ``"eager"`` (default: PyTorch) or ``"onnxruntime"`` (each
+    layer and the model exported to ONNX and timed in ONNX Runtime on the CPU, where an ``lrl-train deploy=onnx``
+    artifact runs; the ``onnx`` extra). Eager timings are of the model as it is served
+    (``lrlightning.speed.serving``): BatchNorm folded, conv weights and inputs in ``memory_format``
+    (``"channels_last"``, default, or ``"contiguous"``)."""
+
+    batch_sizes: tuple[int, ...] = (32,)
+    device: str | None = None
+    cache: str | None = None
+    remeasure: bool = False
+    backend: str = "eager"
+    memory_format: str = "channels_last"
+
+    def __post_init__(self):
+        sizes = (self.batch_sizes,) if is_int(self.batch_sizes) else self.batch_sizes
+        if not (isinstance(sizes, Sequence) and not isinstance(sizes, str) and len(sizes) >= 1
+                and all(is_int(size) and size >= 1 for size in sizes) and len(set(sizes)) == len(sizes)):
+            raise ValueError(f"`Latency.batch_sizes` must be one or more distinct ints >= 1, such as (1, 32), got "
+                             f"{self.batch_sizes!r}")
+        object.__setattr__(self, "batch_sizes", tuple(int(size) for size in sizes))
+        if self.cache is not None:
+            if not isinstance(self.cache, (str, os.PathLike)):
+                raise ValueError(f"`Latency.cache` must be a directory path, got {self.cache!r}")
+            object.__setattr__(self, "cache", os.fspath(self.cache))
+        if not isinstance(self.remeasure, bool):
+            raise ValueError(f"`Latency.remeasure` must be a bool, got {self.remeasure!r}")
+        if self.backend not in LATENCY_BACKENDS:
+            raise ValueError(f"`Latency.backend` must be one of {LATENCY_BACKENDS}, got {self.backend!r}")
+        if self.backend == "onnxruntime" and self.device not in (None, "cpu"):
+            raise ValueError(f"`Latency.backend`='onnxruntime' times on the CPU; `Latency.device` must be None or "
+                             f"'cpu', got {self.device!r}")
+        check_device("Latency.device", self.device)
+        check_memory_format("Latency.memory_format", self.memory_format)
+
+    @property
+    def batch_size(self) -> int:
+        """The first of ``batch_sizes``: the one a single figure is given at."""
+        return self.batch_sizes[0]
+
+
+def flat_keyword():
+    """A deprecated keyword of ``Budget`` spelling one ``Latency`` field flat (``latency_<field>``): keyword-only,
+    not a field of the object."""
+    return field(default=None, kw_only=True)
+
+
 @dataclass(frozen=True)
 class Budget:
     """The whole model ``factor`` (> 1) times smaller in ``metric``, or that many times faster, with ranks
     allocated across the selected layers (``lrlightning.budget``); a layer may stay dense.
 
     ``metric``: ``"params"`` (default), ``"macs"`` per sample of ``input_shape`` (one sample's shape: (C, L) for
-    Conv1d models, (C, H, W), (C, D, H, W) for Conv3d ones), or
-    ``"latency"``: measured per layer on ``latency_device`` (default: the weights' device; the CPU at torch's thread
-    count) at batch ``latency_batch_size`` (default 32), cached under ``latency_cache`` (default
-    ``$LRLIGHTNING_CACHE`` or ~/.cache/lrlightning), checked for staleness before use and timed anew with
-    ``latency_remeasure=True`` (``lrlightning.speed.latency``), in ``latency_backend`` ``"eager"`` (default: PyTorch) or
-    ``"onnxruntime"`` (each layer and the model exported to ONNX and timed in ONNX Runtime on the CPU, where an
-    ``lrl-train deploy=onnx`` artifact runs; the ``onnx`` extra). Eager timings are of the model as it is served
-    (``lrlightning.speed.serving``): BatchNorm folded, conv weights and inputs in ``latency_memory_format``
-    (``"channels_last"``, default, or ``"contiguous"``). The allocated model is then timed against dense and
-    allocated again while it misses beyond the noise (``lrlightning.speed.speedup_check``), and no layer is factorized
-    into something not faster beyond the noise.
+    Conv1d models, (C, H, W), (C, D, H, W) for Conv3d ones), or ``"latency"``: measured per layer as ``latency``
+    says (a ``Latency``, or a mapping of its fields; default ``Latency()``: the weights' device, batch 32, eager,
+    cached), at each of its batch sizes. The allocated model is then timed against dense and allocated again while
+    it misses beyond the noise at some batch size (``lrlightning.speed.speedup_check``), and no layer is factorized
+    into something not faster beyond the noise at every batch size.
     ``objective``: minimize the largest normalized error over layers (``"max"``) or their sum (``"sum"``); default
     None: ``"max"`` over weight errors, ``"sum"`` over output errors (an ``Activation`` projection objective with
-    input statistics), the better of the two for each on trained models (docs/results.md). Candidate ranks are multiples of ``rank_multiple`` (default 8) where a layer's full rank is at
-    least 16× that, else of the largest power of two fitting 16 times.
+    input statistics), the better of the two for each on trained models (docs/results.md). Candidate ranks are
+    multiples of ``rank_multiple`` (default 8) where a layer's full rank is at least 16× that, else of the largest
+    power of two fitting 16 times.
     ``reallocations``: the callback allocates again from the current weights before each of its first
     ``reallocations`` periodic projections (default 0: once, when fit starts).
     ``out_of_reach``: what a ``factor`` that the selected layers cannot reach does: ``"raise"`` (default) a
@@ -77,6 +131,9 @@ class Budget:
     for latency the fastest as measured on this machine, its ``Allocation.check`` verdict ``"short"``) with a
     warning: a request such as "1.3x faster" then runs without an error on any CPU where some layer gets faster,
     and the record says how far it got.
+    The flat keywords ``latency_batch_size``, ``latency_device``, ``latency_cache``, ``latency_remeasure``,
+    ``latency_backend`` and ``latency_memory_format`` of earlier configs still build ``latency``, with a
+    DeprecationWarning.
     """
 
     factor: float
@@ -85,15 +142,17 @@ class Budget:
     objective: str | None = None
     rank_multiple: int = 8
     reallocations: int = 0
-    latency_batch_size: int = 32
-    latency_device: str | None = None
-    latency_cache: str | None = None
-    latency_remeasure: bool = False
-    latency_backend: str = "eager"
-    latency_memory_format: str = "channels_last"
+    latency: Latency | None = None
     out_of_reach: str = "raise"
+    latency_batch_size: InitVar[int | None] = flat_keyword()
+    latency_device: InitVar[str | None] = flat_keyword()
+    latency_cache: InitVar[str | None] = flat_keyword()
+    latency_remeasure: InitVar[bool | None] = flat_keyword()
+    latency_backend: InitVar[str | None] = flat_keyword()
+    latency_memory_format: InitVar[str | None] = flat_keyword()
 
-    def __post_init__(self):
+    def __post_init__(self, latency_batch_size, latency_device, latency_cache, latency_remeasure, latency_backend,
+                      latency_memory_format):
         if not (is_number(self.factor) and self.factor > 1.0):
             raise ValueError(f"`Budget.factor` must be a number > 1 (dense / compressed, over the whole model), "
                              f"got {self.factor!r}")
@@ -112,26 +171,44 @@ class Budget:
                              "got None")
         if self.objective is not None and self.objective not in BUDGET_OBJECTIVES:
             raise ValueError(f"`Budget.objective` must be None or one of {BUDGET_OBJECTIVES}, got {self.objective!r}")
-        for argument, least in (("rank_multiple", 1), ("latency_batch_size", 1), ("reallocations", 0)):
+        for argument, least in (("rank_multiple", 1), ("reallocations", 0)):
             value = getattr(self, argument)
             if not (is_int(value) and value >= least):
                 raise ValueError(f"`Budget.{argument}` must be an int >= {least}, got {value!r}")
-        if self.latency_cache is not None:
-            if not isinstance(self.latency_cache, (str, os.PathLike)):
-                raise ValueError(f"`Budget.latency_cache` must be a directory path, got {self.latency_cache!r}")
-            object.__setattr__(self, "latency_cache", os.fspath(self.latency_cache))
-        if not isinstance(self.latency_remeasure, bool):
-            raise ValueError(f"`Budget.latency_remeasure` must be a bool, got {self.latency_remeasure!r}")
-        if self.latency_backend not in LATENCY_BACKENDS:
-            raise ValueError(f"`Budget.latency_backend` must be one of {LATENCY_BACKENDS}, got "
-                             f"{self.latency_backend!r}")
-        if self.latency_backend == "onnxruntime" and self.latency_device not in (None, "cpu"):
-            raise ValueError(f"`Budget.latency_backend`='onnxruntime' times on the CPU; `Budget.latency_device` must "
-                             f"be None or 'cpu', got {self.latency_device!r}")
-        check_device("Budget.latency_device", self.latency_device)
-        check_memory_format("Budget.latency_memory_format", self.latency_memory_format)
+        flat = {name: value for name, value in zip(FLAT_LATENCY, (
+            latency_batch_size, latency_device, latency_cache, latency_remeasure, latency_backend,
+            latency_memory_format)) if value is not None}
+        if self.latency is not None or flat or self.metric == "latency":
+            object.__setattr__(self, "latency", latency_of(self.latency, flat))
         if self.out_of_reach not in OUT_OF_REACH:
             raise ValueError(f"`Budget.out_of_reach` must be one of {OUT_OF_REACH}, got {self.out_of_reach!r}")
+
+
+def latency_of(latency: Any, flat: Mapping[str, Any] | None = None) -> Latency:
+    """``Budget.latency`` as a ``Latency``: given as one, as a mapping of its fields, or None (the defaults);
+    ``flat`` holds the deprecated ``latency_<field>`` keywords given (``FLAT_LATENCY``; warned about, and never
+    together with ``latency``)."""
+    if latency is None:
+        fields_given = {}
+    elif isinstance(latency, Latency):
+        fields_given = {}
+    elif isinstance(latency, Mapping):
+        unknown = sorted(set(map(str, latency)) - set(LATENCY_FIELDS))
+        if unknown:
+            raise ValueError(f"`Budget.latency` has unknown fields {unknown}; a Latency has {list(LATENCY_FIELDS)}")
+        fields_given = dict(latency)
+    else:
+        raise ValueError(f"`Budget.latency` must be a lrlightning.Latency, a mapping of its fields or None, got "
+                         f"{latency!r}")
+    if flat:
+        spelled = ", ".join(f"{name}=..." for name in flat)
+        if latency is not None:
+            raise ValueError(f"`Budget` got both `latency` and the flat keywords {spelled}; give `latency` only")
+        warnings.warn(f"`Budget({spelled})` is deprecated: give `latency=Latency(...)` (fields "
+                      f"{', '.join(LATENCY_FIELDS)}; `latency_batch_size=n` is `batch_sizes=(n,)`)",
+                      DeprecationWarning, stacklevel=4)
+        fields_given = {FLAT_LATENCY[name]: value for name, value in flat.items()}
+    return latency if isinstance(latency, Latency) else Latency(**fields_given)
 
 
 RankRule = RankSpec | Energy | Compression | Budget
@@ -191,7 +268,12 @@ def record_of(kind: str, values: Mapping[str, Any]) -> dict[str, Any] | None:
     if kind == "Compression":
         return {"compression": float(values["factor"])}
     record = {"budget": float(values["factor"]), "metric": values["metric"]}
-    return {**record, "backend": values["latency_backend"]} if values["metric"] == "latency" else record
+    if values["metric"] != "latency":
+        return record
+    latency = values.get("latency")
+    backend = latency.backend if isinstance(latency, Latency) else (latency or {}).get("backend") \
+        if isinstance(latency, Mapping) or latency is None else None
+    return {**record, "backend": backend or values.get("latency_backend") or Latency.backend}
 
 
 def rule_label(record: Mapping[str, Any]) -> str:

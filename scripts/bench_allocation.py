@@ -22,8 +22,7 @@ from lrlightning.app.data import FashionMNISTDataModule
 from lrlightning.app.job import data_passes
 from lrlightning.app.module import LitClassifier
 from lrlightning.app.provenance import publish_table
-from lrlightning.app.ranks import BACKBONE, backbone_plans
-from lrlightning.plan import frozen_ranks
+from lrlightning.app.ranks import BACKBONE, backbone_plan
 
 
 def test_accuracy(model: torch.nn.Module, loader) -> float:
@@ -58,11 +57,12 @@ def main() -> None:
     for scheme, budget, kind in ((s, b, k) for s in args.schemes for b in args.budgets for k in args.budget_objectives):
         rule = Budget(budget, objective=kind)
         options = LowRankOptions(scheme, rule, objective=Activation(batches=args.batches))
-        by_weight = backbone_plans(dense, LowRankOptions(scheme, rule))  # ranks from weight errors
-        weight_ranks = {f"{BACKBONE}.{name}": rank for name, rank in frozen_ranks(by_weight).items()}
-        allocations = {"weight": backbone_plans(dense, options, weight_ranks),
-                       "output": backbone_plans(dense, options, passes=passes, seed=0)}
-        for errors, plans in allocations.items():
+        by_weight = backbone_plan(dense, LowRankOptions(scheme, rule))  # ranks from weight errors
+        weight_ranks = {f"{BACKBONE}.{name}": rank for name, rank in by_weight.ranks.items()}
+        allocations = {"weight": backbone_plan(dense, options, weight_ranks),
+                       "output": backbone_plan(dense, options, passes=passes, seed=0)}
+        for errors, plan in allocations.items():
+            plans = list(plan.layers)
             model = copy.deepcopy(dense)
             stats = passes.finish(model.backbone, plans, options, 20, seed=0)
             small = factorize_planned(model.backbone, plans, options)

@@ -1,9 +1,10 @@
 """Budgets that ask for speed: the speedup a budget asked for against the speedup the exported model measures.
 
 For each backbone, a ``budget_metric="latency"`` budget of ``--speedups`` is allocated from a latency table measured
-on this machine at batch ``--batch-size`` (cached; the first allocation times every candidate), the weights are
-projected at the allocated ranks, the model is factorized, and dense and factorized are timed interleaved at each of
-``--measure-batch-sizes`` (default: the table's batch) in each of ``--modes``: ``eager`` (torch, as allocated:
+on this machine at each of ``--batch-sizes`` (cached; the first allocation times every candidate; with several, the
+allocation must meet the budget at each), the weights are projected at the allocated ranks, the model is factorized,
+and dense and factorized are timed interleaved at each of ``--measure-batch-sizes`` (default: ``--batch-sizes``) in
+each of ``--modes``: ``eager`` (torch, as allocated:
 BatchNorm unfolded) and ``onnxruntime`` (both models exported to ONNX once, with a dynamic batch, and run in an
 onnxruntime CPU session that does not spin-wait; needs the ``onnx`` extra). Each measured speedup is the median of
 per-round ratios dense / factorized (rounds interleaved, which model goes first alternating), with its interquartile
@@ -13,11 +14,12 @@ to multiples buys. ``resnet18``/``resnet50``/``mobilenet_v2`` run at 3×224×224
 and never below 1 (no slower than dense). Usage:
 
     python scripts/bench_latency_budget.py                                   # ResNet-20 on 1x28x28 (Fashion-MNIST)
-    python scripts/bench_latency_budget.py --backbones resnet18 --image-size 224 --in-channels 3 --batch-size 1
-    python scripts/bench_latency_budget.py --backbones resnet50 mobilenet_v2 --batch-size 1 --speedups 1.5 \\
+    python scripts/bench_latency_budget.py --backbones resnet18 --image-size 224 --in-channels 3 --batch-sizes 1
+    python scripts/bench_latency_budget.py --schemes tucker2 --speedups 1.3 --mac-budgets --batch-sizes 1 128
+    python scripts/bench_latency_budget.py --backbones resnet50 mobilenet_v2 --batch-sizes 1 --speedups 1.5 \\
         --mac-budgets --measure-batch-sizes 1 32 --modes eager onnxruntime --cache /tmp/lrl-cache
     python scripts/bench_latency_budget.py --backbones resnet18 --schemes svd --speedups 2 --mac-budgets \
-        --batch-size 1 --latency-backend onnxruntime --modes onnxruntime     # a budget allocated in ONNX Runtime
+        --batch-sizes 1 --latency-backend onnxruntime --modes onnxruntime     # a budget allocated in ONNX Runtime
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from collections.abc import Callable
 
 import torch
 
-from lrlightning import Budget, LowRankOptions, count_macs, factorize_planned
+from lrlightning import Budget, Latency, LowRankOptions, count_macs, factorize_planned
 from lrlightning.speed.allocator import retain_freed_memory
 from lrlightning.app.provenance import publish_table
 from lrlightning.plan import allocate_plan
@@ -83,15 +85,16 @@ def main() -> None:
     parser.add_argument("--in-channels", type=int, default=1, help="image channels of the non-ImageNet backbones")
     parser.add_argument("--image-size", type=int, default=None,
                         help="height = width (default 28; the ImageNet backbones 224 unless given)")
-    parser.add_argument("--batch-size", type=int, default=32, help="the latency table's batch (latency_batch_size)")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[32],
+                        help="the batch sizes a latency budget is allocated for (Latency.batch_sizes)")
     parser.add_argument("--measure-batch-sizes", nargs="+", type=int, default=None,
-                        help="batches the exported models are timed at (default: --batch-size)")
+                        help="batches the exported models are timed at (default: --batch-sizes)")
     parser.add_argument("--modes", nargs="+", default=["eager"], choices=MODES)
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds of the final measurement")
     parser.add_argument("--large-batch-rounds", type=int, default=None,
                         help="rounds at measured batches >= 8 (default: --rounds)")
     parser.add_argument("--latency-backend", choices=("eager", "onnxruntime"), default="eager",
-                        help="where the latency table times layers (Budget.latency_backend; default: %(default)s)")
+                        help="where the latency table times layers (Latency.backend; default: %(default)s)")
     parser.add_argument("--cache", default=None, help="latency cache dir (default: $LRLIGHTNING_CACHE or "
                         "~/.cache/lrlightning)")
     parser.add_argument("--retain-freed-memory", action="store_true",
@@ -100,9 +103,9 @@ def main() -> None:
     args = parser.parse_args()
     warnings.simplefilter("ignore", UserWarning)
     retained = args.retain_freed_memory and retain_freed_memory()
-    latency = dict(latency_batch_size=args.batch_size, latency_device="cpu", latency_cache=args.cache,
-                   latency_backend=args.latency_backend)
-    batches = sorted(set(args.measure_batch_sizes or [args.batch_size]))
+    latency = dict(latency=Latency(batch_sizes=tuple(args.batch_sizes), device="cpu", cache=args.cache,
+                                   backend=args.latency_backend))
+    batches = sorted(set(args.measure_batch_sizes or args.batch_sizes))
     modes = list(dict.fromkeys(args.modes))
 
     rows, data, shapes = [], [], {}
@@ -120,7 +123,7 @@ def main() -> None:
                 options = LowRankOptions(scheme, Budget(budget, metric=metric, input_shape=shape,
                                                         rank_multiple=multiple, **latency))
                 entry = {"backbone": backbone, "input_shape": list(shape), "scheme": scheme, "metric": metric,
-                         "budget": budget, "rank_multiple": multiple, "latency_batch_size": args.batch_size,
+                         "budget": budget, "rank_multiple": multiple, "latency_batch_sizes": args.batch_sizes,
                          "latency_backend": args.latency_backend}
                 try:
                     small, allocation, seconds = exported(dense, options)
@@ -168,7 +171,7 @@ def main() -> None:
     inputs = ", ".join(f"{name} {shape}" for name, shape in shapes.items())
     footnote = "(" + "; ".join([
         f"inputs {inputs}",
-        f"latency table ({args.latency_backend}) and allocation at batch {args.batch_size}",
+        f"latency table ({args.latency_backend}) and allocation at batch {', '.join(map(str, args.batch_sizes))}",
         f"CPU threads {torch.get_num_threads()}, {memory}{wait_policy()}",
         "random initialization",
         "latency tables measured per layer in this run or read from the cache",

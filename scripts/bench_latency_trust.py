@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from lrlightning import Budget, LowRankOptions, count_macs, factorize_planned
+from lrlightning import Budget, Latency, LowRankOptions, count_macs, factorize_planned
 from lrlightning.speed.allocator import retain_freed_memory
 from lrlightning.app.provenance import write_result
 from lrlightning.plan import allocate_plan
@@ -127,8 +127,7 @@ def main() -> None:
 
     def options(cache: Path) -> LowRankOptions:
         return LowRankOptions("tucker2", Budget(args.budget, metric="latency", input_shape=shape,
-                                                latency_batch_size=args.batch_size, latency_device="cpu",
-                                                latency_cache=str(cache)))
+                                                latency=Latency((args.batch_size,), "cpu", str(cache))))
 
     fresh, caches = [], []
     for index in range(args.runs):

@@ -30,12 +30,14 @@ from datetime import date
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from lrlightning import LowRankOptions, count_macs, factorize_planned
 from lrlightning.speed.allocator import retain_freed_memory
 from lrlightning.app.cli import CONF_DIR
 from lrlightning.app.provenance import publish_table
 from lrlightning.speed.cpu import cpu_features, cpu_model, features_text, int8_path
+from lrlightning.app.ranks import with_budget_defaults
 from lrlightning.plan import allocate_plan
 from lrlightning.speed.serving import MEMORY_FORMATS
 from lrlightning.zoo import build_backbone
@@ -47,7 +49,8 @@ def preset_rule(overrides: list[str]):
     """The quickstart point's ``Budget``, as ``lrl-train point=tucker2_faster`` builds it for 1×28×28 inputs."""
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=["point=tucker2_faster", *overrides])
-    return cfg, instantiate(cfg.lowrank.rank, input_shape=INPUT_SHAPE)
+    rank = {**OmegaConf.to_container(cfg.lowrank.rank, resolve=True), "input_shape": list(INPUT_SHAPE)}
+    return cfg, instantiate(with_budget_defaults({"rank": rank}, None, cfg.latency_batch_sizes)["rank"], _convert_="all")
 
 
 def allocation_row(model: torch.nn.Module, options: LowRankOptions) -> dict:
@@ -83,7 +86,7 @@ def main() -> None:
     for memory_format in args.memory_formats:
         for run in range(args.runs):
             with tempfile.TemporaryDirectory() as cache:
-                base = replace(rule, latency_cache=cache, latency_memory_format=memory_format)
+                base = replace(rule, latency=replace(rule.latency, cache=cache, memory_format=memory_format))
                 request = allocation_row(model, LowRankOptions(scheme, base))
                 reach = allocation_row(model, LowRankOptions(scheme, replace(base, factor=1000.0,
                                                                               out_of_reach="closest")))
@@ -101,7 +104,7 @@ def main() -> None:
     columns = ["eager memory format", "run", "reachable speedup (fastest allocation)", "asked",
                "verdict", "measured speedup", "MAC reduction", "fresh allocation"]
     footnote = (f"ResNet-20 on {INPUT_SHAPE[0]}x{INPUT_SHAPE[1]}x{INPUT_SHAPE[2]}, {scheme}, batch "
-                f"{rule.latency_batch_size}, eager serving form (BatchNorm folded), fresh latency cache per run; "
+                f"{rule.latency.batch_size}, eager serving form (BatchNorm folded), fresh latency cache per run; "
                 f"speedups are medians of per-round ratios dense / factorized with their interquartile range. CPU: "
                 f"{cpu_model()} ({features}), {torch.get_num_threads()} threads, OMP_WAIT_POLICY="
                 f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}.")

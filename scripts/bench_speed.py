@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import torch
 
-from lrlightning import Budget, Compression, LowRankOptions, TiledSVD, count_macs, count_params, factorize_planned, plan_layers
+from lrlightning import Budget, Compression, Latency, LowRankOptions, TiledSVD, count_macs, count_params, factorize_planned, plan_layers
 from lrlightning.speed.allocator import retain_freed_memory
 from lrlightning.app.provenance import publish_table
 from lrlightning.deploy.onnx import EXTRA
@@ -95,7 +95,7 @@ def target_options(scheme: str, target: float, args: argparse.Namespace, shape: 
     """The rank rule of one target: ``Compression(target)`` per layer, or a whole-model ``Budget(target)``."""
     if args.budget is None:
         return LowRankOptions(SCHEMES[scheme], Compression(target))
-    extra = {"latency_batch_size": max(args.batch_sizes)} if args.budget_metric == "latency" else {}
+    extra = {"latency": Latency(batch_sizes=(max(args.batch_sizes),))} if args.budget_metric == "latency" else {}
     return LowRankOptions(SCHEMES[scheme], Budget(target, metric=args.budget_metric, input_shape=shape, **extra))
 
 

@@ -7,7 +7,7 @@ from lrlightning.app.data import SyntheticDataModule
 TINY_TRAIN = ["model=simple_cnn", "data=synthetic", "+data.num_samples=192", "+data.batch_size=32",
               "+data.val_size=64", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
               "lowrank.every_n_train_steps=1", "+trainer.enable_progress_bar=false",
-              "+trainer.enable_model_summary=false", "latency_batch_size=4"]
+              "+trainer.enable_model_summary=false", "latency_batch_sizes=[4]"]
 
 
 @pytest.fixture(autouse=True)

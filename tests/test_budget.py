@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lrlightning import (Budget, LowRankOptions, LowRankProjection, Selection, count_macs, count_params, factorize,
+from lrlightning import (Budget, Latency, LowRankOptions, LowRankProjection, Selection, count_macs, count_params, factorize,
                          plan_layers, project_)
 from lrlightning.budget import (LayerChoices, allocate, fitted_ratios, in_model_costs, layer_multiple, layer_structure,
                                 rounded_rank, timing_layer)
@@ -163,7 +163,7 @@ def test_an_input_shape_the_model_cannot_take_is_refused_before_anything_is_proj
     with pytest.raises(ValueError, match=rf"`Budget.input_shape`={re.escape(str(shape))} does not fit CifarResNet: "
                                          r"its forward pass on a batch of one zero sample of that shape fails .* "
                                          r"It must be one sample's shape without the batch dimension: \(C, H, W\), \(C, L\) for Conv1d"):
-        project_(model, "svd", Budget(2.0, metric=metric, input_shape=shape, latency_device="cpu"))
+        project_(model, "svd", Budget(2.0, metric=metric, input_shape=shape, latency=Latency(device="cpu")))
     assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
     assert mac_latency.made == []  # not even a latency table was made
 
@@ -219,8 +219,8 @@ def test_latency_budget_allocates_measured_costs_and_never_picks_a_slower_layer(
             return times
 
     monkeypatch.setattr("lrlightning.budget.LatencyTable", SlowWideTable)
-    options = LowRankOptions("tucker2", Budget(2.0, metric="latency", input_shape=SHAPE, latency_batch_size=4,
-                                               latency_device="cpu"))
+    options = LowRankOptions("tucker2", Budget(2.0, metric="latency", input_shape=SHAPE, latency=Latency(
+                                               (4,), "cpu")))
     plans, _, allocation = allocate_plan(resnet, options, warn=False)
     assert mac_latency.made[-1].batch_size == 4 and mac_latency.made[-1].device == torch.device("cpu")
     assert 2.0 <= allocation.achieved <= 2.1 and allocation.metric == "latency"
@@ -236,8 +236,8 @@ def test_latency_budget_allocates_measured_costs_and_never_picks_a_slower_layer(
 
 
 def test_a_latency_budget_out_of_reach_keeps_the_fastest_allocation_when_asked(resnet, mac_latency):
-    options = LowRankOptions("tucker2", Budget(1000.0, metric="latency", input_shape=SHAPE, latency_batch_size=4,
-                                               latency_device="cpu", out_of_reach="closest"))
+    options = LowRankOptions("tucker2", Budget(1000.0, metric="latency", input_shape=SHAPE, latency=Latency(
+                                               (4,), "cpu"), out_of_reach="closest"))
     with pytest.warns(UserWarning, match=r"`Budget.factor`=1000.0 \(latency\) is out of reach: .* kept the closest "
                                          r"allocation \(`Budget.out_of_reach`='closest'\)"):
         plans, _, allocation = allocate_plan(resnet, options, warn=False)
@@ -293,8 +293,8 @@ def test_a_candidate_only_noise_makes_look_faster_is_not_a_candidate(resnet, mac
             return times
 
     monkeypatch.setattr("lrlightning.budget.LatencyTable", NearlyEqualTable)
-    options = LowRankOptions("tucker2", Budget(1.3, metric="latency", input_shape=SHAPE, latency_batch_size=4,
-                                               latency_device="cpu"))
+    options = LowRankOptions("tucker2", Budget(1.3, metric="latency", input_shape=SHAPE, latency=Latency(
+                                               (4,), "cpu")))
     plans, skipped, allocation = allocate_plan(resnet, options, warn=False)
     last_stage = {name for name, module in resnet.named_modules() if isinstance(module, nn.Conv2d)
                   and module.out_channels == 4 * WIDTH and module.kernel_size == (3, 3)}
@@ -311,8 +311,8 @@ def test_a_latency_budget_is_allocated_again_until_the_allocated_model_measures_
             return self.exact(super().speedup(dense, factorized, input_shape).median ** 0.7)
 
     monkeypatch.setattr("lrlightning.budget.LatencyTable", SlowerThanPredicted)
-    options = LowRankOptions("tucker2", Budget(1.5, metric="latency", input_shape=SHAPE, latency_batch_size=4,
-                                               latency_device="cpu"))
+    options = LowRankOptions("tucker2", Budget(1.5, metric="latency", input_shape=SHAPE, latency=Latency(
+                                               (4,), "cpu")))
     plans, _, allocation = allocate_plan(resnet, options, warn=False)
     check = allocation.check
     assert check.verdict == "met" and check.attempts >= 2 and abs(check.measured.median / 1.5 - 1) <= 0.03
@@ -334,11 +334,19 @@ def test_plan_table_shows_each_layers_cost_and_the_whole_model(resnet):
 @pytest.mark.parametrize("options, match", [
     (dict(rank_multiple=0), r"`Budget.rank_multiple` must be an int >= 1, got 0"),
     (dict(objective="mean"), r"`Budget.objective` must be None or one of \('max', 'sum'\), got 'mean'"),
-    (dict(latency_batch_size=2.5), r"`Budget.latency_batch_size` must be an int >= 1, got 2.5"),
+    (dict(latency=dict(batch_sizes=2.5)), r"`Latency.batch_sizes` must be one or more distinct ints >= 1, such as "
+                                          r"\(1, 32\), got 2.5"),
+    (dict(latency=dict(batch_sizes=(32, 1, 32))), r"`Latency.batch_sizes` must be .* got \(32, 1, 32\)"),
+    (dict(latency=dict(batch_sizes=())), r"`Latency.batch_sizes` must be .* got \(\)"),
+    (dict(latency=dict(batch_size=4)), r"`Budget.latency` has unknown fields \['batch_size'\]; a Latency has "
+                                       r"\['batch_sizes', 'device'"),
+    (dict(latency=4), r"`Budget.latency` must be a lrlightning.Latency, a mapping of its fields or None, got 4"),
+    (dict(latency=Latency(), latency_device="cpu"), r"`Budget` got both `latency` and the flat keywords "
+                                                     r"latency_device=...; give `latency` only"),
     (dict(metric="latency"), r"`Budget.metric`='latency' needs `input_shape`"),
-    (dict(latency_device="gpu0"), r"`Budget.latency_device` must be 'cpu' or a CUDA device .* got 'gpu0'"),
-    (dict(latency_device="meta"), r"`Budget.latency_device` must be 'cpu' or a CUDA device .* got 'meta'"),
-    (dict(latency_device="cuda:64"), r"`Budget.latency_device` must be 'cpu' or a CUDA device .* got 'cuda:64'"),
+    (dict(latency=dict(device="gpu0")), r"`Latency.device` must be 'cpu' or a CUDA device .* got 'gpu0'"),
+    (dict(latency=dict(device="meta")), r"`Latency.device` must be 'cpu' or a CUDA device .* got 'meta'"),
+    (dict(latency=dict(device="cuda:64")), r"`Latency.device` must be 'cpu' or a CUDA device .* got 'cuda:64'"),
 ])
 def test_bad_latency_options_are_refused(options, match):
     with pytest.raises(ValueError, match=match):
@@ -439,3 +447,48 @@ def test_a_reallocation_follows_weights_that_moved(tmp_path, resnet):
     first = plan_layers(model, LowRankOptions("svd", Budget(2.0)), warn=False)[0]
     trainer.fit(model, DataLoader(data, batch_size=8))
     assert callback.ranks["backbone.layer3.2.conv2"] < {p.name: p.rank for p in first}["backbone.layer3.2.conv2"]
+
+
+def test_a_latency_budget_over_several_batch_sizes_meets_it_at_the_slowest_and_keeps_only_layers_faster_at_each(
+        resnet, mac_latency, monkeypatch):
+    class SmallBatchesGainLess(mac_latency):
+        """At batch 1 a factorized layer gains only the square root of its MAC reduction, and the first stage's
+        candidates run slower than dense; at larger batches time follows MACs."""
+
+        def layer_times(self, module, input_shape, candidates):
+            times = super().layer_times(module, input_shape, candidates)
+            if self.batch_size == 1:
+                slower = module.out_channels == WIDTH
+                times.ratios.update({label: self.exact(1.2 if slower else ratio.median ** 0.5)
+                                     for label, ratio in times.ratios.items()})
+            return times
+
+        def speedup(self, dense, factorized, input_shape):
+            speedup = super().speedup(dense, factorized, input_shape).median
+            return self.exact(speedup ** 0.5 if self.batch_size == 1 else speedup)
+
+    monkeypatch.setattr("lrlightning.budget.LatencyTable", SmallBatchesGainLess)
+    options = LowRankOptions("tucker2", Budget(1.3, metric="latency", input_shape=SHAPE,
+                                               latency=Latency(batch_sizes=(1, 32), device="cpu")))
+    plans, _, allocation = allocate_plan(resnet, options, warn=False)
+    assert [table.batch_size for table in mac_latency.made] == [1, 32]
+    check = allocation.check
+    assert check.verdict == "met" and check.batch_size == 1 and abs(check.measured.median / 1.3 - 1) <= 0.03
+    assert check.by_batch[32].median > 1.3 * 1.2  # the larger batch gains more than asked
+    assert set(allocation.predicted) == {1, 32} and allocation.batch_size == 1
+    first_stage = {name for name, module in resnet.named_modules() if isinstance(module, nn.Conv2d)
+                   and module.out_channels == WIDTH and module.kernel_size == (3, 3)} & set(allocation.ranks)
+    assert first_stage and all(allocation.ranks[name] is None for name in first_stage)
+    table = plan_table(plans, [], "tucker2", allocation)
+    assert "at batch 1 on cpu" in table and "; at batch 32: " in table
+    assert "at batch 1, the slowest of batches 1, 32" in table
+
+
+def test_flat_latency_keywords_of_earlier_configs_still_build_the_latency_they_name():
+    with pytest.warns(DeprecationWarning, match=r"`Budget\(latency_batch_size=..., latency_device=...\)` is "
+                                                r"deprecated: give `latency=Latency\(...\)`"):
+        rule = Budget(2.0, metric="latency", input_shape=SHAPE, latency_batch_size=4, latency_device="cpu")
+    assert rule.latency == Latency(batch_sizes=(4,), device="cpu")
+    assert Budget(2.0, metric="latency", input_shape=SHAPE, latency={"batch_sizes": [1, 32]}).latency.batch_sizes \
+        == (1, 32)
+    assert Budget(2.0).latency is None and Budget(2.0, metric="latency", input_shape=SHAPE).latency == Latency()

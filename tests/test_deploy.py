@@ -10,7 +10,7 @@ onnx = pytest.importorskip("onnx", reason="needs the `onnx` extra")
 pytest.importorskip("onnxscript", reason="needs the `onnx` extra")
 onnxruntime = pytest.importorskip("onnxruntime", reason="needs the `onnx` extra")
 
-from lrlightning import Budget, LowRankOptions, factorize, project_  # noqa: E402
+from lrlightning import Budget, Latency, LowRankOptions, factorize, project_  # noqa: E402
 from lrlightning.deploy.int8 import quantize_int8, weight_layers  # noqa: E402
 from lrlightning.speed.latency import LatencyTable  # noqa: E402
 from lrlightning.deploy.onnx import OnnxExportError, SessionModule, export_onnx, session  # noqa: E402
@@ -154,16 +154,15 @@ def test_latency_backends_are_checked():
         LatencyTable("cpu", 2, backend="tensorrt")
     with pytest.raises(ValueError, match=r"`backend`='onnxruntime' times on the CPU, got device 'meta'"):
         LatencyTable("meta", 2, backend="onnxruntime")
-    with pytest.raises(ValueError, match=r"`Budget.latency_backend` must be one of \('eager', 'onnxruntime'\), got "
-                                         r"'ort'"):
-        Budget(2.0, metric="latency", input_shape=(3, 8, 8), latency_backend="ort")
-    with pytest.raises(ValueError, match=r"`Budget.latency_device` must be None or 'cpu', got 'cuda'"):
-        Budget(2.0, metric="latency", input_shape=(3, 8, 8), latency_backend="onnxruntime", latency_device="cuda")
+    with pytest.raises(ValueError, match=r"`Latency.backend` must be one of \('eager', 'onnxruntime'\), got 'ort'"):
+        Budget(2.0, metric="latency", input_shape=(3, 8, 8), latency=Latency(backend="ort"))
+    with pytest.raises(ValueError, match=r"`Latency.device` must be None or 'cpu', got 'cuda'"):
+        Budget(2.0, metric="latency", input_shape=(3, 8, 8), latency={"backend": "onnxruntime", "device": "cuda"})
 
 
 def test_an_onnxruntime_budget_allocates_on_an_onnxruntime_table_and_says_so(mac_latency):
     model = build_backbone("resnet20", num_classes=10, in_channels=1, width=8).eval()
-    rule = Budget(1.5, metric="latency", input_shape=(1, 16, 16), latency_backend="onnxruntime")
+    rule = Budget(1.5, metric="latency", input_shape=(1, 16, 16), latency=Latency(backend="onnxruntime"))
     plans, _ = plan_layers(model, LowRankOptions("svd", rule), warn=False)
     [table] = mac_latency.made
     assert plans and (table.backend, str(table.device)) == ("onnxruntime", "cpu")

@@ -61,7 +61,7 @@ def test_lit_classifier_distills_from_a_teacher_it_neither_saves_nor_exposes_to_
     assert planned and all(plan.name.startswith("backbone.") for plan in planned)
 
 
-VALID = {"baseline": None, "init_ckpt": None, "seed": 0, "latency_batch_size": 32}
+VALID = {"baseline": None, "init_ckpt": None, "seed": 0, "latency_batch_sizes": [32]}
 
 
 def test_lrl_train_distillation_needs_a_dense_teacher_and_valid_settings():

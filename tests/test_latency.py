@@ -226,3 +226,19 @@ def test_a_corrupt_cache_file_warns_and_is_measured_anew_and_rewritten_as_valid_
     assert (stored["format"], stored["device"]) == (FORMAT, table.key)
     assert set(stored["entries"]) == {layer_key(layer, (2, 8, 6, 6), torch.float32),
                                       layer_key(layer, (2, 8, 6, 6), torch.float32) + "|tucker2:(4,4)"}
+
+
+def test_tables_of_two_batch_sizes_open_together_keep_each_others_entries_in_the_file(tmp_path, clock, model):
+    small, large = LatencyTable("cpu", 1, tmp_path), LatencyTable("cpu", 4, tmp_path)  # both read an empty file
+    fill(small, model)
+    fill(large, model)
+    small.layer_times(*requests(model)[0][:2], candidates(model.get_submodule("0"), ((2, 2),)))  # saves again
+    stored = json.loads(small.path.read_text())
+    batches = {key.split("input=(")[1].split(",")[0] for key in stored["entries"]}
+    assert batches == {"1", "4"}
+    assert stored["seconds"] == pytest.approx(small.seconds, abs=1e-3) and small.seconds > large.seconds > 0
+    for batch_size, table in ((1, small), (4, large)):
+        reread = LatencyTable("cpu", batch_size, tmp_path)
+        fill(reread, model)
+        assert reread.measured == 0 and {key: reread.entries[key] for key in table.fresh} == \
+            {key: table.entries[key] for key in table.fresh}

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lrlightning import factorize
-from lrlightning.rules import Budget
+from lrlightning.rules import Budget, Latency
 from lrlightning.speed.serving import serving_form, serving_input
 from lrlightning.zoo import build_backbone
 
@@ -74,7 +74,7 @@ def test_a_model_torch_fx_cannot_trace_is_served_unfolded():
 
 @pytest.mark.parametrize("make", [lambda: serving_form(nn.Conv2d(1, 1, 1), "nhwc"),
                                   lambda: Budget(2.0, metric="latency", input_shape=(3, 8, 8),
-                                                 latency_memory_format="nhwc")])
+                                                 latency=Latency(memory_format="nhwc"))])
 def test_an_unknown_memory_format_is_refused_by_name(make):
     allowed = r"memory_format` must be one of \('channels_last', 'contiguous'\), got 'nhwc'"
     with pytest.raises(ValueError, match=allowed):

@@ -105,3 +105,30 @@ def test_a_check_records_what_it_measured():
     check = SpeedupCheck(1.3, exact(1.31, 0.04), "met", 1)
     data = check.as_dict()
     assert data["measured"] == exact(1.31, 0.04).as_dict() and data["distinguishable_from_dense"]
+
+
+def test_timed_at_several_batch_sizes_the_slowest_must_meet_the_budget_and_is_named():
+    model = Model(power=1.0)
+
+    def measure(ranks):  # batch 1 gains only part of what batch 32 gains
+        speedup = DENSE / ranks["total"]
+        return {1: exact(speedup ** 0.6, 0.02), 32: exact(speedup, 0.02)}
+
+    _, check = checked_ranks(model.choose, measure, 1.3, DENSE, model.fastest)
+    assert check.verdict == "met" and check.attempts >= 2 and check.batch_size == 1
+    assert abs(check.measured.median / 1.3 - 1) <= 0.03 and check.by_batch[32].median > 1.4
+    assert f"at batch 1, the slowest of batches 1, 32 (batch 32: {check.by_batch[32].median:.2f}x)" in check.text()
+    record = check.as_dict()
+    assert record["batch_size"] == 1 and set(record["by_batch"]) == {"1", "32"}
+
+
+def test_a_budget_out_of_reach_at_one_batch_size_names_it_and_what_it_measured_there():
+    model = Model(power=1.0, fastest=DENSE / 2)
+
+    def measure(ranks):
+        speedup = DENSE / ranks["total"]
+        return {1: exact(speedup ** 0.3, 0.02), 32: exact(speedup, 0.02)}
+
+    with pytest.raises(OutOfReach, match=r"^1\.23x \(IQR .*\) faster \(measured at batch 1\)$") as error:
+        checked_ranks(model.choose, measure, 1.8, DENSE, model.fastest)
+    assert error.value.check(1.8).batch_size == 1 and error.value.by_batch[32].median == pytest.approx(2.0)

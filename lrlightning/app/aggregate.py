@@ -36,7 +36,7 @@ LEGACY_PLAN_KEYS = frozenset({*LEGACY_RULE_KEYS, "tile_shape", "include", "exclu
 LEGACY_OBJECTIVE_KEYS = frozenset({"activation_ridge", "bn_weighting"})
 # Job settings that change how fast a run goes, and its result only under a latency budget (they choose the
 # latency table the ranks are allocated from).
-SPEED_KEYS = {"latency_batch_size", "retain_freed_memory"}
+SPEED_KEYS = {"latency_batch_size", "latency_batch_sizes", "retain_freed_memory"}
 SPEEDUP_KEYS = ("speedup", "speedup_low", "speedup_high")  # measured speedup and its interquartile range
 RULE_FIELDS = ("lowrank.rank", "lowrank.rank._target_", "lowrank.rank.factor", "lowrank.rank.metric",
                "lowrank.rank.fraction")

@@ -13,7 +13,7 @@ from .evaluation import run_test, val_accuracy
 from .job import (backbone_spec, data_facts, data_passes, deployer, distillation, finish_backbone, fit, input_shape,
                   make_trainer, resume_path, run_facts)
 from ..training.callback import LowRankProjection
-from .ranks import backbone_plans
+from .ranks import backbone_plan
 from .report import summarize, write_outputs
 
 BASELINES = ("decompose_finetune", "decompose")
@@ -27,16 +27,15 @@ def decompose(cfg: DictConfig, run_dir: Path, datamodule, model: LightningModule
     if projection is None:
         raise ValueError(f"`baseline`={cfg.baseline!r} needs a low-rank preset (lowrank=tucker2, svd, ...), "
                          "got lowrank=none")
-    options = projection.options
     if not cfg.init_ckpt:
         dense_trainer = make_trainer(cfg, run_dir / "dense", [], {**config, "baseline": None, "lowrank": None})
         fit(dense_trainer, model, datamodule, resume_path(None, run_dir / "dense"))
-    plans = backbone_plans(model, options, passes=data_passes(datamodule), seed=cfg.seed)
+    plan = backbone_plan(model, projection.options, passes=data_passes(datamodule), seed=cfg.seed)
     trainer = make_trainer(cfg, run_dir, [], config)
     metrics = run_test(trainer, datamodule, dense=model.backbone)
     distill = distillation(cfg)
     teacher = frozen_teacher(model.backbone) if distill is not None else None  # finishing projects the backbone
-    small = finish_backbone(model, datamodule, plans, projection, cfg.seed)
+    small = finish_backbone(model, datamodule, plan, projection, cfg.seed)
     metrics.update(run_test(trainer, datamodule, decomposed=small))
     tuned, seconds = cfg.baseline == "decompose_finetune", 0.0
     if tuned:
@@ -54,7 +53,7 @@ def decompose(cfg: DictConfig, run_dir: Path, datamodule, model: LightningModule
     facts = run_facts(trainer, seconds, cfg.init_ckpt, config)
     extra = {"every_n_train_steps": None, "num_projections": 0, **facts,
              "checkpoint": facts["checkpoint"] if tuned else None, **data_facts(datamodule)}
-    summary = summarize(cfg.baseline, options, plans, model.backbone, small, input_shape(datamodule),
-                        cfg.latency_batch_size, metrics, extra)
+    summary = summarize(cfg.baseline, plan, model.backbone, small, input_shape(datamodule), cfg.latency_batch_sizes,
+                        metrics, extra)
     return write_outputs(run_dir, small, backbone_spec(model), summary,
-                         deployer(cfg, run_dir, model.backbone, small, datamodule, plans))
+                         deployer(cfg, run_dir, model.backbone, small, datamodule, plan))

@@ -1,7 +1,7 @@
 """The run's last step, ``deploy=onnx|int8``: the dense and the factorized model as ONNX files (``dense.onnx``,
 ``factorized.onnx``; with ``int8`` also ``dense.int8.onnx`` and ``factorized.int8.onnx``, calibrated on training
-batches), each tested on the test set and timed in ONNX Runtime on the CPU, interleaved, at the job's
-``latency_batch_size`` and at batch 1. ``summary.json`` records them under ``deploy``."""
+batches), each tested on the test set and timed in ONNX Runtime on the CPU, interleaved, at the
+job's largest ``latency_batch_sizes`` and at batch 1. ``summary.json`` records them under ``deploy``."""
 from __future__ import annotations
 
 import logging

@@ -15,7 +15,7 @@ from ..speed.allocator import retain_freed_memory
 from .deploy import check_deploy
 from .job import CONFIG_KEY, build_model, data_passes, evaluate_and_export, finish_backbone
 from .module import LitClassifier
-from .ranks import backbone_plans, projection_of
+from .ranks import backbone_plan, check_batch_sizes, projection_of
 from .report import FACTORIZED, METHOD, SUMMARY
 
 
@@ -106,6 +106,7 @@ def export(cfg: DictConfig, run_dir: Path) -> dict | None:
     if "_target_" not in lowrank_cfg:
         raise ValueError(f"{path} records no low-rank settings (trained dense or not by lrl-train): choose a preset, "
                          "e.g. lowrank=tucker2 lowrank.rank=0.5")
+    check_batch_sizes(cfg.latency_batch_sizes)
     seed_everything(cfg.seed)
     datamodule = instantiate(data_cfg)
     if saved.get("model"):
@@ -113,16 +114,15 @@ def export(cfg: DictConfig, run_dir: Path) -> dict | None:
         model.load_state_dict(checkpoint["state_dict"])
     else:
         model = LitClassifier.load_from_checkpoint(path, map_location="cpu")
-    projection = projection_of(lowrank_cfg, datamodule, cfg.latency_batch_size)
-    options = projection.options
+    projection = projection_of(lowrank_cfg, datamodule, cfg.latency_batch_sizes)
     state = {} if replans(chosen) else projection_state(checkpoint)
     step = checkpoint.get("global_step") or 0
-    plans = backbone_plans(model, options, state.get("ranks") or None, data_passes(datamodule), step)
-    small = finish_backbone(model, datamodule, plans, projection, step)
+    plan = backbone_plan(model, projection.options, state.get("ranks") or None, data_passes(datamodule), step)
+    small = finish_backbone(model, datamodule, plan, projection, step)
     trainer = instantiate(cfg.trainer, default_root_dir=str(run_dir), logger=False, enable_checkpointing=False)
     extra = {"every_n_train_steps": projection.every_n_train_steps if state else None,
              "num_projections": state.get("projections", 0), "epochs": checkpoint.get("epoch"),
              "global_step": checkpoint.get("global_step"), "ckpt": str(path.resolve()),
              "config": OmegaConf.to_container(cfg, resolve=True), "ckpt_config": checkpoint.get(CONFIG_KEY)}
     method = METHOD if state else "decompose"
-    return evaluate_and_export(trainer, datamodule, model, options, plans, small, run_dir, method, cfg, extra)
+    return evaluate_and_export(trainer, datamodule, model, plan, small, run_dir, method, cfg, extra)

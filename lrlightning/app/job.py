@@ -19,9 +19,8 @@ from torch import nn
 from ..training.callback import LowRankProjection
 from ..training.distillation import Distillation
 from ..export import factorize_planned
-from ..options import LowRankOptions
 from ..training.passes import Passes
-from ..plan import LayerPlan
+from ..plan import Plan
 from ..training.recalibration import reshuffled
 from .deploy import deploy
 from .evaluation import run_test, val_accuracy
@@ -128,27 +127,28 @@ def data_passes(datamodule) -> Passes:
     return Passes(lambda count, seed: reshuffled(datamodule.train_dataloader(), count, seed), forward)
 
 
-def finish_backbone(model: LightningModule, datamodule, plans: list[LayerPlan], projection: LowRankProjection,
+def finish_backbone(model: LightningModule, datamodule, plan: Plan, projection: LowRankProjection,
                     seed: int) -> nn.Module:
-    """The end of training of ``projection`` (``Passes.finish``) on ``model.backbone``, with batches drawn from the
-    datamodule with ``seed`` (the optimizer step), then its factorized copy at ``plans``."""
-    projection.projector.finish(model.backbone, data_passes(datamodule), seed, plans)
-    return factorize_planned(model.backbone, plans, projection.options)
+    """The end of training of ``projection`` (``Passes.finish``) on ``model.backbone`` at ``plan`` (named relative to
+    it), with batches drawn from the datamodule with ``seed`` (the optimizer step), then its factorized copy."""
+    projection.projector.finish(model.backbone, data_passes(datamodule), seed, list(plan.layers))
+    return factorize_planned(model.backbone, plan)
 
 
-def deployer(cfg: DictConfig, run_dir: Path, dense: nn.Module, small: nn.Module, datamodule, plans: list[LayerPlan]):
+def deployer(cfg: DictConfig, run_dir: Path, dense: nn.Module, small: nn.Module, datamodule, plan: Plan | None):
     """The job's ``deploy`` step (``lrlightning.app.deploy``) of ``dense`` and ``small`` (only ``dense`` when no
     layer is factorized), to run once the outputs are written."""
-    return partial(deploy, cfg.get("deploy"), run_dir, dense, small if plans else None, datamodule,
-                   input_shape(datamodule), cfg.latency_batch_size, cfg.seed)
+    return partial(deploy, cfg.get("deploy"), run_dir, dense, small if plan is not None and plan.layers else None,
+                   datamodule,
+                   input_shape(datamodule), max(cfg.latency_batch_sizes), cfg.seed)
 
 
-def evaluate_and_export(trainer: Trainer, datamodule, model: LightningModule, options: LowRankOptions | None,
-                        plans: list[LayerPlan], small: nn.Module, run_dir: Path, method: str, cfg: DictConfig,
-                        extra: dict[str, Any]) -> dict | None:
-    """Test the finished backbone and ``small``, its factorized copy at ``plans`` (the backbone itself when no
-    layer is factorized), and on global rank zero write the outputs and deploy them (``cfg.deploy``)."""
-    if plans:
+def evaluate_and_export(trainer: Trainer, datamodule, model: LightningModule, plan: Plan | None, small: nn.Module,
+                        run_dir: Path, method: str, cfg: DictConfig, extra: dict[str, Any]) -> dict | None:
+    """Test the finished backbone and ``small``, its factorized copy at ``plan`` (the backbone itself when no layer
+    is factorized, or no plan: a dense run), and on global rank zero write the outputs and deploy them
+    (``cfg.deploy``)."""
+    if plan is not None and plan.layers:
         metrics = run_test(trainer, datamodule, projected=model.backbone, factorized=small)
     else:
         metrics = run_test(trainer, datamodule, projected=model.backbone)
@@ -156,10 +156,10 @@ def evaluate_and_export(trainer: Trainer, datamodule, model: LightningModule, op
     metrics["val_acc_factorized"] = val_accuracy(trainer, datamodule, small)
     if not trainer.is_global_zero:
         return None
-    summary = summarize(method, options, plans, model.backbone, small, input_shape(datamodule),
-                        cfg.latency_batch_size, metrics, extra)
+    summary = summarize(method, plan, model.backbone, small, input_shape(datamodule), cfg.latency_batch_sizes,
+                        metrics, extra)
     return write_outputs(run_dir, small, backbone_spec(model), summary,
-                         deployer(cfg, run_dir, model.backbone, small, datamodule, plans))
+                         deployer(cfg, run_dir, model.backbone, small, datamodule, plan))
 
 
 def distillation(cfg: DictConfig) -> Distillation | None:

@@ -7,7 +7,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from lightning.pytorch import Trainer
@@ -16,11 +16,11 @@ from torch import nn
 from ..counting import count_macs, count_params
 from ..speed.cpu import features_text
 from ..export import save_factorized
-from ..options import LowRankOptions
-from ..plan import LayerPlan
+from ..plan import Plan
 from ..budget import Allocation
-from ..rules import Budget, rule_label, rule_record
+from ..rules import Budget, Latency, rule_label, rule_record
 from ..speed.measure import measured_speedup
+from ..speed.timing import Spread
 from ..training.summary import format_table
 from .deploy import deploy_table
 from .provenance import provenance
@@ -54,22 +54,24 @@ def training_facts(trainer: Trainer, seconds: float) -> dict[str, Any]:
             "train_loss": loss, "diverged": loss is not None and not math.isfinite(loss)}
 
 
-def summarize(method: str, options: LowRankOptions | None, plans: list[LayerPlan], dense: nn.Module,
-              small: nn.Module, input_shape: tuple[int, ...], latency_batch_size: int, metrics: dict,
-              extra: dict) -> dict[str, Any]:
-    """The fields of ``summary.json`` (``extra`` last): ``plans`` are the factorized layers of ``dense``, whose
-    factorized copy is ``small``; ``metrics`` come from ``run_test`` and ``val_accuracy``. Latency: dense and
+def summarize(method: str, plan: Plan | None, dense: nn.Module, small: nn.Module, input_shape: tuple[int, ...],
+              latency_batch_sizes: Sequence[int], metrics: dict, extra: dict) -> dict[str, Any]:
+    """The fields of ``summary.json`` (``extra`` last): ``plan`` (None for a dense run) holds the options and the
+    factorized layers of ``dense``, whose factorized copy is ``small``; ``metrics`` come from ``run_test`` and ``val_accuracy``. Latency: dense and
     factorized timed interleaved in their serving form (``lrlightning.speed.serving``: BatchNorm folded, the budget's
-    ``latency_memory_format``, default channels_last) at ``latency_batch_size``, on the CPU, or on the budget's
-    ``latency_device``:
-    medians over the rounds, the speedup as the median of per-round ratios with its interquartile range
-    (``speedup_low``, ``speedup_high``) and whether that range excludes 1.0 (``speedup_distinguishable``)."""
-    device, memory_format = "cpu", Budget.latency_memory_format
+    ``Latency.memory_format``, default channels_last) at each of ``latency_batch_sizes``, on the CPU, or on the
+    budget's ``Latency.device``: medians over the rounds, the speedup as the median of per-round ratios with its
+    interquartile range (``speedup_low``, ``speedup_high``) and whether that range excludes 1.0
+    (``speedup_distinguishable``), at the first batch size (``latency_batch_size``); with several,
+    ``latency_by_batch`` holds them all ({batch size: {latency_ms_dense, latency_ms_factorized, speedup, ...}})."""
+    device, memory_format = "cpu", Latency.memory_format
+    options, plans = (plan.options, list(plan.layers)) if plan is not None else (None, [])
     rule = options.rank if options is not None else None
     if isinstance(rule, Budget) and rule.metric == "latency":
-        device, memory_format = rule.latency_device or "cpu", rule.latency_memory_format
-    latency_dense, latency_factorized, speedup = measured_speedup(dense, small, input_shape, latency_batch_size,
-                                                                  device, memory_format)
+        device, memory_format = rule.latency.device or "cpu", rule.latency.memory_format
+    by_batch = {size: latency_fields(measured_speedup(dense, small, input_shape, size, device, memory_format))
+                for size in latency_batch_sizes}
+    first = by_batch[latency_batch_sizes[0]]
     weights_dense = sum(p.params_dense for p in plans)
     weights_factorized = sum(p.params_factorized for p in plans)
     params_dense, params_factorized = count_params(dense), count_params(small)
@@ -92,14 +94,9 @@ def summarize(method: str, options: LowRankOptions | None, plans: list[LayerPlan
         "test_acc_factorized": metrics.get("acc_factorized"),
         "max_abs_logit_diff": metrics.get("max_abs_logit_diff"),
         **{f"test_{k}": v for k, v in metrics.items() if k in ("acc_dense", "acc_decomposed")},
-        "latency_ms_dense": latency_dense.median,
-        "latency_ms_factorized": latency_factorized.median,
-        "speedup": speedup.median,
-        "speedup_low": speedup.low,
-        "speedup_high": speedup.high,
-        "speedup_rounds": speedup.rounds,
-        "speedup_distinguishable": speedup.excludes(1.0),
-        "latency_batch_size": latency_batch_size,
+        **first,
+        "latency_batch_size": latency_batch_sizes[0],
+        **({"latency_by_batch": {str(size): fields for size, fields in by_batch.items()}} if len(by_batch) > 1 else {}),
         "latency_device": str(device),
         "latency_threads": torch.get_num_threads(),
         "latency_memory_format": memory_format,
@@ -108,6 +105,14 @@ def summarize(method: str, options: LowRankOptions | None, plans: list[LayerPlan
         **provenance(),
         **extra,
     }
+
+
+def latency_fields(measured: tuple[Spread, Spread, Spread]) -> dict[str, Any]:
+    """A summary's latency fields from ``measured_speedup``'s (dense ms, factorized ms, speedup)."""
+    dense, factorized, speedup = measured
+    return {"latency_ms_dense": dense.median, "latency_ms_factorized": factorized.median, "speedup": speedup.median,
+            "speedup_low": speedup.low, "speedup_high": speedup.high, "speedup_rounds": speedup.rounds,
+            "speedup_distinguishable": speedup.excludes(1.0)}
 
 
 def speedup_text(s: dict[str, Any]) -> str:
@@ -125,11 +130,13 @@ def summary_table(s: dict[str, Any]) -> str:
         return "-" if value is None else f"{100 * value:.2f} %"
 
     dense_acc = s["test_acc_projected"] if s["test_acc_projected"] is not None else s.get("test_acc_dense")
+    device = s.get("latency_device", "cpu").upper()
+    by_batch = s.get("latency_by_batch") or {str(s["latency_batch_size"]): s}
     rows = [
         ["parameters", f"{s['params_dense']:,}", f"{s['params_factorized']:,}", f"{s['model_compression_ratio']:.2f}x"],
         ["MACs per image", f"{s['macs_dense']:,}", f"{s['macs_factorized']:,}", f"{s['mac_reduction']:.2f}x"],
-        [f"{s.get('latency_device', 'cpu').upper()} latency, batch {s['latency_batch_size']}", f"{s['latency_ms_dense']:.1f} ms",
-         f"{s['latency_ms_factorized']:.1f} ms", speedup_text(s)],
+        *([f"{device} latency, batch {size}", f"{b['latency_ms_dense']:.1f} ms", f"{b['latency_ms_factorized']:.1f} ms",
+           speedup_text(b)] for size, b in by_batch.items()),
         ["test accuracy", pct(dense_acc), pct(s["test_acc_factorized"]), ""],
     ]
     head = f"{s['method']}: no low-rank layers"
@@ -145,8 +152,9 @@ def summary_table(s: dict[str, Any]) -> str:
         measured = check["measured"]
         verdict = ("short: out of reach on this CPU, the fastest allocation kept" if check["verdict"] == "short"
                    else check["verdict"])
+        where = f" at batch {check['batch_size']}, the slowest" if check.get("batch_size") is not None else ""
         head += (f"\nlatency budget {check['budget']:g}x, when fit started: {verdict} "
-                 f"(measured {measured['median']:.2f}x, IQR {measured['low']:.2f}-{measured['high']:.2f})")
+                 f"(measured {measured['median']:.2f}x{where}, IQR {measured['low']:.2f}-{measured['high']:.2f})")
     dense_label = "dense (projected)" if s["test_acc_projected"] is not None else "dense"
     table = head + "\n" + format_table(["", dense_label, "factorized", "ratio"], rows)
     machine = s.get("machine")

@@ -12,12 +12,11 @@ from omegaconf import DictConfig, OmegaConf
 from ..speed.allocator import retain_freed_memory
 from ..training.distillation import frozen_teacher
 from ..rules import is_int
-from ..plan import relative_plans
 from .baseline import BASELINES, decompose
 from .deploy import check_deploy
 from .job import build_model, data_facts, distillation, evaluate_and_export, finish_backbone, fit, load_weights, \
     make_trainer, resume_path, run_facts
-from .ranks import BACKBONE, projection_of
+from .ranks import BACKBONE, check_batch_sizes, projection_of
 from .report import METHOD, SUMMARY, allocation_facts
 
 REQUIRED = "required"  # value of `init_ckpt` in experiments that start from a dense checkpoint
@@ -30,9 +29,9 @@ def check_job(cfg: DictConfig) -> None:
     if cfg.init_ckpt == REQUIRED:
         raise ValueError("`init_ckpt` is required by this experiment: a dense checkpoint to start from, e.g. "
                          "init_ckpt=/abs/path/to/run/checkpoints/last.ckpt (see the experiment's header)")
-    for key, minimum in (("seed", 0), ("latency_batch_size", 1)):
-        if not (is_int(cfg[key]) and cfg[key] >= minimum):
-            raise ValueError(f"`{key}` must be an int >= {minimum}, got {cfg[key]!r}")
+    if not (is_int(cfg.seed) and cfg.seed >= 0):
+        raise ValueError(f"`seed` must be an int >= 0, got {cfg.seed!r}")
+    check_batch_sizes(cfg.latency_batch_sizes)
     check_deploy(cfg.get("deploy"))
     distillation(cfg)
 
@@ -48,7 +47,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict | None:
     datamodule = instantiate(cfg.data)
     projection = None
     if cfg.get("lowrank") is not None:
-        projection = projection_of(config["lowrank"], datamodule, cfg.latency_batch_size)
+        projection = projection_of(config["lowrank"], datamodule, cfg.latency_batch_sizes)
     callbacks = [projection] if projection is not None else []
     model = build_model(cfg.model, datamodule)
     if cfg.init_ckpt:
@@ -63,13 +62,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict | None:
     facts = run_facts(trainer, seconds, cfg.init_ckpt, config)
     if projection is None:
         extra = {"every_n_train_steps": None, "num_projections": 0, **facts, **data_facts(datamodule)}
-        return evaluate_and_export(trainer, datamodule, model, None, [], model.backbone, run_dir, "dense", cfg, extra)
-    plans, options = relative_plans(projection.plans, BACKBONE), projection.options
+        return evaluate_and_export(trainer, datamodule, model, None, model.backbone, run_dir, "dense", cfg, extra)
+    plan = projection.projector.plan.relative(BACKBONE)
     if projection.final_projection:
         small = projection.factorize(model.backbone)
     else:
-        small = finish_backbone(model, datamodule, plans, projection, trainer.global_step)
+        small = finish_backbone(model, datamodule, plan, projection, trainer.global_step)
     extra = {"every_n_train_steps": projection.every_n_train_steps, "num_projections": projection.num_projections,
              "projection_log": projection.history, **allocation_facts(projection.allocation), **facts,
              **data_facts(datamodule)}
-    return evaluate_and_export(trainer, datamodule, model, options, plans, small, run_dir, METHOD, cfg, extra)
+    return evaluate_and_export(trainer, datamodule, model, plan, small, run_dir, METHOD, cfg, extra)

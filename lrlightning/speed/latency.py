@@ -148,6 +148,7 @@ class LatencyTable:
         self.path = self.path / f"latency-{slug}.json"
         self.entries: dict[str, dict[str, Spread]] = {}
         self.seconds = 0.0
+        self.unsaved_seconds = 0.0  # measuring time not yet added to the file's
         self.measured = 0
         self.check_seconds = 0.0
         self.trusted = not remeasure  # whether cached entries may be used (else only those timed by this table)
@@ -158,33 +159,47 @@ class LatencyTable:
     def load(self) -> None:
         """Read the cache file, if any; one that cannot be read, or is of another format, is warned about and
         ignored (replaced, atomically, when this table is saved)."""
+        stored = self.read(warn=True)
+        if stored is not None:
+            self.entries, self.seconds = stored
+
+    def read(self, warn: bool = False) -> tuple[dict[str, dict[str, Spread]], float] | None:
+        """(entries, seconds) of the cache file as it is on disk now; None when there is none for this device key
+        or it cannot be read (warned about with ``warn``)."""
         if not self.path.exists():
-            return
+            return None
         try:
             stored = json.loads(self.path.read_text())
             if stored.get("device") != self.key:
-                return
+                return None
             if stored.get("format") != FORMAT:
-                warnings.warn(f"latency cache {self.path} was written in format {stored.get('format')!r}, not "
-                              f"{FORMAT}; measuring a new table and replacing it")
-                return
+                if warn:
+                    warnings.warn(f"latency cache {self.path} was written in format {stored.get('format')!r}, not "
+                                  f"{FORMAT}; measuring a new table and replacing it")
+                return None
             entries = {str(key): {str(name): Spread.from_dict(value) for name, value in entry.items()}
                        for key, entry in stored["entries"].items()}
             for key, entry in entries.items():
                 needed = {"ms", "ratio"} if "|" in key and not key.startswith("model") else {"ms"}
                 if not needed <= entry.keys() or any(spread.median <= 0 for spread in entry.values()):
                     raise ValueError(f"entry {key!r} lacks {sorted(needed - entry.keys())} or holds a time <= 0")
-            seconds = float(stored.get("seconds", 0.0))
+            return entries, float(stored.get("seconds", 0.0))
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as error:
-            warnings.warn(f"latency cache {self.path} cannot be read ({type(error).__name__}: {error}); measuring a "
-                          "new table and replacing it")
-            return
-        self.entries, self.seconds = entries, seconds
+            if warn:
+                warnings.warn(f"latency cache {self.path} cannot be read ({type(error).__name__}: {error}); "
+                              "measuring a new table and replacing it")
+            return None
 
     def save(self) -> None:
-        """Write the table (atomically); a cache that cannot be written is warned about, not fatal."""
+        """Write the table (atomically), merged with what the file holds now (other tables of this device, such as
+        those of other batch sizes, may have written entries since this one read it: entries timed by this table
+        replace theirs); a cache that cannot be written is warned about, not fatal."""
+        on_disk, seconds = self.read() or ({}, self.seconds)
+        merged = {**on_disk, **{key: self.entries[key] for key in self.fresh}}
+        self.entries = {**self.entries, **merged}
+        self.seconds, self.unsaved_seconds = seconds + self.unsaved_seconds, 0.0
         entries = {key: {name: spread.as_dict() for name, spread in entry.items()}
-                   for key, entry in sorted(self.entries.items())}
+                   for key, entry in sorted(merged.items())}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
@@ -228,7 +243,7 @@ class LatencyTable:
             timed = [self.runnable(build[label](), example) for label in labels]
             start = time.perf_counter()
             samples = interleaved_samples(timed, example)
-            self.seconds += time.perf_counter() - start
+            self.unsaved_seconds += time.perf_counter() - start
             self.store(base, ms=Spread.of(samples[0]))
             for label, times in zip(missing, samples[1:]):
                 self.store(keys[label], ms=Spread.of(times), ratio=paired_ratios(times, samples[0]))
@@ -251,7 +266,7 @@ class LatencyTable:
                 timed = self.runnable(copy.deepcopy(model), example, fold=True)
                 start = time.perf_counter()
                 (samples,) = interleaved_samples([timed], example)
-                self.seconds += time.perf_counter() - start
+                self.unsaved_seconds += time.perf_counter() - start
                 self.store(key, ms=Spread.of(samples))
                 self.measured += 1
                 self.save()
@@ -261,7 +276,7 @@ class LatencyTable:
             timed = serving_form(model, self.memory_format).to(self.device)
             start = time.perf_counter()
             whole, inside = profile_ms(timed, self.example(input_shape, parameter.dtype), names)
-            self.seconds += time.perf_counter() - start
+            self.unsaved_seconds += time.perf_counter() - start
             self.store(key, ms=whole)
             for name, spread in inside.items():
                 self.store(keys[name], ms=spread)

@@ -77,18 +77,16 @@ class LowRankProjection(Callback):
     are summed or averaged, rank 0's projected weights shared). Layer names (``plans``, ``ranks``) are those of the
     uncompiled module. With manual optimization every optimizer step counts.
 
-    The work is done by ``projector`` (``lrlightning.training.projector.Projector``, usable without Lightning);
-    this callback routes the Trainer's hooks to it. Logged with ``pl_module.log_dict`` at each periodic projection
-    (``lowrank/``, on Lightning's logging steps): ``rel_error`` and ``energy`` (means over layers),
-    ``compression`` (dense / factorized params of the projected layers), ``seconds``, with input statistics
-    ``output_rel_error``, with ``loss_jump_batches`` ``loss_before`` and ``loss_after``; also in ``history``.
+    This callback routes the Trainer's hooks to ``projector`` (``lrlightning.training.projector.Projector``, usable
+    without Lightning). Logged with ``pl_module.log_dict`` at each periodic projection (``lowrank/``): ``rel_error``
+    and ``energy`` (means over layers), ``compression`` (dense / factorized params of the projected layers),
+    ``seconds``, ``output_rel_error`` (input statistics), ``loss_before``/``loss_after`` (``loss_jump_batches``).
     """
 
     def __init__(self, scheme: Scheme | str = "svd", rank: RankRule = DEFAULT_RULE, every_n_train_steps: int = 200,
                  *, start_step: int = 0, stop_step: int | None = None, final_phase: int | float = 0,
-                 final_projection: bool = True,
-                 validate_projected: bool = True, rank_warmup: int = 0, reset_momentum: bool = False,
-                 bn_recalibration_batches: int = 20,
+                 final_projection: bool = True, validate_projected: bool = True, rank_warmup: int = 0,
+                 reset_momentum: bool = False, bn_recalibration_batches: int = 20,
                  recalibration_step: Callable[[LightningModule, Any], Any] | None = None,
                  check_finite: bool = True, objective: Objective = WEIGHT, layers: Selection | None = None,
                  solver: Solver | None = None, options: LowRankOptions | None = None, loss_jump_batches: int = 0):
@@ -97,14 +95,14 @@ class LowRankProjection(Callback):
             if not isinstance(value, bool):
                 raise ValueError(f"`{argument}` must be a bool, got {value!r}")
         if recalibration_step is not None and not callable(recalibration_step):
-            raise ValueError(f"`recalibration_step` must be None or a callable (module, batch), "
-                             f"got {recalibration_step!r}")
+            raise ValueError(f"`recalibration_step` must be None or a callable (module, batch), got {recalibration_step!r}")
         schedule = ProjectionSchedule(every_n_train_steps, start_step, stop_step, final_phase, rank_warmup)
         self.projector = Projector(requested(options, scheme, rank, objective, layers, solver), schedule,
                                    reset_momentum=reset_momentum, loss_jump_batches=loss_jump_batches,
                                    recalibration_batches=bn_recalibration_batches, check_finite=check_finite)
         self.final_projection, self.validate_projected = final_projection, validate_projected
         self.recalibration_step, self._trained = recalibration_step, None  # _trained: a weakref to the fitted module
+        self._fit: tuple[Passes, Any] | None = None  # this fit's passes and rank-zero runner
         self.projector.warn = rank_zero_warn
         if type(self).should_project is not LowRankProjection.should_project:  # a schedule of the subclass
             self.projector.should_project = self.should_project
@@ -118,14 +116,13 @@ class LowRankProjection(Callback):
     last_stats = _delegated("last_stats", "The ``LayerStats`` of the last projection.")
     num_projections = _delegated("projections", "Periodic projections so far.")
     budget_reallocations, final_phase_start = _delegated("budget_reallocations"), _delegated("final_phase_start")
-    every_n_train_steps, start_step = _delegated("schedule.every_n_train_steps"), _delegated("schedule.start_step")
-    stop_step, final_phase = _delegated("schedule.stop_step"), _delegated("schedule.final_phase")
-    rank_warmup, bn_recalibration_batches = _delegated("schedule.rank_warmup"), _delegated("recalibration_batches")
-    reset_momentum, check_finite = _delegated("reset_momentum"), _delegated("check_finite")
-    loss_jump_batches = _delegated("loss_jump_batches")
+    every_n_train_steps, start_step, stop_step, final_phase, rank_warmup = (_delegated(f"schedule.{name}") for name in (
+        "every_n_train_steps", "start_step", "stop_step", "final_phase", "rank_warmup"))
+    bn_recalibration_batches, reset_momentum, check_finite, loss_jump_batches = map(_delegated, (
+        "recalibration_batches", "reset_momentum", "check_finite", "loss_jump_batches"))
 
     def __getstate__(self) -> dict[str, Any]:  # the callback pickles; the module does not
-        return {**self.__dict__, "_trained": None}
+        return {**self.__dict__, "_trained": None, "_fit": None}
 
     @property
     @override
@@ -156,14 +153,14 @@ class LowRankProjection(Callback):
         """``save_factorized(self.factorize(model), path, backbone, metadata)``; ``load_factorized`` reads it."""
         save_factorized(self.factorize(model), path, backbone, metadata)
 
-    def _passes(self, trainer: Trainer, pl_module: LightningModule) -> Passes:
-        chosen = type(self).recalibration_input is not LowRankProjection.recalibration_input
-        return trainer_passes(trainer, pl_module, batch_forward(self.recalibration_step, self.recalibration_input,
-                                                                chosen))
-
-    @staticmethod
-    def _on_rank_zero(trainer: Trainer):
-        return partial(made_on_rank_zero, trainer.strategy, trainer.is_global_zero) if trainer.world_size > 1 else None
+    def _fitting(self, trainer: Trainer, pl_module: LightningModule) -> tuple[Passes, Any]:
+        """This fit's ``Passes`` and rank-zero runner (None on one process), built once per fit."""
+        if self._fit is None:
+            chosen = type(self).recalibration_input is not LowRankProjection.recalibration_input
+            forward = batch_forward(self.recalibration_step, self.recalibration_input, chosen)
+            self._fit = (trainer_passes(trainer, pl_module, forward), partial(
+                made_on_rank_zero, trainer.strategy, trainer.is_global_zero) if trainer.world_size > 1 else None)
+        return self._fit
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -174,11 +171,10 @@ class LowRankProjection(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._trained, self.projector.losses = weakref.ref(pl_module), LossRecord()
-        self.projector.resolve(pl_module, self._passes(trainer, pl_module), trainer.global_step,
-                               on_rank_zero=self._on_rank_zero(trainer))
-        if trainer.is_global_zero:
-            rank_zero_info(plan_table(self.plans, self.skipped, self.options.scheme.name, self.allocation))
+        self._trained, self.projector.losses, self._fit = weakref.ref(pl_module), LossRecord(), None
+        passes, on_rank_zero = self._fitting(trainer, pl_module)
+        self.projector.resolve(pl_module, passes, trainer.global_step, on_rank_zero=on_rank_zero)
+        rank_zero_info(plan_table(self.plans, self.skipped, self.options.scheme.name, self.allocation))
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -189,7 +185,7 @@ class LowRankProjection(Callback):
                              "optimization: set `loss_jump_batches=0`")
         manual = 1 if pl_module.automatic_optimization else max(1, len(trainer.optimizers))  # each steps a batch
         projector.start(lambda: trainer.estimated_stepping_batches * manual)
-        passes, step = self._passes(trainer, pl_module), trainer.global_step
+        passes, step = self._fitting(trainer, pl_module)[0], trainer.global_step
         if projector.recalibration_batches and (self.final_projection or self.validate_projected):
             if batchnorm_layers(pl_module):
                 passes.check(pl_module, "BatchNorm re-estimation", RECALIBRATION_HINT, step)
@@ -210,8 +206,9 @@ class LowRankProjection(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        metrics = self.projector.after_step(pl_module, trainer.global_step, self._passes(trainer, pl_module), loss,
-                                            trainer.optimizers, self._on_rank_zero(trainer))
+        passes, on_rank_zero = self._fitting(trainer, pl_module)
+        metrics = self.projector.after_step(pl_module, trainer.global_step, passes, loss, trainer.optimizers,
+                                            on_rank_zero)
         if metrics:
             pl_module.log_dict(metrics, on_step=True, on_epoch=False)
 
@@ -219,7 +216,9 @@ class LowRankProjection(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.projector.losses.check()
         if self.final_projection and self.plans:
-            self.projector.finish(pl_module, self._passes(trainer, pl_module), trainer.global_step, synchronize=True)
+            self.projector.finish(pl_module, self._fitting(trainer, pl_module)[0], trainer.global_step,
+                                  synchronize=True)
+        self._fit = None  # its passes hold the trainer
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -231,7 +230,7 @@ class LowRankProjection(Callback):
             return
         self.projector.losses.check()  # before validation (and checkpointing or early stopping) sees diverged weights
         if self.validate_projected and self.plans:
-            self.projector.evaluate_projected(pl_module, self._passes(trainer, pl_module), trainer.global_step)
+            self.projector.evaluate_projected(pl_module, self._fitting(trainer, pl_module)[0], trainer.global_step)
 
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -240,6 +239,7 @@ class LowRankProjection(Callback):
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self.projector.stop()
+        self._fit = None
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -52,9 +52,7 @@ class Projector:
         self.options, self.schedule = options, schedule or ProjectionSchedule()
         self.reset_momentum, self.loss_jump_batches = reset_momentum, loss_jump_batches
         self.recalibration_batches, self.check_finite = recalibration_batches, check_finite
-        self.plans: list[LayerPlan] = []
-        self.skipped: list[SkippedLayer] = []
-        self.allocation: Allocation | None = None
+        self.plan = Plan(options)  # the layers and ranks of the model resolved last (``resolve``)
         self.last_stats: list[LayerStats] = []
         self.history: list[dict[str, float]] = []
         self.last_step = 0  # the last optimizer step seen
@@ -89,9 +87,19 @@ class Projector:
         return self.schedule.due(step, self.final_phase_start)
 
     @property
-    def plan(self) -> Plan:
-        """The current ``Plan``: options, planned layers, skipped layers, allocation."""
-        return Plan(self.options, self.plans, self.skipped, self.allocation)
+    def plans(self) -> list[LayerPlan]:
+        """The plan's layers (``LayerPlan``), in model order."""
+        return list(self.plan.layers)
+
+    @property
+    def skipped(self) -> list[SkippedLayer]:
+        """The selected layers the plan leaves dense, with the reason."""
+        return list(self.plan.skipped)
+
+    @property
+    def allocation(self) -> Allocation | None:
+        """What a ``Budget`` allocated (else None)."""
+        return self.plan.allocation
 
     def resolve(self, model: nn.Module, passes: Passes | None = None, seed: int = 0, reallocate: bool = False,
                 on_rank_zero: OnRankZero | None = None) -> None:
@@ -109,7 +117,8 @@ class Projector:
                                  seed=seed)
         make = partial(allocate_plan, model, options, statistics=statistics)
         run = on_rank_zero if on_rank_zero is not None and isinstance(options.rank, Budget) else None
-        self.plans, self.skipped, self.allocation = run(make) if run is not None else make()
+        layers, skipped, allocation = run(make) if run is not None else make()
+        self.plan = Plan(self.options, layers, skipped, allocation)
 
     def start(self, total_steps: Callable[[], float] = lambda: float("inf")) -> None:
         """At the start of training: the final phase's start and the recorded statistics, restored from a

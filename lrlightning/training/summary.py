@@ -9,7 +9,7 @@ from ..plan import LayerPlan, SkippedLayer
 
 
 TABLE_STATES = {"measured": "timed now", "cached": "cached, confirmed by re-timing", "stale": "the cached table was "
-                "stale: timed again", "remeasured": "timed again, as `latency_remeasure` asks"}
+                "stale: timed again", "remeasured": "timed again, as `Latency.remeasure` asks"}
 
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:
@@ -52,6 +52,9 @@ def plan_table(plans: list[LayerPlan], skipped: list[SkippedLayer], scheme: str,
         text += (f"\nBudget {allocation.budget:g}x in {allocation.unit}{where}: whole model "
                  f"{cost_text(allocation.dense, allocation.metric)} -> {cost_text(allocation.allocated, allocation.metric)}"
                  f" ({allocation.achieved:.2f}x)")
+        for size, (before, after) in list(allocation.predicted.items())[1:]:
+            text += f"; at batch {size}: {cost_text(before, 'latency')} -> {cost_text(after, 'latency')} " \
+                    f"({before / after:.2f}x)"
         if allocation.check is not None:
             text += f"\nSpeedup of the allocated model: {allocation.check.text()}"
         if allocation.metric == "latency" and str(allocation.device).startswith("cpu"):

@@ -76,3 +76,21 @@ def test_the_quickstart_point_refuses_a_request_out_of_reach_when_told_to(tmp_pa
         run_job(tmp_path, [*tiny_train, "point=tucker2_faster", "lowrank.rank.factor=50",
                            "lowrank.rank.out_of_reach=raise"])
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_the_jobs_latency_batch_sizes_are_those_the_budget_meets_and_the_summary_reports(tmp_path, tiny_train,
+                                                                                         mac_latency, caplog):
+    caplog.set_level(logging.INFO)
+    summary = run_job(tmp_path, [*tiny_train, "point=tucker2_faster", "lowrank.rank.factor=1.5",
+                                 "latency_batch_sizes=[2,4]"])
+    assert [table.batch_size for table in mac_latency.made] == [2, 4]
+    assert set(summary["budget_check"]["by_batch"]) == {"2", "4"} and summary["budget_check"]["batch_size"] in (2, 4)
+    assert summary["latency_batch_size"] == 2 and set(summary["latency_by_batch"]) == {"2", "4"}
+    assert summary["latency_by_batch"]["2"]["speedup"] == summary["speedup"]
+    assert all(row["latency_ms_dense"] > 0 for row in summary["latency_by_batch"].values())
+    assert "CPU latency, batch 2" in caplog.text and "CPU latency, batch 4" in caplog.text
+    assert "the slowest of batches 2, 4" in caplog.text
+    with pytest.raises(ValueError, match=r"`lowrank.rank.latency.batch_sizes`=\[8\] differs from the job's "
+                                         r"`latency_batch_sizes`=\[2, 4\]"):
+        run_job(tmp_path / "two_owners", [*tiny_train, "point=tucker2_faster", "latency_batch_sizes=[2,4]",
+                                          "+lowrank.rank.latency.batch_sizes=[8]"])

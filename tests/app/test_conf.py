@@ -156,7 +156,7 @@ def test_every_point_selects_its_scheme_and_rank_rule(point):
         in_channels, image_size = 1, 28
 
     node = OmegaConf.to_container(compose_train([f"point={point}"]), resolve=True)["lowrank"]  # as the job reads it
-    callback = instantiate(with_budget_defaults(node, Images(), 32), _convert_="all")
+    callback = instantiate(with_budget_defaults(node, Images(), [128]), _convert_="all")
     scheme, rule = BUDGET_POINTS[point][0] if point in BUDGET_POINTS else point.rsplit("_", 1)[0], point.rsplit("_", 1)[1]
     assert callback.options.scheme.name == scheme
     rank = callback.options.rank
@@ -165,7 +165,7 @@ def test_every_point_selects_its_scheme_and_rank_rule(point):
         if rank.metric != "params":  # completed from the data (and, for latency, the job)
             assert rank.input_shape == (1, 28, 28)
         if rule == "faster":
-            assert (rank.latency_batch_size, rank.latency_device) == (128, "cpu")
+            assert (rank.latency.batch_sizes, rank.latency.device) == ((128,), "cpu")
     elif rule.endswith("x"):
         assert rank == Compression(float(rule[:-1]))
     else:
@@ -187,7 +187,7 @@ def test_nested_nodes_are_overridden_key_by_key_on_the_command_line():
 
     def callback(overrides):
         node = OmegaConf.to_container(compose_train(overrides), resolve=True)["lowrank"]
-        return instantiate(with_budget_defaults(node, Images(), 32), _convert_="all")
+        return instantiate(with_budget_defaults(node, Images(), [32]), _convert_="all")
 
     assert callback(["point=svd_4x", "lowrank.rank.factor=8"]).options.rank == Compression(8.0)
     tiles = callback(["lowrank=tiled_svd", "lowrank.scheme.tile_shape=[8,8]"]).options
@@ -203,12 +203,12 @@ def test_a_latency_table_is_re_measured_on_request_from_the_command_line():
     class Images:
         in_channels, image_size = 1, 28
 
-    cfg = compose_train(["point=tucker2_faster", "lowrank.rank.latency_remeasure=true"])
+    cfg = compose_train(["point=tucker2_faster", "lowrank.rank.latency.remeasure=true"])
     node = OmegaConf.to_container(cfg, resolve=True)["lowrank"]
-    callback = instantiate(with_budget_defaults(node, Images(), 32), _convert_="all")
-    assert callback.options.rank.latency_remeasure is True
+    callback = instantiate(with_budget_defaults(node, Images(), [128]), _convert_="all")
+    assert callback.options.rank.latency.remeasure is True
     default = compose_train(["point=tucker2_faster"]).lowrank
-    assert default.rank.latency_remeasure is False
+    assert default.rank.latency.remeasure is False
 
 
 def test_any_callback_option_is_added_on_the_command_line(tmp_path):

@@ -74,7 +74,7 @@ def test_the_summary_table_prints_the_deployed_models(int8_run):
 def test_lrl_export_deploys_the_checkpoint_as_onnx(int8_run, tmp_path):
     run_dir, trained = int8_run
     cfg = compose_job("export", [f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", "deploy=onnx",
-                                 "latency_batch_size=4"])
+                                 "latency_batch_sizes=[4]"])
     summary = export(cfg, tmp_path)
     assert list(summary["deploy"]["rows"]) == ["dense_fp32", "factorized_fp32"]
     assert sorted(p.name for p in tmp_path.glob("*.onnx")) == ["dense.onnx", "factorized.onnx"]

@@ -76,7 +76,7 @@ def test_lrl_export_with_a_nested_override_replans(tmp_path, tiny_train):
     ckpt = f"ckpt={tmp_path / 't' / 'checkpoints' / 'last.ckpt'}"
     for name in ("same", "tiles", "rank"):
         (tmp_path / name).mkdir()  # Hydra's run dir
-    common = ["latency_batch_size=4", "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false"]
+    common = ["latency_batch_sizes=[4]", "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false"]
     same = export(config("export", [ckpt, *common]), tmp_path / "same")
     assert (same["method"], same["scheme_options"], same["ranks"]) == (
         "lowrank_projection", {"tile_shape": [8, 8]}, trained["ranks"])

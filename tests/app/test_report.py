@@ -11,6 +11,7 @@ from lrlightning import (
     Compression,
     Energy,
     LowRankOptions,
+    Plan,
     TiledSVD,
     count_macs,
     count_params,
@@ -21,7 +22,7 @@ from lrlightning import (
 from lrlightning.app.aggregate import config_rule, config_scheme, point_label, point_of, summary_point
 from lrlightning.app.collect import UNFINISHED, collect_rows, status_of
 from lrlightning.app.report import summarize, summary_table, write_json, write_outputs
-from lrlightning.rules import rule_label, rule_record
+from lrlightning.rules import Latency, rule_label, rule_record
 from lrlightning.speed.cpu import cpu_features, cpu_model
 from lrlightning.speed.timing import MODEL_ROUNDS
 from lrlightning.zoo import SimpleCNN
@@ -55,7 +56,7 @@ def test_rule_record_records_the_rule_in_plain_json(options, recorded, label):
 def test_summarize_counts_the_factorized_layers_and_the_whole_model(dense_and_small):
     options, plans, dense, small = dense_and_small
     metrics = {"acc_projected": 0.5, "acc_factorized": 0.5, "max_abs_logit_diff": 1e-6}
-    s = summarize("lowrank_projection", options, plans, dense, small, SHAPE, 2, metrics, {"config": {"seed": 0}})
+    s = summarize("lowrank_projection", Plan(options, plans), dense, small, SHAPE, [2], metrics, {"config": {"seed": 0}})
     assert (s["method"], s["scheme"], s["rule"], s["layers_compressed"]) == ("lowrank_projection", "svd", {"rank": 4}, 2)
     assert (s["scheme_options"], s["objective"]) == ({}, "weight")
     assert (s["params_dense"], s["params_factorized"]) == (count_params(dense), count_params(small))
@@ -77,10 +78,10 @@ def test_summarize_counts_the_factorized_layers_and_the_whole_model(dense_and_sm
 def test_summarize_records_the_requested_budget(dense_and_small):
     _, _, dense, _ = dense_and_small
     options = LowRankOptions(scheme="svd", rank=Budget(2.0, metric="latency", input_shape=SHAPE,
-                                                       latency_batch_size=2, latency_device="cpu"))
+                                                       latency=Latency((2,), "cpu")))
     plans = [p for p in plan_layers(dense, LowRankOptions(scheme="svd", rank=4))[0]]
     small = factorize_planned(dense, plans, options)
-    s = summarize("lowrank_projection", options, plans, dense, small, SHAPE, 2, {}, {})
+    s = summarize("lowrank_projection", Plan(options, plans), dense, small, SHAPE, [2], {}, {})
     assert (s["rule"], s["latency_device"]) == ({"budget": 2.0, "metric": "latency", "backend": "eager"}, "cpu")
     assert summary_table(s).splitlines()[0].startswith("lowrank_projection: svd budget=2x latency on 2 layers, ")
 
@@ -88,7 +89,7 @@ def test_summarize_records_the_requested_budget(dense_and_small):
 def test_summary_table_compares_dense_and_factorized(dense_and_small):
     options, plans, dense, small = dense_and_small
     metrics = {"acc_dense": 0.9, "acc_decomposed": 0.25, "acc_factorized": 0.875}
-    s = summarize("decompose_finetune", options, plans, dense, small, SHAPE, 2, metrics, {})
+    s = summarize("decompose_finetune", Plan(options, plans), dense, small, SHAPE, [2], metrics, {})
     table = summary_table(s)
     head, header, _, *rows, machine = table.splitlines()
     assert head.startswith("decompose_finetune: svd 4 on 2 layers, ")
@@ -118,7 +119,7 @@ def test_write_outputs_saves_the_factorized_model_then_the_summary(tmp_path, den
     options, plans, dense, small = dense_and_small
     spec = {"name": "simple_cnn", "num_classes": 10, "in_channels": 3, "width": 8}
     metrics = {"acc_projected": 0.5, "acc_factorized": 0.5, "max_abs_logit_diff": 0.0}
-    s = summarize("lowrank_projection", options, plans, dense, small, SHAPE, 2, metrics, {})
+    s = summarize("lowrank_projection", Plan(options, plans), dense, small, SHAPE, [2], metrics, {})
     written = write_outputs(tmp_path, small, spec, s)
     assert written["factorized"] == "factorized.pt"
     assert json.loads((tmp_path / "summary.json").read_text()) == written
@@ -138,7 +139,7 @@ def test_a_summary_reads_unfinished_until_its_deploy_step_has_ended(tmp_path, de
         seen.append((on_disk["finished"], status_of(on_disk, None)))
         return {"format": "onnx"}
 
-    s = summarize("lowrank_projection", options, plans, dense, small, SHAPE, 2, metrics, {})
+    s = summarize("lowrank_projection", Plan(options, plans), dense, small, SHAPE, [2], metrics, {})
     written = write_outputs(tmp_path, small, None, s, deployed)
     assert seen == [(False, UNFINISHED)]  # a run killed during deploy leaves a summary that says so
     assert "finished" not in torch.load(tmp_path / "factorized.pt", weights_only=True)["metadata"]
@@ -154,10 +155,10 @@ def test_summarize_records_the_schemes_options_and_the_objective(dense_and_small
     options = LowRankOptions(TiledSVD(tile_shape=(8, 8)), 2, objective=Activation(batches=3))
     plans = plan_layers(dense, options)[0]
     small = factorize_planned(dense, plans, options)
-    s = summarize("lowrank_projection", options, plans, dense, small, SHAPE, 2, {}, {})
+    s = summarize("lowrank_projection", Plan(options, plans), dense, small, SHAPE, [2], {}, {})
     assert (s["scheme"], s["scheme_options"], s["rule"], s["objective"]) == (
         "tiled_svd", {"tile_shape": [8, 8]}, {"rank": 2}, "activation")
-    none = summarize("dense", None, [], dense, dense, SHAPE, 2, {}, {})
+    none = summarize("dense", None, dense, dense, SHAPE, [2], {}, {})
     assert (none["scheme"], none["scheme_options"], none["rule"], none["objective"]) == (None, None, None, None)
 
 
@@ -170,7 +171,7 @@ def test_the_recorded_rule_is_a_dict_that_aggregate_reads_back_into_the_same_poi
                "rank": {"_target_": "lrlightning.Budget", "factor": 2.0, "metric": "macs"}}
     config = {"seed": 0, "baseline": None, "model": {"lr": 0.03}, "lowrank": lowrank}
     metrics = {"acc_projected": 0.5, "acc_factorized": 0.5, "max_abs_logit_diff": 0.0}
-    s = summarize("lowrank_projection", options, plans, dense, small, SHAPE, 2, metrics, {"config": config})
+    s = summarize("lowrank_projection", Plan(options, plans), dense, small, SHAPE, [2], metrics, {"config": config})
     assert s["rule"] == {"budget": 2.0, "metric": "macs"}
     (tmp_path / "train").mkdir()
     written = write_outputs(tmp_path / "train", small, None, s)
@@ -178,10 +179,12 @@ def test_the_recorded_rule_is_a_dict_that_aggregate_reads_back_into_the_same_poi
     assert recorded["rule"] == {"budget": 2.0, "metric": "macs"} == written["rule"]
     # the train config and the summary's record name the same point: read as dicts, no string parsed
     assert config_rule(lowrank) == recorded["rule"] and config_scheme(lowrank) == recorded["scheme"]
-    latency = {"_target_": "lrlightning.Budget", "factor": 1.3, "metric": "latency", "latency_backend": "onnxruntime"}
-    budget = Budget(1.3, metric="latency", latency_backend="onnxruntime", input_shape=SHAPE)
-    assert config_rule({"rank": latency}) == rule_record(budget) == {"budget": 1.3, "metric": "latency",
-                                                                      "backend": "onnxruntime"}
+    latency = {"_target_": "lrlightning.Budget", "factor": 1.3, "metric": "latency",
+               "latency": {"_target_": "lrlightning.Latency", "backend": "onnxruntime"}}
+    flat = {"_target_": "lrlightning.Budget", "factor": 1.3, "metric": "latency", "latency_backend": "onnxruntime"}
+    budget = Budget(1.3, metric="latency", latency=Latency(backend="onnxruntime"), input_shape=SHAPE)
+    assert config_rule({"rank": latency}) == config_rule({"rank": flat}) == rule_record(budget) == {
+        "budget": 1.3, "metric": "latency", "backend": "onnxruntime"}
     assert config_rule({"rank": {"_target_": "lrlightning.Compression", "_args_": [4]}}) is None  # no field named
     label = point_label(recorded["scheme"], recorded["rule"])
     assert label == point_of(lowrank) == summary_point(recorded) == "svd:budget=2x macs"

@@ -4,7 +4,7 @@ from omegaconf import OmegaConf
 
 from lrlightning.app.train import check_job
 
-VALID = {"baseline": None, "init_ckpt": None, "seed": 0, "latency_batch_size": 32}
+VALID = {"baseline": None, "init_ckpt": None, "seed": 0, "latency_batch_sizes": [32]}
 
 
 def test_valid_settings_pass():
@@ -17,7 +17,9 @@ def test_valid_settings_pass():
     ({"init_ckpt": "required"}, r"`init_ckpt` is required by this experiment"),
     ({"seed": -1}, r"`seed` must be an int >= 0, got -1"),
     ({"seed": "abc"}, r"`seed` must be an int >= 0, got 'abc'"),
-    ({"latency_batch_size": 0}, r"`latency_batch_size` must be an int >= 1, got 0"),
+    ({"latency_batch_sizes": [0]}, r"`latency_batch_sizes` must be a list of distinct ints >= 1, such as \[32\] or "
+                                   r"\[1,32\], got \[0\]"),
+    ({"latency_batch_sizes": 32}, r"`latency_batch_sizes` must be a list .* got 32"),
 ])
 def test_bad_settings_are_named_with_what_is_allowed(changes, message):
     with pytest.raises(ValueError, match=message):

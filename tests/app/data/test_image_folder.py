@@ -308,7 +308,7 @@ def test_lrl_train_on_an_image_folder_records_its_class_names(split_folder, cach
     overrides = ["data=image_folder", f"data.root={split_folder}", "data.image_size=16", "+data.val_size=2",
                  "+data.batch_size=4", "model=simple_cnn", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
                  "lowrank.every_n_train_steps=1", "+trainer.enable_progress_bar=false",
-                 "+trainer.enable_model_summary=false", "latency_batch_size=2"]
+                 "+trainer.enable_model_summary=false", "latency_batch_sizes=[2]"]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     summary = train(cfg, tmp_path / "run")
