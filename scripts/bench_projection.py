@@ -176,7 +176,8 @@ def main() -> None:
     print("\n".join(fastest))
     payload = {
         "device": where, "batch_size": args.batch_size, "repeats": repeats, "warmup": args.warmup,
-        "schemes": {name: {k: v for k, v in s.items()} for name, s in SCHEMES.items()},
+        "schemes": {name: {k: v if isinstance(v, (str, int, float)) else repr(v) for k, v in s.items()}
+                    for name, s in SCHEMES.items()},
         "backbones": [{k: v for k, v in result.items() if k != "rows"} for result in results],
         "results": rows,
     }
