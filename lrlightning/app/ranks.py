@@ -14,15 +14,18 @@ from ..training.callback import LowRankProjection
 from ..options import LowRankOptions
 from ..training.passes import Passes
 from ..plan import Plan, allocate_plan
-from ..rules import FLAT_LATENCY, LATENCY_FIELDS, Budget, Latency, is_int
+from ..rules import FLAT_LATENCY, LATENCY_FIELDS, Budget, Latency
 
 BACKBONE = "backbone"
 
 
 def check_batch_sizes(value) -> None:
-    """Raise a ValueError unless the job's ``latency_batch_sizes`` is a list of distinct ints >= 1."""
-    if not (isinstance(value, Sequence) and not isinstance(value, str)) or not value or not all(
-            is_int(size) and size >= 1 for size in value) or len(set(value)) != len(value):
+    """Raise a ValueError unless the job's ``latency_batch_sizes`` is a list that ``Latency.batch_sizes`` takes."""
+    try:
+        valid = isinstance(value, Sequence) and not isinstance(value, str) and bool(Latency(batch_sizes=tuple(value)))
+    except ValueError:
+        valid = False
+    if not valid:
         raise ValueError(f"`latency_batch_sizes` must be a list of distinct ints >= 1, such as [32] or [1,32], got "
                          f"{value!r}")
 
