@@ -6,6 +6,7 @@ torch only (Lightning pulls in torchmetrics, which imports matplotlib whenever i
 from typing import TYPE_CHECKING
 
 from .counting import count_macs, count_params
+from .deploy.int8_config import Int8Config
 from .training.distillation import Distillation, distillation_loss, frozen_teacher
 from .export import factorize, factorize_planned, load_factorized, save_factorized
 from .finish import finish, finish_
@@ -28,6 +29,7 @@ __all__ = [
     "Compression",
     "Distillation",
     "Energy",
+    "Int8Config",
     "LoweredSVD",
     "Selection",
     "Solver",

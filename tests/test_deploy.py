@@ -1,5 +1,6 @@
 """ONNX files that ship (BatchNorm folded, dynamic batch, checked), their int8 quantization, and latency tables
 timed in ONNX Runtime."""
+import json
 import sys
 
 import pytest
@@ -11,7 +12,12 @@ pytest.importorskip("onnxscript", reason="needs the `onnx` extra")
 onnxruntime = pytest.importorskip("onnxruntime", reason="needs the `onnx` extra")
 
 from lrlightning import Budget, Latency, LowRankOptions, factorize, project_  # noqa: E402
-from lrlightning.deploy.int8 import quantize_int8, weight_layers  # noqa: E402
+from lrlightning.deploy.int8 import layer_name, quantize_int8, weight_layers  # noqa: E402
+from lrlightning.deploy.int8_config import Int8Config  # noqa: E402
+from lrlightning.deploy.precision import (LayerPrecision, layer_alone, measure_precision, shapes_at_batch_one,  # noqa: E402
+                                          weight_nodes)
+from lrlightning.speed.cpu import int8_path  # noqa: E402
+from lrlightning.speed.timing import Spread  # noqa: E402
 from lrlightning.speed.latency import LatencyTable  # noqa: E402
 from lrlightning.deploy.onnx import OnnxExportError, SessionModule, export_onnx, session  # noqa: E402
 from lrlightning.plan import plan_layers  # noqa: E402
@@ -94,7 +100,7 @@ def test_int8_quantizes_every_weight_layer_shrinks_the_file_and_keeps_the_predic
     dense, small = factorized_resnet
     fp32 = export_onnx(small, torch.randn(4, 1, 16, 16), tmp_path / "small.onnx")
     calibration = [(torch.randn(16, 1, 16, 16) * 2 + 0.5, torch.zeros(16)) for _ in range(3)]
-    int8 = quantize_int8(fp32.path, tmp_path / "small.int8.onnx", calibration, min_channels=1)
+    int8 = quantize_int8(fp32.path, tmp_path / "small.int8.onnx", calibration, {"layers": "all"})
     weights = [n for n in onnx.load(fp32.path).graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
     assert int8.calibration_batches == 3 and int8.float == () and len(int8.quantized) == len(weights)
     assert "layer1.0.conv1.0" in int8.quantized  # named by the PyTorch module the node came from
@@ -115,16 +121,94 @@ def test_int8_quantizes_every_weight_layer_shrinks_the_file_and_keeps_the_predic
     assert 0.9 < correlation < 1.0  # 8-bit activations and weights: close to the float model, not exact
 
 
-def test_int8_leaves_thin_convs_in_float_and_names_them(tmp_path):
-    model = nn.Sequential(nn.Conv2d(3, 32, 3), nn.ReLU(), nn.Conv2d(32, 4, 1), nn.Conv2d(4, 32, 1), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+def thin_model():
+    return nn.Sequential(nn.Conv2d(3, 32, 3), nn.ReLU(), nn.Conv2d(32, 4, 1), nn.Conv2d(4, 32, 1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+
+
+def test_int8_leaves_the_layers_measured_slower_in_float_and_says_why(tmp_path, monkeypatch):
+    fp32 = export_onnx(thin_model(), torch.randn(4, 3, 12, 12), tmp_path / "m.onnx")
+    timed = []
+
+    def measured(model, config, batch_sizes):  # layers "2" and "3" (into and out of 4 channels) time slower
+        timed.append((config.weight_range, config.layers, tuple(batch_sizes)))
+        ratio = {"2": 1.4, "3": 1.1}
+        return [LayerPrecision(node.name, {b: Spread.of([ratio.get(layer_name(node), 0.5)]) for b in batch_sizes})
+                for node in weight_nodes(model)], {b: {"state": "measured"} for b in batch_sizes}
+
+    monkeypatch.setattr("lrlightning.deploy.int8.measure_precision", measured)
+    int8 = quantize_int8(fp32.path, tmp_path / "m.int8.onnx", [torch.randn(8, 3, 12, 12)], batch_sizes=(1, 128))
+    assert timed == [("reduced" if int8_path() in ("avx2", "none") else "full", "measured", (1, 128))]
+    assert (int8.quantized, int8.float) == (("0", "7"), ("2", "3"))
+    assert int8.why_float == {"2": "measured slower in int8: int8 / float time 1.40x at batch 1, 1.40x at batch 128",
+                              "3": "measured slower in int8: int8 / float time 1.10x at batch 1, 1.10x at batch 128"}
+    assert int8.timing == {1: {"state": "measured"}, 128: {"state": "measured"}}
+    kept = quantize_int8(fp32.path, tmp_path / "kept.int8.onnx", [torch.randn(8, 3, 12, 12)],
+                         Int8Config(float_layers=("0",)))
+    assert (kept.quantized, kept.float) == (("7",), ("0", "2", "3"))
+    assert kept.why_float["0"] == "kept in float by Int8Config.float_layers"
+    every = quantize_int8(fp32.path, tmp_path / "every.int8.onnx", [torch.randn(8, 3, 12, 12)], {"layers": "all"})
+    assert (every.quantized, every.float, every.why_float, every.timing) == (("0", "2", "3", "7"), (), {}, {})
+    assert len(timed) == 2  # "all" times nothing
+    with pytest.raises(ValueError, match=r"`Int8Config.float_layers` names \['head'\], which are not weight layers "
+                                         r"of the model; its weight layers: \['0', '2', '3', '7'\]"):
+        quantize_int8(fp32.path, tmp_path / "x.onnx", [torch.randn(8, 3, 12, 12)], {"float_layers": ["head"]})
+    with pytest.raises(ValueError, match=r"`batch_sizes` must be one or more ints >= 1, such as \(1, 32\), got "
+                                         r"\(0,\)"):
+        quantize_int8(fp32.path, tmp_path / "x.onnx", [torch.randn(8, 3, 12, 12)], batch_sizes=(0,))
+
+
+def test_each_weight_layer_is_timed_alone_in_float_and_int8_at_every_batch_size_and_cached(tmp_path):
+    import onnx
+
+    fp32 = export_onnx(thin_model(), torch.randn(4, 3, 12, 12), tmp_path / "m.onnx")
+    model = onnx.load(fp32.path)
+    config = Int8Config(cache=str(tmp_path / "cache")).resolved()
+    layers, facts = measure_precision(model, config, (1, 3))
+    assert [layer.node for layer in layers] == [node.name for node in weight_nodes(model)] and len(layers) == 4
+    for layer in layers:
+        assert sorted(layer.ratios) == [1, 3] and all(s.median > 0 and s.rounds >= 7 for s in layer.ratios.values())
+        assert layer.faster == (layer.ratio < 1.0) and "at batch 1" in layer.text()
+    assert facts[1]["state"] == "measured" and facts[1]["measured"] == 8  # a float and an int8 form per layer
+    cache = json.loads(next((tmp_path / "cache").glob("latency-onnxruntime-*.json")).read_text())
+    assert sum("|int8 " in key for key in cache["entries"]) == 8  # 4 layers at 2 batch sizes
+    again, facts = measure_precision(model, config, (1, 3))
+    assert {s for f in facts.values() for s in [f["state"]]} <= {"cached", "stale"}
+    if facts[1]["state"] == "cached":  # confirmed by re-timing the largest layer: nothing timed anew
+        assert facts[1]["measured"] == 0 and [a.ratios[1] for a in again] == [b.ratios[1] for b in layers]
+
+
+def test_a_layer_cut_out_alone_computes_what_it_does_in_the_model(tmp_path):
+    import onnx
+
+    model = thin_model()
     fp32 = export_onnx(model, torch.randn(4, 3, 12, 12), tmp_path / "m.onnx")
-    int8 = quantize_int8(fp32.path, tmp_path / "m.int8.onnx", [torch.randn(8, 3, 12, 12)])
-    assert (int8.quantized, int8.float) == (("0", "7"), ("2", "3"))  # into and out of 4 channels: float; not the stem
-    every = quantize_int8(fp32.path, tmp_path / "every.int8.onnx", [torch.randn(8, 3, 12, 12)], min_channels=1)
-    assert (every.quantized, every.float) == (("0", "2", "3", "7"), ())
-    with pytest.raises(ValueError, match="`min_channels` must be an int >= 1, got 0"):
-        quantize_int8(fp32.path, tmp_path / "x.onnx", [torch.randn(8, 3, 12, 12)], min_channels=0)
+    graph = onnx.load(fp32.path)
+    first = weight_nodes(graph)[0]
+    alone = layer_alone(graph, first, shapes_at_batch_one(graph))
+    x = torch.randn(5, 3, 12, 12)  # any batch size: the batch dimension stays free
+    got = torch.from_numpy(SessionModule(session(alone.SerializeToString()))(x))
+    with torch.no_grad():
+        assert torch.allclose(got, model[0](x), atol=1e-5)
+
+
+def test_the_weight_range_and_activation_type_reach_the_file(tmp_path):
+    import onnx
+
+    fp32 = export_onnx(thin_model(), torch.randn(4, 3, 12, 12), tmp_path / "m.onnx")
+    stored = {}
+    for weights, activations in (("full", "uint8"), ("reduced", "int8")):
+        int8 = quantize_int8(fp32.path, tmp_path / f"{weights}.onnx", [torch.randn(8, 3, 12, 12)],
+                             Int8Config(weights, activations, layers="all"))
+        assert (int8.settings["weight_range"], int8.settings["activations"]) == (weights, activations)
+        model = onnx.load(int8.path)
+        values = {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer}
+        producers = {out: node for node in model.graph.node for out in node.output}
+        conv = next(node for node in model.graph.node if node.op_type == "Conv")
+        stored[weights] = int(abs(values[producers[conv.input[1]].input[0]].astype(int)).max())
+        zero_points = [values[node.input[2]].dtype.name for node in model.graph.node if node.op_type == "QuantizeLinear"]
+        assert zero_points and set(zero_points) == {activations}
+    assert stored["full"] == 127 and stored["reduced"] <= 64  # 8-bit against 7-bit weights
 
 
 def test_int8_needs_a_calibration_batch(tmp_path):

@@ -1,7 +1,8 @@
 """The run's last step, ``deploy=onnx|int8``: the dense and the factorized model as ONNX files (``dense.onnx``,
 ``factorized.onnx``; with ``int8`` also ``dense.int8.onnx`` and ``factorized.int8.onnx``, calibrated on training
-batches), each tested on the test set and timed in ONNX Runtime on the CPU, interleaved, at the
-job's largest ``latency_batch_sizes`` and at batch 1. ``summary.json`` records them under ``deploy``."""
+batches, quantized as the ``deploy.int8`` node says, an ``Int8Config``), each tested on the test set and timed in
+ONNX Runtime on the CPU, interleaved, at the job's largest ``latency_batch_sizes`` and at batch 1.
+``summary.json`` records them under ``deploy``."""
 from __future__ import annotations
 
 import logging
@@ -9,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from ..deploy.int8 import MIN_CHANNELS, quantize_int8
+from ..deploy.int8 import quantize_int8
+from ..deploy.int8_config import Int8Config
 from ..deploy.onnx import SessionModule, export_onnx, require_onnx, session
 from ..training.recalibration import reshuffled
 from ..rules import is_int
@@ -26,23 +28,30 @@ DEPLOY_ROUNDS = 7  # interleaved rounds of the deployed models' timings
 EXAMPLE_BATCH = 8  # real inputs an export is checked on
 
 
-def deploy_settings(node: DictConfig | dict | None) -> tuple[str, int, int]:
-    """(format, calibration batches, min channels) of a ``deploy`` node; raises a ValueError naming a bad key."""
+DEPLOY_KEYS = ("format", "calibration_batches", "int8")
+
+
+def deploy_settings(node: DictConfig | dict | None) -> tuple[str, int, Int8Config]:
+    """(format, calibration batches, ``Int8Config``) of a ``deploy`` node; raises a ValueError naming a bad key."""
     node = dict(node or {})
+    if "min_channels" in node:
+        raise ValueError(f"`deploy.min_channels` ({node['min_channels']!r}) is no longer a setting: each layer runs "
+                         "in int8 only where it measured faster (`deploy.int8.layers: measured`); use "
+                         "`deploy.int8.layers=all` to quantize every layer, or `deploy.int8.float_layers=[...]` to keep "
+                         "named modules in float")
     fmt = node.get("format", "none")
     if fmt not in FORMATS:
         raise ValueError(f"`deploy.format` must be one of {FORMATS}, got {fmt!r}")
     batches = node.get("calibration_batches", 8)
     if not (is_int(batches) and batches >= 1):
         raise ValueError(f"`deploy.calibration_batches` must be an int >= 1, got {batches!r}")
-    min_channels = node.get("min_channels")
-    min_channels = MIN_CHANNELS if min_channels is None else min_channels
-    if not (is_int(min_channels) and min_channels >= 1):
-        raise ValueError(f"`deploy.min_channels` must be an int >= 1, got {min_channels!r}")
-    unknown = sorted(set(node) - {"format", "calibration_batches", "min_channels"})
+    unknown = sorted(set(node) - set(DEPLOY_KEYS))
     if unknown:
-        raise ValueError(f"`deploy` has unknown keys {unknown}; allowed: format, calibration_batches, min_channels")
-    return fmt, int(batches), int(min_channels)
+        raise ValueError(f"`deploy` has unknown keys {unknown}; allowed: {', '.join(DEPLOY_KEYS)}")
+    int8 = node.get("int8")
+    if isinstance(int8, DictConfig):
+        int8 = OmegaConf.to_container(int8, resolve=True)
+    return fmt, int(batches), Int8Config.of(int8, "deploy.int8")
 
 
 def check_deploy(node: DictConfig | dict | None) -> None:
@@ -79,7 +88,7 @@ def deploy(node: DictConfig | dict | None, run_dir: Path, dense: nn.Module, smal
     """Write and measure the ``deploy`` artifacts of ``dense`` and ``small`` (None: a dense run) into ``run_dir``;
     the ``summary.json`` entry, or None for ``format: none``. Calibration batches are drawn from the training set
     with ``seed``."""
-    fmt, calibration_batches, min_channels = deploy_settings(node)
+    fmt, calibration_batches, int8_config = deploy_settings(node)
     if fmt == "none":
         return None
     require_onnx(f"deploy={fmt}")
@@ -93,7 +102,7 @@ def deploy(node: DictConfig | dict | None, run_dir: Path, dense: nn.Module, smal
         calibration = [batch[0] for batch in reshuffled(datamodule.train_dataloader(), calibration_batches, seed)]
         for name in models:
             files[f"{name}_int8"] = quantize_int8(run_dir / f"{name}.onnx", run_dir / f"{name}.int8.onnx",
-                                                  calibration, min_channels=min_channels)
+                                                  calibration, int8_config, (1, batch_size))
     runners = {label: SessionModule(session(file.path)) for label, file in files.items()}
     datamodule.setup("test")
     accuracy = {label: ort_accuracy(runner, datamodule.test_dataloader()) for label, runner in runners.items()}
@@ -109,14 +118,15 @@ def deploy(node: DictConfig | dict | None, run_dir: Path, dense: nn.Module, smal
                "speedup_high": speedup[label].high, "speedup_batch1": speedup1[label].median,
                "test_acc": accuracy[label]}
         if label.endswith("_int8"):
-            row.update(quantized_layers=len(file.quantized), float_layers=list(file.float))
+            row.update(quantized_layers=len(file.quantized), float_layers=list(file.float), why_float=file.why_float)
         else:
             row.update(max_abs_diff=file.max_abs_diff, batchnorm_left=file.batchnorm_left)
         rows[label] = row
     entry = {"format": fmt, "runtime": f"onnxruntime {onnxruntime.__version__} CPU",
              "threads": torch.get_num_threads(), "latency_batch_size": batch_size, "rows": rows}
     if fmt == "int8":
-        entry.update(calibration_batches=calibration_batches, min_channels=min_channels)
+        entry.update(calibration_batches=calibration_batches, int8=files["dense_int8"].settings,
+                     int8_timing={name: files[f"{name}_int8"].timing for name in models})
         entry["int8_accuracy_cost"] = {name: accuracy[f"{name}_fp32"] - accuracy[f"{name}_int8"] for name in models}
     return entry
 

@@ -1,43 +1,44 @@
 """int8 ONNX models: ONNX Runtime's static quantization of an exported model (QDQ format, int8 weights per output
-channel, uint8 activations with ranges calibrated on real batches), and which of its weight layers (Conv, Gemm,
-MatMul) were quantized and which were left in float. Needs the ``onnx`` extra.
-
-Choices measured on an AVX2 CPU without VNNI: uint8 activations (int8 ones ran 1.4-2x slower than fp32); 7-bit
-weights (``reduce_range``), since the u8 × s8 kernels saturate pairs of full-range products there (a Tucker-2
-ResNet-20 fell from 80.6 % to 21 % without it, and ran slower); convs with fewer than ``min_channels`` output
-channels or products per output left in float (thin factor stages gain nothing from int8 kernels and pay for requantizing)."""
+channel, activations with ranges calibrated on real batches), set for the CPU it runs on (``Int8Config``: 7-bit
+weights where the CPU's u8 x s8 kernels can saturate, 8-bit where VNNI or AMX accumulate in 32 bits), each weight
+layer (Conv, Gemm, MatMul) quantized only where its int8 form measured faster (``lrlightning.deploy.precision``),
+and a record of which layers were quantized and why the others stayed in float. Needs the ``onnx`` extra."""
 from __future__ import annotations
 
 import ast
-import logging
-import math
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable, Mapping, Sequence
 
-import torch
-
+from ..speed.cpu import int8_path
+from .int8_config import Int8Config
 from .onnx import require_onnx
-
-WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+from .precision import WEIGHT_OPS, measure_precision, weight_nodes
+from .qdq import quantize_qdq, quiet_quantizer
 
 
 @dataclass(frozen=True)
 class Int8File:
-    """A quantized model: ``path``, ``size_bytes``, ``calibration_batches`` used, and the weight layers by name
-    (the PyTorch module each node came from, as the exporter recorded it; a conv with its BatchNorm folded in
-    carries the BatchNorm's name) that were ``quantized`` or left in ``float``."""
+    """A quantized model: ``path``, ``size_bytes``, ``calibration_batches`` used, the weight layers by name (the
+    PyTorch module each node came from, as the exporter recorded it; a conv with its BatchNorm folded in carries the
+    BatchNorm's name) that were ``quantized`` or left in ``float``, ``why_float`` (name: reason: measured slower,
+    with its int8 / float time ratios, or kept by ``Int8Config.float_layers``), the resolved ``settings`` (the
+    ``Int8Config`` fields, the CPU's int8 path and why) and ``timing`` (the per-layer timing tables' facts by
+    batch size; empty with ``layers="all"``)."""
 
     path: str
     size_bytes: int
     calibration_batches: int
     quantized: tuple[str, ...]
     float: tuple[str, ...]
+    why_float: dict[str, str]
+    settings: dict[str, Any]
+    timing: dict[int, dict]
 
     def as_dict(self) -> dict:
-        return {"path": self.path, "size_bytes": self.size_bytes, "calibration_batches": self.calibration_batches,
-                "quantized": list(self.quantized), "float": list(self.float)}
+        return {**asdict(self), "quantized": list(self.quantized), "float": list(self.float),
+                "timing": {str(batch): facts for batch, facts in self.timing.items()}}
 
 
 def layer_name(node) -> str:
@@ -66,74 +67,64 @@ def weight_layers(model) -> tuple[list[str], list[str]]:
     return quantized, left
 
 
-class Batches:
-    """ONNX Runtime's calibration reader over torch batches (the first element of tuples is the input)."""
-
-    def __init__(self, input_name: str, batches: Iterable):
-        self.input_name = input_name
-        self.batches = iter(batches)
-        self.count = 0
-
-    def get_next(self):
-        batch = next(self.batches, None)
-        if batch is None:
-            return None
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        self.count += 1
-        return {self.input_name: torch.as_tensor(x).detach().cpu().float().numpy()}
-
-
-def thin_convs(model, min_channels: int) -> list[str]:
-    """Names of the Conv nodes of an ONNX ``model`` with fewer than ``min_channels`` output channels or products
-    summed per output (input channels per group × kernel positions): a thin factor stage, not a 3-channel stem."""
-    shapes = {init.name: tuple(init.dims) for init in model.graph.initializer}
-    thin = []
-    for node in model.graph.node:
-        shape = shapes.get(node.input[1], ()) if node.op_type == "Conv" else ()
-        if len(shape) >= 2 and min(shape[0], math.prod(shape[1:])) < min_channels:
-            thin.append(node.name)
-    return thin
+def measured_float(model, config: Int8Config, batch_sizes: Sequence[int]) -> tuple[dict[str, str], dict]:
+    """({node name: why it stays in float}, timing facts) for the pre-processed ONNX ``model``: the nodes of the
+    modules in ``config.float_layers`` (a name that is no weight layer's is a ValueError listing those there are),
+    and with ``layers="measured"`` those whose int8 form is not faster (``measure_precision``)."""
+    nodes = weight_nodes(model)
+    names = {node.name: layer_name(node) for node in nodes}
+    unknown = sorted(set(config.float_layers) - set(names.values()))
+    if unknown:
+        raise ValueError(f"`Int8Config.float_layers` names {unknown}, which are not weight layers of the model; "
+                         f"its weight layers: {sorted(set(names.values()))}")
+    why = {node: "kept in float by Int8Config.float_layers" for node, name in names.items()
+           if name in config.float_layers}
+    facts: dict = {}
+    if config.layers == "measured":
+        measured, facts = measure_precision(model, config, batch_sizes)
+        why.update({layer.node: f"measured slower in int8: {layer.text()}" for layer in measured
+                    if not layer.faster and layer.node not in why})
+    return why, facts
 
 
-MIN_CHANNELS = 16  # convs thinner than this stay in float (``thin_convs``)
+def check_batch_sizes(batch_sizes: Sequence[int]) -> tuple[int, ...]:
+    if not (isinstance(batch_sizes, Sequence) and len(batch_sizes) >= 1 and all(
+            isinstance(size, int) and not isinstance(size, bool) and size >= 1 for size in batch_sizes)):
+        raise ValueError(f"`batch_sizes` must be one or more ints >= 1, such as (1, 32), got {batch_sizes!r}")
+    return tuple(dict.fromkeys(batch_sizes))
 
 
-def quantize_int8(fp32: str | Path, out: str | Path, calibration: Iterable, per_channel: bool = True,
-                  reduce_range: bool = True, min_channels: int = MIN_CHANNELS) -> Int8File:
-    """Write ``fp32`` (an ONNX file, ``export_onnx``) to ``out`` quantized to int8: ONNX Runtime's pre-processing
-    (shape inference, graph optimization), then static QDQ quantization, int8 weights (per output channel when
-    ``per_channel``, default; 7-bit when ``reduce_range``, default) and uint8 activations whose ranges come from
-    running ``calibration`` (an iterable of input batches or (input, target) batches; at least one) through the
-    model (min-max). Convs with fewer than ``min_channels`` (default ``MIN_CHANNELS``; 1: none) output channels or products per
-    output (``thin_convs``) stay in float."""
+def quantize_int8(fp32: str | Path, out: str | Path, calibration: Iterable,
+                  config: Int8Config | Mapping[str, Any] | None = None,
+                  batch_sizes: Sequence[int] = (1, 32)) -> Int8File:
+    """Write ``fp32`` (an ONNX file, ``export_onnx``) to ``out`` quantized to int8 as ``config`` says (an
+    ``Int8Config`` or a mapping of its fields; default ``Int8Config()``: settings chosen for this CPU, each layer
+    quantized only where measured faster at ``batch_sizes``, default (1, 32), the batch sizes the model is served
+    at): ONNX Runtime's pre-processing (shape inference, graph optimization), then static QDQ quantization with
+    activation ranges from running ``calibration`` (an iterable of input batches or (input, target) batches; at
+    least one) through the model (min-max)."""
     require_onnx("quantize_int8")
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    class Reader(Batches, CalibrationDataReader):
-        pass
-
-    if not (isinstance(min_channels, int) and min_channels >= 1):
-        raise ValueError(f"`min_channels` must be an int >= 1, got {min_channels!r}")
+    path = int8_path()
+    config = Int8Config.of(config, "config")
+    resolved = config.resolved(path)
+    batch_sizes = check_batch_sizes(batch_sizes)
     batches = list(calibration)
     if not batches:
         raise ValueError("`calibration` must yield at least one batch of inputs, got none")
     fp32, out = Path(fp32), Path(out)
-    input_name = onnx.load(str(fp32), load_external_data=False).graph.input[0].name
-    reader = Reader(input_name, batches)
-    quant_log = logging.getLogger()  # the quantizer warns on the root logger
-    level = quant_log.level
     with tempfile.TemporaryDirectory() as folder:
         prepared = Path(folder) / "prepared.onnx"
-        quant_log.setLevel(logging.ERROR)
-        try:
+        with quiet_quantizer():
             quant_pre_process(str(fp32), str(prepared))
-            thin = thin_convs(onnx.load(str(prepared)), min_channels)
-            quantize_static(str(prepared), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                            reduce_range=reduce_range, activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8, nodes_to_exclude=thin)
-        finally:
-            quant_log.setLevel(level)
+        model = onnx.load(str(prepared))
+        why, timing = measured_float(model, resolved, batch_sizes)
+        count = quantize_qdq(prepared, out, batches, resolved, exclude=sorted(why))
+    names = {node.name: layer_name(node) for node in weight_nodes(model)}
     quantized, left = weight_layers(onnx.load(str(out)))
-    return Int8File(str(out), out.stat().st_size, reader.count, tuple(quantized), tuple(left))
+    settings = {**asdict(resolved), "float_layers": list(resolved.float_layers), "int8_path": path,
+                "why": config.why(path), "batch_sizes": list(batch_sizes)}
+    return Int8File(str(out), out.stat().st_size, count, tuple(quantized), tuple(left),
+                    {names[node]: reason for node, reason in why.items()}, settings, timing)

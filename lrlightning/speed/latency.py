@@ -234,20 +234,28 @@ class LatencyTable:
         What the cache lacks is timed interleaved with the dense layer (so every ratio is paired) and stored."""
         dtype = module.weight.dtype
         base = layer_key(module, (self.batch_size, *input_shape), dtype)
-        keys = {"dense": base, **{label: f"{base}|{label}" for label in candidates}}
+        return self.pair_times(base, lambda: self.example(input_shape, dtype),
+                               lambda example: self.runnable(copy.deepcopy(module), example),
+                               {label: lambda example, build=build: self.runnable(build(), example)
+                                for label, build in candidates.items()})
+
+    def pair_times(self, base: str, make_example: Callable[[], torch.Tensor], reference: Callable,
+                   candidates: dict[str, Callable]) -> LayerTimes:
+        """``LayerTimes`` of a ``reference`` and its ``candidates`` (label: a function of the example batch
+        returning what is timed; only those to be timed are built), cached under ``base`` and ``base|label``:
+        what the cache lacks is timed interleaved with the reference on ``make_example()`` and stored."""
+        keys = {label: f"{base}|{label}" for label in candidates}
         missing = [label for label in candidates if not self.cached(keys[label])]
         if missing or not self.cached(base):
-            build = {"dense": lambda: copy.deepcopy(module), **candidates}
-            labels = ["dense", *missing]
-            example = self.example(input_shape, dtype)
-            timed = [self.runnable(build[label](), example) for label in labels]
+            example = make_example()
+            timed = [reference(example), *(candidates[label](example) for label in missing)]
             start = time.perf_counter()
             samples = interleaved_samples(timed, example)
             self.unsaved_seconds += time.perf_counter() - start
             self.store(base, ms=Spread.of(samples[0]))
             for label, times in zip(missing, samples[1:]):
                 self.store(keys[label], ms=Spread.of(times), ratio=paired_ratios(times, samples[0]))
-            self.measured += len(labels)
+            self.measured += 1 + len(missing)
             self.save()
         return LayerTimes(self.entries[base]["ms"], {label: self.entries[keys[label]]["ratio"] for label in candidates})
 
@@ -314,6 +322,26 @@ class LatencyTable:
         if layer_offs:
             offs[f"{len(layer_offs)} layer timings (median)"] = math.exp(statistics.median(
                 math.log(off) for off in layer_offs))
+        self.judge(offs)
+
+    def check_pairs(self, requests: Sequence[tuple[str, Callable[[], torch.Tensor], Callable, dict[str, Callable]]]
+                    ) -> None:
+        """``check`` for entries timed with ``pair_times``: re-time the cached ``requests`` (base key, example
+        maker, reference, candidates, as ``pair_times`` takes them) and distrust the table when the median of
+        their times and ratios is off by more than ``STALE_TOLERANCE``. Nothing is checked under ``remeasure``."""
+        if not self.trusted:
+            return
+        start = time.perf_counter()
+        offs = [off for base, make_example, reference, candidates in requests
+                if self.cached(base) and all(self.cached(f"{base}|{label}") for label in candidates)
+                for off in self.pair_offs(base, make_example(), reference, candidates)]
+        self.check_seconds += time.perf_counter() - start
+        if offs:
+            self.judge({f"{len(offs)} timings (median)": math.exp(statistics.median(math.log(o) for o in offs))})
+
+    def judge(self, offs: dict[str, float]) -> None:
+        """Distrust the table (``state`` "stale", a log warning) when one of ``offs`` (re-timed / cached, by
+        what was re-timed) is off by more than ``STALE_TOLERANCE``; else confirm it (``state`` "cached")."""
         if not offs:
             return
         stale = {what: off for what, off in offs.items() if abs(math.log(off)) > math.log1p(STALE_TOLERANCE)}
@@ -348,9 +376,16 @@ class LatencyTable:
                    candidates: dict[str, Callable[[], nn.Module]]) -> list[float]:
         """Re-timed / cached, for the dense layer, each candidate and each candidate's ratio to dense."""
         base = layer_key(module, (self.batch_size, *input_shape), module.weight.dtype)
-        example = self.example(input_shape, module.weight.dtype)
-        timed = [self.runnable(build(), example)
-                 for build in (lambda: copy.deepcopy(module), *candidates.values())]
+        return self.pair_offs(base, self.example(input_shape, module.weight.dtype),
+                              lambda example: self.runnable(copy.deepcopy(module), example),
+                              {label: lambda example, build=build: self.runnable(build(), example)
+                               for label, build in candidates.items()})
+
+    def pair_offs(self, base: str, example: torch.Tensor, reference: Callable,
+                  candidates: dict[str, Callable]) -> list[float]:
+        """Re-timed / cached, for the reference under ``base``, each candidate and each candidate's ratio to it,
+        timed on ``example`` (``CHECK_ROUNDS`` rounds)."""
+        timed = [reference(example), *(build(example) for build in candidates.values())]
         samples = interleaved_samples(timed, example, CHECK_ROUNDS, ROUND_SECONDS, CHECK_ROUNDS)
         offs = [statistics.median(samples[0]) / self.entries[base]["ms"].median]
         for label, times in zip(candidates, samples[1:]):

@@ -6,6 +6,7 @@ import logging
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 pytest.importorskip("onnx", reason="needs the `onnx` extra")
 pytest.importorskip("onnxscript", reason="needs the `onnx` extra")
@@ -32,7 +33,7 @@ def compose_job(name, overrides):
 def int8_run(tmp_path_factory, tiny_train):
     run_dir = tmp_path_factory.mktemp("int8-run")
     summary = train(compose_job("train", [*tiny_train, "deploy=int8", "deploy.calibration_batches=2",
-                                            "deploy.min_channels=1"]), run_dir)
+                                            "deploy.int8.layers=all", "deploy.int8.weight_range=full"]), run_dir)
     return run_dir, summary
 
 
@@ -40,14 +41,17 @@ def test_int8_deploy_writes_four_checked_files_and_their_measured_rows(int8_run,
     run_dir, summary = int8_run
     entry = summary["deploy"]
     assert list(entry["rows"]) == ["dense_fp32", "factorized_fp32", "dense_int8", "factorized_int8"]
-    assert (entry["format"], entry["calibration_batches"], entry["min_channels"], entry["latency_batch_size"]) == (
-        "int8", 2, 1, 4)
+    assert (entry["format"], entry["calibration_batches"], entry["latency_batch_size"]) == ("int8", 2, 4)
+    settings = entry["int8"]  # what was asked, with "auto" resolved for this CPU and the reason recorded
+    assert (settings["layers"], settings["weight_range"], settings["activations"]) == ("all", "full", "uint8")
+    assert settings["batch_sizes"] == [1, 4] and "asked for weight_range='full'" in settings["why"]
     for label, row in entry["rows"].items():
         assert ROW_FIELDS <= row.keys() and (run_dir / row["file"]).stat().st_size == row["size_bytes"]
         assert row["latency_ms"] > 0 and row["latency_ms_batch1"] > 0 and 0.0 <= row["test_acc"] <= 1.0
     rows = entry["rows"]
     assert rows["dense_fp32"]["speedup"] == 1.0 and rows["factorized_fp32"]["batchnorm_left"] == 0
     assert rows["factorized_int8"]["quantized_layers"] >= 4 and rows["factorized_int8"]["float_layers"] == []
+    assert rows["factorized_int8"]["why_float"] == {} and entry["int8_timing"] == {"dense": {}, "factorized": {}}
     assert rows["factorized_int8"]["size_bytes"] < rows["factorized_fp32"]["size_bytes"]
     # the fp32 files compute what PyTorch does: both test at the factorized model's accuracy
     assert rows["factorized_fp32"]["test_acc"] == pytest.approx(summary["test_acc_factorized"], abs=1e-6)
@@ -97,16 +101,23 @@ def test_lrl_collect_plots_accuracy_against_deployed_latency(int8_run, tmp_path)
 @pytest.mark.parametrize(("node", "message"), [
     ({"format": "tflite"}, r"`deploy.format` must be one of \('none', 'onnx', 'int8'\), got 'tflite'"),
     ({"format": "int8", "calibration_batches": 0}, r"`deploy.calibration_batches` must be an int >= 1, got 0"),
-    ({"format": "int8", "min_channels": 0}, r"`deploy.min_channels` must be an int >= 1, got 0"),
+    ({"format": "int8", "min_channels": 16}, r"`deploy.min_channels` \(16\) is no longer a setting: each layer runs "
+                                             r"in int8 only where it measured faster"),
     ({"format": "onnx", "opset": 17}, r"`deploy` has unknown keys \['opset'\]; allowed: format, calibration_batches, "
-                                      r"min_channels"),
+                                      r"int8"),
+    ({"format": "int8", "int8": {"bits": 4}}, r"`deploy.int8` has unknown keys \['bits'\]; allowed: weight_range, "),
+    ({"format": "int8", "int8": {"weight_range": "half"}}, r"`Int8Config.weight_range` must be one of \('auto', "
+                                                          r"'full', 'reduced'\), got 'half'"),
 ])
 def test_bad_deploy_settings_are_named_before_the_job_runs(node, message, tmp_path, tiny_train):
     with pytest.raises(ValueError, match=message):
         check_deploy(node)
     preset = "int8" if node["format"] == "int8" else "onnx"
     overrides = [*tiny_train, f"deploy={preset}", f"deploy.format={node['format']}"]
-    overrides += [f"{'' if preset == 'int8' else '+'}deploy.{k}={v}" for k, v in node.items() if k != "format"]
+    given = compose_job("train", [f"deploy={preset}"]).deploy
+    flat = {f"{k}.{inner}" if isinstance(v, dict) else k: item for k, v in node.items() if k != "format"
+            for inner, item in (v.items() if isinstance(v, dict) else [(None, v)])}
+    overrides += [f"{'' if OmegaConf.select(given, k) is not None else '+'}deploy.{k}={v}" for k, v in flat.items()]
     with pytest.raises(ValueError, match=message):
         train(compose_job("train", overrides), tmp_path)
     assert not any(tmp_path.iterdir())  # refused before anything was trained or written
@@ -145,11 +156,11 @@ def test_a_dense_run_deploys_the_dense_model_only(tmp_path, tiny_train):
     assert [p.name for p in tmp_path.glob("*.onnx")] == ["dense.onnx"]
 
 
-def test_the_int8_preset_takes_the_library_default_for_thin_convs():
+def test_the_int8_preset_is_the_library_default_int8_config():
     from lrlightning.app.deploy import deploy_settings
-    from lrlightning.deploy.int8 import MIN_CHANNELS
+    from lrlightning.deploy.int8_config import Int8Config
 
     preset = compose_job("train", ["deploy=int8"]).deploy
-    assert preset.min_channels is None
-    assert deploy_settings(preset) == ("int8", 8, MIN_CHANNELS)
-    assert deploy_settings({"format": "int8", "min_channels": 4})[2] == 4
+    assert deploy_settings(preset) == ("int8", 8, Int8Config())
+    assert deploy_settings({"format": "int8", "int8": {"float_layers": ["fc"], "layers": "all"}})[2] == Int8Config(
+        layers="all", float_layers=("fc",))
