@@ -179,8 +179,9 @@ def latency_costs(module: nn.Module, scheme: Scheme, ranks: Sequence[Rank], inpu
     dense_macs = count_macs(module, input_shape)
     fractions = [count_macs(layer_structure(module, scheme, r), input_shape) / dense_macs for r in ranks]
     fitted = fitted_ratios(fractions, list(times.ratios.values()))
+    left = 1.0 if times.dense_int8 is None else times.dense_int8.median  # the layer left dense, as it would run
     dense = times.dense.median
-    return {r: dense * ratio for r, (ratio, error) in zip(ranks, fitted) if ratio + error < 1.0}, dense
+    return {r: dense * ratio for r, (ratio, error) in zip(ranks, fitted) if ratio + error < left}, dense * left
 
 
 def fitted_ratios(fractions: Sequence[float], ratios: Sequence[Spread]) -> list[tuple[float, float]]:
@@ -320,12 +321,15 @@ def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], 
         requests = [(module, inputs[name], timing_candidates(module, scheme, rank_choices(
             scheme, tuple(module.weight.shape), rule.rank_multiple, LATENCY_CANDIDATES)))
             for name, module, scheme in layers]
-        wholes, in_models = [], []
+        wholes, in_models, references = [], [], []  # references: the dense model's ms as it is compared (fp32)
         for batch_size in latency.batch_sizes:
             table = LatencyTable(device, batch_size, latency.cache, latency.remeasure, latency.backend,
-                                 latency.memory_format)
+                                 latency.memory_format, latency.precision)
             table.check(model, input_shape, requests)
             whole, in_model = table.model_ms(model, input_shape, names)
+            references.append(whole)
+            if latency.precision == "int8":  # what is left of the model runs in int8 too
+                whole = table.model_ms(model, input_shape, names, int8=True)[0]
             tables.append(table)
             wholes.append(whole)
             in_models.append(in_model)
@@ -338,8 +342,10 @@ def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], 
                     for choices, in_model in zip(by_batch, in_models)]
     fixeds = [max(0.0, whole - sum(c.costs[-1] for c in choices)) for whole, choices in zip(wholes, by_batch)]
     denses = [fixed + sum(c.costs[-1] for c in choices) for fixed, choices in zip(fixeds, by_batch)]
-    choices, fixed = shares(by_batch, fixeds, denses) if len(by_batch) > 1 else (by_batch[0], fixeds[0])
-    dense = fixed + sum(c.costs[-1] for c in choices)
+    if not (tables and tables[0].precision == "int8"):
+        references = denses  # fp32: the dense model is the all-dense allocation
+    choices, fixed = shares(by_batch, fixeds, references) if len(by_batch) > 1 else (by_batch[0], fixeds[0])
+    dense = 1.0 if len(by_batch) > 1 else references[0]  # what the budget divides
     fastest = fixed + sum(min(c.costs) for c in choices)
 
     def choose(target: float) -> tuple[dict[str, Rank | None], float]:
@@ -379,13 +385,13 @@ def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], 
     if check is not None and check.verdict not in ("met", "short"):
         warnings.warn(f"Budget({budget}, metric='latency'): {check.text()}", stacklevel=3)
     predicted = {}
-    for table, layer_costs, fixed_ms, dense_ms in zip(tables, by_batch, fixeds, denses):
+    for table, layer_costs, fixed_ms, dense_ms in zip(tables, by_batch, fixeds, references):
         allocated_ms = fixed_ms + sum(c.costs[c.ranks.index(ranks[c.name])] for c in layer_costs)
         predicted[table.batch_size] = (dense_ms, allocated_ms)
     first = by_batch[0]
     costs = {c.name: (c.costs[-1], c.costs[c.ranks.index(ranks[c.name])]) for c in first}
     allocated = fixeds[0] + sum(cost for _, cost in costs.values())
-    return Allocation(budget, metric, ranks, costs, denses[0], allocated,
+    return Allocation(budget, metric, ranks, costs, references[0] if tables else denses[0], allocated,
                       device=str(tables[0].device) if tables else None,
                       batch_size=tables[0].batch_size if tables else None, check=check,
                       table=tables[0].facts() if tables else None, errors="output" if weightings else "weight",

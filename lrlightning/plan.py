@@ -290,7 +290,7 @@ def allocate_plan(model: nn.Module, options: LowRankOptions, warn: bool = True,
         warnings.warn(f"{what} cannot reach {options.rank} under their schemes; each takes its smallest rank",
                       stacklevel=2)
     if not plans:
-        refuse_empty_selection(model, options, skipped)
+        refuse_empty_selection(model, options, skipped, allocation)
     return plans, skipped, allocation
 
 
@@ -322,11 +322,18 @@ def output_weightings(layers: list[tuple[str, nn.Module, Scheme]], options: LowR
     return weightings
 
 
-def refuse_empty_selection(model: nn.Module, options: LowRankOptions, skipped: list[SkippedLayer]) -> None:
-    """Raise the ValueError of a plan without layers: the selection options, the skipped layers and the candidates."""
+def refuse_empty_selection(model: nn.Module, options: LowRankOptions, skipped: list[SkippedLayer],
+                           allocation: Allocation | None = None) -> None:
+    """Raise the ValueError of a plan without layers: the selection options, the skipped layers and the candidates
+    (first, where a latency budget's allocation kept every layer dense and met the budget, that it did)."""
     what = rule_label(rule_record(options.rank)) if isinstance(options.rank, Budget) else "low-rank"
     candidates = [n for n, m in named_modules(model).items() if is_conv(m) or isinstance(m, nn.Linear)]
-    raise ValueError(f"no layer selected for {what} ({options.layers}); skipped: "
+    met = ""
+    if allocation is not None and allocation.check is not None and allocation.check.verdict == "met":
+        int8 = (allocation.table or {}).get("precision") == "int8"
+        met = (f"the dense model{' in int8' if int8 else ''} already meets {what} ({allocation.check.text()}): "
+               "nothing needs factorizing; ")
+    raise ValueError(f"{met}no layer selected for {what} ({options.layers}); skipped: "
                      f"{[(s.name, s.reason) for s in skipped]}. HINT: candidate layers are {candidates}")
 
 

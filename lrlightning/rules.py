@@ -50,8 +50,9 @@ class Compression:
                              f"got {self.factor!r}")
 
 
-LATENCY_FIELDS = ("batch_sizes", "device", "cache", "remeasure", "backend", "memory_format")
-FLAT_LATENCY = {"latency_batch_size": "batch_sizes", **{f"latency_{name}": name for name in LATENCY_FIELDS[1:]}}
+LATENCY_FIELDS = ("batch_sizes", "device", "cache", "remeasure", "backend", "memory_format", "precision")
+FLAT_LATENCY = {"latency_batch_size": "batch_sizes", **{f"latency_{name}": name for name in LATENCY_FIELDS[1:6]}}
+LATENCY_PRECISIONS = ("fp32", "int8")
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,10 @@ class Latency:
     layer and the model exported to ONNX and timed in ONNX Runtime on the CPU, where an ``lrl-train deploy=onnx``
     artifact runs; the ``onnx`` extra). Eager timings are of the model as it is served
     (``lrlightning.speed.serving``): BatchNorm folded, conv weights and inputs in ``memory_format``
-    (``"channels_last"``, default, or ``"contiguous"``)."""
+    (``"channels_last"``, default, or ``"contiguous"``). ``precision``: ``"fp32"`` (default) or ``"int8"``
+    (``backend="onnxruntime"`` only): candidates, layers left dense and the whole model are timed as int8, quantized
+    as ``lrlightning.Int8Config()`` chooses for this CPU, against the dense model in fp32, so that the speedup holds
+    for the int8 file that ships (``lrl-train deploy=int8``)."""
 
     batch_sizes: tuple[int, ...] = (32,)
     device: str | None = None
@@ -74,6 +78,7 @@ class Latency:
     remeasure: bool = False
     backend: str = "eager"
     memory_format: str = "channels_last"
+    precision: str = "fp32"
 
     def __post_init__(self):
         sizes = (self.batch_sizes,) if is_int(self.batch_sizes) else self.batch_sizes
@@ -95,6 +100,11 @@ class Latency:
                              f"'cpu', got {self.device!r}")
         check_device("Latency.device", self.device)
         check_memory_format("Latency.memory_format", self.memory_format)
+        if self.precision not in LATENCY_PRECISIONS:
+            raise ValueError(f"`Latency.precision` must be one of {LATENCY_PRECISIONS}, got {self.precision!r}")
+        if self.precision == "int8" and self.backend != "onnxruntime":
+            raise ValueError(f"`Latency.precision`='int8' is timed in ONNX Runtime; `Latency.backend` must be "
+                             f"'onnxruntime', got {self.backend!r}")
 
     @property
     def batch_size(self) -> int:
@@ -247,7 +257,8 @@ def rank_rule(rank: Any, pair: bool) -> RankRule:
 
 def rule_record(rule: RankRule) -> dict[str, Any]:
     """The rule as ``summary.json`` records it: ``{"rank": ...}``, ``{"energy": f}``, ``{"compression": c}`` or
-    ``{"budget": b, "metric": m}`` (``"backend"`` too for latency; JSON values: tuples as lists)."""
+    ``{"budget": b, "metric": m}`` (``"backend"`` too for latency, and ``"precision"`` when int8; JSON values: tuples
+    as lists)."""
     if isinstance(rule, (Energy, Compression, Budget)):
         return record_of(type(rule).__name__, vars(rule))
     if isinstance(rule, dict):
@@ -273,7 +284,10 @@ def record_of(kind: str, values: Mapping[str, Any]) -> dict[str, Any] | None:
     latency = values.get("latency")
     backend = latency.backend if isinstance(latency, Latency) else (latency or {}).get("backend") \
         if isinstance(latency, Mapping) or latency is None else None
-    return {**record, "backend": backend or values.get("latency_backend") or Latency.backend}
+    precision = latency.precision if isinstance(latency, Latency) else (latency or {}).get("precision") \
+        if isinstance(latency, Mapping) or latency is None else None
+    record = {**record, "backend": backend or values.get("latency_backend") or Latency.backend}
+    return {**record, "precision": precision} if precision not in (None, Latency.precision) else record
 
 
 def rule_label(record: Mapping[str, Any]) -> str:
@@ -281,6 +295,8 @@ def rule_label(record: Mapping[str, Any]) -> str:
     ``energy=0.9``, or ``per-layer`` for a mapping."""
     if "budget" in record:
         backend = f" ({record['backend']})" if record.get("backend", "eager") != "eager" else ""
+        if record.get("precision", "fp32") != "fp32":
+            backend = f"{backend[:-1]} {record['precision']})"
         return f"budget={float(record['budget']):g}x {record.get('metric', 'params')}{backend}"
     if "compression" in record:
         return f"{float(record['compression']):g}x"

@@ -6,7 +6,9 @@ allocation must meet the budget at each), the weights are projected at the alloc
 and dense and factorized are timed interleaved at each of ``--measure-batch-sizes`` (default: ``--batch-sizes``) in
 each of ``--modes``: ``eager`` (torch, as allocated:
 BatchNorm unfolded) and ``onnxruntime`` (both models exported to ONNX once, with a dynamic batch, and run in an
-onnxruntime CPU session that does not spin-wait; needs the ``onnx`` extra). Each measured speedup is the median of
+onnxruntime CPU session that does not spin-wait; needs the ``onnx`` extra) and ``onnxruntime-int8`` (the factorized
+model as the int8 file ``lrl-train deploy=int8`` ships, against dense fp32; with ``--latency-precision int8`` the
+budget is allocated for exactly that). Each measured speedup is the median of
 per-round ratios dense / factorized (rounds interleaved, which model goes first alternating), with its interquartile
 range. A MAC budget of ``--mac-budgets`` is measured the same way at ``--rank-multiples``, to show what rounding ranks
 to multiples buys. ``resnet18``/``resnet50``/``mobilenet_v2`` run at 3×224×224 with 1000 classes, the others at
@@ -20,6 +22,8 @@ and never below 1 (no slower than dense). Usage:
         --mac-budgets --measure-batch-sizes 1 32 --modes eager onnxruntime --cache /tmp/lrl-cache
     python scripts/bench_latency_budget.py --backbones resnet18 --schemes svd --speedups 2 --mac-budgets \
         --batch-sizes 1 --latency-backend onnxruntime --modes onnxruntime     # a budget allocated in ONNX Runtime
+    python scripts/bench_latency_budget.py --backbones resnet18 --schemes svd --speedups 3 --mac-budgets \
+        --latency-backend onnxruntime --latency-precision int8 --modes onnxruntime-int8   # ranks and int8 together
 """
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ from lrlightning.speed.timing import Spread, interleaved_samples, paired_ratios
 
 from bench_common import input_shape, onnx_runner, refusal, seeded_backbone, wait_policy
 
-MODES = ("eager", "onnxruntime")
+MODES = ("eager", "onnxruntime", "onnxruntime-int8")
 
 
 def exported(model: torch.nn.Module, options: LowRankOptions) -> tuple[torch.nn.Module, dict, float]:
@@ -62,7 +66,28 @@ def runners(mode: str, dense: torch.nn.Module, small: torch.nn.Module, shape: tu
     if mode == "eager":
         return dense, small
     example = torch.randn(2, *shape)
+    if mode == "onnxruntime-int8":  # the factorized model as the int8 file that ships, against dense fp32
+        return onnx_runner(dense, example, dynamic_batch=True), int8_runner(small, shape)
     return onnx_runner(dense, example, dynamic_batch=True), onnx_runner(small, example, dynamic_batch=True)
+
+
+def int8_runner(model: torch.nn.Module, shape: tuple[int, ...]) -> Callable[[torch.Tensor], object]:
+    """``model`` exported (``export_onnx``) and quantized as ``lrl-train deploy=int8`` does (``quantize_int8``,
+    ``Int8Config()``, calibrated on 4 random batches of 8), in an ONNX Runtime CPU session."""
+    import tempfile
+    from pathlib import Path
+
+    from lrlightning.deploy.int8 import quantize_int8
+    from lrlightning.deploy.onnx import SessionModule, export_onnx, session
+
+    with tempfile.TemporaryDirectory() as folder:
+        fp32 = export_onnx(model, torch.randn(4, *shape), Path(folder) / "m.onnx")
+        int8 = quantize_int8(fp32.path, Path(folder) / "m.int8.onnx", [torch.randn(8, *shape) for _ in range(4)],
+                             {"cache": CACHE[0]})
+        return SessionModule(session(Path(int8.path).read_bytes()))
+
+
+CACHE = [None]  # the --cache directory, for the int8 file's per-layer timings
 
 
 def paired_times(dense: Callable[[torch.Tensor], object], small: Callable[[torch.Tensor], object], x: torch.Tensor,
@@ -93,6 +118,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds of the final measurement")
     parser.add_argument("--large-batch-rounds", type=int, default=None,
                         help="rounds at measured batches >= 8 (default: --rounds)")
+    parser.add_argument("--latency-precision", choices=("fp32", "int8"), default="fp32",
+                        help="Latency.precision of the budgets (int8 needs --latency-backend onnxruntime)")
     parser.add_argument("--latency-backend", choices=("eager", "onnxruntime"), default="eager",
                         help="where the latency table times layers (Latency.backend; default: %(default)s)")
     parser.add_argument("--cache", default=None, help="latency cache dir (default: $LRLIGHTNING_CACHE or "
@@ -104,7 +131,8 @@ def main() -> None:
     warnings.simplefilter("ignore", UserWarning)
     retained = args.retain_freed_memory and retain_freed_memory()
     latency = dict(latency=Latency(batch_sizes=tuple(args.batch_sizes), device="cpu", cache=args.cache,
-                                   backend=args.latency_backend))
+                                   backend=args.latency_backend, precision=args.latency_precision))
+    CACHE[0] = args.cache
     batches = sorted(set(args.measure_batch_sizes or args.batch_sizes))
     modes = list(dict.fromkeys(args.modes))
 
@@ -124,7 +152,7 @@ def main() -> None:
                                                         rank_multiple=multiple, **latency))
                 entry = {"backbone": backbone, "input_shape": list(shape), "scheme": scheme, "metric": metric,
                          "budget": budget, "rank_multiple": multiple, "latency_batch_sizes": args.batch_sizes,
-                         "latency_backend": args.latency_backend}
+                         "latency_backend": args.latency_backend, "latency_precision": args.latency_precision}
                 try:
                     small, allocation, seconds = exported(dense, options)
                 except ValueError as error:

@@ -41,11 +41,11 @@ class MacLatencyTable:
     made: list["MacLatencyTable"] = []
 
     def __init__(self, device, batch_size, cache_dir=None, remeasure=False, backend="eager",
-                 memory_format="channels_last"):
+                 memory_format="channels_last", precision="fp32"):
         import torch
 
         self.device, self.batch_size, self.cache_dir = torch.device(device), batch_size, cache_dir
-        self.memory_format = memory_format
+        self.memory_format, self.precision = memory_format, precision
         self.remeasure, self.backend, self.state, self.checked = remeasure, backend, "measured", []
         MacLatencyTable.made.append(self)
 

@@ -20,7 +20,7 @@ from lrlightning.speed.cpu import int8_path  # noqa: E402
 from lrlightning.speed.timing import Spread  # noqa: E402
 from lrlightning.speed.latency import LatencyTable  # noqa: E402
 from lrlightning.deploy.onnx import OnnxExportError, SessionModule, export_onnx, session  # noqa: E402
-from lrlightning.plan import plan_layers  # noqa: E402
+from lrlightning.plan import allocate_plan, plan_layers  # noqa: E402
 from lrlightning.rules import rule_label, rule_record  # noqa: E402
 from lrlightning.zoo import build_backbone  # noqa: E402
 
@@ -253,3 +253,59 @@ def test_an_onnxruntime_budget_allocates_on_an_onnxruntime_table_and_says_so(mac
     assert rule_record(rule) == {"budget": 1.5, "metric": "latency", "backend": "onnxruntime"}
     assert rule_label(rule_record(rule)) == "budget=1.5x latency (onnxruntime)"
     assert rule_record(Budget(2.0)) == {"budget": 2.0, "metric": "params"}
+
+
+def test_an_int8_latency_table_times_candidates_and_the_layer_left_dense_in_int8_against_fp32(tmp_path):
+    conv = nn.Conv2d(16, 16, 3, padding=1)
+    candidates = {"svd:4": lambda: nn.Sequential(nn.Conv2d(16, 4, 3, padding=1), nn.Conv2d(4, 16, 1))}
+    table = LatencyTable("cpu", 2, tmp_path, backend="onnxruntime", precision="int8")
+    times = table.layer_times(conv, (16, 12, 12), candidates)
+    fp32 = LatencyTable("cpu", 2, tmp_path, backend="onnxruntime")
+    assert table.path == fp32.path  # one table per CPU and runtime: int8 entries carry their settings in the label
+    assert set(times.ratios) == {"svd:4"} and times.dense_int8.median > 0 and table.measured == 3
+    label = table.int8_label()
+    assert label.startswith(("int8 reduced uint8", "int8 full uint8")) and label.endswith("in-chain")
+    cached = json.loads(table.path.read_text())["entries"]
+    assert sum(key.endswith(f"|svd:4 {label}") or key.endswith(f"|dense {label}") for key in cached) == 2
+    assert fp32.layer_times(conv, (16, 12, 12), {}).dense == times.dense and fp32.measured == 0  # shared fp32 time
+    model = nn.Sequential(conv, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
+    whole, _ = table.model_ms(model, (16, 12, 12))
+    whole_int8, _ = table.model_ms(model, (16, 12, 12), int8=True)
+    assert whole > 0 and whole_int8 > 0 and table.facts()["precision"] == "int8"
+    assert any(key.startswith("model") and key.endswith(f"|{label}") for key in json.loads(
+        table.path.read_text())["entries"])
+    with pytest.raises(ValueError, match=r"`precision` must be 'fp32', or 'int8' with backend='onnxruntime', got "
+                                         r"'int8' with backend='eager'"):
+        LatencyTable("cpu", 2, tmp_path, precision="int8")
+
+
+def test_an_int8_latency_budget_is_allocated_on_int8_timings_and_checked_on_the_int8_model(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(64, 10)).eval()
+    latency = Latency(batch_sizes=(8,), backend="onnxruntime", precision="int8", cache=str(tmp_path))
+    rule = Budget(2.0, metric="latency", input_shape=(3, 16, 16), latency=latency, out_of_reach="closest")
+    assert rule_record(rule) == {"budget": 2.0, "metric": "latency", "backend": "onnxruntime", "precision": "int8"}
+    assert rule_label(rule_record(rule)) == "budget=2x latency (onnxruntime int8)"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a noisy machine may measure it short: "closest" keeps the best measured
+        plans, _, allocation = allocate_plan(model, LowRankOptions("svd", rule), warn=False)
+    assert plans and allocation.table["precision"] == "int8" and allocation.check is not None
+    entries = json.loads(next(tmp_path.glob("latency-onnxruntime-*.json")).read_text())["entries"]
+    [reference] = [key for key in entries if key.startswith("model") and "|" not in key]
+    assert allocation.dense == entries[reference]["ms"]["median"]  # the budget divides the fp32 model's time
+    assert any(key.startswith(reference + "|int8") for key in entries)  # what is left runs in int8 too
+    left = [key for key in entries if "|dense int8" in key]
+    assert len(left) == 1 and entries[left[0]]["ratio"]["median"] > 0  # the two 64-channel convs share one entry
+    fp32_ms, int8_ratio = entries[left[0].split("|")[0]]["ms"]["median"], entries[left[0]]["ratio"]["median"]
+    for name, (dense_ms, allocated_ms) in allocation.costs.items():  # a layer left dense costs its int8 time
+        assert dense_ms == pytest.approx(fp32_ms * int8_ratio) and allocated_ms <= dense_ms
+    assert allocation.check.measured.median > 1.0  # int8 and low rank together: faster than dense fp32
+    with pytest.raises(ValueError, match=r"`Latency.precision`='int8' is timed in ONNX Runtime; `Latency.backend` "
+                                         r"must be 'onnxruntime', got 'eager'"):
+        Latency(precision="int8")
+    with pytest.raises(ValueError, match=r"`Latency.precision` must be one of \('fp32', 'int8'\), got 'fp16'"):
+        Latency(backend="onnxruntime", precision="fp16")

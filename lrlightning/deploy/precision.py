@@ -151,6 +151,26 @@ class OwnInput:
         return self
 
 
+def int8_runnable(module, example: torch.Tensor, config: Int8Config, in_chain: bool = True):
+    """``module`` (eval mode) in int8 as ONNX Runtime runs it on batches shaped like ``example``: exported for
+    timing (``lrlightning.deploy.onnx.timing_bytes``), quantized as the resolved ``config`` says (calibrated on
+    ``example``), called like a module. ``in_chain``: as it runs between other int8 layers (``int8_core``, 8-bit in
+    and out, timed on an input of its own); else whole, float in and out."""
+    import onnx
+
+    from .onnx import SessionModule, session, timing_bytes
+
+    with tempfile.TemporaryDirectory() as folder:
+        fp32, int8 = Path(folder) / "m.onnx", Path(folder) / "m.int8.onnx"
+        fp32.write_bytes(timing_bytes(module.eval(), example))
+        quantize_qdq(fp32, int8, [example], config, prepare=True)
+        model = onnx.load(str(int8))
+    core = int8_core(model) if in_chain else model
+    if core is not model:
+        return OwnInput(session(core.SerializeToString()))
+    return SessionModule(session(model.SerializeToString()))
+
+
 def layer_key(node, shapes: dict[str, list[int]], stored: dict[str, list[int]], batch_size: int) -> str:
     """A layer's cache key: its op, weight and bias shapes, attributes and input (N, C, *size)."""
     from onnx import helper

@@ -43,11 +43,12 @@ def quiet_quantizer():
 
 
 def quantize_qdq(source: str | Path, out: str | Path, batches: Iterable, config: Int8Config,
-                 exclude: Sequence[str] = ()) -> int:
+                 exclude: Sequence[str] = (), prepare: bool = False) -> int:
     """Quantize the ONNX file ``source`` into ``out`` as ``config`` says (its ``weight_range`` and
     ``activations`` resolved, not ``"auto"``), calibrated on ``batches`` (inputs of the graph's first input),
-    leaving the nodes named in ``exclude`` in float; the number of calibration batches read. The quantizer's
-    warnings (on the root logger) are silenced while it runs."""
+    leaving the nodes named in ``exclude`` in float; the number of calibration batches read. ``prepare`` runs ONNX
+    Runtime's pre-processing first (shape inference, graph optimization: BatchNorm folded into the convs), for a
+    graph that has not been through it. The quantizer's warnings (on the root logger) are silenced while it runs."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
@@ -57,6 +58,16 @@ def quantize_qdq(source: str | Path, out: str | Path, batches: Iterable, config:
     class Reader(Batches, CalibrationDataReader):
         pass
 
+    if prepare:
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        prepared = Path(out).with_name(f".{Path(out).name}.prepared.onnx")
+        try:
+            with quiet_quantizer():
+                quant_pre_process(str(source), str(prepared))
+            return quantize_qdq(prepared, out, batches, config, exclude)
+        finally:
+            prepared.unlink(missing_ok=True)
     reader = Reader(onnx.load(str(source), load_external_data=False).graph.input[0].name, batches)
     activation = QuantType.QUInt8 if config.activations == "uint8" else QuantType.QInt8
     with quiet_quantizer():

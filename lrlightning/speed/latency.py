@@ -34,6 +34,7 @@ from torch import nn
 
 from .allocator import freed_memory_retained
 from .cpu import cpu_label
+from ..deploy.int8_config import Int8Config
 from ..layers import is_conv
 from ..names import named_modules
 from ..rules import LATENCY_BACKENDS as BACKENDS
@@ -105,10 +106,12 @@ def model_key(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype) 
 @dataclass(frozen=True)
 class LayerTimes:
     """One layer at the table's batch: ``dense`` ms, and each candidate's ``ratios`` to dense (candidate ms / dense
-    ms, paired per round: below 1 runs faster)."""
+    ms, paired per round: below 1 runs faster); in an int8 table the candidates run in int8 against the dense layer
+    in fp32, and ``dense_int8`` is the dense layer's own int8 ratio."""
 
     dense: Spread
     ratios: dict[str, Spread]
+    dense_int8: Spread | None = None
 
 
 # A layer as the staleness check sees it: the dense module, its input (C, H, W) and its candidates' builders.
@@ -127,7 +130,8 @@ class LatencyTable:
     where the timings come from (``"measured"``, ``"cached"``, ``"stale"`` or ``"remeasured"``)."""
 
     def __init__(self, device: torch.device | str, batch_size: int, cache_dir: str | os.PathLike | None = None,
-                 remeasure: bool = False, backend: str = "eager", memory_format: str = "channels_last"):
+                 remeasure: bool = False, backend: str = "eager", memory_format: str = "channels_last",
+                 precision: str = "fp32"):
         if backend not in BACKENDS:
             raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
         self.device = torch.device(device)
@@ -138,6 +142,12 @@ class LatencyTable:
 
             require_onnx("a latency table in ONNX Runtime")
         self.backend = backend
+        if precision not in ("fp32", "int8") or (precision == "int8" and backend != "onnxruntime"):
+            raise ValueError(f"`precision` must be 'fp32', or 'int8' with backend='onnxruntime', got {precision!r} "
+                             f"with backend={backend!r}")
+        self.precision = precision
+        self.int8 = Int8Config(cache=None if cache_dir is None else os.fspath(cache_dir)).resolved() \
+            if precision == "int8" else None
         self.memory_format = check_memory_format("memory_format", memory_format)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -227,6 +237,17 @@ class LatencyTable:
         """``runnable`` in this table's backend and memory format."""
         return runnable(module, example, self.backend, self.memory_format, fold)
 
+    def int8_runnable(self, module: nn.Module, example: torch.Tensor, in_chain: bool = True):
+        """``module`` in int8 as this table's settings quantize it (``lrlightning.deploy.precision.int8_runnable``)."""
+        from ..deploy.precision import int8_runnable
+
+        return int8_runnable(module.to(example.device), example, self.int8, in_chain)
+
+    def int8_label(self) -> str:
+        from ..deploy.precision import int8_label
+
+        return int8_label(self.int8)
+
     def layer_times(self, module: nn.Module, input_shape: Sequence[int],
                     candidates: dict[str, Callable[[], nn.Module]]) -> LayerTimes:
         """``LayerTimes`` of ``module`` and its factorized ``candidates`` (label: a function building the layer;
@@ -234,6 +255,15 @@ class LatencyTable:
         What the cache lacks is timed interleaved with the dense layer (so every ratio is paired) and stored."""
         dtype = module.weight.dtype
         base = layer_key(module, (self.batch_size, *input_shape), dtype)
+        if self.precision == "int8":
+            suffix = f" {self.int8_label()}"
+            built = {f"{label}{suffix}": lambda example, build=build: self.int8_runnable(build(), example)
+                     for label, build in candidates.items()}
+            built[f"dense{suffix}"] = lambda example: self.int8_runnable(copy.deepcopy(module), example)
+            times = self.pair_times(base, lambda: self.example(input_shape, dtype),
+                                    lambda example: self.runnable(copy.deepcopy(module), example), built)
+            return LayerTimes(times.dense, {label: times.ratios[f"{label}{suffix}"] for label in candidates},
+                              times.ratios[f"dense{suffix}"])
         return self.pair_times(base, lambda: self.example(input_shape, dtype),
                                lambda example: self.runnable(copy.deepcopy(module), example),
                                {label: lambda example, build=build: self.runnable(build(), example)
@@ -259,19 +289,22 @@ class LatencyTable:
             self.save()
         return LayerTimes(self.entries[base]["ms"], {label: self.entries[keys[label]]["ratio"] for label in candidates})
 
-    def model_ms(self, model: nn.Module, input_shape: Sequence[int], names: Sequence[str] = ()) -> tuple[
-            float, dict[str, float]]:
+    def model_ms(self, model: nn.Module, input_shape: Sequence[int], names: Sequence[str] = (),
+                 int8: bool = False) -> tuple[float, dict[str, float]]:
         """(median ms of one forward pass of ``model``, {name: median ms spent inside that submodule during a
         pass}) for the submodules ``names`` (canonical names), so layers are also timed where they run, on the
         model's own activations. The model's serving form (a copy, see ``lrlightning.speed.serving``), a random
         batch; cached under a hash of the model's structure (``model_key``). ONNX Runtime runs the graph whole, so
-        there no submodule is timed inside it (the dict is empty)."""
+        there no submodule is timed inside it (the dict is empty); ``int8`` times it quantized (int8 tables)."""
         parameter = next(model.parameters())
         key = model_key(model, (self.batch_size, *input_shape), parameter.dtype)
+        if int8:
+            key = f"{key}|{self.int8_label()}"
         if self.backend != "eager":
             if not self.cached(key):
                 example = self.example(input_shape, parameter.dtype)
-                timed = self.runnable(copy.deepcopy(model), example, fold=True)
+                timed = (self.int8_runnable(copy.deepcopy(model), example, in_chain=False) if int8 else
+                         self.runnable(copy.deepcopy(model), example, fold=True))
                 start = time.perf_counter()
                 (samples,) = interleaved_samples([timed], example)
                 self.unsaved_seconds += time.perf_counter() - start
@@ -294,10 +327,13 @@ class LatencyTable:
 
     def speedup(self, dense: nn.Module, factorized: nn.Module, input_shape: Sequence[int]) -> Spread:
         """Dense / factorized whole-model speedup on this table's device and batch, timed interleaved, per-round
-        ratios (``lrlightning.speed.timing.paired_speedup``; serving forms of copies, never cached)."""
+        ratios (``lrlightning.speed.timing.paired_speedup``; serving forms of copies, never cached). In an int8
+        table the factorized model runs in int8, the dense one in fp32."""
         parameter = next(dense.parameters())
         example = self.example(input_shape, parameter.dtype)
-        copies = [self.runnable(copy.deepcopy(m), example, fold=True) for m in (dense, factorized)]
+        copies = [self.runnable(copy.deepcopy(dense), example, fold=True),
+                  self.int8_runnable(copy.deepcopy(factorized), example, in_chain=False) if self.precision == "int8"
+                  else self.runnable(copy.deepcopy(factorized), example, fold=True)]
         return paired_speedup(*copies, example)[2]
 
     def check(self, model: nn.Module, input_shape: Sequence[int], layers: Sequence[LayerRequest]) -> None:
@@ -400,7 +436,7 @@ class LatencyTable:
         spent measuring the file's entries (over every run that measured some), ``check_seconds`` of the
         staleness check, and the cache ``path``."""
         unsettled = sum(not spread.settled for key in self.fresh for spread in self.entries[key].values())
-        return {"state": self.state, "backend": self.backend,
+        return {"state": self.state, "backend": self.backend, "precision": self.precision,
                 "memory_format": self.memory_format if self.backend == "eager" else None,
                 "measured": self.measured, "unsettled": unsettled,
                 "seconds": round(self.seconds, 3), "check_seconds": round(self.check_seconds, 3),
