@@ -15,7 +15,7 @@ from ..speed.cpu import int8_path
 from .int8_config import Int8Config
 from .onnx import require_onnx
 from .precision import WEIGHT_OPS, measure_precision, weight_nodes
-from .qdq import quantize_qdq, quiet_quantizer
+from .qdq import pre_process, quantize_qdq
 
 
 @dataclass(frozen=True)
@@ -67,12 +67,12 @@ def weight_layers(model) -> tuple[list[str], list[str]]:
     return quantized, left
 
 
-def measured_float(model, config: Int8Config, batch_sizes: Sequence[int]) -> tuple[dict[str, str], dict]:
-    """({node name: why it stays in float}, timing facts) for the pre-processed ONNX ``model``: the nodes of the
-    modules in ``config.float_layers`` (a name that is no weight layer's is a ValueError listing those there are),
-    and with ``layers="measured"`` those whose int8 form is not faster (``measure_precision``)."""
-    nodes = weight_nodes(model)
-    names = {node.name: layer_name(node) for node in nodes}
+def measured_float(model, names: dict[str, str], config: Int8Config, batch_sizes: Sequence[int]) -> tuple[
+        dict[str, str], dict]:
+    """({node name: why it stays in float}, timing facts) for the pre-processed ONNX ``model`` whose weight layers
+    are ``names`` ({node name: module name}): the nodes of the modules in ``config.float_layers`` (a name that is no
+    weight layer's is a ValueError listing those there are), and with ``layers="measured"`` those whose int8 form is
+    not faster (``measure_precision``)."""
     unknown = sorted(set(config.float_layers) - set(names.values()))
     if unknown:
         raise ValueError(f"`Int8Config.float_layers` names {unknown}, which are not weight layers of the model; "
@@ -105,8 +105,6 @@ def quantize_int8(fp32: str | Path, out: str | Path, calibration: Iterable,
     least one) through the model (min-max)."""
     require_onnx("quantize_int8")
     import onnx
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     path = int8_path()
     config = Int8Config.of(config, "config")
     resolved = config.resolved(path)
@@ -117,12 +115,11 @@ def quantize_int8(fp32: str | Path, out: str | Path, calibration: Iterable,
     fp32, out = Path(fp32), Path(out)
     with tempfile.TemporaryDirectory() as folder:
         prepared = Path(folder) / "prepared.onnx"
-        with quiet_quantizer():
-            quant_pre_process(str(fp32), str(prepared))
+        pre_process(fp32, prepared)
         model = onnx.load(str(prepared))
-        why, timing = measured_float(model, resolved, batch_sizes)
+        names = {node.name: layer_name(node) for node in weight_nodes(model)}
+        why, timing = measured_float(model, names, resolved, batch_sizes)
         count = quantize_qdq(prepared, out, batches, resolved, exclude=sorted(why))
-    names = {node.name: layer_name(node) for node in weight_nodes(model)}
     quantized, left = weight_layers(onnx.load(str(out)))
     settings = {**asdict(resolved), "float_layers": list(resolved.float_layers), "int8_path": path,
                 "why": config.why(path), "batch_sizes": list(batch_sizes)}

@@ -7,6 +7,7 @@ timings are used). Needs the ``onnx`` extra."""
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import tempfile
 from dataclasses import dataclass
@@ -158,13 +159,21 @@ def int8_runnable(module, example: torch.Tensor, config: Int8Config, in_chain: b
     and out, timed on an input of its own); else whole, float in and out."""
     import onnx
 
-    from .onnx import SessionModule, session, timing_bytes
+    from .onnx import timing_bytes
 
     with tempfile.TemporaryDirectory() as folder:
         fp32, int8 = Path(folder) / "m.onnx", Path(folder) / "m.int8.onnx"
         fp32.write_bytes(timing_bytes(module.eval(), example))
         quantize_qdq(fp32, int8, [example], config, prepare=True)
         model = onnx.load(str(int8))
+    return int8_timed(model, in_chain)
+
+
+def int8_timed(model, in_chain: bool = True):
+    """A quantized ONNX ``model`` called like a module: with ``in_chain``, its ``int8_core`` on an 8-bit input of
+    its own (``OwnInput``) where it has one; else whole, on the float input it is called with."""
+    from .onnx import SessionModule, session
+
     core = int8_core(model) if in_chain else model
     if core is not model:
         return OwnInput(session(core.SerializeToString()))
@@ -215,18 +224,16 @@ def measure_precision(model, config: Int8Config, batch_sizes: Sequence[int]) -> 
             built[node.name] = (node, input_shape, fp32, int8)
 
         def runner(path: Path, int8: Path | None = None, input_shape=()):
-            def build(example):
+            @functools.cache  # one session per form of a layer, whatever the batch size
+            def build(example=None):
                 if int8 is None:
                     return SessionModule(session(path))
-                if not int8.exists():
-                    quantize_qdq(path, int8, [torch.randn(CALIBRATION_BATCH, *input_shape)], config)
-                core = int8_core(onnx.load(str(int8)))
-                return OwnInput(session(core.SerializeToString())) if core.graph.input[0].type.tensor_type.elem_type \
-                    != onnx.TensorProto.FLOAT else SessionModule(session(int8))
-            return build
+                quantize_qdq(path, int8, [torch.randn(CALIBRATION_BATCH, *input_shape)], config)
+                return int8_timed(onnx.load(str(int8)))
+            return lambda example: build()
 
-        largest = sorted(built, key=lambda name: -math.prod(built[name][1]) * math.prod(
-            stored[built[name][0].input[1]]))[:1]  # re-timed when checking a cached table
+        largest = [max(built, key=lambda name: math.prod(built[name][1]) * math.prod(
+            stored[built[name][0].input[1]]))] if built else []  # re-timed when checking a cached table
         for batch_size in batch_sizes:
             table = LatencyTable("cpu", batch_size, config.cache, config.remeasure, backend="onnxruntime")
             requests = {name: (layer_key(node, shapes, stored, batch_size),

@@ -42,6 +42,15 @@ def quiet_quantizer():
         root.setLevel(level)
 
 
+def pre_process(source: str | Path, out: str | Path) -> None:
+    """ONNX Runtime's pre-processing of the ONNX file ``source`` into ``out`` (shape inference, graph optimization:
+    BatchNorm folded into the convs), the quantizer's warnings silenced."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with quiet_quantizer():
+        quant_pre_process(str(source), str(out))
+
+
 def quantize_qdq(source: str | Path, out: str | Path, batches: Iterable, config: Int8Config,
                  exclude: Sequence[str] = (), prepare: bool = False) -> int:
     """Quantize the ONNX file ``source`` into ``out`` as ``config`` says (its ``weight_range`` and
@@ -59,12 +68,9 @@ def quantize_qdq(source: str | Path, out: str | Path, batches: Iterable, config:
         pass
 
     if prepare:
-        from onnxruntime.quantization.shape_inference import quant_pre_process
-
         prepared = Path(out).with_name(f".{Path(out).name}.prepared.onnx")
         try:
-            with quiet_quantizer():
-                quant_pre_process(str(source), str(prepared))
+            pre_process(source, prepared)
             return quantize_qdq(prepared, out, batches, config, exclude)
         finally:
             prepared.unlink(missing_ok=True)
