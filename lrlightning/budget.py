@@ -96,12 +96,24 @@ def rounded_rank(rank: Rank, full: Rank, multiple: int) -> Rank:
     return rank // step * step if rank >= step else 2 ** int(math.log2(rank))
 
 
-def rank_choices(scheme: Scheme, shape: tuple[int, ...], multiple: int, count: int) -> list[Rank]:
+def rank_choices(scheme: Scheme, shape: tuple[int, ...], multiple: int, count: int,
+                 keep: Callable[[Rank], bool] | None = None) -> list[Rank]:
     """At most ``count`` distinct candidate ranks of a weight of ``shape``, largest first, rounded to multiples
-    (``rounded_rank``), each giving a factorized layer with fewer parameters than the dense one."""
+    (``rounded_rank``), each giving a factorized layer with fewer parameters than the dense one (and for which
+    ``keep``, when given, holds)."""
     full, dense = scheme.full_rank(shape), math.prod(shape)
     ranks = dict.fromkeys(rounded_rank(r, full, multiple) for r in scheme.rank_candidates(shape))
-    return spread([r for r in ranks if scheme.factorized_params(shape, r) < dense], count)
+    return spread([r for r in ranks if scheme.factorized_params(shape, r) < dense and (keep is None or keep(r))],
+                  count)
+
+
+def latency_ranks(module: nn.Module, scheme: Scheme, input_shape: tuple[int, ...], multiple: int) -> list[Rank]:
+    """The ranks of ``module`` a latency budget times (``rank_choices``, at most ``LATENCY_CANDIDATES``): only
+    those whose factorized layer does fewer MACs than the dense one on ``input_shape`` (C, *size), since a
+    factorized layer doing as much work in more kernels never runs faster."""
+    dense = count_macs(module, input_shape)
+    return rank_choices(scheme, tuple(module.weight.shape), multiple, LATENCY_CANDIDATES,
+                        lambda r: count_macs(layer_structure(module, scheme, r), input_shape) < dense)
 
 
 def spread(candidates: Sequence[Rank], count: int) -> list[Rank]:
@@ -139,15 +151,16 @@ def timing_layer(module: nn.Module, scheme: Scheme, rank: Rank) -> nn.Module:
 def layer_choices(name: str, module: nn.Module, scheme: Scheme, metric: str, input_shape: tuple[int, ...] | None,
                   driver: str, multiple: int = 1, tables: Sequence[LatencyTable] = (),
                   device: str | torch.device | None = None, weighting: Weighting | None = None) -> list[LayerChoices]:
-    """The candidates of one layer: ranks whose factorized form has fewer parameters (``rank_choices``), and
-    dense; one ``LayerChoices`` per latency table (one per batch size, the same ranks in each), else one.
-    ``input_shape`` is the layer's own input (C, *size) for ``metric="macs"`` and ``"latency"``. With ``"latency"``
-    a candidate costs ``latency_costs`` in each of ``tables``, and is kept only where it is faster beyond the noise
-    in all of them. The errors are computed on ``device`` (default: the weight's), with ``driver``: of the weight,
+    """The candidates of one layer: ranks whose factorized form has fewer parameters (``rank_choices``; for
+    latency, fewer MACs too: ``latency_ranks``), and dense; one ``LayerChoices`` per latency table (one per batch
+    size, the same ranks in each), else one. ``input_shape`` is the layer's own input (C, *size) for
+    ``metric="macs"`` and ``"latency"``. With ``"latency"`` a candidate costs ``latency_costs`` in each of
+    ``tables``, and is kept only where it is worth its error (``faster_frontier``) in all of them. The errors are computed on ``device`` (default: the weight's), with ``driver``: of the weight,
     or with a ``weighting`` of the layer's output (``Scheme.output_rank_errors``)."""
     weight = module.weight.detach().float()
     shape = tuple(weight.shape)
-    ranks = rank_choices(scheme, shape, multiple, LATENCY_CANDIDATES if metric == "latency" else MAX_CANDIDATES)
+    ranks = latency_ranks(module, scheme, input_shape, multiple) if metric == "latency" else \
+        rank_choices(scheme, shape, multiple, MAX_CANDIDATES)
     if metric == "params":
         costs = [([scheme.factorized_params(shape, r) for r in ranks], math.prod(shape))]
     elif metric == "macs":
@@ -171,39 +184,32 @@ def layer_choices(name: str, module: nn.Module, scheme: Scheme, metric: str, inp
 
 def latency_costs(module: nn.Module, scheme: Scheme, ranks: Sequence[Rank], input_shape: tuple[int, ...],
                   table: LatencyTable) -> tuple[dict[Rank, float], float]:
-    """({rank: ms} of the candidates faster than dense beyond the noise, dense ms) of one layer at ``table``'s
-    batch: ``table``'s dense ms times the candidate's ratio to dense (paired per round) as fitted over the layer's
-    candidates against their MACs (``fitted_ratios``), kept when the fitted ratio plus its standard error is below
-    1."""
-    times = table.layer_times(module, input_shape, timing_candidates(module, scheme, ranks))
-    dense_macs = count_macs(module, input_shape)
-    fractions = [count_macs(layer_structure(module, scheme, r), input_shape) / dense_macs for r in ranks]
-    fitted = fitted_ratios(fractions, list(times.ratios.values()))
-    left = 1.0 if times.dense_int8 is None else times.dense_int8.median  # the layer left dense, as it would run
+    """({rank: ms} of the candidates worth their error (``faster_frontier``), ms of the layer left dense) of one
+    layer at ``table``'s batch: ``table``'s dense ms times each candidate's measured ratio to dense (median over
+    rounds, paired per round). In an int8 table the layer left dense runs in int8 too (``LayerTimes.dense_int8``)."""
+    candidates = timing_candidates(module, scheme, ranks)
+    times = table.layer_times(module, input_shape, candidates)
+    left = SAME if times.dense_int8 is None else times.dense_int8  # the layer left dense, as it would run
+    frontier = faster_frontier(ranks, [times.ratios[label] for label in candidates], left)
     dense = times.dense.median
-    return {r: dense * ratio for r, (ratio, error) in zip(ranks, fitted) if ratio + error < left}, dense * left
+    return {r: dense * ratio for r, ratio in frontier.items()}, dense * left.median
 
 
-def fitted_ratios(fractions: Sequence[float], ratios: Sequence[Spread]) -> list[tuple[float, float]]:
-    """(fitted ratio, its standard error) of each candidate of one layer, from a least-squares line
-    ratio = a + b · (candidate MACs / dense MACs) with b >= 0 (a fixed overhead plus a part that scales with the
-    work) through the measured median ratios: sixteen noisy timings of one layer give one smooth, monotone cost
-    curve, so that noise cannot reorder candidates. With fewer than three candidates, the medians themselves, with
-    half their interquartile range as error. No fitted ratio falls below the smallest measured one."""
-    medians = [ratio.median for ratio in ratios]
-    count = len(medians)
-    if count < 3:
-        return [(ratio.median, (ratio.high - ratio.low) / 2) for ratio in ratios]
-    mean_x, mean_y = sum(fractions) / count, sum(medians) / count
-    spread_x = sum((x - mean_x) ** 2 for x in fractions)
-    slope = max(0.0, sum((x - mean_x) * (y - mean_y) for x, y in zip(fractions, medians)) / spread_x) \
-        if spread_x > 0 else 0.0
-    intercept = mean_y - slope * mean_x
-    residual = sum((y - intercept - slope * x) ** 2 for x, y in zip(fractions, medians)) / (count - 2)
-    floor = min(medians)  # the line may cross zero where timings flatten out (launch-bound layers)
-    return [(max(intercept + slope * x, floor),
-             math.sqrt(residual * (1 / count + ((x - mean_x) ** 2 / spread_x if spread_x > 0 else 0.0))))
-            for x in fractions]
+SAME = Spread(1.0, 1.0, 1.0, 1)  # the ratio of the dense layer to itself
+
+
+def faster_frontier(ranks: Sequence[Rank], ratios: Sequence[Spread], left: Spread = SAME) -> dict[Rank, float]:
+    """{rank: median ratio to dense} of the candidates worth their error, from ``ranks`` (largest first) and their
+    measured ``ratios``: walking down from the largest rank (the smallest error), a candidate is kept only when it
+    runs faster than the last one kept, starting from the layer left dense (``left``), beyond the noise: its
+    interquartile range lies wholly below that one's. A candidate that only noise makes look faster is dropped, so a
+    tie goes to the larger rank and repeated measurements give the same choices; a candidate that runs faster than
+    a smaller rank (kernels favour some channel counts) is kept, and the smaller one dropped when no faster."""
+    kept, frontier = left, {}
+    for rank, ratio in zip(ranks, ratios):
+        if ratio.high < kept.low:
+            frontier[rank], kept = ratio.median, ratio
+    return frontier
 
 
 def timing_candidates(module: nn.Module, scheme: Scheme, ranks: Sequence[Rank]) -> dict[str, Callable[[], nn.Module]]:
@@ -318,14 +324,13 @@ def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], 
     else:
         latency = rule.latency
         device = latency.device or ("cpu" if latency.backend == "onnxruntime" else next(model.parameters()).device)
-        requests = [(module, inputs[name], timing_candidates(module, scheme, rank_choices(
-            scheme, tuple(module.weight.shape), rule.rank_multiple, LATENCY_CANDIDATES)))
-            for name, module, scheme in layers]
+        requests = [(module, inputs[name], timing_candidates(module, scheme, latency_ranks(
+            module, scheme, inputs[name], rule.rank_multiple))) for name, module, scheme in layers]
         wholes, in_models, references = [], [], []  # references: the dense model's ms as it is compared (fp32)
         for batch_size in latency.batch_sizes:
             table = LatencyTable(device, batch_size, latency.cache, latency.remeasure, latency.backend,
                                  latency.memory_format, latency.precision)
-            table.check(model, input_shape, requests)
+            table.check(requests)
             whole, in_model = table.model_ms(model, input_shape, names)
             references.append(whole)
             if latency.precision == "int8":  # what is left of the model runs in int8 too

@@ -13,8 +13,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lrlightning import (Budget, Latency, LowRankOptions, LowRankProjection, Selection, count_macs, count_params, factorize,
                          plan_layers, project_)
-from lrlightning.budget import (LayerChoices, allocate, fitted_ratios, in_model_costs, layer_multiple, layer_structure,
-                                rounded_rank, timing_layer)
+from lrlightning.budget import (LayerChoices, allocate, faster_frontier, in_model_costs, latency_ranks, layer_multiple,
+                                layer_structure, rank_choices, rounded_rank, timing_layer)
+from lrlightning.schemes import scheme_of
 from lrlightning.speed.timing import Spread
 from lrlightning.plan import allocate_plan
 from lrlightning.training.summary import plan_table
@@ -266,19 +267,32 @@ def spread(value, width=0.0):
     return Spread(value, value - width / 2, value + width / 2, 7)
 
 
-def test_fitted_ratios_recover_a_line_through_noisy_timings_and_never_fall_with_more_work():
-    fractions = [1.0, 0.75, 0.5, 0.25, 0.125]
-    exact = [0.3 + 0.8 * x for x in fractions]
-    fitted = fitted_ratios(fractions, [spread(y) for y in exact])
-    assert [f for f, _ in fitted] == pytest.approx(exact) and all(error < 1e-9 for _, error in fitted)
-    noisy = [y * (1 + 0.05 * sign) for y, sign in zip(exact, (1, -1, 1, -1, 1))]
-    fitted = fitted_ratios(fractions, [spread(y) for y in noisy])
-    assert all(abs(f - y) < abs(n - y) + 1e-9 for (f, _), n, y in zip(fitted, noisy, exact))
-    assert all(0 < error < 0.05 for _, error in fitted)
-    falling = fitted_ratios(fractions, [spread(y) for y in (0.5, 0.6, 0.7, 0.8, 0.9)])  # noise with a negative slope
-    assert [f for f, _ in falling] == pytest.approx([0.7] * 5)
-    assert fitted_ratios([1.0, 0.5], [spread(0.9, 0.2), spread(0.6, 0.1)]) == [pytest.approx((0.9, 0.1)),
-                                                                               pytest.approx((0.6, 0.05))]
+def test_the_frontier_keeps_a_rank_only_when_it_runs_faster_than_every_larger_rank_kept_beyond_the_noise():
+    # measured on a 16-channel layer: kernels favour 8 channels, so rank 8 beats ranks 7 to 5
+    measured = {9: spread(1.40, 0.1), 8: spread(0.72, 0.05), 7: spread(0.90, 0.1), 6: spread(0.83, 0.1),
+                5: spread(0.77, 0.05), 4: spread(0.66, 0.02), 3: spread(0.61, 0.02), 2: spread(0.60, 0.02),
+                1: spread(0.55, 0.02)}
+    assert faster_frontier(list(measured), list(measured.values())) == {8: 0.72, 4: 0.66, 3: 0.61, 1: 0.55}
+    tied = faster_frontier([4, 3], [spread(0.50, 0.1), spread(0.48, 0.1)])
+    assert tied == {4: 0.50}  # a tie within the noise goes to the larger rank, the smaller error
+    assert faster_frontier([4, 3], [spread(0.97, 0.06), spread(0.99, 0.06)]) == {}  # no faster than dense
+    in_int8 = spread(0.6, 0.04)  # the layer left dense runs in int8 at 0.6 of its fp32 time
+    assert faster_frontier([8, 4], [spread(0.7, 0.02), spread(0.3, 0.02)], in_int8) == {4: 0.3}
+
+
+def test_a_latency_budget_times_only_ranks_doing_fewer_macs_than_the_dense_layer():
+    # strided: tucker2's first 1x1 runs at the input's resolution, four times the output's
+    layer, shape, scheme = nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False), (16, 28, 28), scheme_of("tucker2")
+    dense = count_macs(layer, shape)
+
+    def macs(rank):
+        return count_macs(layer_structure(layer, scheme, rank), shape)
+
+    every = rank_choices(scheme, (32, 16, 3, 3), 1, 16)
+    timed = latency_ranks(layer, scheme, shape, 1)
+    assert any(macs(rank) >= dense for rank in every)  # fewer parameters, yet as much work or more
+    assert timed and all(macs(rank) < dense for rank in timed)
+    assert len(timed) == len(every) == 16  # the candidates timed are all ones the allocator could pick
 
 
 def test_a_candidate_only_noise_makes_look_faster_is_not_a_candidate(resnet, mac_latency, monkeypatch):

@@ -43,7 +43,7 @@ from .timing import ROUND_SECONDS, ROUNDS, Spread, interleaved_samples, on_devic
 
 FORMAT = 2  # of the cache file; a file of another format is measured anew
 STALE_TOLERANCE = 0.2  # a cached table is stale when a re-timed reference is off by more than this fraction
-CHECKED_LAYERS = 2  # layers the staleness check re-times (dense and two cached candidates each), besides the model
+CHECKED_LAYERS = 2  # layers the staleness check re-times (dense and its smallest cached candidate each)
 CHECK_ROUNDS = 5  # rounds of each staleness-check timing (of the table's round length, ``ROUND_SECONDS``)
 
 log = logging.getLogger(__name__)
@@ -280,7 +280,7 @@ class LatencyTable:
             example = make_example()
             timed = [reference(example), *(candidates[label](example) for label in missing)]
             start = time.perf_counter()
-            samples = interleaved_samples(timed, example)
+            samples = interleaved_samples(timed, example, paired=True)
             self.unsaved_seconds += time.perf_counter() - start
             self.store(base, ms=Spread.of(samples[0]))
             for label, times in zip(missing, samples[1:]):
@@ -336,29 +336,21 @@ class LatencyTable:
                   else self.runnable(copy.deepcopy(factorized), example, fold=True)]
         return paired_speedup(*copies, example)[2]
 
-    def check(self, model: nn.Module, input_shape: Sequence[int], layers: Sequence[LayerRequest]) -> None:
-        """Before cached entries are used: re-time cheap references (the whole dense ``model`` on ``input_shape``,
-        and ``CHECKED_LAYERS`` of the cached ``layers`` with their smallest and largest cached candidates) and
-        compare them with the cache. When the model, or the median over the layers' times and ratios, is off by more
-        than ``STALE_TOLERANCE``, the table is distrusted for this run: what it needs is timed again and the cache
-        updated, and a log line says so. Nothing is checked when none of it is cached, or under ``remeasure``."""
+    def check(self, layers: Sequence[LayerRequest]) -> None:
+        """Before cached entries are used: re-time cheap references (``CHECKED_LAYERS`` of the cached ``layers``,
+        each with its smallest cached candidate) and compare them with the cache. When the median over
+        their times and ratios is off by more than ``STALE_TOLERANCE``, the table is distrusted for this run: what
+        it needs is timed again and the cache updated, and a log line says so. Nothing is checked when none of it
+        is cached, or under ``remeasure``. (The whole model is not re-timed: one pass costs as much as checking
+        several layers, and it runs on the same processor as they do.)"""
         if not self.trusted:
             return
         start = time.perf_counter()
-        parameter = next(model.parameters())
-        offs = {}
-        reference = model_key(model, (self.batch_size, *input_shape), parameter.dtype)
-        if self.cached(reference):
-            example = self.example(input_shape, parameter.dtype)
-            timed = self.runnable(copy.deepcopy(model), example, fold=True)
-            (fresh,) = interleaved_samples([timed], example, CHECK_ROUNDS, ROUND_SECONDS, CHECK_ROUNDS)
-            offs["the dense model"] = statistics.median(fresh) / self.entries[reference]["ms"].median
-        layer_offs = [off for request in self.checked_layers(layers) for off in self.layer_offs(*request)]
+        offs = [off for request in self.checked_layers(layers) for off in self.layer_offs(*request)]
         self.check_seconds = time.perf_counter() - start
-        if layer_offs:
-            offs[f"{len(layer_offs)} layer timings (median)"] = math.exp(statistics.median(
-                math.log(off) for off in layer_offs))
-        self.judge(offs)
+        if offs:
+            self.judge({f"{len(offs)} layer timings (median)": math.exp(statistics.median(
+                math.log(off) for off in offs))})
 
     def check_pairs(self, requests: Sequence[tuple[str, Callable[[], torch.Tensor], Callable, dict[str, Callable]]]
                     ) -> None:
@@ -393,15 +385,14 @@ class LatencyTable:
 
     def checked_layers(self, layers: Sequence[LayerRequest]) -> list[tuple[nn.Module, Sequence[int], dict]]:
         """Up to ``CHECKED_LAYERS`` of ``layers`` whose dense time and some candidate are cached, spread evenly
-        over their cached dense times (one per layer shape), each with its first and last cached candidate."""
+        over their cached dense times (one per layer shape), each with its last (smallest) cached candidate."""
         found = []
         for module, input_shape, candidates in layers:
             base = layer_key(module, (self.batch_size, *input_shape), module.weight.dtype)
             cached = [label for label in candidates if self.cached(f"{base}|{label}")]
             if self.cached(base) and cached and all(base != item[1] for item in found):
-                chosen = dict.fromkeys([cached[0], cached[-1]])
                 found.append((self.entries[base]["ms"].median, base, module, input_shape,
-                              {label: candidates[label] for label in chosen}))
+                              {cached[-1]: candidates[cached[-1]]}))
         found.sort(key=lambda item: item[0])
         if len(found) > CHECKED_LAYERS:
             step = (len(found) - 1) / max(CHECKED_LAYERS - 1, 1)

@@ -1,20 +1,22 @@
-"""Timings that carry their spread: modules timed in interleaved rounds (``torch.utils.benchmark``), each quantity
+"""Timings that carry their spread: modules timed in interleaved rounds, each quantity
 reported as its median and interquartile range over the rounds, more rounds run while a spread is too wide, and
 ratios taken per round (paired), so that machine noise shared by a round cancels. Pure torch."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import statistics
+import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 from torch import nn
-from torch.utils import benchmark
 
 ROUNDS = 7  # interleaved rounds timed first
 MAX_ROUNDS = 14  # rounds at most, while some module's spread is wider than the tolerance
 ROUND_SECONDS = 0.01  # timed per module per round
+PROBES = 3  # single passes of each module whose fastest sets its passes per round
 SETTLED_SPREAD = 0.1  # a timing has settled when its interquartile range is at most this fraction of its median
 
 
@@ -79,37 +81,59 @@ def paired_ratios(numerators: Sequence[float], denominators: Sequence[float],
 
 
 def on_device(device: torch.device):
-    """Make a CUDA ``device`` current (the benchmark timer synchronizes the current one); nothing on the CPU."""
+    """Make a CUDA ``device`` current (``synchronize`` waits for the current one); nothing on the CPU."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def interleaved_samples(modules: Sequence[nn.Module], example: torch.Tensor, rounds: int = ROUNDS,
                         round_seconds: float = ROUND_SECONDS, max_rounds: int = MAX_ROUNDS,
-                        tolerance: float = SETTLED_SPREAD) -> list[list[float]]:
+                        tolerance: float = SETTLED_SPREAD, paired: bool = False) -> list[list[float]]:
     """Milliseconds per forward pass of each module on ``example`` (no grad), one sample per round: every round
-    times each module over the same number of passes, as many as the fastest module runs in about
-    ``round_seconds`` (``torch.utils.benchmark``, CUDA synchronized), the modules in an
-    order rotated each round, so that machine noise hits every module alike. After ``rounds`` rounds, more are run
-    (as many again, up to ``max_rounds``) while some module's interquartile range exceeds ``tolerance`` × its
-    median."""
-    threads = torch.get_num_threads()
-    timers = [benchmark.Timer("module(x)", globals={"module": m, "x": example}, num_threads=threads)
-              for m in modules]
+    times each module over as many passes as its fastest of ``PROBES`` single passes says it runs in about
+    ``round_seconds`` (at least one; ``seconds_per_pass``), so a slow module costs a round no more than a fast one, the
+    modules in an order rotated each round, so that machine noise hits every module alike. After ``rounds`` rounds,
+    more are run (as many again, up to ``max_rounds``) for the modules whose interquartile range still exceeds
+    ``tolerance`` × their median (``paired``: for modules after the first, the range of their per-round ratio to
+    the first, which cancels the noise a round shares), each with the first module (the reference the others are
+    paired with): a module's samples are its first rounds, so sample ``i`` of any two modules comes from the same
+    round."""
     samples: list[list[float]] = [[] for _ in modules]
     with torch.inference_mode(), on_device(example.device):
         for module in modules:
             module(example)
-        probe = min(timer.timeit(1).median for timer in timers)
-        number = max(1, int(round_seconds / max(probe, 1e-7)))
-        goal = rounds
+        numbers = [max(1, int(round_seconds / max(min(seconds_per_pass(m, example, 1) for _ in range(PROBES)), 1e-7)))
+                   for m in modules]
+        active, goal = list(range(len(modules))), rounds
         while True:
             while len(samples[0]) < goal:
-                shift = len(samples[0]) % len(timers)
-                for index in [*range(shift, len(timers)), *range(shift)]:
-                    samples[index].append(1000.0 * timers[index].timeit(number).median)
-            if goal >= max_rounds or all(Spread.of(s, tolerance).settled for s in samples):
+                shift = len(samples[0]) % len(active)
+                for index in [*active[shift:], *active[:shift]]:
+                    samples[index].append(1000.0 * seconds_per_pass(modules[index], example, numbers[index]))
+            unsettled = [index for index in active if not (
+                paired_ratios(samples[index], samples[0], tolerance) if paired and index else
+                Spread.of(samples[index], tolerance)).settled]
+            if goal >= max_rounds or not unsettled:
                 return samples
-            goal = min(max_rounds, goal + rounds)
+            active, goal = sorted({0, *unsettled}), min(max_rounds, goal + rounds)
+
+
+def seconds_per_pass(module: nn.Module, example: torch.Tensor, number: int) -> float:
+    """Seconds per forward pass of ``module`` on ``example`` over ``number`` passes in a row, after one untimed pass
+    that warms its weights into the caches and wakes the threads (CUDA synchronized around them, the garbage
+    collector paused)."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        module(example)
+        synchronize(example.device)
+        start = time.perf_counter()
+        for _ in range(number):
+            module(example)
+        synchronize(example.device)
+        return (time.perf_counter() - start) / number
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def time_interleaved(modules: Sequence[nn.Module], example: torch.Tensor, rounds: int = ROUNDS,
@@ -130,7 +154,7 @@ def paired_speedup(dense: nn.Module, factorized: nn.Module, example: torch.Tenso
     (``interleaved_samples``, up to three times ``rounds`` rounds); the speedup is the per-round ratio dense /
     factorized, so its spread is the noise that remains once what a round shares cancels."""
     dense_samples, factorized_samples = interleaved_samples([dense, factorized], example, rounds, round_seconds,
-                                                            3 * rounds)
+                                                            3 * rounds, paired=True)
     return Spread.of(dense_samples), Spread.of(factorized_samples), paired_ratios(dense_samples, factorized_samples)
 
 
