@@ -129,6 +129,7 @@ def test_a_budget_out_of_reach_at_one_batch_size_names_it_and_what_it_measured_t
         speedup = DENSE / ranks["total"]
         return {1: exact(speedup ** 0.3, 0.02), 32: exact(speedup, 0.02)}
 
-    with pytest.raises(OutOfReach, match=r"^1\.23x \(IQR .*\) faster \(measured at batch 1\)$") as error:
+    with pytest.raises(OutOfReach, match=r"^1\.23x \(IQR .*\) faster \(measured at batch 1; batch 32: 2\.00x\)$") \
+            as error:
         checked_ranks(model.choose, measure, 1.8, DENSE, model.fastest)
     assert error.value.check(1.8).batch_size == 1 and error.value.by_batch[32].median == pytest.approx(2.0)

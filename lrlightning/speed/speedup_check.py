@@ -79,7 +79,12 @@ class OutOfReach(ValueError):
     def __init__(self, measured: Spread, ranks: dict | None = None, attempts: int = 1,
                  by_batch: Mapping[int, Spread] | None = None):
         self.measured, self.ranks, self.attempts, self.by_batch = measured, ranks, attempts, dict(by_batch or {})
-        where = f" at batch {self.check(1.0).batch_size}" if self.by_batch else ""
+        where = ""
+        if self.by_batch:
+            slowest_batch = self.check(1.0).batch_size
+            others = ", ".join(f"batch {size}: {spread.median:.2f}x" for size, spread in self.by_batch.items()
+                               if size != slowest_batch)
+            where = f" at batch {slowest_batch}; {others}"
         super().__init__(f"{measured.text(suffix='x')} faster (measured{where})")
 
     def check(self, budget: float) -> SpeedupCheck:
