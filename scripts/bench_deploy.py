@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--backbones", nargs="+", default=["resnet18"])
     parser.add_argument("--scheme", default="svd")
     parser.add_argument("--mac-budget", type=float, default=3.0, help="dense / factorized MACs (default: 3)")
+    parser.add_argument("--rank-multiple", type=int, default=8, help="ranks rounded to multiples of it (default: 8)")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--in-channels", type=int, default=3)
     parser.add_argument("--num-classes", type=int, default=1000)
@@ -130,7 +131,8 @@ def main() -> None:
         torch.manual_seed(0)
         dense = settled_batchnorm(build_backbone(backbone, num_classes=args.num_classes,
                                                  in_channels=args.in_channels), shape)
-        options = LowRankOptions(args.scheme, Budget(args.mac_budget, metric="macs", input_shape=shape))
+        options = LowRankOptions(args.scheme, Budget(args.mac_budget, metric="macs", input_shape=shape,
+                                                         rank_multiple=args.rank_multiple))
         plans, _, _ = allocate_plan(dense, options, warn=False)
         project_planned_(dense, plans, options)
         small = factorize_planned(dense, plans, options).eval()
@@ -184,7 +186,8 @@ def main() -> None:
                              f"{agreement[label]:.3f}"])
                 int8 = getattr(file, "settings", None)
                 data.append({"backbone": backbone, "model": label, "scheme": args.scheme,
-                             "mac_budget": args.mac_budget, "mac_reduction": mac_reduction, "input_shape": list(shape),
+                             "mac_budget": args.mac_budget, "rank_multiple": args.rank_multiple,
+                             "mac_reduction": mac_reduction, "input_shape": list(shape),
                              "size_bytes": file.size_bytes, "size_ratio": dense_size / file.size_bytes,
                              "seconds_to_write": seconds[label], "logit_correlation_with_dense": agreement[label],
                              "file": file.as_dict() | {"path": Path(file.path).name},
@@ -199,7 +202,8 @@ def main() -> None:
     columns = ["backbone", "model", "file", "smaller", *[f"ms, batch {b}" for b in args.batch_sizes],
                *[f"speedup vs dense fp32, batch {b}" for b in args.batch_sizes],
                *[f"share of composed gain, batch {b}" for b in args.batch_sizes], "logits ~ PyTorch"]
-    footnote = (f"({args.scheme} at {args.mac_budget:g}x fewer MACs, inputs {shape}, random weights with BatchNorm "
+    footnote = (f"({args.scheme} at {args.mac_budget:g}x fewer MACs, ranks multiples of {args.rank_multiple}, "
+                f"inputs {shape}, random weights with BatchNorm "
                 f"statistics from two train-mode passes; CPU {cpu_label()}; int8: ONNX Runtime static QDQ, per-channel "
                 f"int8 weights, {config.why()}; layers: {args.layers} (measured: a layer in int8 only where it timed "
                 f"faster alone, at batch {', '.join(map(str, args.batch_sizes))}); calibrated on "

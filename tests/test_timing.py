@@ -104,3 +104,10 @@ def test_paired_speedup_of_real_models_brackets_its_median():
                                                  round_seconds=0.002)
     assert dense_ms.median > small_ms.median > 0 and speedup.rounds >= 3
     assert speedup.median > 1
+
+
+def test_passes_per_round_fill_the_round_and_a_slow_module_is_probed_once(scripted):
+    fast, slow = scripted(fast=[0.004, 0.002, 0.003], slow=[0.05])
+    assert timing.passes_per_round(fast, torch.zeros(1), 0.01) == 5  # the fastest probe, 2 ms
+    assert timing.passes_per_round(slow, torch.zeros(1), 0.01) == 1
+    assert ScriptedPasses.calls == ["fast"] * timing.PROBES + ["slow"]

@@ -89,8 +89,8 @@ def interleaved_samples(modules: Sequence[nn.Module], example: torch.Tensor, rou
                         round_seconds: float = ROUND_SECONDS, max_rounds: int = MAX_ROUNDS,
                         tolerance: float = SETTLED_SPREAD, paired: bool = False) -> list[list[float]]:
     """Milliseconds per forward pass of each module on ``example`` (no grad), one sample per round: every round
-    times each module over as many passes as its fastest of ``PROBES`` single passes says it runs in about
-    ``round_seconds`` (at least one; ``seconds_per_pass``), so a slow module costs a round no more than a fast one, the
+    times each module over as many passes as it runs in about ``round_seconds`` (``passes_per_round``;
+    ``seconds_per_pass``), so a slow module costs a round no more than a fast one, the
     modules in an order rotated each round, so that machine noise hits every module alike. After ``rounds`` rounds,
     more are run (as many again, up to ``max_rounds``) for the modules whose interquartile range still exceeds
     ``tolerance`` × their median (``paired``: for modules after the first, the range of their per-round ratio to
@@ -101,8 +101,7 @@ def interleaved_samples(modules: Sequence[nn.Module], example: torch.Tensor, rou
     with torch.inference_mode(), on_device(example.device):
         for module in modules:
             module(example)
-        numbers = [max(1, int(round_seconds / max(min(seconds_per_pass(m, example, 1) for _ in range(PROBES)), 1e-7)))
-                   for m in modules]
+        numbers = [passes_per_round(module, example, round_seconds) for module in modules]
         active, goal = list(range(len(modules))), rounds
         while True:
             while len(samples[0]) < goal:
@@ -115,6 +114,17 @@ def interleaved_samples(modules: Sequence[nn.Module], example: torch.Tensor, rou
             if goal >= max_rounds or not unsettled:
                 return samples
             active, goal = sorted({0, *unsettled}), min(max_rounds, goal + rounds)
+
+
+def passes_per_round(module: nn.Module, example: torch.Tensor, round_seconds: float) -> int:
+    """How many passes of ``module`` on ``example`` take about ``round_seconds`` (at least one), from the fastest of
+    ``PROBES`` single passes (one, when it already takes ``round_seconds``)."""
+    fastest = seconds_per_pass(module, example, 1)
+    for _ in range(PROBES - 1):
+        if fastest >= round_seconds:
+            break
+        fastest = min(fastest, seconds_per_pass(module, example, 1))
+    return max(1, int(round_seconds / max(fastest, 1e-7)))
 
 
 def seconds_per_pass(module: nn.Module, example: torch.Tensor, number: int) -> float:
