@@ -27,6 +27,7 @@ from .speed.timing import Spread
 
 MAX_CANDIDATES = 32  # ranks tried per layer, evenly spread from the largest that shrinks to the smallest
 LATENCY_CANDIDATES = 16  # fewer when each one is timed
+SAME = Spread(1.0, 1.0, 1.0, 1)  # the ratio of the dense layer to itself
 UNITS = {"params": "parameters", "macs": "MACs per sample", "latency": "ms per batch"}
 
 
@@ -150,17 +151,20 @@ def timing_layer(module: nn.Module, scheme: Scheme, rank: Rank) -> nn.Module:
 
 def layer_choices(name: str, module: nn.Module, scheme: Scheme, metric: str, input_shape: tuple[int, ...] | None,
                   driver: str, multiple: int = 1, tables: Sequence[LatencyTable] = (),
-                  device: str | torch.device | None = None, weighting: Weighting | None = None) -> list[LayerChoices]:
-    """The candidates of one layer: ranks whose factorized form has fewer parameters (``rank_choices``; for
-    latency, fewer MACs too: ``latency_ranks``), and dense; one ``LayerChoices`` per latency table (one per batch
-    size, the same ranks in each), else one. ``input_shape`` is the layer's own input (C, *size) for
-    ``metric="macs"`` and ``"latency"``. With ``"latency"`` a candidate costs ``latency_costs`` in each of
-    ``tables``, and is kept only where it is worth its error (``faster_frontier``) in all of them. The errors are computed on ``device`` (default: the weight's), with ``driver``: of the weight,
-    or with a ``weighting`` of the layer's output (``Scheme.output_rank_errors``)."""
+                  device: str | torch.device | None = None, weighting: Weighting | None = None,
+                  ranks: Sequence[Rank] | None = None) -> list[LayerChoices]:
+    """The candidates of one layer: ``ranks`` (default: those whose factorized form has fewer parameters,
+    ``rank_choices``; for latency, fewer MACs too: ``latency_ranks``), and dense; one ``LayerChoices`` per latency
+    table (one per batch size, the same ranks in each), else one. ``input_shape`` is the layer's own input
+    (C, *size) for ``metric="macs"`` and ``"latency"``. With ``"latency"`` a candidate costs ``latency_costs`` in
+    each of ``tables``, and is kept only where it is worth its error (``faster_frontier``) in all of them. The
+    errors are computed on ``device`` (default: the weight's), with ``driver``: of the weight, or with a
+    ``weighting`` of the layer's output (``Scheme.output_rank_errors``)."""
     weight = module.weight.detach().float()
     shape = tuple(weight.shape)
-    ranks = latency_ranks(module, scheme, input_shape, multiple) if metric == "latency" else \
-        rank_choices(scheme, shape, multiple, MAX_CANDIDATES)
+    if ranks is None:
+        ranks = latency_ranks(module, scheme, input_shape, multiple) if metric == "latency" else \
+            rank_choices(scheme, shape, multiple, MAX_CANDIDATES)
     if metric == "params":
         costs = [([scheme.factorized_params(shape, r) for r in ranks], math.prod(shape))]
     elif metric == "macs":
@@ -193,9 +197,6 @@ def latency_costs(module: nn.Module, scheme: Scheme, ranks: Sequence[Rank], inpu
     frontier = faster_frontier(ranks, [times.ratios[label] for label in candidates], left)
     dense = times.dense.median
     return {r: dense * ratio for r, ratio in frontier.items()}, dense * left.median
-
-
-SAME = Spread(1.0, 1.0, 1.0, 1)  # the ratio of the dense layer to itself
 
 
 def faster_frontier(ranks: Sequence[Rank], ratios: Sequence[Spread], left: Spread = SAME) -> dict[Rank, float]:
@@ -302,7 +303,7 @@ def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], 
     reachable ratio (for latency: measured, with its spread, and the batch size it falls short at)."""
     budget, metric, input_shape = rule.factor, rule.metric, rule.input_shape
     names = [name for name, _, _ in layers]
-    tables, inputs = [], dict.fromkeys(names)
+    tables, inputs, timed_ranks = [], dict.fromkeys(names), dict.fromkeys(names)
     if metric != "params":
         parameter = next(model.parameters())
         example = torch.zeros((1, *input_shape), device=parameter.device, dtype=parameter.dtype)
@@ -324,8 +325,10 @@ def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], 
     else:
         latency = rule.latency
         device = latency.device or ("cpu" if latency.backend == "onnxruntime" else next(model.parameters()).device)
-        requests = [(module, inputs[name], timing_candidates(module, scheme, latency_ranks(
-            module, scheme, inputs[name], rule.rank_multiple))) for name, module, scheme in layers]
+        timed_ranks = {name: latency_ranks(module, scheme, inputs[name], rule.rank_multiple)
+                       for name, module, scheme in layers}
+        requests = [(module, inputs[name], timing_candidates(module, scheme, timed_ranks[name]))
+                    for name, module, scheme in layers]
         wholes, in_models, references = [], [], []  # references: the dense model's ms as it is compared (fp32)
         for batch_size in latency.batch_sizes:
             table = LatencyTable(device, batch_size, latency.cache, latency.remeasure, latency.backend,
@@ -340,7 +343,8 @@ def budget_ranks(model: nn.Module, layers: list[tuple[str, nn.Module, Scheme]], 
             in_models.append(in_model)
     objective = rule.objective or ("sum" if weightings else "max")
     per_layer = [layer_choices(name, module, scheme, metric, inputs[name], driver, rule.rank_multiple, tables,
-                               projection_device, (weightings or {}).get(name)) for name, module, scheme in layers]
+                               projection_device, (weightings or {}).get(name), timed_ranks[name])
+                 for name, module, scheme in layers]
     by_batch = [[choices[b] for choices in per_layer] for b in range(len(wholes))]  # [batch][layer]
     if tables:
         by_batch = [in_model_costs(choices, in_model) if in_model else choices

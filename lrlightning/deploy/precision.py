@@ -225,7 +225,7 @@ def measure_precision(model, config: Int8Config, batch_sizes: Sequence[int]) -> 
 
         def runner(path: Path, int8: Path | None = None, input_shape=()):
             @functools.cache  # one session per form of a layer, whatever the batch size
-            def build(example=None):
+            def build():
                 if int8 is None:
                     return SessionModule(session(path))
                 quantize_qdq(path, int8, [torch.randn(CALIBRATION_BATCH, *input_shape)], config)

@@ -349,8 +349,7 @@ class LatencyTable:
         offs = [off for request in self.checked_layers(layers) for off in self.layer_offs(*request)]
         self.check_seconds = time.perf_counter() - start
         if offs:
-            self.judge({f"{len(offs)} layer timings (median)": math.exp(statistics.median(
-                math.log(off) for off in offs))})
+            self.judge({f"{len(offs)} layer timings (median)": typical(offs)})
 
     def check_pairs(self, requests: Sequence[tuple[str, Callable[[], torch.Tensor], Callable, dict[str, Callable]]]
                     ) -> None:
@@ -365,7 +364,7 @@ class LatencyTable:
                 for off in self.pair_offs(base, make_example(), reference, candidates)]
         self.check_seconds += time.perf_counter() - start
         if offs:
-            self.judge({f"{len(offs)} timings (median)": math.exp(statistics.median(math.log(o) for o in offs))})
+            self.judge({f"{len(offs)} timings (median)": typical(offs)})
 
     def judge(self, offs: dict[str, float]) -> None:
         """Distrust the table (``state`` "stale", a log warning) when one of ``offs`` (re-timed / cached, by
@@ -432,6 +431,11 @@ class LatencyTable:
                 "measured": self.measured, "unsettled": unsettled,
                 "seconds": round(self.seconds, 3), "check_seconds": round(self.check_seconds, 3),
                 "path": str(self.path)}
+
+
+def typical(offs: Sequence[float]) -> float:
+    """The median of re-timed / cached ratios, taken on their logarithms (so 2x and 0.5x weigh alike)."""
+    return math.exp(statistics.median(math.log(off) for off in offs))
 
 
 def profile_ms(model: nn.Module, example: torch.Tensor, names: Sequence[str], rounds: int = ROUNDS) -> tuple[
